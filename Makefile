@@ -1,0 +1,35 @@
+# `make test` sets up everything it needs by itself: a fresh clone on a fresh machine passes.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+TORCH_PIN ?= 2.13.0
+
+.PHONY: test demo env bench clean
+
+$(BIN)/activate:
+	$(PYTHON) -m venv $(VENV)
+
+# Prefer the CPU torch wheel that lies on this project's machines (a plain `torch` requirement
+# would pull a multi-GB CUDA build); fall back to whatever the registry offers elsewhere.
+$(VENV)/.installed: $(BIN)/activate setup.cfg pyproject.toml
+	$(BIN)/python -m pip install --quiet --upgrade pip >/dev/null 2>&1 || true
+	$(BIN)/python -m pip install --quiet "torch==$(TORCH_PIN)" 2>/dev/null \
+	  || $(BIN)/python -m pip install --quiet "torch==$(TORCH_PIN)+cpu" 2>/dev/null \
+	  || $(BIN)/python -m pip install --quiet torch
+	$(BIN)/python -m pip install --quiet -e ".[test]"
+	touch $@
+
+env: $(VENV)/.installed
+
+test: env
+	$(BIN)/python -m pytest -q
+
+demo: env
+	$(BIN)/python examples/measures_on_digits.py
+
+bench: env
+	$(BIN)/python -m pip install --quiet -e ".[bench]"
+	$(BIN)/python benchmarks/run_all.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info

@@ -1,0 +1,30 @@
+"""Pure tensor functions for representational similarity.
+
+Every function takes 2-D tensors whose rows are examples and whose columns are neurons; x (n, p)
+and y (n, q) must describe the same n examples in the same order. Results are float64 on the
+inputs' device: CPU work runs in float64, CUDA products in float32 with TF32 disabled and every
+reduction in float64.
+"""
+from lightning_repsim.functional.cca import canonical_correlations, pwcca, svcca
+from lightning_repsim.functional.cka import cka, linear_cka, minibatch_cka, rbf_cka
+from lightning_repsim.functional.gram import center_gram, gram_linear, gram_rbf, hsic
+from lightning_repsim.functional.rv import rv, rv2
+from lightning_repsim.functional.similarity_matrix import MEASURES, similarity_matrix
+
+__all__ = [
+    "MEASURES",
+    "canonical_correlations",
+    "center_gram",
+    "cka",
+    "gram_linear",
+    "gram_rbf",
+    "hsic",
+    "linear_cka",
+    "minibatch_cka",
+    "pwcca",
+    "rbf_cka",
+    "rv",
+    "rv2",
+    "similarity_matrix",
+    "svcca",
+]

@@ -1,0 +1,115 @@
+"""Input checks, working precision and degenerate-input reporting shared by the functional API.
+
+Conventions used everywhere: rows are examples (n), columns are neurons/features (p).
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import warnings
+from typing import Iterator, Mapping, Sequence, Union
+
+import numpy as np
+import torch
+
+from lightning_repsim.errors import RepSimValueError, RepSimWarning
+
+TensorLike = Union[torch.Tensor, np.ndarray]
+Layers = Union[Sequence[TensorLike], Mapping[str, TensorLike]]
+
+# A representation whose (centred) energy is below this fraction of its raw energy is treated as
+# constant: float64 centring leaves residues near 1e-16, real data sits many orders above.
+_RELATIVE_ZERO = 1e-20
+
+
+def as_matrix(x: TensorLike, name: str) -> torch.Tensor:
+    """Return ``x`` as a 2-D floating tensor (n examples, p features) or raise a clear error."""
+    if isinstance(x, np.ndarray):
+        x = torch.from_numpy(x)
+    if not isinstance(x, torch.Tensor):
+        raise RepSimValueError(f"{name} must be a torch.Tensor or numpy array of shape (n, p); got {type(x).__name__}.")
+    if x.is_complex():
+        raise RepSimValueError(f"{name} is complex ({x.dtype}); similarity measures need real features.")
+    if x.ndim != 2:
+        hint = (
+            "use x[:, None] for one feature per example"
+            if x.ndim == 1
+            else "reshape it to (n, p) with x.flatten(1), or pool conv maps first (rows must be examples)"
+        )
+        raise RepSimValueError(f"{name} must be 2-D (n examples, p features); got shape {tuple(x.shape)}: {hint}.")
+    if x.shape[1] == 0:
+        raise RepSimValueError(f"{name} has shape {tuple(x.shape)}: it has no features (p = 0).")
+    if not x.is_floating_point():
+        x = x.to(torch.float64)
+    return x
+
+
+def check_examples(shapes: Mapping[str, torch.Size], min_n: int, what: str) -> int:
+    """Check that every representation has the same number of rows ``n >= min_n``; return n."""
+    ns = {name: s[0] for name, s in shapes.items()}
+    n = next(iter(ns.values()))
+    if any(v != n for v in ns.values()):
+        listed = ", ".join(f"{name} {tuple(shapes[name])}" for name in shapes)
+        raise RepSimValueError(
+            f"all representations must have the same number of examples (rows, n): got {listed}. "
+            "Pass the same probe examples, in the same order, to every layer."
+        )
+    if n < min_n:
+        raise RepSimValueError(f"{what} needs at least {min_n} examples (rows); got n = {n}.")
+    return n
+
+
+def named_layers(layers: Layers, default_prefix: str) -> tuple[list[str], list[torch.Tensor]]:
+    """Split a list or a name→tensor mapping into (names, 2-D tensors)."""
+    if isinstance(layers, Mapping):
+        names = [str(k) for k in layers]
+        mats = [as_matrix(v, f"layer {k!r}") for k, v in layers.items()]
+    elif isinstance(layers, (torch.Tensor, np.ndarray)):
+        raise RepSimValueError(
+            f"{default_prefix} must be a list of (n, p_i) tensors or a dict name -> tensor, not a single tensor; "
+            f"wrap it: [{default_prefix}]."
+        )
+    else:
+        layers = list(layers)
+        names = [f"{default_prefix}[{i}]" for i in range(len(layers))]
+        mats = [as_matrix(v, name) for name, v in zip(names, layers)]
+    if not mats:
+        raise RepSimValueError(f"{default_prefix} is empty: pass at least one (n, p) representation.")
+    return names, mats
+
+
+def gemm_dtype(device: torch.device) -> torch.dtype:
+    """Precision of the large products: float64 on CPU, float32 (TF32 off) on accelerators."""
+    return torch.float64 if device.type == "cpu" else torch.float32
+
+
+@contextlib.contextmanager
+def exact_float32() -> Iterator[None]:
+    """Disable TF32 for the products inside (Ampere/Hopper would otherwise lose ~3 digits)."""
+    matmul, cudnn = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    precision = torch.get_float32_matmul_precision()
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    torch.set_float32_matmul_precision("highest")
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = matmul, cudnn
+        torch.set_float32_matmul_precision(precision)
+
+
+def finite_or_zero(x: torch.Tensor) -> tuple[torch.Tensor, bool]:
+    """Return (x with non-finite entries zeroed, whether x had any)."""
+    bad = not bool(torch.isfinite(x).all())
+    return (torch.nan_to_num(x, nan=0.0, posinf=0.0, neginf=0.0) if bad else x), bad
+
+
+def warn_degenerate(problems: Mapping[str, str], measure: str) -> None:
+    """One warning listing every degenerate representation and why its similarities are NaN."""
+    if problems:
+        listed = "; ".join(f"{name}: {why}" for name, why in problems.items())
+        warnings.warn(f"{measure} is NaN for {listed}.", RepSimWarning, stacklevel=3)
+
+
+def is_negligible(value: float, scale: float) -> bool:
+    return not math.isfinite(value) or value <= _RELATIVE_ZERO * scale
