@@ -17,9 +17,10 @@ from lightning_repsim.errors import RepSimValueError, RepSimWarning
 TensorLike = Union[torch.Tensor, np.ndarray]
 Layers = Union[Sequence[TensorLike], Mapping[str, TensorLike]]
 
-# A representation whose (centred) energy is below this fraction of its raw energy is treated as
-# constant: float64 centring leaves residues near 1e-16, real data sits many orders above.
-_RELATIVE_ZERO = 1e-20
+# A representation is treated as constant when its centred spread is below 1e-10 of its raw
+# magnitude: float64 centring leaves residues near 1e-16, real data sits many orders above.
+# The self-similarity terms compared here are fourth powers of the data's scale, hence 1e-40.
+_RELATIVE_ZERO = 1e-40
 
 
 def as_matrix(x: TensorLike, name: str) -> torch.Tensor:
@@ -32,7 +33,7 @@ def as_matrix(x: TensorLike, name: str) -> torch.Tensor:
         raise RepSimValueError(f"{name} is complex ({x.dtype}); similarity measures need real features.")
     if x.ndim != 2:
         hint = (
-            "use x[:, None] for one feature per example"
+            f"use {name}[:, None] for one feature per example"
             if x.ndim == 1
             else "reshape it to (n, p) with x.flatten(1), or pool conv maps first (rows must be examples)"
         )
@@ -41,7 +42,7 @@ def as_matrix(x: TensorLike, name: str) -> torch.Tensor:
         raise RepSimValueError(f"{name} has shape {tuple(x.shape)}: it has no features (p = 0).")
     if not x.is_floating_point():
         x = x.to(torch.float64)
-    return x
+    return x.detach()
 
 
 def check_examples(shapes: Mapping[str, torch.Size], min_n: int, what: str) -> int:
@@ -112,4 +113,5 @@ def warn_degenerate(problems: Mapping[str, str], measure: str) -> None:
 
 
 def is_negligible(value: float, scale: float) -> bool:
-    return not math.isfinite(value) or value <= _RELATIVE_ZERO * scale
+    """Whether a fourth-power self-similarity ``value`` is zero relative to ``scale`` (same power)."""
+    return value <= _RELATIVE_ZERO * scale

@@ -4,9 +4,11 @@ Rows are examples: a Gram matrix is n x n with ``K[i, j] = k(x_i, x_j)``.
 """
 from __future__ import annotations
 
+import warnings
+
 import torch
 
-from lightning_repsim.errors import RepSimValueError
+from lightning_repsim.errors import RepSimValueError, RepSimWarning
 from lightning_repsim.functional._validation import TensorLike, as_matrix, exact_float32, gemm_dtype
 
 
@@ -84,7 +86,11 @@ def gram_rbf(x: TensorLike, sigma: float = 0.8) -> torch.Tensor:
     """
     if not sigma > 0:
         raise RepSimValueError(f"sigma must be positive; got sigma = {sigma}.")
-    return rbf_from_distances(squared_distances(as_matrix(x, "x")), sigma)
+    distances = squared_distances(as_matrix(x, "x"))
+    if not float(numpy_median(distances)) > 0:
+        warnings.warn("gram_rbf: the median squared distance is 0 (most examples identical), so the bandwidth is 0 "
+                      "and the kernel is NaN.", RepSimWarning, stacklevel=2)
+    return rbf_from_distances(distances, sigma)
 
 
 def center_gram(gram: torch.Tensor, unbiased: bool = False) -> torch.Tensor:

@@ -20,6 +20,7 @@ Grams), or, when features are narrower than the probe, feature space, where
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Mapping, Optional
 
@@ -255,8 +256,11 @@ def degenerate_layers(names: list[str], self_terms: torch.Tensor, scales: torch.
     """Mask of layers whose self-similarity is zero (or, for unbiased estimates, not positive)."""
     mask = torch.zeros(len(names), dtype=torch.bool)
     for i, name in enumerate(names):
-        value, scale = float(self_terms[i]), float(scales[i])
+        value, scale = float(self_terms[i].detach()), float(scales[i].detach())
         if name in problems:
+            mask[i] = True
+        elif not (math.isfinite(value) and math.isfinite(scale)):
+            problems[name] = "its magnitude overflows float64 (entries beyond ~1e75); rescale it"
             mask[i] = True
         elif spec.transform == "unbiased" and value <= 0 and not is_negligible(abs(value), scale):
             problems[name] = "its debiased self-similarity estimate is not positive (too few examples?)"

@@ -1,0 +1,155 @@
+"""similarity_matrix: every layer against every layer, equal to the single-pair functions."""
+
+import numpy as np
+import pytest
+import torch
+
+from lightning_repsim import functional as F
+from lightning_repsim.errors import RepSimValueError, RepSimWarning
+from tests import reference as R
+from tests.helpers import call_recording, randn, to_torch
+
+N = 40
+
+#: measure name -> (single-pair function taking options, symmetric?)
+PAIRWISE = {
+    "linear_cka": (F.linear_cka, True),
+    "debiased_cka": (lambda x, y, **o: F.linear_cka(x, y, debiased=True, **o), True),
+    "rbf_cka": (F.rbf_cka, True),
+    "rv": (F.rv, True),
+    "rv2": (F.rv2, True),
+    "svcca": (F.svcca, True),
+    "pwcca": (F.pwcca, False),
+}
+
+#: (measure, options) pairs, the options passed through to the measure.
+CASES = [(m, {}) for m in PAIRWISE] + [
+    ("linear_cka", {"debiased": True}),
+    ("rbf_cka", {"sigma": 0.5}),
+    ("rbf_cka", {"sigma": 0.5, "debiased": True}),
+    ("rv", {"center": False}),
+    ("rv2", {"center": False}),
+    ("svcca", {"keep": 3}),
+    ("svcca", {"keep": 0.5}),
+]
+
+
+def _layers(seed=0, widths=(3, 8, 5, 12)):
+    """Related layers of different widths over the same N examples (CCA stays determined)."""
+    rng = np.random.default_rng(seed)
+    h = rng.standard_normal((N, 4))
+    out = []
+    for p in widths:
+        h = np.tanh(h @ rng.standard_normal((h.shape[1], p))) + 0.3 * rng.standard_normal((N, p))
+        out.append(h)
+    return out
+
+
+def _loop(measure, xs, ys, **options):
+    fn, _ = PAIRWISE[measure]
+    return np.array([[float(fn(to_torch(a), to_torch(b), **options)) for b in ys] for a in xs])
+
+
+_LOOPS = {}
+
+
+def _cached_loop(measure, options):
+    """The per-pair loop on the fixed (xs, ys) of test_equals_pair_loop, computed once per case."""
+    key = (measure, tuple(sorted(options.items())))
+    if key not in _LOOPS:
+        _LOOPS[key] = _loop(measure, _layers(0), _layers(1, widths=(6, 2, 9)), **options)
+    return _LOOPS[key]
+
+
+def test_measures_listed():
+    assert set(F.MEASURES) == set(PAIRWISE)
+
+
+# Every route of the engine; the RBF kernel has no feature-space route (see test_errors).
+ROUTED = [(m, o, r) for r in ("auto", "features", "gram") for m, o in CASES if (m, r) != ("rbf_cka", "features")]
+
+
+@pytest.mark.parametrize("measure, options, method", ROUTED, ids=[f"{m}-{o}-{r}" for m, o, r in ROUTED])
+def test_equals_pair_loop(measure, options, method):
+    xs, ys = _layers(0), _layers(1, widths=(6, 2, 9))
+    got = F.similarity_matrix([to_torch(a) for a in xs], [to_torch(b) for b in ys], measure, method=method, **options)
+    assert got.shape == (4, 3)
+    assert got.dtype == torch.float64
+    np.testing.assert_allclose(got.numpy(), _cached_loop(measure, options), rtol=0, atol=1e-10)
+
+
+@pytest.mark.parametrize("measure, options", CASES, ids=[f"{m}-{o}" for m, o in CASES])
+def test_ys_none_compares_xs_with_itself(measure, options):
+    xs = _layers(2)
+    got = F.similarity_matrix([to_torch(a) for a in xs], measure=measure, **options).numpy()
+    assert got.shape == (4, 4)
+    np.testing.assert_allclose(got, _loop(measure, xs, xs, **options), rtol=0, atol=1e-10)
+    if PAIRWISE[measure][1]:
+        np.testing.assert_allclose(got, got.T, rtol=0, atol=1e-12)
+        np.testing.assert_allclose(np.diag(got), 1.0, rtol=0, atol=1e-9)
+
+
+def test_pwcca_matrix_is_asymmetric():
+    xs = [to_torch(a) for a in _layers(3, widths=(5, 5, 5))]  # equal ranks: weights by the row layer
+    got = F.similarity_matrix(xs, measure="pwcca").numpy()
+    assert np.abs(got - got.T).max() > 1e-3
+    raw = _layers(3, widths=(5, 5, 5))
+    np.testing.assert_allclose(got[0, 1], R.pwcca(raw[0], raw[1]), atol=1e-10)
+    np.testing.assert_allclose(got[1, 0], R.pwcca(raw[1], raw[0]), atol=1e-10)
+
+
+def test_debiased_cka_name_equals_option():
+    xs = [to_torch(a) for a in _layers(4)]
+    a = F.similarity_matrix(xs, measure="debiased_cka")
+    b = F.similarity_matrix(xs, measure="linear_cka", debiased=True)
+    np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=0, atol=1e-12)
+
+
+def test_matches_reference():
+    xs, ys = _layers(5), _layers(6, widths=(7, 3))
+    got = F.similarity_matrix([to_torch(a) for a in xs], [to_torch(b) for b in ys], "linear_cka").numpy()
+    expected = np.array([[R.linear_cka(a, b) for b in ys] for a in xs])
+    np.testing.assert_allclose(got, expected, rtol=0, atol=1e-10)
+
+
+@pytest.mark.parametrize("measure", sorted(PAIRWISE))
+def test_dict_input_names_degenerate_layer(measure):
+    layers = _layers(7, widths=(4, 6, 5))
+    xs = {"conv1": to_torch(layers[0]), "dead_relu": torch.zeros(N, 6, dtype=torch.float64), "fc": to_torch(layers[2])}
+    with pytest.warns(RepSimWarning, match="dead_relu"):
+        got = F.similarity_matrix(xs, measure=measure).numpy()
+    assert np.isnan(got[1, :]).all() and np.isnan(got[:, 1]).all()
+    alive = got[np.ix_([0, 2], [0, 2])]
+    assert np.isfinite(alive).all()
+    ys = {"probe": to_torch(layers[1]), "diverged": to_torch(np.full((N, 3), np.nan))}
+    with pytest.warns(RepSimWarning, match="diverged"):
+        got = F.similarity_matrix(xs, ys, measure=measure).numpy()
+    assert got.shape == (3, 2)
+    assert np.isnan(got[:, 1]).all() and np.isnan(got[1, :]).all()
+    assert np.isfinite(got[[0, 2], 0]).all()
+
+
+def test_dict_input_equals_list_input():
+    layers = [to_torch(a) for a in _layers(8)]
+    by_name = F.similarity_matrix(dict(zip("abcd", layers)), measure="rv2")
+    by_list = F.similarity_matrix(layers, measure="rv2")
+    np.testing.assert_allclose(by_name.numpy(), by_list.numpy(), rtol=0, atol=1e-14)
+
+
+def test_healthy_layers_do_not_warn():
+    _, messages = call_recording(F.similarity_matrix, [to_torch(a) for a in _layers(9)], measure="linear_cka")
+    assert messages == []
+
+
+def test_errors():
+    xs = [to_torch(a) for a in _layers(10)]
+    with pytest.raises(RepSimValueError, match="not_a_measure"):
+        F.similarity_matrix(xs, measure="not_a_measure")
+    with pytest.raises(RepSimValueError, match=rf"\({N}, 3\).*\({N + 1}, 3\)"):
+        F.similarity_matrix(xs + [randn(N + 1, 3)])
+    with pytest.raises(RepSimValueError, match="late_layer"):  # the dict name of the odd one out
+        F.similarity_matrix(xs, {"late_layer": randn(N + 1, 3)})
+    with pytest.raises(RepSimValueError, match="reshape"):
+        F.similarity_matrix(xs + [randn(N, 3, 2)])
+    with pytest.raises(RepSimValueError, match="rbf"):
+        F.similarity_matrix(xs, measure="rbf_cka", method="features")
