@@ -1,0 +1,543 @@
+"""RepresentationSimilarity: every layer against a reference, during training, in TensorBoard.
+
+When: at step 0 (the network at init), every ``every_n_epochs`` epochs or ``every_n_steps``
+optimizer steps, and at the end of training. Against what: ``"init"`` (the network before the
+first optimisation step), ``"previous"`` (the previous logging point), another ``nn.Module`` or a
+Lightning checkpoint (its weights in a copy of the trained module), and ``"final"``: at the end of
+training, every stored snapshot against the last one, from the snapshot store on disk.
+"""
+from __future__ import annotations
+
+import copy
+import os
+import re
+import traceback
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping, Optional, Sequence, Union
+
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.callbacks import Callback
+from pytorch_lightning.loggers import TensorBoardLogger
+from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
+from torch import nn
+from tqdm.auto import tqdm
+
+from lightning_repsim import report
+from lightning_repsim.capture import LayerSelector, Probe, capture
+from lightning_repsim.errors import RepSimError, RepSimValueError, RepSimWarning
+from lightning_repsim.functional.similarity_matrix import gram_spec, resolve_options, similarity_matrix
+from lightning_repsim.store import DEFAULT_MAX_BYTES, SnapshotStore, default_store_dir
+
+ReferenceLike = Union[str, "os.PathLike[str]", nn.Module]
+_KEYWORDS = ("init", "previous", "final")
+_PROBE_SPEC = re.compile(r"^(val|train):(\d+)$")
+
+
+@dataclass
+class _Reference:
+    """One thing the layers are compared with; ``label`` is its name in tags and file names."""
+
+    label: str
+    kind: str  # "init" | "previous" | "final" | "module"
+    source: Any = None  # the nn.Module or checkpoint path
+    features: Optional[dict[str, torch.Tensor]] = None
+
+
+def store_tensors(features: Mapping[str, torch.Tensor], n: int) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """What the store keeps per layer: the features when p <= n, else a Gram factor F (F Fᵀ = X Xᵀ).
+
+    F = U S from the SVD of X has at most n columns and gives every Gram-based measure and SVCCA
+    exactly; PWCCA needs the neurons themselves and is unavailable for such layers.
+    """
+    tensors, kinds = {}, {}
+    for name, x in features.items():
+        x = x.detach().to("cpu", torch.float64)
+        if x.shape[1] <= n:
+            tensors[name], kinds[name] = x.float(), "features"
+        elif not bool(torch.isfinite(x).all()):  # the SVD cannot run; every Gram of it is NaN anyway
+            tensors[name], kinds[name] = torch.full((x.shape[0], 1), float("nan")), "gram_factor"
+        else:
+            u, s, _ = torch.linalg.svd(x, full_matrices=False)
+            rank = max(1, int((s > s[0] * max(x.shape) * torch.finfo(torch.float64).eps).sum())) if s[0] > 0 else 1
+            tensors[name], kinds[name] = (u[:, :rank] * s[:rank]).float(), "gram_factor"
+    return tensors, kinds
+
+
+class RepresentationSimilarity(Callback):
+    r"""Track the representational similarity of every layer against references while training.
+
+    Rows are probe examples and columns neurons: at each logging point the fixed probe set runs
+    through the model (no grad, eval mode, hooks only for the pass; every module's train/eval
+    flag restored), each selected layer's output becomes an (n, p) matrix (conv maps average
+    pooled so that p <= ``max_features``), and every measure is computed for all layer pairs
+    against each reference. See :mod:`lightning_repsim.functional` for the measures' conventions.
+
+    TensorBoard (when the Trainer has a ``TensorBoardLogger``; only global rank 0 writes):
+
+    - ``repsim/<measure>/<reference>/heatmap``: the L x L_ref heatmap image, layer names on both
+      axes, colour range fixed per measure so frames are comparable across steps;
+    - ``repsim/<measure>/<reference>/<layer>``: scalar, layer i against the reference's layer of
+      the same name (or the same index when the architectures differ but have as many layers);
+    - ``repsim/<measure>/final/...``: at the end, the layer x step convergence map, one curve per
+      layer and a table of the step at which each layer reaches ``threshold`` of its final value;
+    - ``repsim/probe``: probe size, hash and settings, as text.
+
+    Open it with ``tensorboard --logdir runs --samples_per_plugin images=0`` (TensorBoard keeps
+    only 10 images per tag otherwise). PNG and CSV files of every matrix go to
+    ``<log_dir>/repsim/figures``, and the snapshot store (per step, per layer, what the measures
+    need, without pickle) to ``<log_dir>/repsim``, so a run and its store travel together.
+
+    Args:
+        probe: the fixed probe set: a tensor, an ``(x, y)`` tuple, a DataLoader, or
+            ``"val:512"`` / ``"train:512"`` for the first 512 examples of the validation /
+            training dataloader. ``None``: ``"val:512"`` when there is a validation loader,
+            else ``"train:512"``.
+        reference: ``"final"``, ``"init"``, ``"previous"``, an ``nn.Module``, a checkpoint path,
+            or a list of these.
+        measures: measure names (see :data:`lightning_repsim.functional.MEASURES`).
+        layers: ``None`` for every leaf module with parameters, in execution order; or names,
+            glob patterns or module types.
+        reference_layers: the same selector for module / checkpoint references (default: theirs).
+        every_n_epochs: log at the end of every n-th training epoch.
+        every_n_steps: log every n optimizer steps instead (then ``every_n_epochs`` is ignored).
+        max_features: cap on p per layer for conv maps (adaptive average pooling).
+        batch_size: probe examples per forward pass.
+        measure_options: per-measure options, e.g. ``{"svcca": {"keep": 0.99}}``.
+        threshold: fraction of the final similarity that counts as converged.
+        store: keep the snapshot store (required for ``"final"``).
+        max_store_bytes: disk budget of the store; older snapshots are thinned evenly past it.
+        write_files: also write PNG and CSV files per logging point.
+        strict: re-raise exceptions from the monitor instead of warning and carrying on.
+
+    Example:
+        >>> import torch, pytorch_lightning as pl
+        >>> from lightning_repsim import RepresentationSimilarity
+        >>> monitor = RepresentationSimilarity(probe=torch.randn(64, 32), reference=["init", "final"])
+        >>> monitor.references
+        ['init', 'final']
+    """
+
+    def __init__(
+        self,
+        probe: Any = None,
+        reference: Union[ReferenceLike, Sequence[ReferenceLike]] = "final",
+        measures: Sequence[str] = ("linear_cka", "rv2"),
+        layers: LayerSelector = None,
+        reference_layers: LayerSelector = None,
+        every_n_epochs: Optional[int] = 1,
+        every_n_steps: Optional[int] = None,
+        max_features: int = 256,
+        batch_size: int = 256,
+        measure_options: Optional[Mapping[str, Mapping[str, Any]]] = None,
+        threshold: float = 0.95,
+        store: bool = True,
+        max_store_bytes: int = DEFAULT_MAX_BYTES,
+        write_files: bool = True,
+        strict: bool = False,
+    ) -> None:
+        if isinstance(measures, str):
+            measures = (measures,)
+        if not measures:
+            raise RepSimValueError("measures is empty: name at least one, e.g. measures=('linear_cka',).")
+        measure_options = dict(measure_options or {})
+        stray = sorted(set(measure_options) - set(measures))
+        if stray:
+            raise RepSimValueError(f"measure_options names {stray}, which are not among measures {list(measures)}.")
+        self.options = {m: resolve_options(m, measure_options.get(m, {})) for m in measures}
+        self.measures = tuple(measures)
+        self._references = self._parse_references(reference)
+        if any(r.kind == "final" for r in self._references) and not store:
+            raise RepSimValueError("reference='final' is computed from the snapshot store; keep store=True.")
+        for name, value in (("every_n_epochs", every_n_epochs), ("every_n_steps", every_n_steps)):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise RepSimValueError(f"{name} must be a positive int or None; got {value!r}.")
+        if every_n_epochs is None and every_n_steps is None:
+            raise RepSimValueError("set every_n_epochs or every_n_steps (both are None, so nothing would be logged).")
+        if not 0.0 < threshold <= 1.0:
+            raise RepSimValueError(f"threshold is a fraction of the final similarity in (0, 1]; got {threshold}.")
+        if isinstance(probe, str) and not _PROBE_SPEC.match(probe):
+            raise RepSimValueError(f"probe string must look like 'val:512' or 'train:512'; got {probe!r}.")
+        self.probe_source = probe
+        self.layers = layers
+        self.reference_layers = reference_layers
+        self.every_n_epochs = every_n_epochs
+        self.every_n_steps = every_n_steps
+        self.max_features = max_features
+        self.batch_size = batch_size
+        self.threshold = threshold
+        self.keep_store = store
+        self.max_store_bytes = max_store_bytes
+        self.write_files = write_files
+        self.strict = strict
+
+        self._probe: Optional[Probe] = None
+        self._layer_names: list[str] = []
+        self._store: Optional[SnapshotStore] = None
+        self._run_dir: Optional[Path] = None
+        self._tensorboard: Optional[report.TensorBoardReporter] = None
+        self._previous: Optional[dict[str, torch.Tensor]] = None
+        self._previous_step: Optional[int] = None
+        self._last_logged_step: Optional[int] = None
+        self._warned: set[str] = set()
+        self._resumed = False
+        self._frames: dict[tuple, report.HeatmapFrames] = {}
+
+    # ------------------------------------------------------------------ configuration
+
+    @staticmethod
+    def _parse_references(reference: Any) -> list[_Reference]:
+        items = list(reference) if isinstance(reference, (list, tuple)) else [reference]
+        if not items:
+            raise RepSimValueError("reference is empty: use 'final', 'init', 'previous', a module or a checkpoint.")
+        parsed, modules = [], 0
+        for item in items:
+            if isinstance(item, str) and item in _KEYWORDS:
+                parsed.append(_Reference(item, item))
+            elif isinstance(item, nn.Module):
+                modules += 1
+                parsed.append(_Reference(f"model{modules}" if modules > 1 else "model", "module", item))
+            elif isinstance(item, (str, os.PathLike)):
+                label = re.sub(r"[^\w.\-]", "_", Path(item).stem) or "checkpoint"
+                parsed.append(_Reference(label, "module", Path(item)))
+            else:
+                raise RepSimValueError(f"reference {item!r} is not one of {_KEYWORDS}, an nn.Module or a checkpoint "
+                                       "path.")
+        labels = [r.label for r in parsed]
+        if len(set(labels)) != len(labels):
+            raise RepSimValueError(f"references repeat: {labels}; give each once.")
+        return parsed
+
+    @property
+    def references(self) -> list[str]:
+        return [r.label for r in self._references]
+
+    @property
+    def state_key(self) -> str:
+        return self._generate_state_key(references=self.references, measures=list(self.measures))
+
+    @property
+    def store_path(self) -> Optional[Path]:
+        """The snapshot store's directory (on global rank 0, once training has started)."""
+        return None if self._store is None else self._store.path
+
+    @property
+    def layer_names(self) -> list[str]:
+        return list(self._layer_names)
+
+    # ------------------------------------------------------------------ Lightning hooks
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        for ref in self._references:
+            if ref.kind == "module" and isinstance(ref.source, Path) and not ref.source.is_file():
+                raise RepSimValueError(f"reference checkpoint {str(ref.source)!r} does not exist.")
+        strategy = type(trainer.strategy).__name__
+        if "FSDP" in strategy or "DeepSpeed" in strategy:
+            raise RepSimValueError(f"RepresentationSimilarity captures whole-layer outputs and does not support "
+                                   f"sharded strategies ({strategy}); use 'ddp' or 'ddp_spawn'.")
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._probe = self._materialise_probe(trainer)
+        n = len(self._probe)
+        needs_four = [m for m in self.measures if m != "svcca" and m != "pwcca"
+                      and gram_spec(m, **self.options[m]).min_examples > 2]
+        minimum = 4 if needs_four else 2
+        if n < minimum:
+            raise RepSimValueError(f"the probe has {n} example(s); {', '.join(needs_four) or 'the measures'} need at "
+                                   f"least {minimum}. Use a larger probe.")
+        features = self._capture(pl_module)
+        self._layer_names = list(features)
+        for ref in self._references:
+            if ref.kind == "module":
+                ref.features = self._capture_reference(ref, pl_module)
+        run_dir = trainer.log_dir  # a broadcast from rank 0 under DDP: every rank must call it
+        if trainer.is_global_zero:
+            self._open_outputs(trainer, run_dir)
+        if not self._resumed:
+            init = self._reference("init")
+            if init is not None:
+                init.features = features
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.global_step == 0 and self._last_logged_step is None:
+            self._guarded(trainer, pl_module, self._log_point, "the step-0 snapshot")
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        step = trainer.global_step
+        if self.every_n_steps and step > 0 and step % self.every_n_steps == 0 and step != self._last_logged_step:
+            self._guarded(trainer, pl_module, self._log_point, f"step {step}")
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.every_n_steps is None and (trainer.current_epoch + 1) % self.every_n_epochs == 0 \
+                and trainer.global_step != self._last_logged_step:
+            self._guarded(trainer, pl_module, self._log_point, f"epoch {trainer.current_epoch}")
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.global_step != self._last_logged_step:
+            self._guarded(trainer, pl_module, self._log_point, "the last step")
+        if any(r.kind == "final" for r in self._references) and trainer.is_global_zero:
+            self._guarded(trainer, pl_module, lambda t, m: self._log_final(t), "the final-snapshot comparison")
+        if self._tensorboard is not None:
+            self._tensorboard.flush()
+
+    # ------------------------------------------------------------------ resume
+
+    def state_dict(self) -> dict[str, Any]:
+        init = self._reference("init")
+        return {
+            "version": 1,
+            "probe_hash": None if self._probe is None else self._probe.hash,
+            "layer_names": self._layer_names,
+            "last_logged_step": self._last_logged_step,
+            "previous_step": self._previous_step,
+            "previous": _to_cpu(self._previous),
+            "init": _to_cpu(init.features) if init is not None else None,
+            "warned": sorted(self._warned),
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._resumed = True
+        self._expected_probe_hash = state_dict.get("probe_hash")
+        self._last_logged_step = state_dict.get("last_logged_step")
+        self._previous_step = state_dict.get("previous_step")
+        self._previous = state_dict.get("previous")
+        self._warned = set(state_dict.get("warned", []))
+        init = self._reference("init")
+        if init is not None:
+            init.features = state_dict.get("init")
+
+    # ------------------------------------------------------------------ the work
+
+    def _reference(self, kind: str) -> Optional[_Reference]:
+        return next((r for r in self._references if r.kind == kind), None)
+
+    def _materialise_probe(self, trainer: pl.Trainer) -> Probe:
+        source = self.probe_source
+        if source is None or isinstance(source, str):
+            split, count = ("val", 512) if source is None else (source.split(":")[0], int(source.split(":")[1]))
+            loader = _dataloader(trainer, split)
+            if loader is None and source is None:
+                split, loader = "train", _dataloader(trainer, "train")
+            if loader is None:
+                raise RepSimValueError(f"probe={source or 'val:512'!r} needs a {split} dataloader, and the Trainer has "
+                                       "none; pass probe= a tensor, an (x, y) tuple or a DataLoader.")
+            probe = Probe(loader, max_examples=count)
+        else:
+            probe = Probe(source)
+        expected = getattr(self, "_expected_probe_hash", None)
+        if self._resumed and expected and expected != probe.hash:
+            raise RepSimError(f"the probe set changed since the checkpoint (hash {expected} then, {probe.hash} now); "
+                              "resume with the same probe so the store stays comparable.")
+        return probe
+
+    def _capture(self, module: nn.Module, layers: LayerSelector = None) -> dict[str, torch.Tensor]:
+        assert self._probe is not None
+        return capture(module, self._probe, self.layers if layers is None else layers, batch_size=self.batch_size,
+                       max_features=self.max_features)
+
+    def _capture_reference(self, ref: _Reference, pl_module: pl.LightningModule) -> dict[str, torch.Tensor]:
+        if isinstance(ref.source, Path):
+            checkpoint = torch.load(ref.source, map_location="cpu", weights_only=True)
+            model = copy.deepcopy(pl_module)
+            try:
+                model.load_state_dict(checkpoint["state_dict"])
+            except (KeyError, RuntimeError) as err:
+                raise RepSimValueError(f"reference checkpoint {str(ref.source)!r} does not fit "
+                                       f"{type(pl_module).__name__}: {err}") from None
+        else:
+            model = ref.source
+        try:
+            model.to(pl_module.device)
+            return self._capture(model, self.reference_layers)
+        except RepSimValueError:
+            raise
+        except Exception as err:  # the user's model, the user's probe: say which pairing failed
+            shape = tuple(self._probe.inputs.shape) if self._probe is not None else None
+            raise RepSimValueError(f"reference {ref.label!r} ({type(model).__name__}) cannot run the probe of shape "
+                                   f"{shape}: {type(err).__name__}: {err}") from err
+
+    def _open_outputs(self, trainer: pl.Trainer, log_dir: Optional[str]) -> None:
+        assert self._probe is not None
+        logger = next((lg for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)), None)
+        if logger is not None:
+            self._run_dir = Path(logger.log_dir)
+            self._tensorboard = report.TensorBoardReporter(logger.experiment)
+        else:
+            self._run_dir = Path(log_dir or trainer.default_root_dir)
+            self._warn_once("no-tensorboard", "RepresentationSimilarity found no TensorBoardLogger: heatmaps and curves "
+                            f"go to PNG/CSV files under {self._run_dir / 'repsim'} only.")
+        settings = {"measures": list(self.measures), "options": self.options, "references": self.references,
+                    "max_features": self.max_features, "layers": self._layer_names,
+                    "layer_selector": repr(self.layers)}
+        if self.keep_store:
+            directory = default_store_dir(self._run_dir)
+            if self._resumed and (directory / "manifest.json").exists():
+                self._store = SnapshotStore.open(directory, mode="a", probe_hash=self._probe.hash)
+                if self._last_logged_step is not None:
+                    self._store.truncate_after(self._last_logged_step)
+            else:
+                self._store = SnapshotStore.create(directory, probe_hash=self._probe.hash, n=len(self._probe),
+                                                   settings=settings, max_bytes=self.max_store_bytes, exist_ok=True)
+        if self._tensorboard is not None:
+            rows = "\n".join(f"| {k} | `{v}` |" for k, v in {"examples": len(self._probe), "hash": self._probe.hash,
+                                                            **settings}.items())
+            self._tensorboard.log_text("repsim/probe", "| setting | value |\n|---|---|\n" + rows, 0)
+
+    def _guarded(self, trainer: pl.Trainer, pl_module: pl.LightningModule, work: Any, what: str) -> None:
+        """Run monitor work; an exception never kills fit unless ``strict`` (then it re-raises)."""
+        caught: list[warnings.WarningMessage] = []
+        try:
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always", RepSimWarning)
+                work(trainer, pl_module)
+        except Exception as err:
+            self._replay(caught)  # warnings issued before the failure (their keys are marked as warned)
+            if self.strict:
+                raise
+            rank_zero_warn(f"RepresentationSimilarity failed at {what} (global step {trainer.global_step}) and is "
+                           f"skipping it; training continues. {type(err).__name__}: {err}\n"
+                           f"{traceback.format_exc(limit=3)}", category=RepSimWarning)
+            if self._tensorboard is not None and trainer.is_global_zero:
+                self._tensorboard.log_text("repsim/errors", f"`{type(err).__name__}: {err}` at {what}",
+                                           trainer.global_step)
+        else:
+            self._replay(caught)
+
+    def _replay(self, caught: list[warnings.WarningMessage]) -> None:
+        for w in caught:
+            if issubclass(w.category, RepSimWarning):
+                self._warn_once(str(w.message), str(w.message))
+            else:
+                warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+
+    def _warn_once(self, key: str, message: str) -> None:
+        if key not in self._warned:
+            self._warned.add(key)
+            rank_zero_warn(message, category=RepSimWarning)
+
+    def _log_point(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        step = trainer.global_step
+        features = self._capture(pl_module)
+        for name, x in features.items():
+            if not bool(torch.isfinite(x).all()):
+                self._warn_once(f"nonfinite:{name}", f"layer {name!r} produced NaN/Inf activations at step {step}: "
+                                "its similarities are NaN; training continues.")
+        if trainer.is_global_zero and self._store is not None:
+            tensors, kinds = store_tensors(features, len(features[self._layer_names[0]]))
+            self._store.add(step, tensors, kinds, overwrite=self._resumed)
+        for ref in self._references:
+            if ref.kind == "final":
+                continue
+            other = self._previous if ref.kind == "previous" else ref.features
+            if other is None:
+                continue
+            for measure in self.measures:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore", RepSimWarning)  # NaN layers were reported above, once
+                    matrix = similarity_matrix(features, _on(other, features), measure, **self.options[measure])
+                if trainer.is_global_zero:
+                    self._report_matrix(measure, ref.label, matrix, list(other), step)
+        self._previous, self._previous_step, self._last_logged_step = features, step, step
+
+    def _report_matrix(self, measure: str, label: str, matrix: torch.Tensor, ref_names: list[str], step: int) -> None:
+        names = self._layer_names
+        values = matrix.cpu().numpy()
+        key = (measure, label, tuple(ref_names))
+        if key not in self._frames:  # labels and colour bar are drawn once; each step repaints the cells
+            self._frames[key] = report.HeatmapFrames(names, ref_names, measure=measure, title=f"{measure} vs {label}",
+                                                     row_title="layers", col_title=label)
+        image = self._frames[key].render(values)
+        if self._tensorboard is not None:
+            prefix = f"repsim/{measure}/{label}"
+            self._tensorboard.writer.add_image(report.make_tag(f"{prefix}/heatmap"), image, global_step=step,
+                                               dataformats="HWC")
+            self._tensorboard.log_layer_scalars(prefix, _matched_diagonal(values, names, ref_names), step)
+        if self.write_files and self._run_dir is not None:
+            folder = self._run_dir / "repsim" / "figures" / f"step-{step:08d}"
+            report.write_matrix_csv(folder / f"{measure}__{label}.csv", values, names, ref_names)
+            report.save_image_png(image, folder / f"{measure}__{label}.png")
+
+    def _log_final(self, trainer: pl.Trainer) -> None:
+        """Every stored snapshot of every layer against the last snapshot (Raghu et al. 2017)."""
+        assert self._store is not None and self._run_dir is not None
+        steps = self._store.steps
+        if len(steps) < 2:
+            self._warn_once("final-too-short", "reference='final' needs at least two snapshots; training was too "
+                            "short for a convergence map.")
+            return
+        kinds = self._store.kinds
+        values = {m: torch.full((len(self._layer_names), len(steps)), float("nan"), dtype=torch.float64)
+                  for m in self.measures}
+        for i, name in enumerate(tqdm(self._layer_names, desc="repsim: similarity to the final snapshot",
+                                      leave=False, disable=len(steps) * len(self._layer_names) < 200)):
+            series = [self._store.get(step, name) for step in steps]  # one layer at a time bounds memory
+            for measure in self.measures:
+                if measure == "pwcca" and kinds.get(name) != "features":
+                    self._warn_once(f"pwcca-factor:{name}", f"pwcca against the final snapshot is NaN for layer "
+                                    f"{name!r}: it was stored as a Gram factor (p > n), without its neurons.")
+                    continue
+                # every snapshot of this layer against its last one, in one call
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore", RepSimWarning)  # NaN layers were reported at capture, by name
+                    values[measure][i] = similarity_matrix(series, [series[-1]], measure,
+                                                           **self.options[measure])[:, 0]
+        folder = self._run_dir / "repsim" / "figures" / "final"
+        folder.mkdir(parents=True, exist_ok=True)
+        for measure, table in values.items():
+            data = table.numpy()
+            prefix = f"repsim/{measure}/final"
+            if self._tensorboard is not None:
+                for t, step in enumerate(steps):
+                    self._tensorboard.log_layer_scalars(prefix, dict(zip(self._layer_names, data[:, t])), step)
+                converged = self._tensorboard.log_convergence(prefix, data, self._layer_names, steps,
+                                                              measure=measure, threshold=self.threshold)
+            else:
+                converged = report.convergence_steps(data, steps, self.threshold)
+            report.write_matrix_csv(folder / f"{measure}__final.csv", data, self._layer_names, steps, corner="layer")
+            report.save_png(report.convergence_map_figure(data, self._layer_names, steps, measure=measure,
+                                                          threshold=self.threshold),
+                            folder / f"{measure}__convergence_map.png")
+            report.save_png(report.curves_figure(data, self._layer_names, steps, measure=measure,
+                                                 threshold=self.threshold), folder / f"{measure}__curves.png")
+            table_text = report.summary_table(self._layer_names, converged, final_values=list(data[:, -1]),
+                                              fmt="text")
+            (folder / f"{measure}__convergence.txt").write_text(table_text + "\n")
+            rank_zero_info(f"{measure}: step at which each layer reaches {self.threshold:.0%} of its similarity to "
+                           f"the final snapshot\n{table_text}")
+
+
+def _matched_diagonal(values: Any, names: list[str], ref_names: list[str]) -> dict[str, float]:
+    """Layer i against the reference layer of the same name, or of the same index as a fallback."""
+    index = {name: j for j, name in enumerate(ref_names)}
+    if any(name in index for name in names):
+        return {name: float(values[i, index[name]]) for i, name in enumerate(names) if name in index}
+    if len(names) == len(ref_names):
+        return {name: float(values[i, i]) for i, name in enumerate(names)}
+    return {}
+
+
+def _on(reference: Mapping[str, torch.Tensor], like: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    device = next(iter(like.values())).device
+    return {name: x.to(device) for name, x in reference.items()}
+
+
+def _to_cpu(features: Optional[Mapping[str, torch.Tensor]]) -> Optional[dict[str, torch.Tensor]]:
+    return None if features is None else {k: v.detach().cpu() for k, v in features.items()}
+
+
+def _dataloader(trainer: pl.Trainer, split: str) -> Any:
+    """The Trainer's train or val dataloader (the first one when there are several), or None."""
+    loop = trainer.fit_loop if split == "train" else trainer.fit_loop.epoch_loop.val_loop
+    source = getattr(loop, "_data_source", None)
+    try:
+        loader = source.dataloader() if source is not None and source.is_defined() else None
+    except Exception:  # a LightningModule without the hook
+        loader = None
+    if isinstance(loader, (list, tuple)):
+        loader = loader[0] if loader else None
+    if isinstance(loader, Mapping):
+        loader = next(iter(loader.values()), None)
+    return loader

@@ -1,0 +1,577 @@
+"""Tests of RepresentationSimilarity: real ``Trainer.fit`` runs on CPU with tiny models.
+
+TensorBoard content is read back from the event files with tensorboard's EventAccumulator, and
+similarity values are recomputed from the snapshot store with :func:`linear_cka`.
+"""
+import csv
+import math
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+from torch.nn import functional as F
+from torch.utils.data import DataLoader, TensorDataset
+
+import pytorch_lightning as pl
+from pytorch_lightning.callbacks import Callback, ModelCheckpoint
+from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from lightning_repsim.callbacks import RepresentationSimilarity
+from lightning_repsim.errors import RepSimWarning
+from lightning_repsim.functional import linear_cka
+from lightning_repsim.store import open_store
+
+N_IN = 6
+N_TRAIN = 64
+BATCH = 16
+STEPS_PER_EPOCH = N_TRAIN // BATCH  # 4
+LAYERS = ["body", "mid", "head"]  # execution order; Net declares head first
+
+
+# ----------------------------------------------------------------------------- models and data
+# (module level, so that ddp_spawn can pickle them)
+
+
+def make_data(n, seed):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, N_IN, generator=g)
+    y = (x[:, 0] + 0.5 * x[:, 1] > 0).long()
+    return x, y
+
+
+PROBE = make_data(32, seed=1)[0]
+
+
+def train_loader(n=N_TRAIN):
+    return DataLoader(TensorDataset(*make_data(n, seed=0)), batch_size=BATCH)
+
+
+class Net(pl.LightningModule):
+    """Three linear layers; ``head`` is declared first, so declaration order != execution order."""
+
+    def __init__(self, width=8, lr=0.5):
+        super().__init__()
+        self.head = nn.Linear(width, 2)
+        self.body = nn.Linear(N_IN, width)
+        self.mid = nn.Linear(width, width)
+        self.lr = lr
+        self.train_steps_run = 0
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.mid(torch.tanh(self.body(x)))))
+
+    def training_step(self, batch, batch_idx):
+        self.train_steps_run += 1
+        x, y = batch
+        return F.cross_entropy(self(x), y)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=self.lr)
+
+
+class NaNNet(Net):
+    """``head`` gets NaN inputs (so outputs NaN) from global step 2 on; ``body`` is wider than the probe (p > n)."""
+
+    def __init__(self):
+        super().__init__(width=40)
+
+    def forward(self, x):
+        h = self.mid(torch.tanh(self.body(x)))
+        if self._trainer is not None and self.global_step >= 2:
+            h = h * float("nan")
+        return self.head(torch.tanh(h))
+
+
+class Other(nn.Module):
+    """A different architecture with two layers, for reference=<nn.Module>."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(N_IN, 5)
+        self.b = nn.Linear(5, 3)
+
+    def forward(self, x):
+        return self.b(torch.relu(self.a(x)))
+
+
+def make_trainer(root, callbacks, logger="tb", **kwargs):
+    if logger == "tb":
+        logger = TensorBoardLogger(str(root), name="run", version=0)
+    options = dict(
+        default_root_dir=str(root),
+        max_epochs=2,
+        accelerator="cpu",
+        devices=1,
+        logger=logger,
+        callbacks=callbacks,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        log_every_n_steps=1,
+    )
+    options.update(kwargs)
+    return pl.Trainer(**options)
+
+
+def monitor(**kwargs):
+    options = dict(probe=PROBE, reference="init", measures=("linear_cka",), write_files=False)
+    options.update(kwargs)
+    return RepresentationSimilarity(**options)
+
+
+def read_events(log_dir):
+    acc = EventAccumulator(str(log_dir), size_guidance={"images": 0, "scalars": 0, "tensors": 0})
+    acc.Reload()
+    return acc
+
+
+def scalars(acc, tag):
+    """step -> value of a scalar tag (the last write wins)."""
+    return {e.step: e.value for e in acc.Scalars(tag)}
+
+
+def read_csv(path):
+    with open(path, newline="") as handle:
+        return list(csv.reader(handle))
+
+
+def repsim_warnings(records, text=""):
+    return [str(w.message) for w in records if issubclass(w.category, RepSimWarning) and text in str(w.message)]
+
+
+def fit_recording(trainer, model, **kwargs):
+    with warnings.catch_warnings(record=True) as records:
+        warnings.simplefilter("always")
+        trainer.fit(model, train_loader(), **kwargs)
+    return records
+
+
+# ----------------------------------------------------------------------------- one full run, shared
+
+MEASURES = ("linear_cka", "rv2")
+FULL_STEPS = [0, 4, 8]  # step 0, the end of each of 2 epochs
+
+
+@pytest.fixture(scope="module")
+def full_run(tmp_path_factory):
+    """2 epochs of 4 steps, references init / previous / final, two measures, files on."""
+    root = tmp_path_factory.mktemp("full")
+    torch.manual_seed(0)
+    callback = RepresentationSimilarity(probe=PROBE, reference=["init", "previous", "final"], measures=MEASURES)
+    trainer = make_trainer(root, [callback], max_epochs=2)
+    records = fit_recording(trainer, Net())
+    log_dir = Path(trainer.logger.log_dir)
+    return {
+        "callback": callback,
+        "log_dir": log_dir,
+        "events": read_events(log_dir),
+        "store": open_store(log_dir / "repsim"),
+        "warnings": records,
+        "trainer": trainer,
+    }
+
+
+def test_full_run_has_no_monitor_warnings(full_run):
+    assert repsim_warnings(full_run["warnings"]) == []
+    assert full_run["trainer"].global_step == 8
+
+
+def test_layer_names_in_execution_order(full_run):
+    assert full_run["callback"].layer_names == LAYERS
+    assert full_run["store"].layers == LAYERS
+    tags = full_run["events"].Tags()["scalars"]
+    for layer in LAYERS:
+        assert f"repsim/linear_cka/init/{layer}" in tags
+
+
+def test_snapshot_store_steps(full_run):
+    assert full_run["store"].steps == FULL_STEPS
+    assert full_run["callback"].store_path == full_run["log_dir"] / "repsim"
+
+
+def test_tensorboard_heatmap_images(full_run):
+    acc = full_run["events"]
+    images = acc.Tags()["images"]
+    for measure in MEASURES:
+        init = acc.Images(f"repsim/{measure}/init/heatmap")
+        assert [e.step for e in init] == FULL_STEPS
+        previous = acc.Images(f"repsim/{measure}/previous/heatmap")
+        assert [e.step for e in previous] == FULL_STEPS[1:]  # nothing to compare with at step 0
+        assert all(e.encoded_image_string[:8] == b"\x89PNG\r\n\x1a\n" for e in init + previous)
+        assert all(e.width > 50 and e.height > 50 for e in init)
+        assert f"repsim/{measure}/final/convergence_map" in images
+        assert f"repsim/{measure}/final/curves" in images
+
+
+def test_tensorboard_layer_scalars(full_run):
+    acc = full_run["events"]
+    for measure in MEASURES:
+        for layer in LAYERS:
+            assert sorted(scalars(acc, f"repsim/{measure}/init/{layer}")) == FULL_STEPS
+            assert sorted(scalars(acc, f"repsim/{measure}/previous/{layer}")) == FULL_STEPS[1:]
+
+
+def test_tensorboard_probe_text(full_run):
+    acc = full_run["events"]
+    assert "repsim/probe/text_summary" in acc.Tags()["tensors"]
+    (event,) = acc.Tensors("repsim/probe/text_summary")
+    text = event.tensor_proto.string_val[0].decode()
+    assert full_run["callback"]._probe.hash in text
+    assert "32" in text  # the number of examples
+
+
+def test_init_scalars_are_one_at_step_zero(full_run):
+    acc = full_run["events"]
+    for measure in MEASURES:
+        for layer in LAYERS:
+            values = scalars(acc, f"repsim/{measure}/init/{layer}")
+            assert values[0] == pytest.approx(1.0, abs=1e-5)
+    # and training moved the layers away from init
+    assert scalars(acc, "repsim/linear_cka/init/body")[8] < 0.999
+
+
+def test_init_scalars_match_store(full_run):
+    acc, store = full_run["events"], full_run["store"]
+    init = store.get(0)
+    for step in FULL_STEPS:
+        snapshot = store.get(step)
+        for layer in LAYERS:
+            expected = float(linear_cka(snapshot[layer], init[layer]))
+            assert scalars(acc, f"repsim/linear_cka/init/{layer}")[step] == pytest.approx(expected, abs=1e-5)
+
+
+def test_previous_scalars_are_cka_of_consecutive_snapshots(full_run):
+    acc, store = full_run["events"], full_run["store"]
+    for before, step in zip(FULL_STEPS, FULL_STEPS[1:]):
+        a, b = store.get(step), store.get(before)
+        for layer in LAYERS:
+            expected = float(linear_cka(a[layer], b[layer]))
+            logged = scalars(acc, f"repsim/linear_cka/previous/{layer}")[step]
+            assert logged == pytest.approx(expected, abs=1e-5)
+            assert logged < 1.0 - 1e-7  # really consecutive snapshots, not a snapshot with itself
+
+
+def test_final_scalars_text_and_values(full_run):
+    acc, store = full_run["events"], full_run["store"]
+    last = store.get(FULL_STEPS[-1])
+    for measure in MEASURES:
+        (summary,) = acc.Tensors(f"repsim/{measure}/final/convergence_summary/text_summary")
+        assert summary.step == FULL_STEPS[-1]
+        text = summary.tensor_proto.string_val[0].decode()
+        assert all(layer in text for layer in LAYERS)
+        for layer in LAYERS:
+            values = scalars(acc, f"repsim/{measure}/final/{layer}")
+            assert sorted(values) == FULL_STEPS
+            assert values[FULL_STEPS[-1]] == pytest.approx(1.0, abs=1e-5)
+    for step in FULL_STEPS:
+        snapshot = store.get(step)
+        for layer in LAYERS:
+            expected = float(linear_cka(snapshot[layer], last[layer]))
+            assert scalars(acc, f"repsim/linear_cka/final/{layer}")[step] == pytest.approx(expected, abs=1e-5)
+
+
+def test_png_and_csv_files_per_logging_point(full_run):
+    figures = full_run["log_dir"] / "repsim" / "figures"
+    folders = sorted(p.name for p in figures.iterdir() if p.name.startswith("step-"))
+    assert folders == [f"step-{step:08d}" for step in FULL_STEPS]
+    for step in FULL_STEPS:
+        folder = figures / f"step-{step:08d}"
+        references = ["init"] if step == 0 else ["init", "previous"]
+        expected = {f"{m}__{r}.{ext}" for m in MEASURES for r in references for ext in ("png", "csv")}
+        assert {p.name for p in folder.iterdir()} == expected
+        for name in expected:
+            if name.endswith(".png"):
+                assert (folder / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        rows = read_csv(folder / "linear_cka__init.csv")
+        assert rows[0] == ["", *LAYERS]
+        assert [row[0] for row in rows[1:]] == LAYERS
+        if step == 0:
+            assert [float(rows[i + 1][i + 1]) for i in range(3)] == pytest.approx([1.0] * 3, abs=1e-5)
+    final = figures / "final"
+    for measure in MEASURES:
+        for name in (f"{measure}__convergence_map.png", f"{measure}__curves.png"):
+            assert (final / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        rows = read_csv(final / f"{measure}__final.csv")
+        assert rows[0] == ["layer", *(str(s) for s in FULL_STEPS)]
+        assert [row[0] for row in rows[1:]] == LAYERS
+        assert [float(row[-1]) for row in rows[1:]] == pytest.approx([1.0] * 3, abs=1e-5)
+        assert (final / f"{measure}__convergence.txt").exists()
+
+
+# ----------------------------------------------------------------------------- cadence
+
+
+@pytest.mark.parametrize(
+    "options, max_epochs, expected",
+    [
+        (dict(every_n_epochs=2), 3, [0, 8, 12]),  # the end of epoch 2, then the final step
+        (dict(every_n_steps=3), 2, [0, 3, 6, 8]),  # every 3 optimizer steps, then the final step
+    ],
+)
+def test_cadence(tmp_path, options, max_epochs, expected):
+    callback = monitor(**options)
+    trainer = make_trainer(tmp_path, [callback], max_epochs=max_epochs)
+    trainer.fit(Net(), train_loader())
+    assert trainer.global_step == expected[-1]
+    assert open_store(callback.store_path).steps == expected
+    acc = read_events(trainer.logger.log_dir)
+    assert sorted(scalars(acc, "repsim/linear_cka/init/mid")) == expected
+
+
+# ----------------------------------------------------------------------------- module and checkpoint references
+
+
+def test_reference_module_with_other_architecture(tmp_path):
+    torch.manual_seed(0)
+    callback = monitor(reference=Other(), write_files=True)
+    trainer = make_trainer(tmp_path, [callback], max_epochs=1)
+    trainer.fit(Net(), train_loader())
+    acc = read_events(trainer.logger.log_dir)
+    heatmaps = acc.Images("repsim/linear_cka/model/heatmap")
+    assert [e.step for e in heatmaps] == [0, 4]
+    rows = read_csv(Path(trainer.logger.log_dir) / "repsim/figures/step-00000004/linear_cka__model.csv")
+    assert rows[0] == ["", "a", "b"]  # L_a x L_b: our 3 layers against the reference's 2
+    assert [row[0] for row in rows[1:]] == LAYERS
+    assert all(0.0 <= float(v) <= 1.0 + 1e-9 for row in rows[1:] for v in row[1:])
+    assert not any(tag.startswith("repsim/linear_cka/model/") and not tag.endswith("heatmap")
+                   for tag in acc.Tags()["scalars"])  # no layer of the same name or count to pair
+
+
+def test_reference_checkpoint(tmp_path):
+    torch.manual_seed(0)
+    first = Net()
+    trainer = make_trainer(tmp_path / "a", [], logger=False, max_epochs=1)
+    trainer.fit(first, train_loader())
+    path = tmp_path / "ref.ckpt"
+    trainer.save_checkpoint(path)
+
+    second = Net()
+    second.load_state_dict(first.state_dict())  # start from the reference's weights
+    callback = monitor(reference=str(path))
+    assert callback.references == ["ref"]
+    trainer = make_trainer(tmp_path / "b", [callback], max_epochs=2)
+    trainer.fit(second, train_loader())
+    acc = read_events(trainer.logger.log_dir)
+    assert [e.step for e in acc.Images("repsim/linear_cka/ref/heatmap")] == [0, 4, 8]
+    for layer in LAYERS:
+        values = scalars(acc, f"repsim/linear_cka/ref/{layer}")
+        assert sorted(values) == [0, 4, 8]
+        assert values[0] == pytest.approx(1.0, abs=1e-5)
+    assert scalars(acc, "repsim/linear_cka/ref/body")[8] < 0.9999  # the model moved on
+
+
+# ----------------------------------------------------------------------------- no TensorBoardLogger
+
+
+@pytest.mark.parametrize("logger", ["none", "csv"])
+def test_without_tensorboard_logger(tmp_path, logger):
+    callback = monitor(reference=["init", "final"], write_files=True)
+    trainer = make_trainer(tmp_path, [callback], logger=False if logger == "none" else CSVLogger(str(tmp_path)),
+                           max_epochs=1)
+    records = fit_recording(trainer, Net())
+    messages = repsim_warnings(records)
+    assert len(messages) == 1 and "TensorBoardLogger" in messages[0]
+    assert not list(tmp_path.rglob("events.out.tfevents*"))
+    store_path = callback.store_path
+    assert store_path is not None and Path(tmp_path) in store_path.parents
+    assert open_store(store_path).steps == [0, 4]
+    figures = store_path / "figures"
+    assert (figures / "step-00000000" / "linear_cka__init.png").exists()
+    assert (figures / "step-00000004" / "linear_cka__init.csv").exists()
+    assert (figures / "final" / "linear_cka__convergence_map.png").exists()
+    assert (figures / "final" / "linear_cka__final.csv").exists()
+
+
+# ----------------------------------------------------------------------------- resume
+
+
+def _resume_run(tmp_path, max_epochs, ckpt_path=None):
+    callback = monitor(reference=["init", "previous"])
+    checkpoint = ModelCheckpoint(dirpath=str(tmp_path / "ckpt"), save_last=True)
+    logger = TensorBoardLogger(str(tmp_path), name="run", version=0)
+    trainer = make_trainer(tmp_path, [callback, checkpoint], logger=logger, max_epochs=max_epochs,
+                           enable_checkpointing=True)
+    torch.manual_seed(max_epochs)  # a different fresh model each time
+    trainer.fit(Net(), train_loader(), ckpt_path=ckpt_path)
+    return callback, trainer
+
+
+def test_resume_continues_store_and_keeps_init(tmp_path):
+    first, trainer = _resume_run(tmp_path, max_epochs=2)
+    assert open_store(first.store_path).steps == [0, 4, 8]
+    init_before = {k: v.clone() for k, v in first._reference("init").features.items()}
+
+    second, trainer = _resume_run(tmp_path, max_epochs=4, ckpt_path=str(tmp_path / "ckpt" / "last.ckpt"))
+    assert trainer.global_step == 16
+    assert second.store_path == first.store_path
+    store = open_store(second.store_path)
+    assert store.steps == [0, 4, 8, 12, 16]  # strictly increasing, no duplicate, none lost
+
+    # "init" is still the original network at init, not the resumed one
+    init_after = second._reference("init").features
+    for layer in LAYERS:
+        assert torch.equal(init_after[layer].cpu(), init_before[layer].cpu())
+        assert torch.allclose(store.get(0, layer), init_after[layer].float().cpu())
+    acc = read_events(Path(tmp_path) / "run" / "version_0")
+    for layer in LAYERS:
+        init_values = scalars(acc, f"repsim/linear_cka/init/{layer}")
+        previous_values = scalars(acc, f"repsim/linear_cka/previous/{layer}")
+        assert sorted(init_values) == [0, 4, 8, 12, 16]
+        for step in (12, 16):
+            expected = float(linear_cka(store.get(step, layer), store.get(0, layer)))
+            assert init_values[step] == pytest.approx(expected, abs=1e-5)
+        # "previous" continues across the resume: step 12 is compared with step 8
+        expected = float(linear_cka(store.get(12, layer), store.get(8, layer)))
+        assert previous_values[12] == pytest.approx(expected, abs=1e-5)
+
+
+# ----------------------------------------------------------------------------- DDP
+
+
+class DDPChecks(Callback):
+    """Runs in each spawned process: assertions here fail the fit (child exceptions come back)."""
+
+    def on_train_end(self, trainer, pl_module):
+        cb = next(c for c in trainer.callbacks if isinstance(c, RepresentationSimilarity))
+        assert trainer.world_size == 2
+        assert cb.layer_names == LAYERS
+        assert cb._last_logged_step == trainer.global_step
+        if trainer.is_global_zero:
+            assert cb.store_path is not None
+            assert open_store(cb.store_path).steps == [0, 2, 4]
+        else:
+            assert cb.store_path is None and cb._tensorboard is None
+
+
+def test_ddp_spawn_two_cpu_processes(tmp_path):
+    # No TensorBoardLogger: the callback falls back to trainer.log_dir, a broadcast from rank 0
+    # that every rank must join (a rank-0-only call hangs the run).
+    callback = monitor(every_n_steps=2, reference=["init", "previous"], write_files=True)
+    trainer = make_trainer(tmp_path, [callback, DDPChecks()], logger=False, max_epochs=2, devices=2,
+                           strategy="ddp_spawn")
+    trainer.fit(Net(), train_loader())  # 4 steps: 64 examples / 2 ranks / batch 16, times 2 epochs
+    stores = list(Path(tmp_path).rglob("manifest.json"))
+    assert stores == [Path(tmp_path) / "repsim" / "manifest.json"]  # one store, written by rank 0
+    store = open_store(stores[0].parent)
+    assert store.steps == [0, 2, 4] and store.layers == LAYERS
+    figures = Path(tmp_path) / "repsim" / "figures"
+    assert sorted(p.name for p in figures.iterdir()) == ["step-00000000", "step-00000002", "step-00000004"]
+    assert sorted(p.name for p in (figures / "step-00000004").iterdir()) == [
+        "linear_cka__init.csv", "linear_cka__init.png", "linear_cka__previous.csv", "linear_cka__previous.png"]
+    rows = read_csv(figures / "step-00000000" / "linear_cka__init.csv")
+    assert [float(rows[i + 1][i + 1]) for i in range(3)] == pytest.approx([1.0] * 3, abs=1e-5)
+    assert not list(Path(tmp_path).rglob("events.out.tfevents*"))
+
+
+# ----------------------------------------------------------------------------- bad input
+
+
+def test_layer_selector_matching_nothing_fails_before_training(tmp_path):
+    model = Net()
+    trainer = make_trainer(tmp_path, [monitor(layers=["mid", "nope"])])
+    with pytest.raises(ValueError, match="nope") as info:
+        trainer.fit(model, train_loader())
+    assert "available layers" in str(info.value)
+    assert all(repr(name) in str(info.value) for name in LAYERS)
+    assert model.train_steps_run == 0
+
+
+def test_probe_too_small_for_debiased_cka(tmp_path):
+    model = Net()
+    callback = monitor(probe=PROBE[:3], measure_options={"linear_cka": {"debiased": True}})
+    with pytest.raises(ValueError, match="3 example.*at least 4"):
+        make_trainer(tmp_path, [callback]).fit(model, train_loader())
+    assert model.train_steps_run == 0
+
+
+def test_reference_module_that_cannot_run_the_probe(tmp_path):
+    model = Net()
+    wrong = nn.Sequential(nn.Linear(N_IN + 1, 4), nn.Linear(4, 2))
+    with pytest.raises(ValueError, match=r"reference 'model' \(Sequential\) cannot run the probe of shape \(32, 6\)"):
+        make_trainer(tmp_path, [monitor(reference=wrong)]).fit(model, train_loader())
+    assert model.train_steps_run == 0
+
+
+def test_missing_checkpoint_reference(tmp_path):
+    model = Net()
+    callback = monitor(reference="foo")  # not a keyword: taken for a checkpoint path
+    assert callback.references == ["foo"]
+    with pytest.raises(ValueError, match="'foo' does not exist"):
+        make_trainer(tmp_path, [callback]).fit(model, train_loader())
+    assert model.train_steps_run == 0
+
+
+@pytest.mark.parametrize(
+    "options, match",
+    [
+        (dict(every_n_epochs=0), "every_n_epochs must be a positive int"),
+        (dict(every_n_steps=-1), "every_n_steps must be a positive int"),
+        (dict(every_n_epochs=None), "set every_n_epochs or every_n_steps"),
+        (dict(measures=("nope",)), "unknown measure 'nope'"),
+        (dict(measures=()), "measures is empty"),
+        (dict(measure_options={"rv2": {}}), "not among measures"),
+        (dict(reference=[]), "reference is empty"),
+        (dict(reference=["init", "init"]), "references repeat"),
+        (dict(reference=3), "is not one of"),
+        (dict(reference="final", store=False), "keep store=True"),
+        (dict(threshold=0.0), "threshold"),
+        (dict(probe="test:10"), "probe string"),
+    ],
+)
+def test_invalid_constructor_arguments(options, match):
+    with pytest.raises(ValueError, match=match):
+        monitor(**options)
+
+
+# ----------------------------------------------------------------------------- robustness
+
+
+def test_nan_activations_warn_once_per_layer_and_training_continues(tmp_path):
+    torch.manual_seed(0)
+    callback = monitor(reference=["init", "previous", "final"], every_n_steps=2)
+    trainer = make_trainer(tmp_path, [callback], max_epochs=2)
+    records = fit_recording(trainer, NaNNet())
+    assert trainer.global_step == 8  # training ran to the end
+    nonfinite = repsim_warnings(records, "NaN/Inf activations")
+    # head's input is NaN from step 2; the NaN loss makes every weight NaN after that step
+    for layer in LAYERS:
+        assert len([m for m in nonfinite if f"layer {layer!r}" in m]) == 1, nonfinite
+    assert len(nonfinite) == 3
+    assert len(repsim_warnings(records)) == 3, repsim_warnings(records)  # nothing else, e.g. from "final"
+    assert repsim_warnings(records, "failed") == []  # every logging point went through
+    store = open_store(callback.store_path)
+    assert store.steps == [0, 2, 4, 6, 8]
+    acc = read_events(trainer.logger.log_dir)
+    head, mid = scalars(acc, "repsim/linear_cka/init/head"), scalars(acc, "repsim/linear_cka/init/mid")
+    assert head[0] == pytest.approx(1.0, abs=1e-5) and math.isnan(head[2])
+    assert not math.isnan(mid[2]) and math.isnan(mid[4])  # NaN cells only where due
+    assert math.isnan(scalars(acc, "repsim/linear_cka/init/body")[4])  # the wide (p > n) layer too
+    assert [e.step for e in acc.Images("repsim/linear_cka/final/convergence_map")] == [8]
+
+
+def _raise(*args, **kwargs):
+    raise RuntimeError("boom")
+
+
+def test_exception_in_monitor_does_not_kill_fit(tmp_path, monkeypatch):
+    monkeypatch.setattr("lightning_repsim.callbacks.similarity.similarity_matrix", _raise)
+    callback = monitor(reference=["init", "final"], every_n_steps=2)
+    trainer = make_trainer(tmp_path, [callback], max_epochs=1)
+    records = fit_recording(trainer, NaNNet())
+    assert trainer.global_step == STEPS_PER_EPOCH
+    failures = repsim_warnings(records, "failed")
+    for step in (0, 2, 4):
+        assert any(f"global step {step}" in m and "RuntimeError: boom" in m for m in failures), failures
+    # a warning raised before the failure at the same logging point is still shown
+    assert len(repsim_warnings(records, "layer 'head' produced NaN/Inf activations at step 2")) == 1
+
+
+def test_exception_in_monitor_is_raised_when_strict(tmp_path, monkeypatch):
+    monkeypatch.setattr("lightning_repsim.callbacks.similarity.similarity_matrix", _raise)
+    model = Net()
+    with pytest.raises(RuntimeError, match="boom"):
+        make_trainer(tmp_path, [monitor(strict=True)], max_epochs=1).fit(model, train_loader())
+    assert model.train_steps_run == 0  # raised at the step-0 snapshot
