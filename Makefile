@@ -25,7 +25,7 @@ test: env
 	$(BIN)/python -m pytest -q
 
 demo: env
-	$(BIN)/python examples/measures_on_digits.py
+	$(BIN)/python examples/quickstart.py
 
 bench: env
 	$(BIN)/python -m pip install --quiet -e ".[bench]"
