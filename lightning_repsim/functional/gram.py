@@ -9,7 +9,7 @@ import warnings
 import torch
 
 from lightning_repsim.errors import RepSimValueError, RepSimWarning
-from lightning_repsim.functional._validation import TensorLike, as_matrix, exact_float32, gemm_dtype
+from lightning_repsim.functional._validation import TensorLike, as_matrix, gemm_dtype, self_product
 
 
 def gram_linear(x: TensorLike) -> torch.Tensor:
@@ -28,18 +28,14 @@ def gram_linear(x: TensorLike) -> torch.Tensor:
                 [1., 2.]], dtype=torch.float64)
     """
     x = as_matrix(x, "x")
-    work = x.to(gemm_dtype(x.device))
-    with exact_float32():
-        return (work @ work.T).to(torch.float64)
+    return self_product(x.to(gemm_dtype(x.device))).to(torch.float64)
 
 
 def squared_distances(x: torch.Tensor) -> torch.Tensor:
     """Pairwise squared Euclidean distances between rows, float64, exact zeros on the diagonal."""
     x = x.to(torch.float64)
     centred = x - x.mean(0, keepdim=True)  # distances are translation invariant; centring avoids cancellation
-    work = centred.to(gemm_dtype(x.device))
-    with exact_float32():
-        dot = (work @ work.T).to(torch.float64)
+    dot = self_product(centred.to(gemm_dtype(x.device))).to(torch.float64)
     norms = dot.diagonal()
     distances = (norms[:, None] + norms[None, :] - 2.0 * dot).clamp_min_(0.0)
     distances.fill_diagonal_(0.0)

@@ -32,6 +32,7 @@ from lightning_repsim.functional._validation import (
     Layers,
     check_examples,
     exact_float32,
+    self_product,
     finite_or_zero,
     gemm_dtype,
     is_negligible,
@@ -182,8 +183,7 @@ def transformed_gram(feature: torch.Tensor, spec: GramSpec) -> tuple[torch.Tenso
             return torch.zeros_like(distances), "its examples are (nearly all) identical: the RBF median distance is 0"
         gram = rbf_from_distances(distances, spec.sigma)
     else:
-        with exact_float32():
-            gram = (feature @ feature.T).to(torch.float64)
+        gram = self_product(feature).to(torch.float64)
     if spec.transform == "center":
         gram = center_gram(gram)
     elif spec.transform == "unbiased":
@@ -227,7 +227,7 @@ def hsic_matrices(
     elif method == "gram":
         vectors_x = _gram_vectors(x, spec, problems)
         vectors_y = vectors_x if symmetric else _gram_vectors(y, spec, problems)
-        cross = vectors_x @ vectors_y.T
+        cross = self_product(vectors_x) if symmetric else vectors_x @ vectors_y.T
         self_x = vectors_x.square().sum(1)
         self_y = self_x if symmetric else vectors_y.square().sum(1)
     else:
@@ -242,13 +242,16 @@ def _self_terms(layers: PreparedLayers, spec: GramSpec, n: int) -> torch.Tensor:
 
 
 def _gram_vectors(layers: PreparedLayers, spec: GramSpec, problems: dict[str, str]) -> torch.Tensor:
-    rows = []
-    for name, feature in zip(layers.names, layers.features):
+    """Each layer's transformed Gram, flattened into one row of a preallocated (L, n²) matrix."""
+    n = layers.row_norms.shape[1]
+    rows = torch.empty(len(layers.names), n * n, dtype=torch.float64, device=layers.row_norms.device)
+    for i, (name, feature) in enumerate(zip(layers.names, layers.features)):
         gram, problem = transformed_gram(feature, spec)
         if problem and name not in problems:
             problems[name] = problem
-        rows.append(gram.reshape(-1))
-    return torch.stack(rows)
+        rows[i] = gram.reshape(-1)
+        del gram
+    return rows
 
 
 def degenerate_layers(names: list[str], self_terms: torch.Tensor, scales: torch.Tensor, spec: GramSpec,
