@@ -47,22 +47,21 @@ class _Reference:
 
 
 def store_tensors(features: Mapping[str, torch.Tensor], n: int) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """What the store keeps per layer: the features when p <= n, else a Gram factor F (F Fᵀ = X Xᵀ).
+    """What the store keeps per layer: the features when p <= n, else a Gram factor F = Rᵀ.
 
-    F = U S from the SVD of X has at most n columns and gives every Gram-based measure and SVCCA
-    exactly; PWCCA needs the neurons themselves and is unavailable for such layers.
+    With Xᵀ = QR, X Xᵀ = Rᵀ R exactly, so the n x n factor Rᵀ gives every Gram-based measure and
+    SVCCA as the features would, in at most n columns; PWCCA needs the neurons themselves and is
+    unavailable for such layers. A layer with NaN/Inf is stored as one NaN column.
     """
     tensors, kinds = {}, {}
     for name, x in features.items():
         x = x.detach().to("cpu", torch.float64)
         if x.shape[1] <= n:
             tensors[name], kinds[name] = x.float(), "features"
-        elif not bool(torch.isfinite(x).all()):  # the SVD cannot run; every Gram of it is NaN anyway
+        elif not bool(torch.isfinite(x).all()):
             tensors[name], kinds[name] = torch.full((x.shape[0], 1), float("nan")), "gram_factor"
         else:
-            u, s, _ = torch.linalg.svd(x, full_matrices=False)
-            rank = max(1, int((s > s[0] * max(x.shape) * torch.finfo(torch.float64).eps).sum())) if s[0] > 0 else 1
-            tensors[name], kinds[name] = (u[:, :rank] * s[:rank]).float(), "gram_factor"
+            tensors[name], kinds[name] = torch.linalg.qr(x.T, mode="r").R.T.float(), "gram_factor"
     return tensors, kinds
 
 
@@ -181,6 +180,7 @@ class RepresentationSimilarity(Callback):
         self._previous: Optional[dict[str, torch.Tensor]] = None
         self._previous_step: Optional[int] = None
         self._last_logged_step: Optional[int] = None
+        self._attempted_step: Optional[int] = None
         self._warned: set[str] = set()
         self._resumed = False
         self._frames: dict[tuple, report.HeatmapFrames] = {}
@@ -276,7 +276,7 @@ class RepresentationSimilarity(Callback):
             self._guarded(trainer, pl_module, self._log_point, f"epoch {trainer.current_epoch}")
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if trainer.global_step != self._last_logged_step:
+        if trainer.global_step not in (self._last_logged_step, self._attempted_step):  # a failed step is not retried
             self._guarded(trainer, pl_module, self._log_point, "the last step")
         if any(r.kind == "final" for r in self._references) and trainer.is_global_zero:
             self._guarded(trainer, pl_module, lambda t, m: self._log_final(t), "the final-snapshot comparison")
@@ -421,10 +421,14 @@ class RepresentationSimilarity(Callback):
     def _log_point(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         step = trainer.global_step
         features = self._capture(pl_module)
+        self._attempted_step = step
         for name, x in features.items():
             if not bool(torch.isfinite(x).all()):
                 self._warn_once(f"nonfinite:{name}", f"layer {name!r} produced NaN/Inf activations at step {step}: "
                                 "its similarities are NaN; training continues.")
+            elif _is_constant(x):
+                self._warn_once(f"constant:{name}", f"layer {name!r} is constant over the probe at step {step} (a dead "
+                                "layer?): its centred similarities are NaN; training continues.")
         if trainer.is_global_zero and self._store is not None:
             tensors, kinds = store_tensors(features, len(features[self._layer_names[0]]))
             self._store.add(step, tensors, kinds, overwrite=self._resumed)
@@ -507,6 +511,12 @@ class RepresentationSimilarity(Callback):
             (folder / f"{measure}__convergence.txt").write_text(table_text + "\n")
             rank_zero_info(f"{measure}: step at which each layer reaches {self.threshold:.0%} of its similarity to "
                            f"the final snapshot\n{table_text}")
+
+
+def _is_constant(x: torch.Tensor) -> bool:
+    """No variation over the probe examples (relative to the magnitude, as the functional API decides)."""
+    x = x.to(torch.float64)
+    return float((x - x.mean(0)).square().sum()) <= 1e-20 * float(x.square().sum())
 
 
 def _matched_diagonal(values: Any, names: list[str], ref_names: list[str]) -> dict[str, float]:

@@ -575,3 +575,45 @@ def test_exception_in_monitor_is_raised_when_strict(tmp_path, monkeypatch):
     with pytest.raises(RuntimeError, match="boom"):
         make_trainer(tmp_path, [monitor(strict=True)], max_epochs=1).fit(model, train_loader())
     assert model.train_steps_run == 0  # raised at the step-0 snapshot
+
+
+class _DeadLayerNet(pl.LightningModule):
+    """The middle layer's weights and bias are zero and never trained: its output is constant."""
+
+    def __init__(self):
+        super().__init__()
+        self.first = nn.Linear(8, 16)
+        self.dead = nn.Linear(16, 16)
+        self.head = nn.Linear(16, 2)
+        for p in self.dead.parameters():
+            nn.init.zeros_(p)
+            p.requires_grad_(False)
+
+    def forward(self, x):
+        return self.head(self.dead(torch.relu(self.first(x))) + self.first(x))
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return nn.functional.cross_entropy(self(x), y)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD([p for p in self.parameters() if p.requires_grad], lr=0.1)
+
+
+def test_dead_layer_warns_once_and_gives_nan(tmp_path):
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from lightning_repsim.errors import RepSimWarning
+
+    g = torch.Generator().manual_seed(0)
+    data = TensorDataset(torch.randn(64, 8, generator=g), torch.randint(0, 2, (64,), generator=g))
+    monitor = RepresentationSimilarity(probe=torch.randn(32, 8, generator=g), reference="init",
+                                       measures=("linear_cka",), write_files=False, store=False)
+    trainer = pl.Trainer(max_epochs=3, callbacks=[monitor], logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.fit(_DeadLayerNet(), DataLoader(data, batch_size=16))
+    dead = [w for w in caught if issubclass(w.category, RepSimWarning) and "'dead'" in str(w.message)]
+    assert len(dead) == 1 and "constant over the probe" in str(dead[0].message)
+    assert trainer.current_epoch == 3
