@@ -1,0 +1,745 @@
+"""``lightning-repsim``: compare runs, report convergence and export similarities, from the stores.
+
+Every command reads the snapshot stores that :class:`~lightning_repsim.RepresentationSimilarity`
+leaves in each run directory (``<log_dir>/repsim``); no model is re-run and nothing is unpickled.
+A ``RUN`` argument may be the run directory (``lightning_logs/version_3``), the store directory
+itself (``lightning_logs/version_3/repsim``) or a log directory that holds exactly one run with a
+store (``lightning_logs``).
+
+Usage::
+
+    lightning-repsim compare RUN_A RUN_B [--step last|N] [--measure M ...] [--out DIR]
+                             [--tensorboard]
+    lightning-repsim report RUN [--measure M ...] [--threshold 0.95] [--out DIR]
+    lightning-repsim export RUN [--format csv|json] [--out FILE] [--measure M ...]
+                            [--reference final|previous|init ...]
+
+``compare``
+    The L_a x L_b matrix of every layer of run A against every layer of run B at one step, per
+    measure (both runs must have used the same probe set: same probe hash), as PNG heatmaps and
+    CSV files in ``--out`` (default ``./repsim-compare``), optionally as a TensorBoard run in
+    ``--out/tensorboard`` to open beside the training runs.
+``report``
+    Every stored snapshot of each layer against its last one: convergence map, curves, the step
+    at which each layer converges (a table in the terminal) and the run's freeze events from its
+    TensorBoard files, as PNG / CSV / text files in ``--out`` (default ``./repsim-report``).
+``export``
+    Every matrix as tidy rows ``run, step, measure, reference, layer_a, layer_b, value``: each
+    step against the final snapshot (per layer), the previous step and the first step (all
+    pairs of layers), as CSV or JSON (NaN becomes ``null``), to ``--out`` or standard output.
+
+``--measure`` may be repeated or given a comma list (``--measure linear_cka,rv2``). Each
+measure's options (``debiased``, ``sigma``, ``center``, ``keep``) are those the run was logged
+with, as recorded in its store's settings, or the defaults. ``pwcca`` needs the neurons of both
+layers and is NaN (with a note) for a layer stored as a Gram factor (p > n).
+
+Errors in the input (a missing run, a directory without a store, a corrupt or damaged store,
+probe sets that differ, an unknown step or measure) exit with status 2 and one line on standard
+error starting with ``lightning-repsim: error:``. Progress bars go to standard error, only when
+it is a terminal, and never with ``--quiet``.
+
+Example:
+    >>> main(["compare", "/no/such/run", "/no/such/run"])  # doctest: +SKIP
+    lightning-repsim: error: /no/such/run: no such directory
+    2
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import sys
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, Optional, Sequence, TextIO
+
+import numpy as np
+import torch
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from tqdm import tqdm
+
+import lightning_repsim
+from lightning_repsim import report
+from lightning_repsim.errors import RepSimError, RepSimWarning
+from lightning_repsim.functional.similarity_matrix import MEASURES, resolve_options, similarity_matrix
+from lightning_repsim.store import MANIFEST_NAME, SnapshotStore, open_store
+
+__all__ = ["main"]
+
+PROG = "lightning-repsim"
+REFERENCES = ("final", "previous", "init")
+EXPORT_COLUMNS = ("run", "step", "measure", "reference", "layer_a", "layer_b", "value")
+_SHOWN_CANDIDATES = 5
+
+
+class CliError(Exception):
+    """A user error: printed as one line ``lightning-repsim: error: ...``, exit status 2."""
+
+
+def _one_line(text: Any) -> str:
+    return " ".join(str(text).split())
+
+
+# --------------------------------------------------------------------------- runs and stores
+
+
+@dataclass
+class Run:
+    """One run's store, opened read-only, with the names the CLI shows for it."""
+
+    name: str  # short label: "version_3" -> "run/version_3"
+    run_dir: Path  # where the TensorBoard event files are (the store's parent)
+    store: SnapshotStore
+    notes: list[str] = field(default_factory=list)
+
+
+def _find_store_dir(path: Path) -> Path:
+    """The store directory a RUN argument points to (see the module docstring)."""
+    if not path.exists():
+        raise CliError(f"{path}: no such directory")
+    if not path.is_dir():
+        raise CliError(f"{path}: not a directory (pass a run directory or its repsim/ store)")
+    if (path / MANIFEST_NAME).exists():
+        return path
+    if (path / "repsim" / MANIFEST_NAME).exists():
+        return path / "repsim"
+    for pattern in ("*/repsim/" + MANIFEST_NAME, "*/*/repsim/" + MANIFEST_NAME):
+        found = sorted(p.parent for p in path.glob(pattern))
+        if len(found) == 1:
+            return found[0]
+        if len(found) > 1:
+            runs = [str(p.parent) for p in found]
+            shown = ", ".join(runs[:_SHOWN_CANDIDATES]) + (", ..." if len(runs) > _SHOWN_CANDIDATES else "")
+            raise CliError(f"{path}: holds {len(runs)} runs with a snapshot store ({shown}); pass one of them")
+    raise CliError(
+        f"{path}: no snapshot store here (looked for {MANIFEST_NAME} in it, in repsim/ and in */repsim/); "
+        "is this a run directory written with RepresentationSimilarity(store=True)?"
+    )
+
+
+def _run_name(run_dir: Path) -> str:
+    run_dir = run_dir.resolve()
+    if run_dir.name.startswith("version_") and run_dir.parent.name:
+        return f"{run_dir.parent.name}/{run_dir.name}"
+    return run_dir.name or str(run_dir)
+
+
+def open_run(path: str, *, allow_damaged: bool = False) -> Run:
+    """Resolve and open a RUN argument read-only.
+
+    Raises:
+        CliError: nothing usable at ``path``, an empty store, or (without ``allow_damaged``) a
+            store whose step files are partly missing or truncated.
+        RepSimError: the store itself is invalid (bad manifest, unreadable step file).
+    """
+    store_dir = _find_store_dir(Path(path))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", RepSimWarning)
+        store = open_store(store_dir)
+    damage = [_one_line(w.message) for w in caught if issubclass(w.category, RepSimWarning)]
+    if damage and not allow_damaged:
+        raise CliError(f"damaged snapshot store: {damage[0]} (copy the run again, or pass --allow-damaged "
+                       "to use the intact snapshots)")
+    if not store.steps:
+        raise CliError(f"{store_dir}: the store holds no snapshots yet")
+    run_dir = store_dir.parent if store_dir.name == "repsim" else store_dir
+    return Run(_run_name(run_dir), run_dir, store, notes=damage)
+
+
+def _pick_step(run: Run, step: str) -> int:
+    steps = run.store.steps
+    if step == "last":
+        return steps[-1]
+    value = int(step)
+    if value not in run.store:
+        shown = steps if len(steps) <= 12 else steps[:6] + ["..."] + steps[-6:]
+        raise CliError(f"{run.name} ({run.store.path}) has no step {value}; stored steps: "
+                       + ", ".join(map(str, shown)))
+    return value
+
+
+# --------------------------------------------------------------------------- measures
+
+
+def _measures(values: Optional[Sequence[str]], default: Sequence[str]) -> list[str]:
+    """``--measure`` values (repeated and/or comma lists), validated, duplicates removed."""
+    names = [part.strip() for value in (values or []) for part in value.split(",") if part.strip()]
+    if not names:
+        names = list(default)
+    unknown = [m for m in names if m not in MEASURES]
+    if unknown:
+        raise CliError(f"unknown measure {unknown[0]!r}; choose from {', '.join(MEASURES)}")
+    return list(dict.fromkeys(names))
+
+
+def _store_measures(store: SnapshotStore) -> list[str]:
+    """The measures the run was logged with (``settings["measures"]``), else ``["linear_cka"]``."""
+    logged = store.settings.get("measures")
+    if isinstance(logged, list) and logged and all(m in MEASURES for m in logged):
+        return list(dict.fromkeys(logged))
+    return ["linear_cka"]
+
+
+def _options(store: SnapshotStore, measure: str) -> dict[str, Any]:
+    """The measure's options as logged in the store's settings (validated), else the defaults."""
+    logged = store.settings.get("options")
+    given = logged.get(measure) if isinstance(logged, dict) else None
+    if isinstance(given, dict):
+        try:
+            return resolve_options(measure, given)
+        except RepSimError:
+            pass
+    return resolve_options(measure, {})
+
+
+def _has_neurons(store: SnapshotStore, layer: str) -> bool:
+    return store.kinds.get(layer) == "features"
+
+
+def _pwcca_note(run: Run, layers: Iterable[str]) -> Optional[str]:
+    missing = [name for name in layers if not _has_neurons(run.store, name)]
+    if not missing:
+        return None
+    return (f"pwcca is NaN for {run.name} layer(s) {', '.join(missing)}: stored as Gram factors (p > n), "
+            "without the neurons pwcca needs")
+
+
+def _matrix(xs: dict[str, torch.Tensor], ys: dict[str, torch.Tensor], measure: str, options: dict[str, Any],
+            x_ok: Callable[[str], bool], y_ok: Callable[[str], bool]) -> torch.Tensor:
+    """similarity_matrix(xs, ys); for pwcca, NaN for every pair where a layer lacks its neurons."""
+    if measure != "pwcca":
+        return similarity_matrix(xs, ys, measure, **options).cpu()
+    out = torch.full((len(xs), len(ys)), float("nan"), dtype=torch.float64)
+    rows = [i for i, name in enumerate(xs) if x_ok(name)]
+    cols = [j for j, name in enumerate(ys) if y_ok(name)]
+    if rows and cols:
+        names_x, names_y = list(xs), list(ys)
+        sub = similarity_matrix({names_x[i]: xs[names_x[i]] for i in rows},
+                                {names_y[j]: ys[names_y[j]] for j in cols}, measure, **options).cpu()
+        out[torch.tensor(rows)[:, None], torch.tensor(cols)[None, :]] = sub
+    return out
+
+
+def _final_series(run: Run, measures: Sequence[str], progress: Callable[..., Iterable]) -> dict[str, torch.Tensor]:
+    """``{measure: (L, S)}``: every stored step of each layer against its last step.
+
+    As at the end of training (``RepresentationSimilarity`` with ``reference="final"``): one layer
+    at a time (bounded memory), one similarity_matrix call per layer and measure over all steps.
+    """
+    store = run.store
+    steps, layers = store.steps, store.layers
+    values = {m: torch.full((len(layers), len(steps)), float("nan"), dtype=torch.float64) for m in measures}
+    for i, name in enumerate(progress(layers, desc="layers vs final snapshot", unit="layer")):
+        series = [store.get(step, name) for step in steps]
+        for measure in measures:
+            if measure == "pwcca" and not _has_neurons(store, name):
+                continue
+            values[measure][i] = similarity_matrix(series, [series[-1]], measure,
+                                                   **_options(store, measure))[:, 0].cpu()
+    return values
+
+
+# --------------------------------------------------------------------------- output helpers
+
+
+def _progress_factory(quiet: bool) -> Callable[..., Iterable]:
+    disable = quiet or not (hasattr(sys.stderr, "isatty") and sys.stderr.isatty())
+
+    def progress(iterable: Iterable, **kwargs: Any) -> Iterable:
+        return tqdm(iterable, disable=disable, leave=False, file=sys.stderr, dynamic_ncols=True, **kwargs)
+
+    return progress
+
+
+def _fmt(value: float, width: int = 0) -> str:
+    text = "nan" if not math.isfinite(value) else f"{value:.4f}"
+    return text.rjust(width)
+
+
+def _table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    """Aligned plain-text columns: the first left-aligned, the others right-aligned."""
+    widths = [max(len(str(r[c])) for r in [headers, *rows]) for c in range(len(headers))]
+    lines = []
+    for row in [headers, *rows]:
+        cells = [str(cell).ljust(w) if c == 0 else str(cell).rjust(w) for c, (cell, w) in enumerate(zip(row, widths))]
+        lines.append("  ".join(cells).rstrip())
+    return "\n".join(lines)
+
+
+def _mkdir(path: Path) -> Path:
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:
+        raise CliError(f"{path}: exists and is not a directory") from None
+    return path
+
+
+# --------------------------------------------------------------------------- compare
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    progress = _progress_factory(args.quiet)
+    measures = _measures(args.measure, ["linear_cka"])
+    run_a = open_run(args.run_a, allow_damaged=args.allow_damaged)
+    run_b = open_run(args.run_b, allow_damaged=args.allow_damaged)
+    if run_a.store.probe_hash != run_b.store.probe_hash:
+        raise CliError(
+            f"probe hashes differ: {run_a.name} ({run_a.store.path}) has {run_a.store.probe_hash!r}, "
+            f"{run_b.name} ({run_b.store.path}) has {run_b.store.probe_hash!r}; runs are comparable only on "
+            "the same probe set"
+        )
+    if run_a.name == run_b.name:
+        run_a.name, run_b.name = f"{run_a.name} [A]", f"{run_b.name} [B]"
+    step_a, step_b = _pick_step(run_a, args.step), _pick_step(run_b, args.step)
+    out = _mkdir(Path(args.out))
+    layers_a, layers_b = run_a.store.layers, run_b.store.layers
+    xs, ys = run_a.store.get(step_a), run_b.store.get(step_b)
+
+    notes = [*run_a.notes, *run_b.notes]
+    matrices: dict[str, np.ndarray] = {}
+    for measure in progress(measures, desc="measures", unit="measure"):
+        options = _options(run_a.store, measure)
+        if options != _options(run_b.store, measure):
+            notes.append(f"{measure}: the runs were logged with different options; using {run_a.name}'s {options}")
+        matrices[measure] = _matrix(xs, ys, measure, options, lambda name: _has_neurons(run_a.store, name),
+                                    lambda name: _has_neurons(run_b.store, name)).numpy()
+        if measure == "pwcca":
+            notes += [n for n in (_pwcca_note(run_a, layers_a), _pwcca_note(run_b, layers_b)) if n]
+
+    title_a, title_b = f"{run_a.name} (step {step_a})", f"{run_b.name} (step {step_b})"
+    written = []
+    for measure, values in matrices.items():
+        written.append(report.write_matrix_csv(out / f"{measure}.csv", values, layers_a, layers_b,
+                                               corner=f"{run_a.name} \\ {run_b.name}"))
+        fig = report.heatmap_figure(values, layers_a, layers_b, measure=measure, row_title=title_a,
+                                    col_title=title_b, title=f"{report.MEASURE_LABELS.get(measure, measure)}, "
+                                    f"n = {run_a.store.n}")
+        written.append(report.save_png(fig, out / f"{measure}.png"))
+    written.append(report.write_json(out / "compare.json", {
+        "run_a": {"name": run_a.name, "store": str(run_a.store.path), "step": step_a, "layers": layers_a},
+        "run_b": {"name": run_b.name, "store": str(run_b.store.path), "step": step_b, "layers": layers_b},
+        "probe_hash": run_a.store.probe_hash, "n": run_a.store.n,
+        "measures": {m: {"options": _options(run_a.store, m), "matrix": v} for m, v in matrices.items()},
+        "notes": notes, "library_version": lightning_repsim.__version__,
+    }))
+    if args.tensorboard:
+        written.append(_compare_tensorboard(out / "tensorboard", run_a, run_b, step_a, matrices))
+
+    print(f"A: {run_a.name} at step {step_a}  ({run_a.store.path})")
+    print(f"B: {run_b.name} at step {step_b}  ({run_b.store.path})")
+    print(f"probe hash {run_a.store.probe_hash}, n = {run_a.store.n}; "
+          f"{len(layers_a)} x {len(layers_b)} layers")
+    print(_compare_summary(layers_a, layers_b, matrices))
+    for note in notes:
+        print(f"note: {note}")
+    if not args.quiet:
+        print(f"wrote {len(written)} files to {out}")
+    return 0
+
+
+def _compare_summary(layers_a: list[str], layers_b: list[str], matrices: dict[str, np.ndarray]) -> str:
+    """Diagonal values (same layer name in both runs), else the best match in B of each layer of A."""
+    index_b = {name: j for j, name in enumerate(layers_b)}
+    shared = [(i, name) for i, name in enumerate(layers_a) if name in index_b]
+    if shared:
+        rows = [[name, *(_fmt(float(m[i, index_b[name]])) for m in matrices.values())] for i, name in shared]
+        return "same layer in both runs:\n" + _table(["layer", *matrices], rows)
+    first, values = next(iter(matrices.items()))
+    rows = []
+    for i, name in enumerate(layers_a):
+        row = values[i]
+        if np.isfinite(row).any():
+            j = int(np.nanargmax(row))
+            rows.append([name, layers_b[j], _fmt(float(row[j]))])
+        else:
+            rows.append([name, "-", "nan"])
+    return f"layer names differ; best {first} match in B of each layer of A:\n" + _table(["layer A", "layer B",
+                                                                                           first], rows)
+
+
+def _compare_tensorboard(log_dir: Path, run_a: Run, run_b: Run, step: int, matrices: dict[str, np.ndarray]) -> Path:
+    from torch.utils.tensorboard import SummaryWriter
+
+    label = report.sanitize_tag(run_b.name)
+    layers_a, layers_b = run_a.store.layers, run_b.store.layers
+    index_b = {name: j for j, name in enumerate(layers_b)}
+    with SummaryWriter(log_dir=str(log_dir)) as writer:
+        tb = report.TensorBoardReporter(writer)
+        for measure, values in matrices.items():
+            prefix = f"repsim/{measure}/{label}"
+            tb.log_heatmap(f"{prefix}/heatmap", values, layers_a, layers_b, measure=measure, step=step,
+                           row_title=run_a.name, col_title=run_b.name)
+            diagonal = {name: float(values[i, index_b[name]]) for i, name in enumerate(layers_a) if name in index_b}
+            if diagonal:
+                tb.log_layer_scalars(prefix, diagonal, step)
+        tb.log_text("repsim/compare", f"`{run_a.name}` (rows) vs `{run_b.name}` (columns), probe hash "
+                    f"`{run_a.store.probe_hash}`, n = {run_a.store.n}", step)
+    return log_dir
+
+
+# --------------------------------------------------------------------------- report
+
+
+@dataclass
+class FreezeLog:
+    """What FreezeTraining wrote to the run's TensorBoard files."""
+
+    fraction: list[tuple[int, float]] = field(default_factory=list)  # freeze/frozen_fraction
+    units: list[tuple[int, float]] = field(default_factory=list)  # freeze/frozen_units
+    events: list[tuple[int, str]] = field(default_factory=list)  # freeze/events text, one line each
+    why_none: str = ""
+
+
+def read_freeze_log(run_dir: Path) -> FreezeLog:
+    """Read ``freeze/frozen_fraction``, ``freeze/frozen_units`` and ``freeze/events`` from the
+    TensorBoard event files directly in ``run_dir`` (where the Lightning logger wrote them)."""
+    log = FreezeLog()
+    if not any(run_dir.glob("events.out.tfevents.*")):
+        log.why_none = f"no TensorBoard event files in {run_dir}"
+        return log
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    guidance = {"scalars": 0, "tensors": 0, "images": 1, "histograms": 1, "audio": 1, "compressedHistograms": 1}
+    acc = EventAccumulator(str(run_dir), size_guidance=guidance)
+    acc.Reload()
+    tags = acc.Tags()
+    for tag, target in (("freeze/frozen_fraction", log.fraction), ("freeze/frozen_units", log.units)):
+        if tag in tags.get("scalars", []):
+            last = {e.step: e.value for e in acc.Scalars(tag)}  # the last write of a step wins (resume)
+            target.extend(sorted(last.items()))
+    for tag in ("freeze/events/text_summary", "freeze/events"):
+        if tag in tags.get("tensors", []):
+            for event in acc.Tensors(tag):
+                for raw in event.tensor_proto.string_val:
+                    for line in raw.decode("utf-8", "replace").splitlines():
+                        if line.strip():
+                            log.events.append((event.step, line.strip()))
+            break
+    if not (log.fraction or log.units or log.events):
+        log.why_none = f"no freeze/* tags in the TensorBoard event files of {run_dir}"
+    return log
+
+
+def _freeze_figure(log: FreezeLog) -> Figure:
+    fig = Figure(figsize=(7.0, 3.6), dpi=100, layout="constrained")
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    if log.fraction:
+        steps, values = zip(*log.fraction)
+        ax.step(steps, values, where="post", color="tab:blue", marker="o", markersize=3,
+                label="fraction of parameters frozen")
+    if log.units:
+        twin = ax.twinx()
+        steps, values = zip(*log.units)
+        twin.step(steps, values, where="post", color="tab:orange", linestyle="--", label="frozen units")
+        twin.set_ylabel("frozen units")
+        twin.yaxis.get_major_locator().set_params(integer=True)
+    for step in sorted({s for s, _ in log.events}):
+        ax.axvline(step, color="0.5", linestyle=":", linewidth=0.8)
+    ax.set_ylim(-0.03, 1.03)
+    ax.set_xlabel("step")
+    ax.set_ylabel("fraction of parameters frozen")
+    ax.set_title(f"freeze training: {len(log.events)} event(s)", fontsize=10)
+    ax.grid(True, linewidth=0.4, alpha=0.5)
+    return fig
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    progress = _progress_factory(args.quiet)
+    if not 0.0 < args.threshold <= 1.0:
+        raise CliError(f"--threshold is a fraction of the final similarity in (0, 1], got {args.threshold:g}")
+    run = open_run(args.run, allow_damaged=args.allow_damaged)
+    measures = _measures(args.measure, _store_measures(run.store))
+    store = run.store
+    steps, layers = store.steps, store.layers
+    if len(steps) < 2:
+        raise CliError(f"{run.name} ({store.path}) holds one snapshot (step {steps[0]}); a convergence report "
+                       "needs at least two")
+    out = _mkdir(Path(args.out))
+    notes = list(run.notes)
+    if "pwcca" in measures and (note := _pwcca_note(run, layers)):
+        notes.append(note)
+    values = _final_series(run, measures, progress)
+    freeze = read_freeze_log(run.run_dir)
+    freeze_steps = sorted({s for s, _ in freeze.events})
+
+    written: list[Path] = []
+    print(f"{run.name}: {len(layers)} layers, {len(steps)} snapshots (steps {steps[0]} to {steps[-1]}), "
+          f"probe n = {store.n}")
+    for measure, table in values.items():
+        data = table.numpy()
+        converged = report.convergence_steps(data, steps, args.threshold)
+        written.append(report.write_matrix_csv(out / f"{measure}__final.csv", data, layers, steps, corner="layer"))
+        written.append(report.save_png(report.convergence_map_figure(
+            data, layers, steps, measure=measure, threshold=args.threshold, title=run.name),
+            out / f"{measure}__convergence_map.png"))
+        curves = report.curves_figure(data, layers, steps, measure=measure, threshold=args.threshold,
+                                      title=run.name)
+        for step in freeze_steps:  # freeze events against convergence
+            curves.axes[0].axvline(step, color="tab:red", linestyle=":", linewidth=0.9, alpha=0.7)
+        written.append(report.save_png(curves, out / f"{measure}__curves.png"))
+        text = report.summary_table(layers, converged, final_values=list(data[:, 0]), fmt="text",
+                                    final_header=f"at step {steps[0]}")
+        written.append(out / f"{measure}__convergence.txt")
+        written[-1].write_text(text + "\n", encoding="utf-8")
+        label = report.MEASURE_LABELS.get(measure, measure)
+        print(f"\n{label} to the final snapshot (step {steps[-1]}): the step from which each layer stays at "
+              f">= {args.threshold:g} x its final value\n{text}")
+
+    print()
+    if freeze.events or freeze.fraction:
+        written.append(report.save_png(_freeze_figure(freeze), out / "freeze.png"))
+        lines = [f"step {step}: {text}" if not text.startswith("step ") else text for step, text in freeze.events]
+        written.append(out / "freeze_events.txt")
+        written[-1].write_text("".join(line + "\n" for line in lines), encoding="utf-8")
+        final = f", {freeze.fraction[-1][1]:.0%} of parameters frozen at the end" if freeze.fraction else ""
+        print(f"freeze events: {len(freeze.events)}{final}")
+        for line in lines:
+            print(f"  {line}")
+    else:
+        print(f"freeze events: none ({freeze.why_none})")
+    for note in notes:
+        print(f"note: {note}")
+    if not args.quiet:
+        print(f"wrote {len(written)} files to {out}")
+    return 0
+
+
+# --------------------------------------------------------------------------- export
+
+
+def export_rows(run: Run, measures: Sequence[str], references: Sequence[str],
+                progress: Callable[..., Iterable] = lambda it, **_: it) -> list[tuple]:
+    """Tidy rows ``(run, step, measure, reference, layer_a, layer_b, value)``.
+
+    ``final``: each step of each layer against the same layer at the last step (``layer_a ==
+    layer_b``). ``previous``: each step but the first against the step before (all pairs,
+    ``layer_a`` at ``step``, ``layer_b`` at the previous step). ``init``: each step against the
+    first stored step (all pairs, the first step included).
+    """
+    store = run.store
+    steps, layers = store.steps, store.layers
+    rows: list[tuple] = []
+    if "final" in references:
+        values = _final_series(run, measures, progress)
+        for measure in measures:
+            data = values[measure]
+            rows += [(run.name, step, measure, "final", name, name, float(data[i, t]))
+                     for t, step in enumerate(steps) for i, name in enumerate(layers)]
+    pairwise = [r for r in references if r in ("previous", "init")]
+    if pairwise:
+        ok = lambda name: _has_neurons(store, name)  # noqa: E731
+        first = previous = None
+        for t, step in enumerate(progress(steps, desc="steps vs previous / first", unit="step")):
+            current = store.get(step)
+            if first is None:
+                first = current
+            for reference in pairwise:
+                other = previous if reference == "previous" else first
+                if other is None:
+                    continue
+                for measure in measures:
+                    data = _matrix(current, other, measure, _options(store, measure), ok, ok)
+                    rows += [(run.name, step, measure, reference, a, b, float(data[i, j]))
+                             for i, a in enumerate(layers) for j, b in enumerate(layers)]
+            previous = current
+    order = {r: k for k, r in enumerate(REFERENCES)}
+    rows.sort(key=lambda r: (order[r[3]], measures.index(r[2]), r[1]))  # stable: layer order kept
+    return rows
+
+
+def _references(values: Optional[Sequence[str]]) -> list[str]:
+    names = [part.strip() for value in (values or []) for part in value.split(",") if part.strip()]
+    unknown = [r for r in names if r not in REFERENCES]
+    if unknown:
+        raise CliError(f"unknown reference {unknown[0]!r}; choose from {', '.join(REFERENCES)}")
+    return list(dict.fromkeys(names)) or list(REFERENCES)
+
+
+def _write_csv(handle: TextIO, rows: Sequence[tuple]) -> None:
+    writer = csv.writer(handle)
+    writer.writerow(EXPORT_COLUMNS)
+    for row in rows:
+        writer.writerow([*row[:-1], repr(row[-1])])  # repr: exact round trip, NaN as "nan"
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    progress = _progress_factory(args.quiet)
+    to_stdout = args.out in (None, "-")
+    fmt = args.format or ("json" if not to_stdout and args.out.lower().endswith(".json") else "csv")
+    references = _references(args.reference)
+    run = open_run(args.run, allow_damaged=args.allow_damaged)
+    measures = _measures(args.measure, _store_measures(run.store))
+    rows = export_rows(run, measures, references, progress)
+    if fmt == "json":
+        records = [dict(zip(EXPORT_COLUMNS, row)) for row in rows]
+        if to_stdout:
+            for record in records:
+                record["value"] = record["value"] if math.isfinite(record["value"]) else None
+            sys.stdout.write(json.dumps(records, indent=1, allow_nan=False) + "\n")
+        else:
+            report.write_json(args.out, records)  # NaN -> null
+    elif to_stdout:
+        _write_csv(sys.stdout, rows)
+    else:
+        path = Path(args.out)
+        _mkdir(path.parent)
+        with open(path, "w", newline="", encoding="utf-8") as handle:
+            _write_csv(handle, rows)
+    for note in run.notes + ([n] if "pwcca" in measures and (n := _pwcca_note(run, run.store.layers)) else []):
+        print(f"{PROG}: note: {note}", file=sys.stderr)
+    if not (args.quiet or to_stdout):
+        print(f"wrote {len(rows)} rows ({', '.join(measures)}; {', '.join(references)}) to {args.out}")
+    return 0
+
+
+# --------------------------------------------------------------------------- argument parsing
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but errors are a CliError (one line, exit 2) instead of usage + exit."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise CliError(f"{_one_line(message)} (see '{self.prog} --help')")
+
+
+def _step_arg(text: str) -> str:
+    if text == "last":
+        return text
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be 'last' or a step number, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 'last' or a step number >= 0, got {text!r}")
+    return str(value)
+
+
+_RUN_HELP = ("a run directory (holding repsim/), the repsim/ store itself, or a log directory with a single run "
+             "(lightning_logs/ with one version_*/)")
+_MEASURE_HELP = ("similarity measure; repeat or give a comma list. Choices: " + ", ".join(MEASURES))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``lightning-repsim`` argument parser (subcommands compare, report, export)."""
+    formatter = argparse.RawDescriptionHelpFormatter
+    parser = _Parser(
+        prog=PROG, formatter_class=formatter,
+        description="Compare runs, report convergence and export representational similarities from the "
+                    "snapshot stores that RepresentationSimilarity writes (<log_dir>/repsim). No model is re-run.",
+        epilog=f"examples:\n  {PROG} compare runs/seed0/version_0 runs/seed1/version_0 --measure linear_cka,rv2\n"
+               f"  {PROG} report runs/seed0/version_0 --threshold 0.9\n"
+               f"  {PROG} export runs/seed0/version_0 --format json --out seed0.json\n\n"
+               f"'{PROG} COMMAND --help' describes each command.",
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {lightning_repsim.__version__}")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("-q", "--quiet", action="store_true", help="no progress bars and no 'wrote ...' line")
+    common.add_argument("--allow-damaged", action="store_true",
+                        help="use the intact snapshots of a store whose step files are partly missing or truncated "
+                             "(otherwise an error)")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True, parser_class=_Parser)
+
+    compare = commands.add_parser(
+        "compare", parents=[common], formatter_class=formatter,
+        help="every layer of run A against every layer of run B, at one step",
+        description="The L_a x L_b similarity matrix of every layer of RUN_A against every layer of RUN_B at "
+                    "one step, per measure, from the two runs' snapshot stores (same probe set required). "
+                    "Writes <measure>.png (heatmap), <measure>.csv and compare.json to --out and prints the "
+                    "values of same-named layers.",
+        epilog=f"examples:\n  {PROG} compare runs/seed0/version_0 runs/seed1/version_0\n"
+               f"  {PROG} compare runs/a runs/b --step 500 --measure rv2 --measure svcca --out figs/a_vs_b\n"
+               f"  {PROG} compare runs/a runs/b --tensorboard --out runs/compare   "
+               "# then: tensorboard --logdir runs",
+    )
+    compare.add_argument("run_a", metavar="RUN_A", help=_RUN_HELP)
+    compare.add_argument("run_b", metavar="RUN_B", help="the other run, on the same probe set")
+    compare.add_argument("--step", type=_step_arg, default="last",
+                         help="'last' (each run's last snapshot, default) or a step stored in both runs")
+    compare.add_argument("--measure", action="append", metavar="M", help=_MEASURE_HELP + " (default linear_cka)")
+    compare.add_argument("--out", default="repsim-compare", metavar="DIR",
+                         help="output directory (default ./repsim-compare)")
+    compare.add_argument("--tensorboard", action="store_true",
+                         help="also write a TensorBoard run to DIR/tensorboard (heatmaps, same-layer scalars)")
+    compare.set_defaults(func=cmd_compare)
+
+    rep = commands.add_parser(
+        "report", parents=[common], formatter_class=formatter,
+        help="convergence map, curves and freeze events of one run",
+        description="Every stored snapshot of each layer against its last snapshot: a layer x step convergence "
+                    "map, one curve per layer and the step from which each layer stays at >= THRESHOLD x its "
+                    "final value (printed as a table), plus the run's freeze events (FreezeTraining's "
+                    "freeze/* TensorBoard tags) when it has any. PNG, CSV and text files go to --out.",
+        epilog=f"examples:\n  {PROG} report runs/seed0/version_0\n"
+               f"  {PROG} report runs/seed0/version_0/repsim --measure rv2 --threshold 0.9 --out figs/seed0",
+    )
+    rep.add_argument("run", metavar="RUN", help=_RUN_HELP)
+    rep.add_argument("--measure", action="append", metavar="M",
+                     help=_MEASURE_HELP + " (default: the measures the run was logged with)")
+    rep.add_argument("--threshold", type=float, default=0.95,
+                     help="fraction of the final similarity that counts as converged (default 0.95)")
+    rep.add_argument("--out", default="repsim-report", metavar="DIR", help="output directory (default ./repsim-report)")
+    rep.set_defaults(func=cmd_report)
+
+    export = commands.add_parser(
+        "export", parents=[common], formatter_class=formatter,
+        help="every similarity matrix as tidy CSV or JSON rows",
+        description="Every matrix computed from the store, one row per value with columns run, step, measure, "
+                    "reference, layer_a, layer_b, value. References: 'final' (each step against the last, per "
+                    "layer: layer_a == layer_b), 'previous' (each step against the step before, all pairs; "
+                    "layer_a at step, layer_b at the previous step) and 'init' (each step against the first "
+                    "stored step, all pairs). JSON is a list of records with NaN as null.",
+        epilog=f"examples:\n  {PROG} export runs/seed0/version_0 > seed0.csv\n"
+               f"  {PROG} export runs/seed0/version_0 --reference final --measure rv2 --out seed0.json\n"
+               "  python -c \"import pandas as pd; print(pd.read_csv('seed0.csv').head())\"",
+    )
+    export.add_argument("run", metavar="RUN", help=_RUN_HELP)
+    export.add_argument("--format", choices=("csv", "json"),
+                        help="default: json when --out ends in .json, else csv")
+    export.add_argument("--out", metavar="FILE", help="output file (default: standard output)")
+    export.add_argument("--measure", action="append", metavar="M",
+                        help=_MEASURE_HELP + " (default: the measures the run was logged with)")
+    export.add_argument("--reference", action="append", metavar="R",
+                        help="final, previous or init; repeat or give a comma list (default: all three)")
+    export.set_defaults(func=cmd_export)
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Run ``lightning-repsim`` with ``argv`` (default ``sys.argv[1:]``); returns the exit status.
+
+    0 on success, 2 on a user error (one line on stderr: ``lightning-repsim: error: ...``).
+    """
+    parser = build_parser()
+    caught: list[warnings.WarningMessage] = []
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", RepSimWarning)
+            args = parser.parse_args(list(sys.argv[1:] if argv is None else argv))
+            return args.func(args)
+    except SystemExit as exit_:  # --help / --version
+        return exit_.code if isinstance(exit_.code, int) else 0
+    except CliError as err:
+        print(f"{PROG}: error: {_one_line(err)}", file=sys.stderr)
+        return 2
+    except (RepSimError, OSError) as err:  # RepSimValueError included; e.g. a corrupt store
+        what = _one_line(err) if isinstance(err, RepSimError) else f"{type(err).__name__}: {_one_line(err)}"
+        print(f"{PROG}: error: {what}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted", file=sys.stderr)
+        return 130
+    finally:
+        shown = set()
+        for w in caught or []:
+            text = _one_line(w.message)
+            if issubclass(w.category, RepSimWarning) and text not in shown:
+                shown.add(text)
+                print(f"{PROG}: warning: {text}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
