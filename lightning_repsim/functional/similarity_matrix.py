@@ -128,10 +128,10 @@ def prepare_layers(names: list[str], mats: list[torch.Tensor], spec: GramSpec, d
         x, bad = finite_or_zero(mat.to(device=device, dtype=torch.float64))
         if bad:
             problems[name] = "it contains NaN or Inf"
-        energy.append(x.square().sum() ** 2)
+        energy.append(torch.linalg.vector_norm(x) ** 4)
         if spec.center_features:
             x = x - x.mean(0, keepdim=True)
-        norms.append(x.square().sum(1))
+        norms.append(torch.linalg.vector_norm(x, dim=1) ** 2)
         features.append(x.to(dtype))
     return PreparedLayers(names, features, torch.stack(norms), torch.stack(energy), problems)
 
