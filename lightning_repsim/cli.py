@@ -65,7 +65,7 @@ import lightning_repsim
 from lightning_repsim import report
 from lightning_repsim.errors import RepSimError, RepSimWarning
 from lightning_repsim.functional.similarity_matrix import MEASURES, resolve_options, similarity_matrix
-from lightning_repsim.store import MANIFEST_NAME, SnapshotStore, open_store
+from lightning_repsim.store import MANIFEST_NAME, SnapshotStore, open_store, similarity_to_final
 
 __all__ = ["main"]
 
@@ -224,22 +224,11 @@ def _matrix(xs: dict[str, torch.Tensor], ys: dict[str, torch.Tensor], measure: s
 
 
 def _final_series(run: Run, measures: Sequence[str], progress: Callable[..., Iterable]) -> dict[str, torch.Tensor]:
-    """``{measure: (L, S)}``: every stored step of each layer against its last step.
-
-    As at the end of training (``RepresentationSimilarity`` with ``reference="final"``): one layer
-    at a time (bounded memory), one similarity_matrix call per layer and measure over all steps.
-    """
-    store = run.store
-    steps, layers = store.steps, store.layers
-    values = {m: torch.full((len(layers), len(steps)), float("nan"), dtype=torch.float64) for m in measures}
-    for i, name in enumerate(progress(layers, desc="layers vs final snapshot", unit="layer")):
-        series = [store.get(step, name) for step in steps]
-        for measure in measures:
-            if measure == "pwcca" and not _has_neurons(store, name):
-                continue
-            values[measure][i] = similarity_matrix(series, [series[-1]], measure,
-                                                   **_options(store, measure))[:, 0].cpu()
-    return values
+    """``{measure: (L, S)}``: every stored step of each layer against its last step, as the
+    callback computes it at the end of training (:func:`lightning_repsim.store.similarity_to_final`)."""
+    options = {m: _options(run.store, m) for m in measures}
+    return similarity_to_final(run.store, options,
+                               progress=lambda layers: progress(layers, desc="layers vs final snapshot", unit="layer"))
 
 
 # --------------------------------------------------------------------------- output helpers

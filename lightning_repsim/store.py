@@ -58,7 +58,7 @@ import re
 import secrets
 import warnings
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 from safetensors import safe_open
@@ -66,6 +66,7 @@ from safetensors.torch import save as _safetensors_bytes
 
 import lightning_repsim
 from lightning_repsim.errors import RepSimError, RepSimValueError, RepSimWarning
+from lightning_repsim.functional.similarity_matrix import similarity_matrix
 
 __all__ = [
     "DEFAULT_MAX_BYTES",
@@ -956,3 +957,32 @@ def _read_manifest(path: Path) -> Dict[str, Any]:
     manifest["settings"], manifest["max_bytes"], manifest["lost_steps"] = settings, max_bytes, lost
     manifest["thinned"] = thinned
     return manifest
+
+
+def similarity_to_final(
+    store: "SnapshotStore",
+    measure_options: Mapping[str, Mapping[str, Any]],
+    *,
+    progress: Optional[Callable[[Iterable[str]], Iterable[str]]] = None,
+) -> Dict[str, torch.Tensor]:
+    """Every stored snapshot of each layer against that layer's last snapshot.
+
+    The convergence view of Raghu et al. (2017): ``{measure: (L, S) float64}``, rows the layers
+    in store order, columns the stored steps; the last column is 1 for a finite layer. One layer
+    at a time (memory: one layer's snapshots), one similarity call per layer and measure. PWCCA
+    needs the neurons, so it is NaN for layers stored as Gram factors (``kind="gram_factor"``).
+
+    Args:
+        store: an open store with at least one snapshot.
+        measure_options: ``{measure: options}``, e.g. ``{"linear_cka": {}, "svcca": {"keep": 0.99}}``.
+        progress: wraps the iteration over layers (e.g. a tqdm factory).
+    """
+    steps, layers = store.steps, store.layers
+    values = {m: torch.full((len(layers), len(steps)), float("nan"), dtype=torch.float64) for m in measure_options}
+    for i, name in enumerate(layers if progress is None else progress(layers)):
+        series = [store.get(step, name) for step in steps]
+        for measure, options in measure_options.items():
+            if measure == "pwcca" and store.kinds.get(name) != "features":
+                continue
+            values[measure][i] = similarity_matrix(series, [series[-1]], measure, **options)[:, 0].cpu()
+    return values

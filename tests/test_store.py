@@ -711,3 +711,26 @@ def test_step_file_changed_after_open_is_an_error_on_get(tmp_path):
     (store.path / "step-0000000000.safetensors").write_bytes(data[:-4])
     with pytest.raises(RepSimError, match=r"step-0000000000\.safetensors: \d+ bytes, the manifest says"):
         reader.get(0)
+
+
+def test_similarity_to_final_is_each_snapshot_against_the_last(tmp_path):
+    from lightning_repsim.functional import linear_cka, pwcca
+    from lightning_repsim.store import similarity_to_final
+
+    g = torch.Generator().manual_seed(3)
+    store = SnapshotStore.create(tmp_path / "s", probe_hash="h", n=30)
+    snapshots = []
+    for step in (0, 5, 9):
+        tensors = {"conv": torch.randn(30, 6, generator=g), "wide": torch.randn(30, 30, generator=g)}
+        store.add(step, tensors, {"conv": "features", "wide": "gram_factor"})
+        snapshots.append(tensors)
+    values = similarity_to_final(store, {"linear_cka": {}, "pwcca": {}})
+    assert values["linear_cka"].shape == (2, 3)
+    for t, snap in enumerate(snapshots):
+        for i, name in enumerate(("conv", "wide")):
+            expected = linear_cka(snap[name], snapshots[-1][name]).item()
+            assert values["linear_cka"][i, t].item() == pytest.approx(expected, abs=1e-6)
+        assert values["pwcca"][0, t].item() == pytest.approx(pwcca(snap["conv"], snapshots[-1]["conv"]).item(),
+                                                             abs=1e-6)
+    assert torch.isnan(values["pwcca"][1]).all()  # a Gram factor has no neurons to weight
+    assert values["linear_cka"][:, -1].tolist() == pytest.approx([1.0, 1.0])

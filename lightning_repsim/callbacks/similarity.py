@@ -29,7 +29,7 @@ from lightning_repsim import report
 from lightning_repsim.capture import LayerSelector, Probe, capture
 from lightning_repsim.errors import RepSimError, RepSimValueError, RepSimWarning
 from lightning_repsim.functional.similarity_matrix import gram_spec, resolve_options, similarity_matrix
-from lightning_repsim.store import DEFAULT_MAX_BYTES, SnapshotStore, default_store_dir
+from lightning_repsim.store import DEFAULT_MAX_BYTES, SnapshotStore, default_store_dir, similarity_to_final
 
 ReferenceLike = Union[str, "os.PathLike[str]", nn.Module]
 _KEYWORDS = ("init", "previous", "final")
@@ -472,22 +472,15 @@ class RepresentationSimilarity(Callback):
             self._warn_once("final-too-short", "reference='final' needs at least two snapshots; training was too "
                             "short for a convergence map.")
             return
-        kinds = self._store.kinds
-        values = {m: torch.full((len(self._layer_names), len(steps)), float("nan"), dtype=torch.float64)
-                  for m in self.measures}
-        for i, name in enumerate(tqdm(self._layer_names, desc="repsim: similarity to the final snapshot",
-                                      leave=False, disable=len(steps) * len(self._layer_names) < 200)):
-            series = [self._store.get(step, name) for step in steps]  # one layer at a time bounds memory
-            for measure in self.measures:
-                if measure == "pwcca" and kinds.get(name) != "features":
-                    self._warn_once(f"pwcca-factor:{name}", f"pwcca against the final snapshot is NaN for layer "
-                                    f"{name!r}: it was stored as a Gram factor (p > n), without its neurons.")
-                    continue
-                # every snapshot of this layer against its last one, in one call
-                with warnings.catch_warnings():
-                    warnings.simplefilter("ignore", RepSimWarning)  # NaN layers were reported at capture, by name
-                    values[measure][i] = similarity_matrix(series, [series[-1]], measure,
-                                                           **self.options[measure])[:, 0]
+        for name in self._layer_names:
+            if "pwcca" in self.measures and self._store.kinds.get(name) != "features":
+                self._warn_once(f"pwcca-factor:{name}", f"pwcca against the final snapshot is NaN for layer "
+                                f"{name!r}: it was stored as a Gram factor (p > n), without its neurons.")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RepSimWarning)  # NaN layers were reported by name at capture time
+            values = similarity_to_final(self._store, self.options, progress=lambda layers: tqdm(
+                layers, desc="repsim: similarity to the final snapshot", leave=False,
+                disable=len(steps) * len(layers) < 200))
         folder = self._run_dir / "repsim" / "figures" / "final"
         folder.mkdir(parents=True, exist_ok=True)
         for measure, table in values.items():
