@@ -1164,6 +1164,8 @@ class TensorBoardReporter:
         sustained: bool = True,
         step: Optional[int] = None,
         reference: str = "final snapshot",
+        png_dir: Optional[PathLike] = None,
+        png_stem: str = "",
     ) -> list[Optional[int]]:
         """Log the convergence map, the curves and the summary table under ``prefix``.
 
@@ -1181,6 +1183,8 @@ class TensorBoardReporter:
             sustained: see :func:`convergence_steps`.
             step: global step to log at.
             reference: what the layers are compared with.
+            png_dir: if given, the two images are also saved there as
+                ``{png_stem}convergence_map.png`` and ``{png_stem}curves.png`` (rendered once).
 
         Returns:
             The per-layer convergence steps, as :func:`convergence_steps` returns them.
@@ -1189,19 +1193,17 @@ class TensorBoardReporter:
         step_list = _steps(steps, data.shape[1])
         at = step_list[-1] if step is None else int(step)
         conv = convergence_steps(data, step_list, threshold, sustained=sustained)
-        self.log_figure(
-            f"{prefix}/convergence_map",
-            convergence_map_figure(data, layer_names, step_list, measure=measure,
-                                   reference=reference, threshold=threshold,
-                                   sustained=sustained, dpi=self.dpi),
-            at,
-        )
-        self.log_figure(
-            f"{prefix}/curves",
-            curves_figure(data, layer_names, step_list, measure=measure, threshold=threshold,
-                          reference=reference, dpi=self.dpi),
-            at,
-        )
+        figures = {
+            "convergence_map": convergence_map_figure(data, layer_names, step_list, measure=measure,
+                                                      reference=reference, threshold=threshold,
+                                                      sustained=sustained, dpi=self.dpi),
+            "curves": curves_figure(data, layer_names, step_list, measure=measure, threshold=threshold,
+                                    reference=reference, dpi=self.dpi),
+        }
+        for kind, fig in figures.items():
+            image = self.log_figure(f"{prefix}/{kind}", fig, at)
+            if png_dir is not None:
+                save_image_png(image, Path(png_dir) / f"{png_stem}{kind}.png")
         how = "and stays there until the end" if sustained else "for the first time"
         text = (
             f"**{_md_escape(_measure_label(measure))} to {_md_escape(reference)}**: the step at "

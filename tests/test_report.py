@@ -693,3 +693,19 @@ def test_save_image_png_round_trips(tmp_path):
     image = (np.arange(4 * 5 * 3) % 256).astype(np.uint8).reshape(4, 5, 3)
     path = save_image_png(image, tmp_path / "deep" / "x.png")
     np.testing.assert_array_equal((imread(path)[..., :3] * 255).round().astype(np.uint8), image)
+
+
+def test_log_convergence_saves_the_same_images_as_pngs(tmp_path):
+    from matplotlib.image import imread
+
+    values = np.array([[0.5, 0.96, 1.0], [0.2, 0.6, 1.0]])
+    with SummaryWriter(str(tmp_path / "tb")) as writer:
+        conv = TensorBoardReporter(writer).log_convergence("repsim/rv2/final", values, ["a", "b"], [0, 5, 9],
+                                                           measure="rv2", png_dir=tmp_path / "png", png_stem="rv2__")
+    assert conv == [5, 9]
+    acc = EventAccumulator(str(tmp_path / "tb"), size_guidance={"images": 0})
+    acc.Reload()
+    for kind in ("convergence_map", "curves"):
+        logged = np.array(Image.open(io.BytesIO(acc.Images(f"repsim/rv2/final/{kind}")[0].encoded_image_string)))
+        saved = (imread(tmp_path / "png" / f"rv2__{kind}.png")[..., :3] * 255).round().astype(np.uint8)
+        np.testing.assert_array_equal(saved, logged[..., :3])

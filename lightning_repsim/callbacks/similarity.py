@@ -490,15 +490,16 @@ class RepresentationSimilarity(Callback):
                 for t, step in enumerate(steps):
                     self._tensorboard.log_layer_scalars(prefix, dict(zip(self._layer_names, data[:, t])), step)
                 converged = self._tensorboard.log_convergence(prefix, data, self._layer_names, steps,
-                                                              measure=measure, threshold=self.threshold)
+                                                              measure=measure, threshold=self.threshold,
+                                                              png_dir=folder, png_stem=f"{measure}__")
             else:
                 converged = report.convergence_steps(data, steps, self.threshold)
+                report.save_png(report.convergence_map_figure(data, self._layer_names, steps, measure=measure,
+                                                              threshold=self.threshold),
+                                folder / f"{measure}__convergence_map.png")
+                report.save_png(report.curves_figure(data, self._layer_names, steps, measure=measure,
+                                                     threshold=self.threshold), folder / f"{measure}__curves.png")
             report.write_matrix_csv(folder / f"{measure}__final.csv", data, self._layer_names, steps, corner="layer")
-            report.save_png(report.convergence_map_figure(data, self._layer_names, steps, measure=measure,
-                                                          threshold=self.threshold),
-                            folder / f"{measure}__convergence_map.png")
-            report.save_png(report.curves_figure(data, self._layer_names, steps, measure=measure,
-                                                 threshold=self.threshold), folder / f"{measure}__curves.png")
             table_text = report.summary_table(self._layer_names, converged, final_values=list(data[:, -1]),
                                               fmt="text")
             (folder / f"{measure}__convergence.txt").write_text(table_text + "\n")
