@@ -480,7 +480,7 @@ class RepresentationSimilarity(Callback):
             warnings.simplefilter("ignore", RepSimWarning)  # NaN layers were reported by name at capture time
             values = similarity_to_final(self._store, self.options, progress=lambda layers: tqdm(
                 layers, desc="repsim: similarity to the final snapshot", leave=False,
-                disable=len(steps) * len(layers) < 200))
+                disable=trainer.progress_bar_callback is None or len(steps) * len(layers) < 200))
         folder = self._run_dir / "repsim" / "figures" / "final"
         folder.mkdir(parents=True, exist_ok=True)
         for measure, table in values.items():
