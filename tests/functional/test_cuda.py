@@ -1,0 +1,36 @@
+"""On a GPU: results on CUDA tensors agree with the float64 CPU computation to 1e-5 (TF32 off).
+
+Skipped without CUDA; run it where a GPU is available (``pytest tests/functional/test_cuda.py``).
+"""
+import pytest
+import torch
+
+from lightning_repsim import functional as F
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@pytest.mark.parametrize("measure", F.MEASURES)
+@pytest.mark.parametrize("shape", [(512, 64), (256, 2048)])
+def test_cuda_matches_float64_cpu(measure, shape):
+    g = torch.Generator().manual_seed(0)
+    n, p = shape
+    x = torch.randn(n, p, generator=g) + 3.0
+    layers = {"a": x, "b": torch.tanh(x @ torch.randn(p, 96, generator=g) / p**0.5), "c": x[:, : p // 4] ** 2}
+    torch.backends.cuda.matmul.allow_tf32 = True  # the library must disable it for its own products
+    try:
+        cpu = F.similarity_matrix({k: v.double() for k, v in layers.items()}, measure=measure)
+        gpu = F.similarity_matrix({k: v.cuda() for k, v in layers.items()}, measure=measure)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = False
+    assert gpu.device.type == "cuda" and gpu.dtype == torch.float64
+    torch.testing.assert_close(gpu.cpu(), cpu, atol=1e-5, rtol=0, equal_nan=True)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_cuda_half_precision_is_upcast(dtype):
+    x = torch.randn(300, 40, device="cuda").to(dtype)
+    y = (x.float() @ torch.randn(40, 30, device="cuda")).to(dtype)
+    value = F.linear_cka(x, y)
+    expected = F.linear_cka(x.double().cpu(), y.double().cpu())
+    assert torch.isfinite(value) and abs(value.item() - expected.item()) < 1e-5
