@@ -99,10 +99,15 @@ def exact_float32() -> Iterator[None]:
         torch.set_float32_matmul_precision(precision)
 
 
+# Below this many multiply-adds torch's own GEMM wins: switching to NumPy's BLAS thread pool
+# leaves its threads spinning for milliseconds and starves torch's (10x slower small calls).
+_SYRK_MIN_WORK = 2e8
+
+
 def self_product(x: torch.Tensor) -> torch.Tensor:
-    """``x @ x.T`` in x's dtype. On CPU through NumPy, whose matmul recognises the transposed
-    operand and calls BLAS SYRK: half the flops of the general product torch would run."""
-    if x.device.type == "cpu" and not x.requires_grad:
+    """``x @ x.T`` in x's dtype. Large CPU products go through NumPy, whose matmul recognises the
+    transposed operand and calls BLAS SYRK: half the flops of the general product torch runs."""
+    if x.device.type == "cpu" and not x.requires_grad and x.shape[0] ** 2 * x.shape[1] >= _SYRK_MIN_WORK:
         array = x.contiguous().numpy()
         return torch.from_numpy(array @ array.T)
     with exact_float32():
