@@ -4,8 +4,8 @@ Two workloads:
 
 * the digits demo (examples/digits.py's CNN on sklearn's digits) on CPU, probe "val:256",
   references init + final, measures linear CKA + RV2, 12 epochs;
-* a ResNet-18-like network on CIFAR-shaped random data: on CUDA when one is present (probe 512,
-  batch 256), else a reduced CPU run (width 16, 8 batches of 64 per epoch).
+* the ResNet-18-like network and CIFAR-shaped data of bench_freeze.py: on CUDA when one is present
+  (probe 512 held-out images, batch 256), else a reduced CPU run (width 16, 8 batches of 64 per epoch).
 
 Plain and monitored runs alternate (``--repeats`` each) and the medians are compared. Because wall
 time on a shared machine is noisy, the script also measures the time spent inside the callback's
@@ -26,13 +26,13 @@ from pathlib import Path
 import pytorch_lightning as pl
 import torch
 from pytorch_lightning.loggers import TensorBoardLogger
-from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "examples"))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 from _machine import markdown as machine_markdown  # noqa: E402
+from bench_freeze import Classifier, cifar_like_data  # noqa: E402  (the same ResNet-18 layout and data)
 from digits import DigitsCNN, digits_dataloaders  # noqa: E402
 
 from lightning_repsim import RepresentationSimilarity  # noqa: E402
@@ -57,46 +57,6 @@ class TimedSimilarity(RepresentationSimilarity):
             return super().on_fit_start(trainer, pl_module)
         finally:
             TimedSimilarity.seconds += time.perf_counter() - start
-
-
-def _block(channels_in: int, channels: int, stride: int) -> nn.Module:
-    return nn.Sequential(
-        nn.Conv2d(channels_in, channels, 3, stride, 1, bias=False), nn.BatchNorm2d(channels), nn.ReLU(),
-        nn.Conv2d(channels, channels, 3, 1, 1, bias=False), nn.BatchNorm2d(channels), nn.ReLU())
-
-
-class ResNetLike(pl.LightningModule):
-    """ResNet-18's layout (4 stages x 2 blocks, widths w..8w) without the residual adds."""
-
-    def __init__(self, width: int = 64) -> None:
-        super().__init__()
-        w = width
-        self.stem = nn.Sequential(nn.Conv2d(3, w, 3, 1, 1, bias=False), nn.BatchNorm2d(w), nn.ReLU())
-        stages, c = [], w
-        for i, out in enumerate((w, 2 * w, 4 * w, 8 * w)):
-            stages += [_block(c, out, 1 if i == 0 else 2), _block(out, out, 1)]
-            c = out
-        self.stages = nn.Sequential(*stages)
-        self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(c, 10))
-
-    def forward(self, x):
-        return self.head(self.stages(self.stem(x)))
-
-    def training_step(self, batch, batch_idx):
-        x, y = batch
-        return nn.functional.cross_entropy(self(x), y)
-
-    def validation_step(self, batch, batch_idx):
-        x, y = batch
-        self.log("val_loss", nn.functional.cross_entropy(self(x), y))
-
-    def configure_optimizers(self):
-        return torch.optim.SGD(self.parameters(), lr=0.05, momentum=0.9)
-
-
-def cifar_like(n: int, seed: int) -> TensorDataset:
-    g = torch.Generator().manual_seed(seed)
-    return TensorDataset(torch.randn(n, 3, 32, 32, generator=g), torch.randint(0, 10, (n,), generator=g))
 
 
 def fit_once(workload: dict, monitored: bool, out: Path) -> float:
@@ -138,18 +98,21 @@ def workloads(quick: bool) -> dict:
         "make": lambda: (DigitsCNN(), *digits_dataloaders()), "probe": "val:256", "probe_label": "val:256",
         "epochs": digits_epochs, "accelerator": "cpu", "device": "cpu", "target": 0.10}}
     if torch.cuda.is_available():
-        found["ResNet-18-like, CIFAR-shaped (GPU)"] = {
-            "make": lambda: (ResNetLike(64), DataLoader(cifar_like(50_000 if not quick else 2048, 0), batch_size=256,
-                                                        shuffle=True, num_workers=4, pin_memory=True),
-                             DataLoader(cifar_like(2048, 1), batch_size=512)),
-            "probe": "val:512", "probe_label": "val:512", "epochs": 2 if quick else 3, "accelerator": "gpu",
-            "device": torch.cuda.get_device_name(0), "target": 0.02}
+        resnet = {"width": 64, "n_train": 2048 if quick else 50_000, "batch": 256, "probe": 512,
+                  "epochs": 2 if quick else 3, "accelerator": "gpu", "device": torch.cuda.get_device_name(0),
+                  "target": 0.02, "name": "ResNet-18-like, CIFAR-shaped (GPU)"}
     else:
-        found["ResNet-18-like width 16, CIFAR-shaped (CPU, reduced)"] = {
-            "make": lambda: (ResNetLike(16), DataLoader(cifar_like(512, 0), batch_size=64, shuffle=True),
-                             DataLoader(cifar_like(256, 1), batch_size=128)),
-            "probe": "val:128", "probe_label": "val:128", "epochs": 2 if quick else 4, "accelerator": "cpu",
-            "device": "cpu", "target": None}
+        resnet = {"width": 16, "n_train": 512, "batch": 64, "probe": 128, "epochs": 2 if quick else 4,
+                  "accelerator": "cpu", "device": "cpu", "target": None,
+                  "name": "ResNet-18-like width 16, CIFAR-shaped (CPU, reduced)"}
+    (train_x, train_y), (test_x, _) = cifar_like_data(resnet["n_train"], resnet["probe"])
+    steps_per_epoch = -(-resnet["n_train"] // resnet["batch"])
+    found[resnet["name"]] = {
+        "make": lambda: (Classifier("cifar", resnet["width"], 0.05, resnet["epochs"], steps_per_epoch),
+                         DataLoader(TensorDataset(train_x, train_y), batch_size=resnet["batch"], shuffle=True),
+                         None),
+        "probe": test_x, "probe_label": f"{resnet['probe']} held-out images", "epochs": resnet["epochs"],
+        "accelerator": resnet["accelerator"], "device": resnet["device"], "target": resnet["target"]}
     return found
 
 
