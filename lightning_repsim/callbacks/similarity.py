@@ -181,6 +181,7 @@ class RepresentationSimilarity(Callback):
         self._previous_step: Optional[int] = None
         self._last_logged_step: Optional[int] = None
         self._attempted_step: Optional[int] = None
+        self._unlogged_start: Optional[dict[str, torch.Tensor]] = None
         self._warned: set[str] = set()
         self._resumed = False
         self._frames: dict[tuple, report.HeatmapFrames] = {}
@@ -256,6 +257,7 @@ class RepresentationSimilarity(Callback):
         if trainer.is_global_zero:
             self._open_outputs(trainer, run_dir)
         if not self._resumed:
+            self._unlogged_start = features  # the step-0 snapshot: weights cannot change before on_train_start
             init = self._reference("init")
             if init is not None:
                 init.features = features
@@ -420,7 +422,8 @@ class RepresentationSimilarity(Callback):
 
     def _log_point(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         step = trainer.global_step
-        features = self._capture(pl_module)
+        features = self._unlogged_start if step == 0 and self._unlogged_start is not None else self._capture(pl_module)
+        self._unlogged_start = None
         self._attempted_step = step
         for name, x in features.items():
             if not bool(torch.isfinite(x).all()):
