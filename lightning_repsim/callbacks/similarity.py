@@ -28,12 +28,15 @@ from tqdm.auto import tqdm
 from lightning_repsim import report
 from lightning_repsim.capture import LayerSelector, Probe, capture
 from lightning_repsim.errors import RepSimError, RepSimValueError, RepSimWarning
-from lightning_repsim.functional.similarity_matrix import gram_spec, resolve_options, similarity_matrix
+from lightning_repsim.functional.similarity_matrix import Representations, gram_spec, resolve_options, similarity_matrix
 from lightning_repsim.store import DEFAULT_MAX_BYTES, SnapshotStore, default_store_dir, similarity_to_final
 
 ReferenceLike = Union[str, "os.PathLike[str]", nn.Module]
 _KEYWORDS = ("init", "previous", "final")
 _PROBE_SPEC = re.compile(r"^(val|train):(\d+)$")
+# Each side of a comparison keeps its n x n Grams between measures and logging points (a fixed
+# reference is prepared once for the whole run) within this much memory; past it they are recomputed.
+_GRAM_CACHE_BYTES = 128 << 20
 
 
 @dataclass
@@ -185,6 +188,7 @@ class RepresentationSimilarity(Callback):
         self._warned: set[str] = set()
         self._resumed = False
         self._frames: dict[tuple, report.HeatmapFrames] = {}
+        self._prepared: dict[str, tuple[Mapping[str, torch.Tensor], Representations]] = {}
 
     # ------------------------------------------------------------------ configuration
 
@@ -435,19 +439,33 @@ class RepresentationSimilarity(Callback):
         if trainer.is_global_zero and self._store is not None:
             tensors, kinds = store_tensors(features, len(features[self._layer_names[0]]))
             self._store.add(step, tensors, kinds, overwrite=self._resumed)
+        current = Representations(features, max_cache_bytes=_GRAM_CACHE_BYTES)  # shared by every measure
         for ref in self._references:
             if ref.kind == "final":
                 continue
-            other = self._previous if ref.kind == "previous" else ref.features
+            other = self._prepared_reference(ref, features)
             if other is None:
                 continue
             for measure in self.measures:
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore", RepSimWarning)  # NaN layers were reported above, once
-                    matrix = similarity_matrix(features, _on(other, features), measure, **self.options[measure])
+                    matrix = similarity_matrix(current, other, measure, **self.options[measure])
                 if trainer.is_global_zero:
-                    self._report_matrix(measure, ref.label, matrix, list(other), step)
+                    self._report_matrix(measure, ref.label, matrix, other.names, step)
         self._previous, self._previous_step, self._last_logged_step = features, step, step
+        if self._reference("previous") is not None:
+            self._prepared["previous"] = (features, current)  # its Grams serve the next point's "previous"
+
+    def _prepared_reference(self, ref: _Reference, like: Mapping[str, torch.Tensor]) -> Optional[Representations]:
+        """The reference's layers on the current device, prepared once and reused while they stay the same."""
+        features = self._previous if ref.kind == "previous" else ref.features
+        if features is None:
+            return None
+        cached = self._prepared.get(ref.label)
+        if cached is None or cached[0] is not features:
+            cached = (features, Representations(_on(features, like), max_cache_bytes=_GRAM_CACHE_BYTES))
+            self._prepared[ref.label] = cached
+        return cached[1]
 
     def _report_matrix(self, measure: str, label: str, matrix: torch.Tensor, ref_names: list[str], step: int) -> None:
         names = self._layer_names

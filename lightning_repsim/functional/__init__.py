@@ -9,10 +9,11 @@ from lightning_repsim.functional.cca import canonical_correlations, pwcca, svcca
 from lightning_repsim.functional.cka import cka, linear_cka, minibatch_cka, rbf_cka
 from lightning_repsim.functional.gram import center_gram, gram_linear, gram_rbf, hsic
 from lightning_repsim.functional.rv import rv, rv2
-from lightning_repsim.functional.similarity_matrix import MEASURES, similarity_matrix
+from lightning_repsim.functional.similarity_matrix import MEASURES, Representations, similarity_matrix
 
 __all__ = [
     "MEASURES",
+    "Representations",
     "canonical_correlations",
     "center_gram",
     "cka",

@@ -21,7 +21,7 @@ Grams), or, when features are narrower than the probe, feature space, where
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Mapping, Optional
 
 import torch
@@ -111,6 +111,13 @@ def gram_spec(measure: str, **options: object) -> GramSpec:
 
 
 @dataclass
+class GramBudget:
+    """Bytes of untransformed Grams that may still be cached (shared by a Representations' variants)."""
+
+    bytes_left: int = 0
+
+
+@dataclass
 class PreparedLayers:
     """Per-layer statistics, computed once and shared by every pair."""
 
@@ -119,6 +126,30 @@ class PreparedLayers:
     row_norms: torch.Tensor  # (L, n) float64 squared norms of those rows
     energy: torch.Tensor  # (L,) float64 (||X||_F²)² of the raw input, the scale for "is it zero?"
     problems: dict[str, str]
+    budget: GramBudget = field(default_factory=GramBudget)  # Grams kept for later calls, within this
+    _grams: dict[tuple[str, int], torch.Tensor] = field(default_factory=dict)
+    _self_cross: Optional[torch.Tensor] = None
+
+    def gram(self, i: int, kernel: str) -> tuple[torch.Tensor, bool]:
+        """Layer i's untransformed n x n float64 Gram (squared distances for ``rbf``), and whether it is
+        cached (then the caller must not modify it in place)."""
+        cached = self._grams.get((kernel, i))
+        if cached is not None:
+            return cached, True
+        feature = self.features[i]
+        gram = squared_distances(feature) if kernel == "rbf" else self_product(feature).to(torch.float64)
+        size = gram.numel() * gram.element_size()
+        if size <= self.budget.bytes_left:
+            self._grams[(kernel, i)] = gram
+            self.budget.bytes_left -= size
+            return gram, True
+        return gram, False
+
+    def self_cross(self) -> torch.Tensor:
+        """``||X_iᵀ X_i||_F²`` for every layer (feature space), computed once."""
+        if self._self_cross is None:
+            self._self_cross = torch.stack([_squared_cross_norms([f], [f], True)[0, 0] for f in self.features])
+        return self._self_cross
 
 
 def prepare_layers(names: list[str], mats: list[torch.Tensor], spec: GramSpec, device: torch.device) -> PreparedLayers:
@@ -134,6 +165,59 @@ def prepare_layers(names: list[str], mats: list[torch.Tensor], spec: GramSpec, d
         norms.append(torch.linalg.vector_norm(x, dim=1) ** 2)
         features.append(x.to(dtype))
     return PreparedLayers(names, features, torch.stack(norms), torch.stack(energy), problems)
+
+
+#: Default budget of :class:`Representations` for cached n x n Grams (256 MiB: 128 layers at n = 512).
+DEFAULT_CACHE_BYTES = 256 << 20
+
+
+class Representations:
+    r"""The layers of one network on one probe, with what the measures derive from them kept for reuse.
+
+    :func:`similarity_matrix` accepts it wherever it accepts a list or dict of layers. Every call on
+    the same object then shares the float64 copies, the centred features, their feature-space norms
+    and the untransformed n x n Grams (linear CKA, debiased CKA, RV and RV2 with centring all start
+    from the same centred Gram; RBF CKA from the same distances). Use it when one set of layers meets
+    several measures, or is a fixed reference compared again and again.
+
+    Args:
+        layers: a list of (n, p_i) tensors or a dict name -> tensor, rows are examples.
+        max_cache_bytes: memory for the cached n x n float64 Grams; layers past it are recomputed
+            on every call (``0`` caches no Gram, only the prepared features).
+        name: how unnamed layers are labelled in messages (``name[i]``).
+
+    Example:
+        >>> import torch
+        >>> g = torch.Generator().manual_seed(0)
+        >>> x = torch.randn(64, 300, generator=g)
+        >>> reference = Representations({"a": x, "b": torch.tanh(x)})
+        >>> current = Representations({"a": x + 0.1 * torch.randn(64, 300, generator=g)})
+        >>> cka = similarity_matrix(current, reference, "linear_cka")
+        >>> rv2 = similarity_matrix(current, reference, "rv2")  # reuses both sides' Grams
+        >>> tuple(cka.shape), bool(cka[0, 0] > 0.9)
+        ((1, 2), True)
+    """
+
+    def __init__(self, layers: Layers, max_cache_bytes: int = DEFAULT_CACHE_BYTES, name: str = "layers") -> None:
+        self.names, self.matrices = named_layers(layers, name)
+        self.max_cache_bytes = int(max_cache_bytes)
+        self._budget = GramBudget(self.max_cache_bytes)
+        self._prepared: dict[tuple[bool, torch.device], PreparedLayers] = {}
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def __repr__(self) -> str:
+        return f"Representations({len(self)} layers, n={self.matrices[0].shape[0]})"
+
+    def prepared(self, spec: GramSpec, device: torch.device) -> PreparedLayers:
+        """The layers prepared for ``spec`` (centred or not) on ``device``, computed on first use."""
+        key = (spec.center_features, torch.device(device))
+        if key not in self._prepared:
+            prepared = prepare_layers(self.names, self.matrices, spec, device)
+            prepared.budget = self._budget
+            self._prepared[key] = prepared
+        return self._prepared[key]
 
 
 def _squared_cross_norms(xs: list[torch.Tensor], ys: list[torch.Tensor], symmetric: bool) -> torch.Tensor:
@@ -174,23 +258,22 @@ def _apply_transform(cross: torch.Tensor, rows_x: torch.Tensor, rows_y: torch.Te
     return cross - n / (n - 2) * diagonal_products + sums / ((n - 1) * (n - 2))
 
 
-def transformed_gram(feature: torch.Tensor, spec: GramSpec) -> tuple[torch.Tensor, Optional[str]]:
-    """The layer's transformed n x n Gram in float64, and a reason if it is degenerate."""
-    problem = None
+def transformed_gram(layers: PreparedLayers, i: int, spec: GramSpec) -> tuple[torch.Tensor, Optional[str]]:
+    """Layer i's transformed n x n Gram in float64, and a reason if it is degenerate."""
+    gram, cached = layers.gram(i, spec.kernel)
     if spec.kernel == "rbf":
-        distances = squared_distances(feature)
-        if float(numpy_median(distances)) <= 0:
-            return torch.zeros_like(distances), "its examples are (nearly all) identical: the RBF median distance is 0"
-        gram = rbf_from_distances(distances, spec.sigma)
-    else:
-        gram = self_product(feature).to(torch.float64)
+        if float(numpy_median(gram)) <= 0:
+            return torch.zeros_like(gram), "its examples are (nearly all) identical: the RBF median distance is 0"
+        gram = rbf_from_distances(gram, spec.sigma)
+        cached = False
     if spec.transform == "center":
         gram = center_gram(gram)
     elif spec.transform == "unbiased":
         gram = center_gram(gram, unbiased=True)
     elif spec.transform == "zero_diag":
+        gram = gram.clone() if cached else gram
         gram.fill_diagonal_(0.0)
-    return gram, problem
+    return gram, None
 
 
 def _feature_space_is_cheaper(n: int, widths_x: list[int], widths_y: list[int], symmetric: bool) -> bool:
@@ -237,16 +320,15 @@ def hsic_matrices(
 
 
 def _self_terms(layers: PreparedLayers, spec: GramSpec, n: int) -> torch.Tensor:
-    cross = torch.stack([_squared_cross_norms([f], [f], True)[0, 0] for f in layers.features])
-    return _apply_transform(cross, layers.row_norms, layers.row_norms, n, spec.transform, outer=False)
+    return _apply_transform(layers.self_cross(), layers.row_norms, layers.row_norms, n, spec.transform, outer=False)
 
 
 def _gram_vectors(layers: PreparedLayers, spec: GramSpec, problems: dict[str, str]) -> torch.Tensor:
     """Each layer's transformed Gram, flattened into one row of a preallocated (L, n²) matrix."""
     n = layers.row_norms.shape[1]
     rows = torch.empty(len(layers.names), n * n, dtype=torch.float64, device=layers.row_norms.device)
-    for i, (name, feature) in enumerate(zip(layers.names, layers.features)):
-        gram, problem = transformed_gram(feature, spec)
+    for i, name in enumerate(layers.names):
+        gram, problem = transformed_gram(layers, i, spec)
         if problem and name not in problems:
             problems[name] = problem
         rows[i] = gram.reshape(-1)
@@ -294,7 +376,8 @@ def similarity_matrix(
     same order. ``ys=None`` compares ``xs`` with itself and computes one triangle only.
 
     Args:
-        xs: a list of (n, p_i) tensors, or a dict layer name -> tensor (names appear in warnings).
+        xs: a list of (n, p_i) tensors, a dict layer name -> tensor (names appear in warnings), or
+            :class:`Representations` to reuse its prepared statistics across calls.
         ys: the same for the other side, or None.
         measure: ``linear_cka``, ``debiased_cka``, ``rbf_cka``, ``rv``, ``rv2``, ``svcca`` or ``pwcca``.
         method: ``auto`` (by flop count), ``features`` or ``gram``: the route for the Gram-based measures.
@@ -319,9 +402,11 @@ def similarity_matrix(
         (torch.Size([3, 3]), 1.0)
     """
     options = resolve_options(measure, options)
-    names_x, mats_x = named_layers(xs, "xs")
-    symmetric = ys is None
-    names_y, mats_y = (names_x, mats_x) if symmetric else named_layers(ys, "ys")  # type: ignore[arg-type]
+    reps_x = xs if isinstance(xs, Representations) else Representations(xs, max_cache_bytes=0, name="xs")
+    symmetric = ys is None or ys is xs
+    reps_y = reps_x if symmetric else (
+        ys if isinstance(ys, Representations) else Representations(ys, max_cache_bytes=0, name="ys"))
+    names_x, mats_x, names_y, mats_y = reps_x.names, reps_x.matrices, reps_y.names, reps_y.matrices
     devices = {m.device for m in mats_x + mats_y}
     if len(devices) > 1:
         raise RepSimValueError(f"all representations must be on one device; got {sorted(map(str, devices))}. "
@@ -340,8 +425,8 @@ def similarity_matrix(
     shapes = {name: m.shape for name, m in zip(names_x + names_y, mats_x + mats_y)}
     n = check_examples(shapes, spec.min_examples, spec.measure.replace("_", " ") if spec.transform != "unbiased"
                        else f"{spec.measure} (unbiased HSIC)")
-    prepared_x = prepare_layers(names_x, mats_x, spec, device)
-    prepared_y = None if symmetric else prepare_layers(names_y, mats_y, spec, device)
+    prepared_x = reps_x.prepared(spec, device)
+    prepared_y = None if symmetric else reps_y.prepared(spec, device)
     cross, self_x, self_y, problems = hsic_matrices(prepared_x, prepared_y, spec, n, method)
     other = prepared_x if prepared_y is None else prepared_y
     scale = spec.hsic_scale(n)

@@ -153,3 +153,46 @@ def test_errors():
         F.similarity_matrix(xs + [randn(N, 3, 2)])
     with pytest.raises(RepSimValueError, match="rbf"):
         F.similarity_matrix(xs, measure="rbf_cka", method="features")
+
+
+# --- Representations: statistics prepared once and reused across calls ------------------------------
+
+
+@pytest.mark.parametrize("method", ["auto", "features", "gram"])
+def test_representations_reused_across_measures_equal_fresh_calls(method):
+    """One object meets every case in turn (rv2's zeroed diagonal must not leak into the cached Grams)."""
+    xs, ys = [to_torch(a) for a in _layers(0)], [to_torch(b) for b in _layers(1, widths=(6, 2, 9))]
+    reps_x, reps_y = F.Representations(xs), F.Representations(ys)
+    for measure, options in CASES * 2:
+        if (measure, method) == ("rbf_cka", "features"):
+            continue
+        got = F.similarity_matrix(reps_x, reps_y, measure, method=method, **options)
+        np.testing.assert_allclose(got.numpy(), _cached_loop(measure, options), rtol=0, atol=1e-10,
+                                   err_msg=f"{measure} {options}")
+
+
+def test_representations_compute_each_gram_once(monkeypatch):
+    import sys
+
+    engine = sys.modules["lightning_repsim.functional.similarity_matrix"]  # the function shadows the module
+    calls = []
+    original = engine.self_product
+    monkeypatch.setattr(engine, "self_product", lambda x: calls.append(x.shape) or original(x))
+    xs = F.Representations([to_torch(a) for a in _layers(0)])
+    ys = F.Representations([to_torch(b) for b in _layers(1, widths=(6, 2, 9))])
+    for measure in ("linear_cka", "debiased_cka", "rv2", "rv"):
+        F.similarity_matrix(xs, ys, measure, method="gram")
+    assert len(calls) == 4 + 3  # one centred Gram per layer, shared by all four measures
+    F.similarity_matrix(xs, ys, "rv2", method="gram", center=False)
+    assert len(calls) == 2 * (4 + 3)  # uncentred features are another variant
+
+
+def test_representations_cache_budget_is_respected():
+    layers = [to_torch(a) for a in _layers(0)]
+    gram_bytes = N * N * 8
+    for budget, cached in [(0, 0), (2 * gram_bytes + 1, 2), (10**9, 4)]:
+        reps = F.Representations(layers, max_cache_bytes=budget)
+        F.similarity_matrix(reps, None, "linear_cka", method="gram")
+        F.similarity_matrix(reps, None, "rv2", center=False, method="gram")  # competes for the same budget
+        held = sum(len(p._grams) for p in reps._prepared.values())
+        assert held == min(cached * 2, budget // gram_bytes), (budget, held)
