@@ -66,7 +66,7 @@ from safetensors.torch import save as _safetensors_bytes
 
 import lightning_repsim
 from lightning_repsim.errors import RepSimError, RepSimValueError, RepSimWarning
-from lightning_repsim.functional.similarity_matrix import similarity_matrix
+from lightning_repsim.functional.similarity_matrix import Representations, similarity_matrix
 
 __all__ = [
     "DEFAULT_MAX_BYTES",
@@ -980,9 +980,10 @@ def similarity_to_final(
     steps, layers = store.steps, store.layers
     values = {m: torch.full((len(layers), len(steps)), float("nan"), dtype=torch.float64) for m in measure_options}
     for i, name in enumerate(layers if progress is None else progress(layers)):
-        series = [store.get(step, name) for step in steps]
+        snapshots = [store.get(step, name) for step in steps]
+        series, final = Representations(snapshots), Representations(snapshots[-1:])  # shared by the measures
         for measure, options in measure_options.items():
             if measure == "pwcca" and store.kinds.get(name) != "features":
                 continue
-            values[measure][i] = similarity_matrix(series, [series[-1]], measure, **options)[:, 0].cpu()
+            values[measure][i] = similarity_matrix(series, final, measure, **options)[:, 0].cpu()
     return values
