@@ -9,13 +9,14 @@ training, every stored snapshot against the last one, from the snapshot store on
 from __future__ import annotations
 
 import copy
+import functools
 import os
 import re
 import traceback
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping, Optional, Sequence, Union
+from typing import Any, Callable, Mapping, Optional, Sequence, Union
 
 import pytorch_lightning as pl
 import torch
@@ -26,6 +27,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from lightning_repsim import report
+from lightning_repsim.callbacks._background import Background
 from lightning_repsim.capture import LayerSelector, Probe, capture
 from lightning_repsim.errors import RepSimError, RepSimValueError, RepSimWarning
 from lightning_repsim.functional.similarity_matrix import Representations, gram_spec, resolve_options, similarity_matrix
@@ -112,7 +114,12 @@ class RepresentationSimilarity(Callback):
         store: keep the snapshot store (required for ``"final"``).
         max_store_bytes: disk budget of the store; older snapshots are thinned evenly past it.
         write_files: also write PNG and CSV files per logging point.
-        strict: re-raise exceptions from the monitor instead of warning and carrying on.
+        strict: re-raise exceptions from the monitor instead of warning and carrying on (the work
+            then runs in the training loop, so the exception surfaces at its own step).
+        background: compare, store and draw each snapshot on a worker thread while training goes
+            on (the probe pass itself always runs in the loop, on the weights of its step). The
+            store holds every logged step before a checkpoint is written, and everything is
+            written before ``fit`` returns. ``False`` does the work in the training loop.
 
     Example:
         >>> import torch, pytorch_lightning as pl
@@ -139,6 +146,7 @@ class RepresentationSimilarity(Callback):
         max_store_bytes: int = DEFAULT_MAX_BYTES,
         write_files: bool = True,
         strict: bool = False,
+        background: bool = True,
     ) -> None:
         if isinstance(measures, str):
             measures = (measures,)
@@ -174,6 +182,7 @@ class RepresentationSimilarity(Callback):
         self.max_store_bytes = max_store_bytes
         self.write_files = write_files
         self.strict = strict
+        self.background = background
 
         self._probe: Optional[Probe] = None
         self._layer_names: list[str] = []
@@ -189,6 +198,7 @@ class RepresentationSimilarity(Callback):
         self._resumed = False
         self._frames: dict[tuple, report.HeatmapFrames] = {}
         self._prepared: dict[str, tuple[Mapping[str, torch.Tensor], Representations]] = {}
+        self._worker: Optional[Background] = Background() if background and not strict else None
 
     # ------------------------------------------------------------------ configuration
 
@@ -284,14 +294,28 @@ class RepresentationSimilarity(Callback):
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.global_step not in (self._last_logged_step, self._attempted_step):  # a failed step is not retried
             self._guarded(trainer, pl_module, self._log_point, "the last step")
+        self._finish_background(trainer)
         if any(r.kind == "final" for r in self._references) and trainer.is_global_zero:
             self._guarded(trainer, pl_module, lambda t, m: self._log_final(t), "the final-snapshot comparison")
         if self._tensorboard is not None:
             self._tensorboard.flush()
 
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        self._finish_background(trainer)  # keep every snapshot already taken
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._finish_background(trainer)
+
+    def _finish_background(self, trainer: pl.Trainer) -> None:
+        if self._worker is not None:
+            self._worker.close()
+            self._report_background_failures(trainer)
+
     # ------------------------------------------------------------------ resume
 
     def state_dict(self) -> dict[str, Any]:
+        if self._worker is not None:
+            self._worker.wait_milestones()  # the checkpoint's last_logged_step must be in the store
         init = self._reference("init")
         return {
             "version": 1,
@@ -403,14 +427,23 @@ class RepresentationSimilarity(Callback):
             self._replay(caught)  # warnings issued before the failure (their keys are marked as warned)
             if self.strict:
                 raise
-            rank_zero_warn(f"RepresentationSimilarity failed at {what} (global step {trainer.global_step}) and is "
-                           f"skipping it; training continues. {type(err).__name__}: {err}\n"
-                           f"{traceback.format_exc(limit=3)}", category=RepSimWarning)
-            if self._tensorboard is not None and trainer.is_global_zero:
-                self._tensorboard.log_text("repsim/errors", f"`{type(err).__name__}: {err}` at {what}",
-                                           trainer.global_step)
+            self._report_failure(trainer, f"{what} (global step {trainer.global_step})", err,
+                                 traceback.format_exc(limit=3), trainer.global_step)
         else:
             self._replay(caught)
+        self._report_background_failures(trainer)
+
+    def _report_failure(self, trainer: pl.Trainer, where: str, err: BaseException, trace: str, step: int) -> None:
+        rank_zero_warn(f"RepresentationSimilarity failed at {where} and is skipping it; training continues. "
+                       f"{type(err).__name__}: {err}\n{trace}", category=RepSimWarning)
+        if self._tensorboard is not None and trainer.is_global_zero:
+            self._tensorboard.log_text("repsim/errors", f"`{type(err).__name__}: {err}` at {where}", step)
+
+    def _report_background_failures(self, trainer: pl.Trainer) -> None:
+        if self._worker is None:
+            return
+        for failure in self._worker.failures():
+            self._report_failure(trainer, failure.label, failure.error, failure.traceback, failure.context)
 
     def _replay(self, caught: list[warnings.WarningMessage]) -> None:
         for w in caught:
@@ -436,29 +469,41 @@ class RepresentationSimilarity(Callback):
             elif _is_constant(x):
                 self._warn_once(f"constant:{name}", f"layer {name!r} is constant over the probe at step {step} (a dead "
                                 "layer?): its centred similarities are NaN; training continues.")
-        if trainer.is_global_zero and self._store is not None:
+        if trainer.is_global_zero:  # the other ranks hold the same numbers and write nothing
+            work = functools.partial(self._compare_and_write, features, self._previous, step)
+            if self._worker is None:
+                work(lambda: None)
+            else:
+                self._worker.submit(f"the snapshot of global step {step}", work, context=step)
+        self._previous, self._previous_step, self._last_logged_step = features, step, step
+
+    def _compare_and_write(self, features: dict[str, torch.Tensor], previous: Optional[dict[str, torch.Tensor]],
+                           step: int, stored: Callable[[], None]) -> None:
+        """Store one snapshot (then call ``stored``), compare it with every reference, draw and write the results.
+
+        Runs on the worker thread when ``background``: it reads nothing that the training loop changes.
+        """
+        if self._store is not None:
             tensors, kinds = store_tensors(features, len(features[self._layer_names[0]]))
             self._store.add(step, tensors, kinds, overwrite=self._resumed)
+        stored()
         current = Representations(features, max_cache_bytes=_GRAM_CACHE_BYTES)  # shared by every measure
         for ref in self._references:
             if ref.kind == "final":
                 continue
-            other = self._prepared_reference(ref, features)
+            other = self._prepared_reference(ref, previous if ref.kind == "previous" else ref.features, features)
             if other is None:
                 continue
             for measure in self.measures:
-                with warnings.catch_warnings():
-                    warnings.simplefilter("ignore", RepSimWarning)  # NaN layers were reported above, once
-                    matrix = similarity_matrix(current, other, measure, **self.options[measure])
-                if trainer.is_global_zero:
-                    self._report_matrix(measure, ref.label, matrix, other.names, step)
-        self._previous, self._previous_step, self._last_logged_step = features, step, step
+                # warn=False: NaN layers were reported by name at capture time, once
+                matrix = similarity_matrix(current, other, measure, warn=False, **self.options[measure])
+                self._report_matrix(measure, ref.label, matrix, other.names, step)
         if self._reference("previous") is not None:
             self._prepared["previous"] = (features, current)  # its Grams serve the next point's "previous"
 
-    def _prepared_reference(self, ref: _Reference, like: Mapping[str, torch.Tensor]) -> Optional[Representations]:
+    def _prepared_reference(self, ref: _Reference, features: Optional[Mapping[str, torch.Tensor]],
+                            like: Mapping[str, torch.Tensor]) -> Optional[Representations]:
         """The reference's layers on the current device, prepared once and reused while they stay the same."""
-        features = self._previous if ref.kind == "previous" else ref.features
         if features is None:
             return None
         cached = self._prepared.get(ref.label)

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Mapping, Optional
+from typing import Mapping, Optional, Union
 
 import torch
 
@@ -368,7 +368,8 @@ def cosine(cross: torch.Tensor, self_x: torch.Tensor, self_y: torch.Tensor, dead
 
 
 def similarity_matrix(
-    xs: Layers, ys: Optional[Layers] = None, measure: str = "linear_cka", *, method: str = "auto", **options: object
+    xs: Union[Layers, "Representations"], ys: Union[Layers, "Representations", None] = None, measure: str = "linear_cka", *, method: str = "auto", warn: bool = True,
+    **options: object,
 ) -> torch.Tensor:
     r"""Similarity of every layer in ``xs`` with every layer in ``ys``: a (len(xs), len(ys)) tensor.
 
@@ -382,6 +383,8 @@ def similarity_matrix(
         measure: ``linear_cka``, ``debiased_cka``, ``rbf_cka``, ``rv``, ``rv2``, ``svcca`` or ``pwcca``.
         method: ``auto`` (by flop count), ``features`` or ``gram``: the route for the Gram-based measures.
             Both give the same numbers; the option exists for benchmarks and tests.
+        warn: issue the :class:`RepSimWarning` about degenerate layers (``False`` for callers that
+            report them themselves; the NaN cells are the same).
         **options: the measure's options (``debiased``, ``sigma``, ``center``, ``keep``).
 
     Returns:
@@ -418,7 +421,8 @@ def similarity_matrix(
         n = check_examples(shapes, 2, measure)
         result, problems = _cca.cca_matrix(names_x, mats_x, None if symmetric else (names_y, mats_y), n, measure,
                                            **options)
-        warn_degenerate(problems, measure)
+        if warn:
+            warn_degenerate(problems, measure)
         return result
 
     spec = gram_spec(measure, **options)
@@ -433,7 +437,8 @@ def similarity_matrix(
     dead_x = degenerate_layers(names_x, self_x, _energy_scale(prepared_x, spec, n) * scale, spec, problems)
     dead_y = dead_x if symmetric else degenerate_layers(names_y, self_y, _energy_scale(other, spec, n) * scale, spec,
                                                         problems)
-    warn_degenerate(problems, spec.measure)
+    if warn:
+        warn_degenerate(problems, spec.measure)
     return cosine(cross, self_x, self_y, dead_x, dead_y)
 
 

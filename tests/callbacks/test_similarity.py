@@ -5,6 +5,8 @@ similarity values are recomputed from the snapshot store with :func:`linear_cka`
 """
 import csv
 import math
+import threading
+import time
 import warnings
 from pathlib import Path
 
@@ -426,6 +428,81 @@ def test_resume_continues_store_and_keeps_init(tmp_path):
         # "previous" continues across the resume: step 12 is compared with step 8
         expected = float(linear_cka(store.get(12, layer), store.get(8, layer)))
         assert previous_values[12] == pytest.approx(expected, abs=1e-5)
+
+
+# ----------------------------------------------------------------------------- background worker
+
+
+def _run_with(tmp_path, background, name):
+    torch.manual_seed(0)
+    callback = monitor(reference=["init", "previous", "final"], measures=("linear_cka", "rv2"), background=background,
+                       write_files=True)
+    logger = TensorBoardLogger(str(tmp_path), name=name, version=0)
+    trainer = make_trainer(tmp_path, [callback], logger=logger, max_epochs=2)
+    trainer.fit(Net(), train_loader())
+    return callback, Path(trainer.logger.log_dir)
+
+
+def test_background_work_runs_off_the_training_thread_and_changes_nothing(tmp_path, monkeypatch):
+    threads = []
+    original = RepresentationSimilarity._compare_and_write
+
+    def recording(self, *args, **kwargs):
+        threads.append(threading.current_thread())
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(RepresentationSimilarity, "_compare_and_write", recording)
+    _, async_dir = _run_with(tmp_path, True, "async")
+    assert len(threads) == 3 and threading.main_thread() not in threads
+    threads.clear()
+    _, sync_dir = _run_with(tmp_path, False, "sync")
+    assert threads == [threading.main_thread()] * 3
+
+    a, b = open_store(async_dir / "repsim"), open_store(sync_dir / "repsim")
+    assert a.steps == b.steps == [0, 4, 8]
+    for step in a.steps:
+        for layer in LAYERS:
+            assert torch.equal(a.get(step, layer), b.get(step, layer))
+    events_a, events_b = read_events(async_dir), read_events(sync_dir)
+    tags = sorted(t for t in events_b.Tags()["scalars"] if t.startswith("repsim/"))
+    assert tags == sorted(t for t in events_a.Tags()["scalars"] if t.startswith("repsim/")) and len(tags) == 18
+    for tag in tags:
+        assert scalars(events_a, tag) == pytest.approx(scalars(events_b, tag), abs=1e-12, nan_ok=True), tag
+    for tag in events_b.Tags()["images"]:
+        assert [e.step for e in events_a.Images(tag)] == [e.step for e in events_b.Images(tag)]
+    files = sorted(p.relative_to(sync_dir) for p in (sync_dir / "repsim" / "figures").rglob("*.*"))
+    assert files == sorted(p.relative_to(async_dir) for p in (async_dir / "repsim" / "figures").rglob("*.*"))
+
+
+class _StoreAtCheckpoint(Callback):
+    """Records, whenever a checkpoint is taken, the monitor's last step and what its store holds then."""
+
+    def __init__(self):
+        self.seen = []
+
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint):
+        cb = next(c for c in trainer.callbacks if isinstance(c, RepresentationSimilarity))
+        state = checkpoint["callbacks"][cb.state_key]
+        self.seen.append((state["last_logged_step"], open_store(cb.store_path).steps))
+
+
+def test_checkpoint_waits_until_the_store_holds_the_logged_step(tmp_path, monkeypatch):
+    from lightning_repsim.store import SnapshotStore
+
+    original = SnapshotStore.add
+
+    def slow_add(self, *args, **kwargs):
+        time.sleep(0.3)  # a slow disk: without the wait the checkpoint would run ahead of the store
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(SnapshotStore, "add", slow_add)
+    recorder = _StoreAtCheckpoint()
+    checkpoint = ModelCheckpoint(dirpath=str(tmp_path / "ckpt"), every_n_epochs=1, save_top_k=-1)
+    trainer = make_trainer(tmp_path, [monitor(), checkpoint, recorder], max_epochs=3, enable_checkpointing=True)
+    trainer.fit(Net(), train_loader())
+    assert [last for last, _ in recorder.seen] == [4, 8, 12]
+    for last, steps in recorder.seen:
+        assert steps[-1] == last
 
 
 # ----------------------------------------------------------------------------- DDP
