@@ -709,3 +709,232 @@ def test_log_convergence_saves_the_same_images_as_pngs(tmp_path):
         logged = np.array(Image.open(io.BytesIO(acc.Images(f"repsim/rv2/final/{kind}")[0].encoded_image_string)))
         saved = (imread(tmp_path / "png" / f"rv2__{kind}.png")[..., :3] * 255).round().astype(np.uint8)
         np.testing.assert_array_equal(saved, logged[..., :3])
+
+
+# --------------------------------------------------------------------------- encode once: PNG bytes
+
+
+def _decode(png):
+    with Image.open(io.BytesIO(png)) as image:
+        return np.asarray(image)
+
+
+@pytest.mark.parametrize("shape", [(4, 5, 3), (3, 2), (2, 3, 4), (1, 1, 1), (2, 2, 2)])
+def test_encode_png_is_lossless_and_readable_by_pil_and_matplotlib(shape, tmp_path):
+    from matplotlib.image import imread
+
+    from lightning_repsim.report import encode_png, write_png_bytes
+
+    image = np.random.default_rng(0).integers(0, 256, shape, dtype=np.uint8)
+    png = encode_png(image)
+    assert png[:8] == b"\x89PNG\r\n\x1a\n"
+    decoded = _decode(png)
+    np.testing.assert_array_equal(decoded.reshape(image.shape), image)
+    path = write_png_bytes(png, tmp_path / "sub" / "x.png")
+    assert path.read_bytes() == png and _no_temp_files(path.parent)
+    if image.ndim == 2 or image.shape[2] != 2:  # Matplotlib reads grey+alpha as RGBA
+        read = (imread(path) * 255).round().astype(np.uint8)
+        np.testing.assert_array_equal(read.reshape(image.shape), image)
+
+
+def test_encode_png_of_a_figure_is_small_and_every_level_decodes_the_same():
+    from lightning_repsim.report import encode_png
+
+    image = figure_to_array(heatmap_figure(np.eye(8), _names(8), _names(8), measure="rv"))
+    sizes = {}
+    for level in (0, 1, 3, 6, 9):
+        png = encode_png(image, compress_level=level)
+        np.testing.assert_array_equal(_decode(png), image)
+        sizes[level] = len(png)
+    assert sizes[0] > 5 * sizes[3]  # flat colours deflate well
+    reference = io.BytesIO()
+    Image.fromarray(image).save(reference, format="PNG")  # Pillow's default encoder
+    assert sizes[3] < 1.25 * len(reference.getvalue())
+    noncontiguous = image[:, ::2]
+    np.testing.assert_array_equal(_decode(encode_png(noncontiguous)), noncontiguous)
+
+
+@pytest.mark.parametrize("image, match", [
+    (np.zeros((2, 2, 3)), "uint8"),
+    (np.zeros((2, 2, 5), dtype=np.uint8), r"\(H, W, 1\|2\|3\|4\)"),
+    (np.zeros((0, 2, 3), dtype=np.uint8), "non-empty"),
+    (np.zeros(4, dtype=np.uint8), "shape"),
+])
+def test_encode_png_rejects_what_is_not_an_image(image, match):
+    from lightning_repsim.report import encode_png
+
+    with pytest.raises(RepSimValueError, match=match):
+        encode_png(image)
+
+
+def test_encode_png_rejects_a_bad_level_and_write_png_bytes_rejects_non_png(tmp_path):
+    from lightning_repsim.report import encode_png, write_png_bytes
+
+    with pytest.raises(RepSimValueError, match="compress_level"):
+        encode_png(np.zeros((1, 1, 3), dtype=np.uint8), compress_level=10)
+    with pytest.raises(RepSimValueError, match="Not PNG data"):
+        write_png_bytes(b"GIF89a" + bytes(40), tmp_path / "x.png")
+    assert not (tmp_path / "x.png").exists()
+
+
+def test_log_png_writes_the_given_bytes_as_an_image_event(tmp_path):
+    from lightning_repsim.report import HeatmapFrames, encode_png
+
+    frames = HeatmapFrames(["conv1", "fc"], ["conv1", "fc"], measure="linear_cka")
+    images = [frames.render(np.eye(2) * s) for s in (0.2, 0.9)]
+    pngs = [encode_png(image) for image in images]
+    rgba = np.full((3, 4, 4), 200, dtype=np.uint8)
+    with SummaryWriter(str(tmp_path)) as writer:
+        tb = TensorBoardReporter(writer)
+        for step, png in zip((5, 10), pngs):
+            assert tb.log_png("repsim/linear_cka/init/heatmap", png, step) is None
+        tb.log_png("repsim/a b/rgba", encode_png(rgba), 1)
+    acc = _accumulate(tmp_path)
+    assert sorted(acc.Tags()["images"]) == ["repsim/a_b/rgba", "repsim/linear_cka/init/heatmap"]
+    events = acc.Images("repsim/linear_cka/init/heatmap")
+    assert [e.step for e in events] == [5, 10]
+    for event, png, image in zip(events, pngs, images):
+        assert event.encoded_image_string == png  # stored as given: encoded once
+        assert (event.height, event.width) == image.shape[:2]
+        np.testing.assert_array_equal(_decode(event.encoded_image_string), image)
+    (event,) = acc.Images("repsim/a_b/rgba")
+    assert (event.height, event.width) == (3, 4)
+    np.testing.assert_array_equal(_decode(event.encoded_image_string), rgba)
+
+
+def test_log_png_matches_add_image_and_falls_back_to_it_for_other_writers(tmp_path):
+    from lightning_repsim.report import encode_png
+
+    image = figure_to_array(heatmap_figure(np.eye(3), list("abc"), list("abc"), measure="rv"))
+
+    class DuckWriter:  # e.g. tensorboardX: has add_image but takes its own protobufs
+        def __init__(self):
+            self.calls = []
+
+        def add_image(self, tag, img, global_step=None, dataformats="CHW"):
+            self.calls.append((tag, img, global_step, dataformats))
+
+        add_scalar = add_text = add_image
+
+    duck = DuckWriter()
+    TensorBoardReporter(duck).log_png("repsim/rv/x", encode_png(image), 7)
+    ((tag, logged, step, formats),) = duck.calls
+    assert (tag, step, formats) == ("repsim/rv/x", 7, "HWC")
+    np.testing.assert_array_equal(logged, image)
+    with SummaryWriter(str(tmp_path)) as writer:
+        writer.add_image("via_add_image", image, global_step=1, dataformats="HWC")
+        TensorBoardReporter(writer).log_png("via_log_png", encode_png(image), 1)
+    acc = _accumulate(tmp_path)
+    (a,) = acc.Images("via_add_image")
+    (b,) = acc.Images("via_log_png")
+    assert (a.height, a.width, a.step) == (b.height, b.width, b.step)
+    np.testing.assert_array_equal(_decode(a.encoded_image_string), _decode(b.encoded_image_string))
+    with pytest.raises(RepSimValueError, match="Not PNG data"):
+        TensorBoardReporter(duck).log_png("x", b"not a png", 1)
+
+
+def test_log_convergence_logs_and_saves_the_same_png_bytes(tmp_path):
+    with SummaryWriter(str(tmp_path / "tb")) as writer:
+        TensorBoardReporter(writer).log_convergence("repsim/rv/final", _staircase(), _names(4),
+                                                    [0, 10, 20, 40, 80, 160], measure="rv",
+                                                    png_dir=tmp_path / "png")
+    acc = _accumulate(tmp_path / "tb")
+    for kind in ("convergence_map", "curves"):
+        (event,) = acc.Images(f"repsim/rv/final/{kind}")
+        assert (tmp_path / "png" / f"{kind}.png").read_bytes() == event.encoded_image_string
+
+
+def test_save_png_at_the_figure_dpi_is_the_rendered_figure(tmp_path):
+    def make():
+        return curves_figure(_staircase(), _names(4), [0, 10, 20, 40, 80, 160], measure="rv")
+
+    path = save_png(make(), tmp_path / "c.png")
+    with Image.open(path) as image:  # first draws of the same figure are identical
+        np.testing.assert_array_equal(np.asarray(image.convert("RGB")), figure_to_array(make()))
+
+
+def test_save_png_keeps_a_see_through_background(tmp_path):
+    import matplotlib
+
+    fig = heatmap_figure(np.eye(2), list("ab"), list("ab"), measure="rv")
+    fig.patch.set_alpha(0.0)
+    with Image.open(save_png(fig, tmp_path / "t.png")) as image:  # through savefig: RGBA
+        assert image.mode == "RGBA" and image.getpixel((0, 0))[3] == 0
+    fig = heatmap_figure(np.eye(2), list("ab"), list("ab"), measure="rv")
+    with matplotlib.rc_context({"savefig.facecolor": "red"}):
+        with Image.open(save_png(fig, tmp_path / "r.png")) as image:
+            assert image.convert("RGB").getpixel((0, 0)) == (255, 0, 0)
+
+
+def test_atomic_writes_do_not_fsync(tmp_path, monkeypatch):
+    # Derived files only need the atomic rename; fsync cost milliseconds per file per step.
+    def no_fsync(fd):
+        raise AssertionError("fsync called")
+
+    monkeypatch.setattr(os, "fsync", no_fsync)
+    write_matrix_csv(tmp_path / "m.csv", [[1.0]], ["a"], ["a"])
+    write_json(tmp_path / "r.json", {"a": 1})
+    save_png(heatmap_figure(np.eye(2), list("ab"), list("ab"), measure="rv"), tmp_path / "h.png")
+    assert _no_temp_files(tmp_path)
+
+
+# --------------------------------------------------------------------------- layout
+
+
+def _layout_cases():
+    rng = np.random.default_rng(0)
+    long = [f"model.encoder.layers.{i}.self_attention.out_proj" for i in range(20)]
+    steps40 = [0] + [int(1.3 ** k) for k in range(5, 44)]
+    return {
+        "heatmap 1x1": lambda: heatmap_figure(np.ones((1, 1)), ["a"], ["b"], measure="rv"),
+        "heatmap titles, rv2": lambda: heatmap_figure(
+            rng.uniform(-0.3, 1, (3, 5)), ["conv1", "conv2", "fc"], list("abcde"), measure="rv2",
+            title="A quite long title for a small heatmap here", row_title="run A", col_title="run B"),
+        "heatmap long labels, NaN": lambda: heatmap_figure(
+            np.where(np.eye(20) > 0, np.nan, 0.5), long, long, measure="debiased_cka", title="t"),
+        "map 20x40 titled": lambda: convergence_map_figure(
+            rng.uniform(0, 1, (20, 40)), long, steps40, measure="rv2", threshold=0.9, title="title"),
+        "map 3x2": lambda: convergence_map_figure(rng.uniform(0, 1, (3, 2)), list("abc"), [0, 10],
+                                                  measure="rv"),
+        "curves 20 layers, log": lambda: curves_figure(
+            rng.uniform(0, 1, (20, 40)), long, steps40, measure="linear_cka", threshold=0.95,
+            title="curves"),
+        "curves legend": lambda: curves_figure(
+            rng.uniform(0, 1, (3, 5)), ["conv1", "a_really_long_layer_name.with.dots.x", "fc"],
+            [0, 1, 2, 3, 100000], measure="rv2", threshold=0.9),
+    }
+
+
+@pytest.mark.parametrize("case", list(_layout_cases()))
+@pytest.mark.parametrize("dpi", [None, 200])
+def test_layout_keeps_everything_inside_the_figure_and_apart(case, dpi, tmp_path):
+    fig = _layout_cases()[case]()
+    size = tuple(fig.get_size_inches())
+    with Image.open(save_png(fig, tmp_path / "f.png", dpi=dpi)) as image:
+        expected = [v * (dpi or fig.dpi) for v in size]  # the layout never resizes the figure
+        assert all(abs(got - want) <= 1 for got, want in zip(image.size, expected))
+    if dpi is not None:  # the layout runs at draw time, for the dpi drawn at: measure at that one
+        fig.set_dpi(dpi)
+        figure_to_array(fig)
+    renderer = fig.canvas.get_renderer()
+    width, height = fig.canvas.get_width_height()
+    tight = fig.get_tightbbox(renderer).transformed(fig.dpi_scale_trans)
+    assert tight.x0 >= 0 and tight.y0 >= 0 and tight.x1 <= width and tight.y1 <= height
+    ax = fig.axes[0]
+    assert ax.bbox.width > 0.5 * width and ax.bbox.height > 0.5 * height  # the data gets the room
+    if len(fig.axes) > 1:  # the colour bar: right of the axes' decorations, as tall as the axes
+        cax = fig.axes[1]
+        assert ax.get_tightbbox(renderer, for_layout_only=True).x1 < cax.get_tightbbox(renderer).x0
+        assert cax.get_position(original=True).y0 == pytest.approx(ax.get_position().y0)
+        assert cax.get_position(original=True).y1 == pytest.approx(ax.get_position().y1)
+
+
+def test_layout_adapts_to_changes_made_after_the_figure_is_built():
+    fig = heatmap_figure(np.eye(3), list("abc"), list("abc"), measure="rv")
+    figure_to_array(fig)
+    top = fig.axes[0].get_position().y1
+    fig.axes[0].set_title("a title added later\non two lines")
+    figure_to_array(fig)
+    assert fig.axes[0].get_position().y1 < top
+    renderer = fig.canvas.get_renderer()
+    assert fig.get_tightbbox(renderer).transformed(fig.dpi_scale_trans).y1 <= fig.bbox.height

@@ -519,16 +519,15 @@ class RepresentationSimilarity(Callback):
         if key not in self._frames:  # labels and colour bar are drawn once; each step repaints the cells
             self._frames[key] = report.HeatmapFrames(names, ref_names, measure=measure, title=f"{measure} vs {label}",
                                                      row_title="layers", col_title=label)
-        image = self._frames[key].render(values)
+        png = report.encode_png(self._frames[key].render(values))  # once, for TensorBoard and the file
         if self._tensorboard is not None:
             prefix = f"repsim/{measure}/{label}"
-            self._tensorboard.writer.add_image(report.make_tag(f"{prefix}/heatmap"), image, global_step=step,
-                                               dataformats="HWC")
+            self._tensorboard.log_png(f"{prefix}/heatmap", png, step)
             self._tensorboard.log_layer_scalars(prefix, _matched_diagonal(values, names, ref_names), step)
         if self.write_files and self._run_dir is not None:
             folder = self._run_dir / "repsim" / "figures" / f"step-{step:08d}"
             report.write_matrix_csv(folder / f"{measure}__{label}.csv", values, names, ref_names)
-            report.save_image_png(image, folder / f"{measure}__{label}.png")
+            report.write_png_bytes(png, folder / f"{measure}__{label}.png")
 
     def _log_final(self, trainer: pl.Trainer) -> None:
         """Every stored snapshot of every layer against the last snapshot (Raghu et al. 2017)."""
