@@ -44,9 +44,11 @@ class Background:
     submitted step, not the figures).
     """
 
-    def __init__(self, max_pending: int = 2, name: str = "repsim") -> None:
+    def __init__(self, max_pending: int = 2, name: str = "repsim",
+                 initializer: Optional[Callable[[], None]] = None) -> None:
         self.max_pending = max_pending
         self.name = name
+        self.initializer = initializer  # run once in the worker thread when it starts
         self._executor: Optional[ThreadPoolExecutor] = None
         self._jobs: deque[_Job] = deque()
         self._failures: list[Failure] = []
@@ -56,7 +58,8 @@ class Background:
         ``context`` come back with a failure."""
         self._reap(block_while=self.max_pending)
         if self._executor is None:
-            self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=self.name)
+            self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=self.name,
+                                                initializer=self.initializer)
         milestone = threading.Event()
         self._jobs.append(_Job(label, self._executor.submit(self._run, label, context, work, milestone), milestone))
 

@@ -119,7 +119,9 @@ class RepresentationSimilarity(Callback):
         background: compare, store and draw each snapshot on a worker thread while training goes
             on (the probe pass itself always runs in the loop, on the weights of its step). The
             store holds every logged step before a checkpoint is written, and everything is
-            written before ``fit`` returns. ``False`` does the work in the training loop.
+            written before ``fit`` returns. ``None`` (default): on when the model trains on an
+            accelerator, where the host is mostly waiting; off on CPU, where training already
+            keeps every core busy and a worker would only compete with it.
 
     Example:
         >>> import torch, pytorch_lightning as pl
@@ -146,7 +148,7 @@ class RepresentationSimilarity(Callback):
         max_store_bytes: int = DEFAULT_MAX_BYTES,
         write_files: bool = True,
         strict: bool = False,
-        background: bool = True,
+        background: Optional[bool] = None,
     ) -> None:
         if isinstance(measures, str):
             measures = (measures,)
@@ -198,7 +200,7 @@ class RepresentationSimilarity(Callback):
         self._resumed = False
         self._frames: dict[tuple, report.HeatmapFrames] = {}
         self._prepared: dict[str, tuple[Mapping[str, torch.Tensor], Representations]] = {}
-        self._worker: Optional[Background] = Background() if background and not strict else None
+        self._worker: Optional[Background] = None
 
     # ------------------------------------------------------------------ configuration
 
@@ -254,6 +256,8 @@ class RepresentationSimilarity(Callback):
                                    f"sharded strategies ({strategy}); use 'ddp' or 'ddp_spawn'.")
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        background = self.background if self.background is not None else pl_module.device.type != "cpu"
+        self._worker = Background(initializer=_one_cpu_thread) if background and not self.strict else None
         self._probe = self._materialise_probe(trainer)
         n = len(self._probe)
         needs_four = [m for m in self.measures if m != "svcca" and m != "pwcca"
@@ -570,6 +574,14 @@ class RepresentationSimilarity(Callback):
             (folder / f"{measure}__convergence.txt").write_text(table_text + "\n")
             rank_zero_info(f"{measure}: step at which each layer reaches {self.threshold:.0%} of its similarity to "
                            f"the final snapshot\n{table_text}")
+
+
+def _one_cpu_thread() -> None:
+    """The worker's torch ops run on one CPU thread (a per-thread setting: training keeps its own).
+
+    Two OpenMP teams on the same cores, the training loop's and the worker's, spin-wait against
+    each other and slow both down several times over."""
+    torch.set_num_threads(1)
 
 
 def _is_constant(x: torch.Tensor) -> bool:

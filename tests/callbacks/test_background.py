@@ -91,3 +91,14 @@ def test_drain_returns_only_when_everything_ran(max_pending):
     worker.drain()
     assert out == [0, 1, 2, 3, 4]
     worker.close()
+
+
+def test_initializer_runs_in_the_worker_thread_only():
+    import torch
+
+    before = torch.get_num_threads()
+    worker = Background(initializer=lambda: torch.set_num_threads(1))
+    seen = []
+    worker.submit("a", lambda done: seen.append(torch.get_num_threads()))
+    worker.close()
+    assert seen == [1] and torch.get_num_threads() == before

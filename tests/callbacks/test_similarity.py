@@ -457,6 +457,9 @@ def test_background_work_runs_off_the_training_thread_and_changes_nothing(tmp_pa
     threads.clear()
     _, sync_dir = _run_with(tmp_path, False, "sync")
     assert threads == [threading.main_thread()] * 3
+    threads.clear()
+    _run_with(tmp_path, None, "default")
+    assert threads == [threading.main_thread()] * 3  # the default on CPU: training already uses every core
 
     a, b = open_store(async_dir / "repsim"), open_store(sync_dir / "repsim")
     assert a.steps == b.steps == [0, 4, 8]
@@ -498,7 +501,8 @@ def test_checkpoint_waits_until_the_store_holds_the_logged_step(tmp_path, monkey
     monkeypatch.setattr(SnapshotStore, "add", slow_add)
     recorder = _StoreAtCheckpoint()
     checkpoint = ModelCheckpoint(dirpath=str(tmp_path / "ckpt"), every_n_epochs=1, save_top_k=-1)
-    trainer = make_trainer(tmp_path, [monitor(), checkpoint, recorder], max_epochs=3, enable_checkpointing=True)
+    trainer = make_trainer(tmp_path, [monitor(background=True), checkpoint, recorder], max_epochs=3,
+                           enable_checkpointing=True)
     trainer.fit(Net(), train_loader())
     assert [last for last, _ in recorder.seen] == [4, 8, 12]
     for last, steps in recorder.seen:
