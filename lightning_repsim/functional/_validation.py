@@ -7,7 +7,7 @@ from __future__ import annotations
 import contextlib
 import math
 import warnings
-from typing import Iterator, Mapping, Sequence, Union
+from typing import Iterator, Mapping, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -104,14 +104,24 @@ def exact_float32() -> Iterator[None]:
 _SYRK_MIN_WORK = 2e8
 
 
-def self_product(x: torch.Tensor) -> torch.Tensor:
+def self_product(x: torch.Tensor, out: Optional[torch.Tensor] = None) -> torch.Tensor:
     """``x @ x.T`` in x's dtype. Large CPU products go through NumPy, whose matmul recognises the
-    transposed operand and calls BLAS SYRK: half the flops of the general product torch runs."""
-    if x.device.type == "cpu" and not x.requires_grad and x.shape[0] ** 2 * x.shape[1] >= _SYRK_MIN_WORK:
+    transposed operand and calls BLAS SYRK: half the flops of the general product torch runs.
+
+    ``out``: a contiguous CPU tensor of x's dtype to write the product into (returned). With it the
+    product always goes through NumPy: callers that pass it (the CPU Gram route) run only NumPy
+    kernels, so there are no torch threads to starve.
+    """
+    cpu = x.device.type == "cpu" and not x.requires_grad
+    if cpu and (out is not None or x.shape[0] ** 2 * x.shape[1] >= _SYRK_MIN_WORK):
         array = x.contiguous().numpy()
-        return torch.from_numpy(array @ array.T)
+        if out is None:
+            return torch.from_numpy(array @ array.T)
+        np.matmul(array, array.T, out=out.numpy())
+        return out
     with exact_float32():
-        return x @ x.T
+        product = x @ x.T
+    return product if out is None else out.copy_(product)
 
 
 def finite_or_zero(x: torch.Tensor) -> tuple[torch.Tensor, bool]:

@@ -21,9 +21,10 @@ Grams), or, when features are narrower than the probe, feature space, where
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Mapping, Optional, Union
 
+import numpy as np
 import torch
 
 from lightning_repsim.errors import RepSimValueError
@@ -117,33 +118,164 @@ class GramBudget:
     bytes_left: int = 0
 
 
-@dataclass
+def _quiet() -> np.errstate:
+    """Overflow and NaN in NumPy's float64 work are reported once, as degenerate layers, not as RuntimeWarnings."""
+    return np.errstate(over="ignore", invalid="ignore", divide="ignore")
+
+
 class PreparedLayers:
-    """Per-layer statistics, computed once and shared by every pair."""
+    """Per-layer statistics, computed on first use and then shared by every pair and every call.
 
-    names: list[str]
-    features: list[torch.Tensor]  # (n, p_i) in the GEMM dtype, centred when the spec says so
-    row_norms: torch.Tensor  # (L, n) float64 squared norms of those rows
-    energy: torch.Tensor  # (L,) float64 (||X||_F²)² of the raw input, the scale for "is it zero?"
-    problems: dict[str, str]
-    budget: GramBudget = field(default_factory=GramBudget)  # Grams kept for later calls, within this
-    _grams: dict[tuple[str, int], torch.Tensor] = field(default_factory=dict)
-    _self_cross: Optional[torch.Tensor] = None
+    ``features[i]`` is layer i in float64 (the GEMM dtype on accelerators), centred when the spec
+    says so; ``row_norms`` (L, n) the squared norms of its rows; ``energy`` (L,) ``(||X||_F²)²`` of the
+    raw input, the scale for "is it zero?". On CPU the Gram route asks for none of the features: it
+    centres each layer in one scratch buffer, forms its Gram there and reads the rows' norms off the
+    Gram's diagonal, so no float64 copy of the stack is made (nor its pages faulted in) unless the
+    feature route or RBF needs it.
+    """
 
-    def gram(self, i: int, kernel: str) -> tuple[torch.Tensor, bool]:
+    def __init__(self, names: list[str], sources: list[torch.Tensor], center: bool, device: torch.device) -> None:
+        self.names, self.sources, self.center = names, sources, center
+        self.device = torch.device(device)
+        self.n = sources[0].shape[0]
+        self.widths = [int(m.shape[1]) for m in sources]
+        self.problems: dict[str, str] = {}
+        self.budget = GramBudget()  # Grams kept for later calls, within this
+        self._features: list[Optional[torch.Tensor]] = [None] * len(names)
+        self._row_norms = torch.zeros(len(names), self.n, dtype=torch.float64, device=self.device)
+        self._energy = torch.zeros(len(names), dtype=torch.float64, device=self.device)
+        self._known = [False] * len(names)  # row norms and energy of layer i filled in
+        self._grams: dict[tuple[str, int], torch.Tensor] = {}
+        self._self_cross: Optional[torch.Tensor] = None
+
+    def feature(self, i: int) -> torch.Tensor:
+        """Layer i's prepared features (kept once computed)."""
+        if self._features[i] is None:
+            if self.device.type == "cpu":
+                for _ in range(2):  # a second time, zeroed, if the input turns out to hold NaN or Inf
+                    with _quiet():
+                        x, extra = self._centred_cpu(i)
+                        norms = np.einsum("ij,ij->i", x, x)
+                    if self._record(i, norms, float(norms.sum()) + extra):
+                        break
+                self._features[i] = torch.from_numpy(x)
+            else:
+                self._features[i] = self._prepare_torch(i)
+        return self._features[i]
+
+    @property
+    def features(self) -> list[torch.Tensor]:
+        return [self.feature(i) for i in range(len(self.names))]
+
+    @property
+    def row_norms(self) -> torch.Tensor:
+        self._ensure_known()
+        return self._row_norms
+
+    @property
+    def energy(self) -> torch.Tensor:
+        self._ensure_known()
+        return self._energy
+
+    def _ensure_known(self) -> None:
+        for i, known in enumerate(self._known):
+            if not known:
+                self.feature(i)
+
+    def _prepare_torch(self, i: int) -> torch.Tensor:
+        x, bad = finite_or_zero(self.sources[i].to(device=self.device, dtype=torch.float64))
+        if bad:
+            self.problems[self.names[i]] = "it contains NaN or Inf"
+        self._energy[i] = torch.linalg.vector_norm(x) ** 4
+        if self.center:
+            x = x - x.mean(0, keepdim=True)
+        self._row_norms[i] = torch.linalg.vector_norm(x, dim=1) ** 2
+        self._known[i] = True
+        return x.to(gemm_dtype(self.device))
+
+    def _raw_cpu(self, i: int) -> np.ndarray:
+        mat = self.sources[i].detach().to("cpu")
+        if mat.dtype not in (torch.float16, torch.float32, torch.float64):
+            mat = mat.to(torch.float64)
+        raw = mat.numpy()
+        if self.names[i] in self.problems:  # found to hold NaN or Inf: zeroed, as on every device
+            raw = np.nan_to_num(raw, nan=0.0, posinf=0.0, neginf=0.0)
+        return raw
+
+    def _centred_cpu(self, i: int, scratch: Optional[np.ndarray] = None) -> tuple[np.ndarray, float]:
+        """(layer i in float64, centred if asked, in ``scratch`` when given; n ||mean||²).
+
+        ``||raw||² = ||centred||² + n ||mean||²`` exactly, both sums of squares: the energy needs no
+        pass of its own.
+        """
+        raw = self._raw_cpu(i)
+        n, p = raw.shape
+        if scratch is None and not self.center:
+            return np.ascontiguousarray(raw, dtype=np.float64), 0.0
+        x = np.empty((n, p)) if scratch is None else scratch[: n * p].reshape(n, p)
+        np.copyto(x, raw)
+        if not self.center:
+            return x, 0.0
+        mean = x.mean(0)
+        x -= mean
+        return x, n * float(np.dot(mean, mean))
+
+    def _record(self, i: int, norms: np.ndarray, squares: float) -> bool:
+        """Store layer i's row norms and energy; False (and the layer marked) if its input is not finite."""
+        if not math.isfinite(squares) and self.names[i] not in self.problems:
+            if not bool(np.isfinite(self._raw_cpu(i)).all()):
+                self.problems[self.names[i]] = "it contains NaN or Inf"
+                return False
+        self._row_norms[i] = torch.from_numpy(norms)
+        self._energy[i] = squares * squares
+        self._known[i] = True
+        return True
+
+    def gram(self, i: int, kernel: str, out: Optional[torch.Tensor] = None,
+             scratch: Optional[np.ndarray] = None) -> tuple[torch.Tensor, bool]:
         """Layer i's untransformed n x n float64 Gram (squared distances for ``rbf``), and whether it is
-        cached (then the caller must not modify it in place)."""
+        cached (then the caller must not modify it in place).
+
+        ``out`` (CPU, float64, n x n, contiguous): the Gram is written there and ``out`` is returned,
+        never cached itself (a cached copy is kept when the budget allows), so the caller may modify it.
+        ``scratch`` (CPU, float64, at least n p_i): where a linear layer whose features were never asked
+        for is centred on its way to the Gram, instead of a new float64 copy.
+        """
         cached = self._grams.get((kernel, i))
         if cached is not None:
-            return cached, True
-        feature = self.features[i]
-        gram = squared_distances(feature) if kernel == "rbf" else self_product(feature).to(torch.float64)
+            if out is None:
+                return cached, True
+            out.copy_(cached)
+            return out, False
+        if kernel == "rbf":
+            gram = squared_distances(self.feature(i))
+            if out is not None:
+                gram = out.copy_(gram)
+        elif out is not None and scratch is not None and self._features[i] is None:
+            gram = self._streamed_gram(i, out, scratch)
+        elif out is not None:
+            gram = self_product(self.feature(i), out=out)
+        else:
+            gram = self_product(self.feature(i)).to(torch.float64)
         size = gram.numel() * gram.element_size()
         if size <= self.budget.bytes_left:
-            self._grams[(kernel, i)] = gram
+            self._grams[(kernel, i)] = gram if out is None else gram.clone()
             self.budget.bytes_left -= size
-            return gram, True
+            return gram, out is None
         return gram, False
+
+    def _streamed_gram(self, i: int, out: torch.Tensor, scratch: np.ndarray) -> torch.Tensor:
+        with _quiet():
+            x, extra = self._centred_cpu(i, scratch)
+            self_product(torch.from_numpy(x), out=out)
+            if not self._known[i]:
+                norms = out.numpy().diagonal().copy()
+                if not self._record(i, norms, float(norms.sum()) + extra):  # NaN or Inf: again, zeroed
+                    x, extra = self._centred_cpu(i, scratch)
+                    np.matmul(x, x.T, out=out.numpy())
+                    norms = out.numpy().diagonal().copy()
+                    self._record(i, norms, float(norms.sum()) + extra)
+        return out
 
     def self_cross(self) -> torch.Tensor:
         """``||X_iᵀ X_i||_F²`` for every layer (feature space), computed once."""
@@ -153,18 +285,8 @@ class PreparedLayers:
 
 
 def prepare_layers(names: list[str], mats: list[torch.Tensor], spec: GramSpec, device: torch.device) -> PreparedLayers:
-    dtype = gemm_dtype(device)
-    features, norms, energy, problems = [], [], [], {}
-    for name, mat in zip(names, mats):
-        x, bad = finite_or_zero(mat.to(device=device, dtype=torch.float64))
-        if bad:
-            problems[name] = "it contains NaN or Inf"
-        energy.append(torch.linalg.vector_norm(x) ** 4)
-        if spec.center_features:
-            x = x - x.mean(0, keepdim=True)
-        norms.append(torch.linalg.vector_norm(x, dim=1) ** 2)
-        features.append(x.to(dtype))
-    return PreparedLayers(names, features, torch.stack(norms), torch.stack(energy), problems)
+    """The layers' :class:`PreparedLayers` for ``spec`` on ``device``: nothing is computed until asked for."""
+    return PreparedLayers(names, mats, spec.center_features, device)
 
 
 #: Default budget of :class:`Representations` for cached n x n Grams (256 MiB: 128 layers at n = 512).
@@ -292,11 +414,10 @@ def hsic_matrices(
     """
     symmetric = y is None
     y = x if y is None else y
-    problems = {**x.problems, **y.problems}
+    problems: dict[str, str] = {}  # RBF's degenerate layers; NaN/Inf inputs are in x.problems, y.problems
     if method == "auto":
         method = "gram" if spec.kernel == "rbf" else (
-            "features" if _feature_space_is_cheaper(
-                n, [f.shape[1] for f in x.features], [f.shape[1] for f in y.features], symmetric) else "gram")
+            "features" if _feature_space_is_cheaper(n, x.widths, y.widths, symmetric) else "gram")
     if method == "features":
         if spec.kernel == "rbf":
             raise RepSimValueError("rbf_cka has no feature-space form; use method='gram' or 'auto'.")
@@ -307,6 +428,8 @@ def hsic_matrices(
         else:
             self_x = _self_terms(x, spec, n)
             self_y = _self_terms(y, spec, n)
+    elif method == "gram" and x.device.type == "cpu":
+        cross, self_x, self_y = _gram_route_cpu(x, None if symmetric else y, spec, n, problems)
     elif method == "gram":
         vectors_x = _gram_vectors(x, spec, problems)
         vectors_y = vectors_x if symmetric else _gram_vectors(y, spec, problems)
@@ -316,7 +439,9 @@ def hsic_matrices(
     else:
         raise RepSimValueError(f"method must be 'auto', 'features' or 'gram'; got {method!r}.")
     scale = spec.hsic_scale(n)
-    return cross * scale, self_x * scale, self_y * scale, problems
+    found = {**x.problems, **y.problems}
+    found.update((name, why) for name, why in problems.items() if name not in found)
+    return cross * scale, self_x * scale, self_y * scale, found
 
 
 def _self_terms(layers: PreparedLayers, spec: GramSpec, n: int) -> torch.Tensor:
@@ -325,8 +450,8 @@ def _self_terms(layers: PreparedLayers, spec: GramSpec, n: int) -> torch.Tensor:
 
 def _gram_vectors(layers: PreparedLayers, spec: GramSpec, problems: dict[str, str]) -> torch.Tensor:
     """Each layer's transformed Gram, flattened into one row of a preallocated (L, n²) matrix."""
-    n = layers.row_norms.shape[1]
-    rows = torch.empty(len(layers.names), n * n, dtype=torch.float64, device=layers.row_norms.device)
+    n = layers.n
+    rows = torch.empty(len(layers.names), n * n, dtype=torch.float64, device=layers.device)
     for i, name in enumerate(layers.names):
         gram, problem = transformed_gram(layers, i, spec)
         if problem and name not in problems:
@@ -334,6 +459,73 @@ def _gram_vectors(layers: PreparedLayers, spec: GramSpec, problems: dict[str, st
         rows[i] = gram.reshape(-1)
         del gram
     return rows
+
+
+def _gram_route_cpu(x: PreparedLayers, y: Optional[PreparedLayers], spec: GramSpec, n: int,
+                    problems: dict[str, str]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The Gram route on CPU, all in NumPy (SYRK for every Gram and for the L x L product).
+
+    For linear kernels nothing n x n is centred: the diagonal of each Gram is zeroed in place and the
+    U-centring enters through Song et al.'s eq. (5),
+    ``<U(K), U(L)> = <K~, L~> + (1'K~1)(1'L~1)/((n-1)(n-2)) - 2/(n-2) (K~1)'(L~1)``,
+    an identity for any symmetric K and L, so only the row sums of each zero-diagonal Gram are needed.
+    """
+    with _quiet():
+        return _gram_route_cpu_inner(x, y, spec, n, problems)
+
+
+def _gram_route_cpu_inner(x: PreparedLayers, y: Optional[PreparedLayers], spec: GramSpec, n: int,
+                          problems: dict[str, str]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    vectors_x, sums_x, self_x = _gram_rows_cpu(x, spec, problems, want_self=y is not None)
+    if y is None:
+        cross = vectors_x @ vectors_x.T
+        sums_y = sums_x
+    else:
+        vectors_y, sums_y, self_y = _gram_rows_cpu(y, spec, problems, want_self=True)
+        cross = vectors_x @ vectors_y.T
+        del vectors_y
+    del vectors_x
+    if sums_x is not None:
+        total_x, total_y = sums_x.sum(1), sums_y.sum(1)
+        cross += np.outer(total_x, total_y) / ((n - 1) * (n - 2)) - 2.0 / (n - 2) * (sums_x @ sums_y.T)
+        if y is not None:
+            self_x += total_x**2 / ((n - 1) * (n - 2)) - 2.0 / (n - 2) * np.einsum("ij,ij->i", sums_x, sums_x)
+            self_y += total_y**2 / ((n - 1) * (n - 2)) - 2.0 / (n - 2) * np.einsum("ij,ij->i", sums_y, sums_y)
+    if y is None:
+        self_x = self_y = cross.diagonal().copy()
+    return torch.from_numpy(cross), torch.from_numpy(self_x), torch.from_numpy(self_y)
+
+
+def _gram_rows_cpu(layers: PreparedLayers, spec: GramSpec, problems: dict[str, str], want_self: bool
+                   ) -> tuple[np.ndarray, Optional[np.ndarray], Optional[np.ndarray]]:
+    """(L, n²) float64 rows, each a layer's Gram written in place by SYRK (diagonal zeroed for RV2 and
+    debiased CKA), transformed in full for RBF; (L, n) row sums of the zero-diagonal linear Grams when
+    the transform is the U-centring (else None); each row's squared norm when ``want_self``."""
+    n = layers.n
+    count = len(layers.names)
+    rows = np.empty((count, n * n))
+    scratch = np.empty(n * max(layers.widths)) if spec.kernel == "linear" else None
+    linear = spec.kernel == "linear"
+    sums = np.empty((count, n)) if linear and spec.transform == "unbiased" else None
+    squares = np.empty(count) if want_self else None
+    for i, name in enumerate(layers.names):
+        gram = rows[i].reshape(n, n)
+        if linear:
+            layers.gram(i, "linear", out=torch.from_numpy(gram), scratch=scratch)
+            if spec.transform in ("zero_diag", "unbiased"):
+                np.fill_diagonal(gram, 0.0)
+            if sums is not None:
+                np.sum(gram, axis=1, out=sums[i])
+            # "none" (and "center", which linear kernels never use): the centred Gram as it is.
+        else:
+            transformed, problem = transformed_gram(layers, i, spec)
+            if problem and name not in problems:
+                problems[name] = problem
+            gram[...] = transformed.numpy()
+            del transformed
+        if squares is not None:
+            squares[i] = np.dot(rows[i], rows[i])
+    return rows, sums, squares
 
 
 def degenerate_layers(names: list[str], self_terms: torch.Tensor, scales: torch.Tensor, spec: GramSpec,

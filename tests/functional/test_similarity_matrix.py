@@ -177,7 +177,7 @@ def test_representations_compute_each_gram_once(monkeypatch):
     engine = sys.modules["lightning_repsim.functional.similarity_matrix"]  # the function shadows the module
     calls = []
     original = engine.self_product
-    monkeypatch.setattr(engine, "self_product", lambda x: calls.append(x.shape) or original(x))
+    monkeypatch.setattr(engine, "self_product", lambda x, **kw: calls.append(x.shape) or original(x, **kw))
     xs = F.Representations([to_torch(a) for a in _layers(0)])
     ys = F.Representations([to_torch(b) for b in _layers(1, widths=(6, 2, 9))])
     for measure in ("linear_cka", "debiased_cka", "rv2", "rv"):
