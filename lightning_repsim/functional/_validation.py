@@ -99,29 +99,44 @@ def exact_float32() -> Iterator[None]:
         torch.set_float32_matmul_precision(precision)
 
 
-# Below this many multiply-adds torch's own GEMM wins: switching to NumPy's BLAS thread pool
-# leaves its threads spinning for milliseconds and starves torch's (10x slower small calls).
+# Below this many multiply-adds a product stays in torch while torch runs several threads: waking
+# NumPy's BLAS thread pool leaves its threads spinning for milliseconds against torch's OpenMP team
+# (the training loop's too, when the callback computes between steps): 10x slower small calls.
 _SYRK_MIN_WORK = 2e8
 
 
-def self_product(x: torch.Tensor, out: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """``x @ x.T`` in x's dtype. Large CPU products go through NumPy, whose matmul recognises the
-    transposed operand and calls BLAS SYRK: half the flops of the general product torch runs.
+def use_numpy_blas(work: float) -> bool:
+    """Whether a CPU product of ``work`` multiply-adds should go through NumPy's BLAS (SYRK for
+    ``x @ x.T``): when it is large enough to amortise waking that pool, or when torch runs on one
+    thread anyway (then there is no OpenMP team to fight)."""
+    return work >= _SYRK_MIN_WORK or torch.get_num_threads() == 1
 
-    ``out``: a contiguous CPU tensor of x's dtype to write the product into (returned). With it the
-    product always goes through NumPy: callers that pass it (the CPU Gram route) run only NumPy
-    kernels, so there are no torch threads to starve.
+
+def self_product(x: torch.Tensor, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``x @ x.T`` in x's dtype. CPU products that :func:`use_numpy_blas` go through NumPy, whose matmul
+    recognises the transposed operand and calls BLAS SYRK: half the flops of torch's general product.
+
+    ``out``: a contiguous CPU tensor of x's dtype to write the product into (returned).
     """
     cpu = x.device.type == "cpu" and not x.requires_grad
-    if cpu and (out is not None or x.shape[0] ** 2 * x.shape[1] >= _SYRK_MIN_WORK):
+    if cpu and use_numpy_blas(x.shape[0] ** 2 * x.shape[1]):
         array = x.contiguous().numpy()
         if out is None:
             return torch.from_numpy(array @ array.T)
         np.matmul(array, array.T, out=out.numpy())
         return out
     with exact_float32():
+        if out is not None and cpu:
+            return torch.mm(x, x.T, out=out)
         product = x @ x.T
     return product if out is None else out.copy_(product)
+
+
+def product_nt(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """``a @ b.T`` for float64 CPU arrays, in NumPy or torch as :func:`use_numpy_blas` decides."""
+    if use_numpy_blas(a.shape[0] * b.shape[0] * a.shape[1]):
+        return a @ b.T
+    return torch.from_numpy(a).mm(torch.from_numpy(b).T).numpy()
 
 
 def finite_or_zero(x: torch.Tensor) -> tuple[torch.Tensor, bool]:

@@ -38,6 +38,7 @@ from lightning_repsim.functional._validation import (
     gemm_dtype,
     is_negligible,
     named_layers,
+    product_nt,
     warn_degenerate,
 )
 from lightning_repsim.functional.gram import center_gram, rbf_from_distances, squared_distances, numpy_median
@@ -272,7 +273,7 @@ class PreparedLayers:
                 norms = out.numpy().diagonal().copy()
                 if not self._record(i, norms, float(norms.sum()) + extra):  # NaN or Inf: again, zeroed
                     x, extra = self._centred_cpu(i, scratch)
-                    np.matmul(x, x.T, out=out.numpy())
+                    self_product(torch.from_numpy(x), out=out)
                     norms = out.numpy().diagonal().copy()
                     self._record(i, norms, float(norms.sum()) + extra)
         return out
@@ -478,11 +479,11 @@ def _gram_route_cpu_inner(x: PreparedLayers, y: Optional[PreparedLayers], spec: 
                           problems: dict[str, str]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     vectors_x, sums_x, self_x = _gram_rows_cpu(x, spec, problems, want_self=y is not None)
     if y is None:
-        cross = vectors_x @ vectors_x.T
+        cross = self_product(torch.from_numpy(vectors_x)).numpy()
         sums_y = sums_x
     else:
         vectors_y, sums_y, self_y = _gram_rows_cpu(y, spec, problems, want_self=True)
-        cross = vectors_x @ vectors_y.T
+        cross = product_nt(vectors_x, vectors_y)
         del vectors_y
     del vectors_x
     if sums_x is not None:
@@ -524,7 +525,7 @@ def _gram_rows_cpu(layers: PreparedLayers, spec: GramSpec, problems: dict[str, s
             gram[...] = transformed.numpy()
             del transformed
         if squares is not None:
-            squares[i] = np.dot(rows[i], rows[i])
+            squares[i] = np.einsum("i,i->", rows[i], rows[i])  # not BLAS ddot, which wakes its pool
     return rows, sums, squares
 
 

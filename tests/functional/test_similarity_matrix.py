@@ -196,3 +196,17 @@ def test_representations_cache_budget_is_respected():
         F.similarity_matrix(reps, None, "rv2", center=False, method="gram")  # competes for the same budget
         held = sum(len(p._grams) for p in reps._prepared.values())
         assert held == min(cached * 2, budget // gram_bytes), (budget, held)
+
+
+@pytest.mark.parametrize("numpy_blas", [True, False])
+@pytest.mark.parametrize("measure", ["linear_cka", "debiased_cka", "rv2"])
+def test_cpu_products_agree_in_numpy_and_torch(monkeypatch, numpy_blas, measure):
+    """The CPU Gram route multiplies in NumPy (SYRK) or in torch depending on size and threads: same numbers."""
+    from lightning_repsim.functional import _validation
+
+    monkeypatch.setattr(_validation, "use_numpy_blas", lambda work: numpy_blas)
+    xs, ys = [to_torch(a) for a in _layers(0)], [to_torch(b) for b in _layers(1, widths=(6, 2, 9))]
+    for other in (ys, None):
+        got = F.similarity_matrix(xs, other, measure, method="gram")
+        want = F.similarity_matrix(xs, other, measure, method="features")
+        np.testing.assert_allclose(got.numpy(), want.numpy(), rtol=0, atol=1e-12)
