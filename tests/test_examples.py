@@ -1,0 +1,80 @@
+"""Every example runs end to end (its --quick mode) and writes what the README says it writes.
+
+The examples are the user's first contact with the library, so they are run as users run them: as
+scripts, in a subprocess, from the repository root. Their numbers are checked loosely (the quick
+modes train for a few epochs); the full runs and their numbers are in examples/RESULTS.md.
+"""
+import csv
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def run(*args, cwd=ROOT):
+    done = subprocess.run([sys.executable, *map(str, args)], cwd=cwd, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, f"{args} exited {done.returncode}\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
+    return done.stdout
+
+
+def cli(*args):
+    return run("-m", "lightning_repsim.cli", *args)
+
+
+def test_quickstart_twice_then_compare_the_two_runs(tmp_path):
+    """The README's demo, then `lightning-repsim compare` on the two runs it produced (issue 5's 'done when')."""
+    for seed in (0, 1):
+        run(ROOT / "examples" / "quickstart.py", "--epochs", 2, "--seed", seed, "--out", tmp_path / "runs")
+    runs = sorted((tmp_path / "runs" / "digits_cnn").iterdir())
+    assert [r.name for r in runs] == ["version_0", "version_1"]
+    for r in runs:
+        assert list(r.glob("events.out.tfevents*")), r
+        assert (r / "repsim" / "manifest.json").is_file()
+        assert (r / "repsim" / "figures" / "final" / "linear_cka__convergence_map.png").is_file()
+    out = tmp_path / "cmp"
+    cli("compare", runs[0], runs[1], "--measure", "rv2,linear_cka", "--out", out)
+    for measure in ("rv2", "linear_cka"):
+        pngs, csvs = list(out.rglob(f"*{measure}*.png")), list(out.rglob(f"*{measure}*.csv"))
+        assert pngs and csvs, sorted(p.name for p in out.rglob("*"))
+        with open(csvs[0], newline="") as handle:
+            rows = list(csv.reader(handle))
+        diagonal = [float(rows[i][i]) for i in range(1, len(rows))]
+        assert all(0.0 < v <= 1.0 + 1e-9 for v in diagonal), diagonal  # two seeds of one CNN: similar layers
+
+
+def test_convergence(tmp_path):
+    run(ROOT / "examples" / "convergence.py", "--quick", "--out", tmp_path)
+    assert (tmp_path / "convergence_vs_depth.png").is_file()
+    assert list(tmp_path.rglob("linear_cka__final.csv"))
+
+
+def test_sanity_check(tmp_path):
+    stdout = run(ROOT / "examples" / "sanity_check.py", "--quick", "--out", tmp_path)
+    with open(tmp_path / "accuracies.csv", newline="") as handle:
+        table = list(csv.DictReader(handle))
+    assert len(table) >= 5, table
+    assert (tmp_path / "accuracy_bars.png").is_file() and (tmp_path / "heatmaps_seed_pair.png").is_file()
+    assert "99.3" in stdout  # the paper's figure is printed beside ours
+
+
+def test_freeze_and_random_nets(tmp_path):
+    run(ROOT / "examples" / "freeze_and_random_nets.py", "--quick", "--timing-repeats", 1, "--out", tmp_path)
+    for name in ("grid_rv2.png", "diagonal_rv2.png", "summary.json"):
+        assert (tmp_path / name).is_file(), name
+    assert json.loads((tmp_path / "summary.json").read_text())
+
+
+def test_rv_vs_rv2(tmp_path):
+    run(ROOT / "examples" / "rv_vs_rv2.py", "--quick", "--out", tmp_path)
+    with open(tmp_path / "rv_vs_rv2.csv", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    assert len(rows) >= 5 and (tmp_path / "rv_vs_rv2.png").is_file()
+
+
+@pytest.mark.parametrize("script", ["measures_on_digits.py"])
+def test_script_runs(script):
+    assert run(ROOT / "examples" / script).strip()
