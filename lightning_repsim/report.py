@@ -360,6 +360,12 @@ def _nan_note(values: np.ndarray) -> str:
     return f"grey = {what} ({cells} cell{'s' if cells != 1 else ''})"
 
 
+def _matrix_image(ax: Any, values: np.ndarray, lo: float, hi: float) -> Any:
+    """Draw a matrix as cells (row 0 at the top, NaN cells in the colour map's "bad" grey)."""
+    return ax.imshow(np.ma.masked_invalid(values), cmap=_CMAP, vmin=lo, vmax=hi, origin="upper", aspect="auto",
+                     interpolation="nearest")
+
+
 def _colorbar(fig: Figure, mappable: Any, cax: Any, label: str, note: str, lo: float) -> Any:
     # A range that starts below 0 (debiased CKA, RV2) can be undershot: show the arrow.
     cbar = fig.colorbar(mappable, cax=cax, extend="min" if lo < 0 else "neither")
@@ -451,15 +457,7 @@ def heatmap_figure(
         0.3 if col_title else 0.0
     )
     fig, ax, cax = _new_figure(width, height, dpi, colorbar=True)
-    image = ax.imshow(
-        np.ma.masked_invalid(values),
-        cmap=_CMAP,
-        vmin=lo,
-        vmax=hi,
-        origin="upper",
-        aspect="auto",
-        interpolation="nearest",
-    )
+    image = _matrix_image(ax, values, lo, hi)
     _set_layer_ticks(ax, "x", shown_cols, font, _tick_stride(n_cols, axes_w, font))
     _set_layer_ticks(ax, "y", shown_rows, font, _tick_stride(n_rows, axes_h, font))
     ax.tick_params(length=2)
@@ -594,15 +592,7 @@ def convergence_map_figure(
     width = axes_w + _text_inches(shown, font) + 1.9
     height = axes_h + 1.0 + (0.4 if title else 0.0) + (0.3 if threshold is not None else 0.0)
     fig, ax, cax = _new_figure(width, height, dpi, colorbar=True)
-    image = ax.imshow(
-        np.ma.masked_invalid(data),
-        cmap=_CMAP,
-        vmin=lo,
-        vmax=hi,
-        origin="upper",
-        aspect="auto",
-        interpolation="nearest",
-    )
+    image = _matrix_image(ax, data, lo, hi)
     _set_layer_ticks(ax, "y", shown, font, _tick_stride(n_layers, axes_h, font))
     n_xticks = min(n_steps, max(2, int(axes_w / 0.6)))
     x_idx = sorted({int(round(i)) for i in np.linspace(0, n_steps - 1, n_xticks)})

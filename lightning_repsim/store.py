@@ -186,13 +186,13 @@ def _show_steps(steps: Sequence[int]) -> str:
     return f"[{head}, ... ({len(steps) - 2 * half} more) ..., {tail}]"
 
 
-def _as_step(step: Any, what: str = "step") -> int:
+def _as_step(step: Any, what: str = "step", expected: str = "an int") -> int:
     if isinstance(step, bool):
-        raise RepSimValueError(f"{what} must be an int, got {step!r}")
+        raise RepSimValueError(f"{what} must be {expected}, got {step!r}")
     try:
         value = operator.index(step)
     except TypeError:
-        raise RepSimValueError(f"{what} must be an int, got {step!r}") from None
+        raise RepSimValueError(f"{what} must be {expected}, got {step!r}") from None
     if value < 0:
         raise RepSimValueError(f"{what} must be >= 0, got {value}")
     return value
@@ -523,12 +523,7 @@ class SnapshotStore:
             if not self._entries:
                 raise RepSimValueError(f"{self.path}: the store holds no steps yet")
             return self._entries[-1]
-        if isinstance(step, bool):
-            raise RepSimValueError(f"step must be an int or 'last', got {step!r}")
-        try:
-            value = operator.index(step)
-        except TypeError:
-            raise RepSimValueError(f"step must be an int or 'last', got {step!r}") from None
+        value = _as_step(step, expected="an int or 'last'")
         for entry in self._entries:
             if entry["step"] == value:
                 return entry
