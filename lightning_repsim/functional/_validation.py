@@ -79,9 +79,17 @@ def named_layers(layers: Layers, default_prefix: str) -> tuple[list[str], list[t
     return names, mats
 
 
-def gemm_dtype(device: torch.device) -> torch.dtype:
-    """Precision of the large products: float64 on CPU, float32 (TF32 off) on accelerators."""
-    return torch.float64 if device.type == "cpu" else torch.float32
+def gemm_dtype(device: torch.device, requested: Union[torch.dtype, str, None] = None) -> torch.dtype:
+    """Precision of the large products: ``requested`` (float32 or float64) when given, else float64 on
+    CPU and float32 (TF32 off) on accelerators."""
+    if requested is None:
+        return torch.float64 if device.type == "cpu" else torch.float32
+    dtype = {"float32": torch.float32, "float64": torch.float64}.get(requested, requested) \
+        if isinstance(requested, str) else requested
+    if dtype not in (torch.float32, torch.float64):
+        raise RepSimValueError(f"product_dtype must be torch.float32, torch.float64 (or their names) or None for "
+                               f"the device's default; got {requested!r}.")
+    return dtype
 
 
 @contextlib.contextmanager

@@ -5,6 +5,7 @@ Rows are examples: a Gram matrix is n x n with ``K[i, j] = k(x_i, x_j)``.
 from __future__ import annotations
 
 import warnings
+from typing import Optional
 
 import torch
 
@@ -31,11 +32,12 @@ def gram_linear(x: TensorLike) -> torch.Tensor:
     return self_product(x.to(gemm_dtype(x.device))).to(torch.float64)
 
 
-def squared_distances(x: torch.Tensor) -> torch.Tensor:
-    """Pairwise squared Euclidean distances between rows, float64, exact zeros on the diagonal."""
+def squared_distances(x: torch.Tensor, product_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+    """Pairwise squared Euclidean distances between rows, float64, exact zeros on the diagonal; the
+    products in ``product_dtype`` (default: the device's, see ``gemm_dtype``)."""
     x = x.to(torch.float64)
     centred = x - x.mean(0, keepdim=True)  # distances are translation invariant; centring avoids cancellation
-    dot = self_product(centred.to(gemm_dtype(x.device))).to(torch.float64)
+    dot = self_product(centred.to(gemm_dtype(x.device, product_dtype))).to(torch.float64)
     norms = dot.diagonal()
     distances = (norms[:, None] + norms[None, :] - 2.0 * dot).clamp_min_(0.0)
     distances.fill_diagonal_(0.0)

@@ -34,3 +34,13 @@ def test_cuda_half_precision_is_upcast(dtype):
     value = F.linear_cka(x, y)
     expected = F.linear_cka(x.double().cpu(), y.double().cpu())
     assert torch.isfinite(value) and abs(value.item() - expected.item()) < 1e-5
+
+
+@pytest.mark.parametrize("measure", ["linear_cka", "debiased_cka", "rv2", "rbf_cka"])
+def test_cuda_float64_products_match_cpu_to_the_last_digits(measure):
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(400, 300, generator=g, dtype=torch.float64) + 3.0
+    layers = [x, torch.tanh(x[:, :120]), x[:, :50] ** 2]
+    cpu = F.similarity_matrix(layers, measure=measure)
+    gpu = F.similarity_matrix([m.cuda() for m in layers], measure=measure, product_dtype=torch.float64)
+    torch.testing.assert_close(gpu.cpu(), cpu, atol=1e-12, rtol=0)

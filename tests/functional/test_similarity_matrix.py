@@ -210,3 +210,57 @@ def test_cpu_products_agree_in_numpy_and_torch(monkeypatch, numpy_blas, measure)
         got = F.similarity_matrix(xs, other, measure, method="gram")
         want = F.similarity_matrix(xs, other, measure, method="features")
         np.testing.assert_allclose(got.numpy(), want.numpy(), rtol=0, atol=1e-12)
+
+
+GRAM_CASES = [(m, o) for m, o in CASES if m not in ("svcca", "pwcca")]
+
+
+@pytest.mark.parametrize("numpy_blas", [True, False])
+@pytest.mark.parametrize("measure, options", GRAM_CASES, ids=[f"{m}-{o}" for m, o in GRAM_CASES])
+def test_float32_products_agree_with_float64(monkeypatch, measure, options, numpy_blas):
+    """product_dtype=float32 (the CUDA default, here on CPU) stays within 1e-6 of float64, on both routes,
+    also for features far from zero mean (centring is done in float64 before the cast)."""
+    from lightning_repsim.functional import _validation
+
+    monkeypatch.setattr(_validation, "use_numpy_blas", lambda work: numpy_blas)
+    xs = [to_torch(a + 50.0).float() for a in _layers(0)]
+    ys = [to_torch(np.maximum(b, 0.0) * 20.0 + 3.0).float() for b in _layers(1, widths=(6, 2, 9))]
+    for method in ("features", "gram"):
+        if measure == "rbf_cka" and method == "features":
+            continue
+        for other in (ys, None):
+            want = F.similarity_matrix(xs, other, measure, method=method, **options)
+            got = F.similarity_matrix(xs, other, measure, method=method, product_dtype=torch.float32, **options)
+            assert got.dtype == torch.float64
+            np.testing.assert_allclose(got.numpy(), want.numpy(), rtol=0, atol=1e-6, err_msg=method)
+
+
+def test_product_dtype_by_name_and_bad_value():
+    xs = [to_torch(a) for a in _layers(0)]
+    by_name = F.similarity_matrix(xs, measure="rv2", product_dtype="float32")
+    by_dtype = F.similarity_matrix(xs, measure="rv2", product_dtype=torch.float32)
+    assert torch.equal(by_name, by_dtype)
+    with pytest.raises(RepSimValueError, match="product_dtype must be torch.float32, torch.float64"):
+        F.similarity_matrix(xs, measure="rv2", product_dtype=torch.float16)
+
+
+def test_representations_keep_float32_and_float64_products_apart():
+    """A Gram cached in float32 products must not serve a later float64 call."""
+    layers = [to_torch(a + 50.0) for a in _layers(0)]
+    reps = F.Representations(layers)
+    fast = F.similarity_matrix(reps, None, "linear_cka", method="gram", product_dtype=torch.float32)
+    exact = F.similarity_matrix(reps, None, "linear_cka", method="gram")
+    fresh = F.similarity_matrix(layers, None, "linear_cka", method="gram")
+    np.testing.assert_allclose(exact.numpy(), fresh.numpy(), rtol=0, atol=1e-13)
+    assert float((fast - fresh).abs().max()) > 0  # it really was another computation
+
+
+@pytest.mark.parametrize("method", ["features", "gram"])
+def test_float32_products_report_non_finite_layers(method):
+    layers = {f"l{i}": to_torch(a) for i, a in enumerate(_layers(0))}
+    layers["l2"] = layers["l2"].clone()
+    layers["l2"][3, 1] = float("nan")
+    with pytest.warns(RepSimWarning, match="l2: it contains NaN or Inf"):
+        got = F.similarity_matrix(layers, measure="debiased_cka", method=method, product_dtype="float32")
+    assert torch.isnan(got[2]).all() and torch.isnan(got[:, 2]).all()
+    assert not torch.isnan(got[[0, 1, 3]][:, [0, 1, 3]]).any()
