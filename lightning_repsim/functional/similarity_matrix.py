@@ -124,6 +124,18 @@ def _quiet() -> np.errstate:
     return np.errstate(over="ignore", invalid="ignore", divide="ignore")
 
 
+def _column_mean_float32(raw: np.ndarray, block: int = 16) -> np.ndarray:
+    """Column means of a float32 matrix to about one float32 ulp, 2-3x faster than a float64
+    accumulation: float32 sums over blocks of ``block`` rows (vectorised along the row), then the
+    block sums in float64."""
+    n, p = raw.shape
+    whole = n - n % block
+    sums = np.add.reduce(raw[:whole].reshape(-1, block, p), axis=1).sum(0, dtype=np.float64)
+    if whole < n:
+        sums += raw[whole:].sum(0, dtype=np.float64)
+    return sums / n
+
+
 class PreparedLayers:
     """Per-layer statistics, computed on first use and then shared by every pair and every call.
 
@@ -209,10 +221,12 @@ class PreparedLayers:
         """(layer i, centred if asked, in float64 or in ``scratch`` (float64 or float32) when given;
         n ||mean||²).
 
-        The mean is accumulated in float64 and subtracted in the scratch's precision (a float32
-        residue of the mean, ~1e-7 of it, changes centred inner products only at second order, since
-        the other side's centred Gram annihilates the first-order term). ``||raw||² = ||centred||² +
-        n ||mean||²`` exactly, both sums of squares: the energy needs no pass of its own.
+        The mean is subtracted in the scratch's precision. For float32 that leaves each column a
+        residue of about one ulp of its mean, which centred and U-centred kernels cancel to first
+        order (RV2's removed diagonal keeps a first-order trace: ~1e-8 on data with mean 50 σ, see
+        the tests); so the mean itself needs no more than float32 accuracy there either.
+        ``||raw||² = ||centred||² + n ||mean||²`` exactly, both sums of squares: the energy needs no
+        pass of its own.
         """
         raw = self._raw_cpu(i)
         n, p = raw.shape
@@ -222,7 +236,8 @@ class PreparedLayers:
         if not self.center:
             np.copyto(x, raw, casting="same_kind")
             return x, 0.0
-        mean = raw.mean(0, dtype=np.float64)
+        mean = _column_mean_float32(raw) if x.dtype == np.float32 and raw.dtype == np.float32 else \
+            raw.mean(0, dtype=np.float64)
         np.subtract(raw, mean.astype(x.dtype, copy=False), out=x, casting="same_kind")
         return x, n * float(np.dot(mean, mean))
 
