@@ -44,6 +44,21 @@ def test_canonical_correlations(shape):
     np.testing.assert_allclose(got.numpy(), expected, rtol=0, atol=1e-10)
 
 
+@pytest.mark.parametrize("rank", [3, 12])
+def test_wide_rank_deficient_layer(rank):
+    """p > n takes the QR-then-SVD path: its rank and basis must match the reference's full SVD."""
+    rng = np.random.default_rng(rank)
+    latent = rng.standard_normal((60, rank))
+    x = latent @ rng.standard_normal((rank, 500)) + 7.0  # wide, rank `rank` after centring
+    y = np.tanh(latent[:, :2] @ rng.standard_normal((2, 4))) + 0.1 * rng.standard_normal((60, 4))
+    assert R.centred_rank(x) == rank
+    got = F.canonical_correlations(to_torch(x), to_torch(y))
+    assert got.shape == (min(rank, 4),)
+    np.testing.assert_allclose(got.numpy(), R.cca_corrs(x, y), rtol=0, atol=1e-10)
+    assert_close(F.svcca(to_torch(x), to_torch(y), keep=2), R.svcca(x, y, keep=2), what="svcca wide")
+    assert_close(F.pwcca(to_torch(x), to_torch(y)), R.pwcca(x, y), what="pwcca wide first")
+
+
 @pytest.mark.parametrize("seed", range(3))
 def test_canonical_correlations_classical_formula(seed):
     # Well-conditioned, full rank, n >> p: Hotelling's eigenproblem Σxx⁻¹ Σxy Σyy⁻¹ Σyx.
