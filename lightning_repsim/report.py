@@ -343,11 +343,15 @@ def _text_inches(labels: Sequence[str], font_pt: float) -> float:
 
 def _set_layer_ticks(ax: Any, axis: Literal["x", "y"], shown: list[str], font_pt: float,
                      stride: int) -> None:
+    """Label every ``stride``-th cell with its layer name (x labels rotated by 90 degrees), with
+    short tick marks.
+
+    The style is set before the ticks exist, so each tick is created with it instead of being
+    restyled afterwards (a tick is five artists; restyling them costs milliseconds per figure).
+    """
     idx = list(range(0, len(shown), stride))
-    if axis == "x":
-        ax.set_xticks(idx, [shown[i] for i in idx], rotation=90, fontsize=font_pt)
-    else:
-        ax.set_yticks(idx, [shown[i] for i in idx], fontsize=font_pt)
+    ax.tick_params(axis=axis, length=2, labelsize=font_pt, labelrotation=90 if axis == "x" else 0)
+    (ax.set_xticks if axis == "x" else ax.set_yticks)(idx, [shown[i] for i in idx])
 
 
 def _nan_note(values: np.ndarray) -> str:
@@ -460,7 +464,6 @@ def heatmap_figure(
     image = _matrix_image(ax, values, lo, hi)
     _set_layer_ticks(ax, "x", shown_cols, font, _tick_stride(n_cols, axes_w, font))
     _set_layer_ticks(ax, "y", shown_rows, font, _tick_stride(n_rows, axes_h, font))
-    ax.tick_params(length=2)
     if row_title:
         ax.set_ylabel(row_title)
     if col_title:
@@ -596,9 +599,9 @@ def convergence_map_figure(
     _set_layer_ticks(ax, "y", shown, font, _tick_stride(n_layers, axes_h, font))
     n_xticks = min(n_steps, max(2, int(axes_w / 0.6)))
     x_idx = sorted({int(round(i)) for i in np.linspace(0, n_steps - 1, n_xticks)})
-    ax.set_xticks(x_idx, [str(step_list[i]) for i in x_idx], fontsize=8)
+    ax.tick_params(axis="x", length=2, labelsize=8)  # before the ticks exist, see _set_layer_ticks
+    ax.set_xticks(x_idx, [str(step_list[i]) for i in x_idx])
     ax.set_xlabel("step")
-    ax.tick_params(length=2)
     if threshold is not None:
         reached = convergence_steps(data, step_list, threshold, sustained=sustained)
         pos = {s: i for i, s in enumerate(step_list)}
