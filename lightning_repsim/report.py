@@ -354,6 +354,15 @@ def _set_layer_ticks(ax: Any, axis: Literal["x", "y"], shown: list[str], font_pt
     (ax.set_xticks if axis == "x" else ax.set_yticks)(idx, [shown[i] for i in idx])
 
 
+def _set_title(ax: Any, title: str, font_pt: float) -> None:
+    """Title the axes at its top edge (plus Matplotlib's title padding).
+
+    An explicit ``y`` turns off Matplotlib's automatic title placement, which measures the
+    y axis at every draw to dodge tick labels on top of the axes; the figures here have none.
+    """
+    ax.set_title(title, fontsize=font_pt, y=1.0)
+
+
 def _nan_note(values: np.ndarray) -> str:
     n_nan = int(np.isnan(values).sum())
     n_inf = int(np.isinf(values).sum())
@@ -469,7 +478,7 @@ def heatmap_figure(
     if col_title:
         ax.set_xlabel(col_title)
     if title:
-        ax.set_title(title, fontsize=11)
+        _set_title(ax, title, 11)
     if annotate or (annotate is None and max(n_rows, n_cols) <= _ANNOTATE_MAX_CELLS):
         cell_pt = min(axes_w / n_cols, axes_h / n_rows) * 72.0
         _annotate(ax, values, lo, hi, float(np.clip(0.3 * cell_pt, 5.0, 10.0)))
@@ -611,13 +620,10 @@ def convergence_map_figure(
             ax.scatter(xs, ys, marker="o", s=min(30.0, (font * 0.8) ** 2), c="white",
                        edgecolors="black", linewidths=0.6, zorder=3)
         how = "held to the end" if sustained else "first reached"
-        ax.set_title(
-            (f"{title}\n" if title else "") + f"\u25cb convergence: \u2265 {threshold:g} \u00d7 "
-            f"final value, {how}",
-            fontsize=9 if not title else 10,
-        )
+        _set_title(ax, (f"{title}\n" if title else "") + f"\u25cb convergence: \u2265 {threshold:g} "
+                   f"\u00d7 final value, {how}", 9 if not title else 10)
     elif title:
-        ax.set_title(title, fontsize=11)
+        _set_title(ax, title, 11)
     _colorbar(fig, image, cax, f"{_measure_label(measure)} to {reference}", _nan_note(data), lo)
     return fig
 
@@ -698,7 +704,7 @@ def curves_figure(
     ax.set_ylabel(f"{_measure_label(measure)} to {reference}")
     ax.grid(True, linewidth=0.4, alpha=0.5)
     if title:
-        ax.set_title(title, fontsize=11)
+        _set_title(ax, title, 11)
     if use_legend:
         handles, labels = ax.get_legend_handles_labels()
         labels = shown + labels[n_layers:]  # the threshold line, if any, comes last
