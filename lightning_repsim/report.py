@@ -66,6 +66,7 @@ from matplotlib.cm import ScalarMappable
 from matplotlib.colors import Normalize, to_rgba
 from matplotlib.figure import Figure
 from matplotlib.layout_engine import LayoutEngine
+from matplotlib.spines import Spine
 
 from lightning_repsim.errors import RepSimValueError, RepSimWarning
 
@@ -247,7 +248,11 @@ class _MarginLayout(LayoutEngine):
     def _overhang(fig: Figure, ax: Any, renderer: Any) -> tuple[float, float, float, float]:
         """Pixels by which ``ax``'s decorations stick out (left, right, bottom, top)."""
         box = ax.get_position(original=True).transformed(fig.transFigure)
-        tight = ax.get_tightbbox(renderer, for_layout_only=True)
+        # Spines and the background patch lie on the axes' edges (a spine sticks out by half
+        # its line width, which the padding absorbs); measuring them would update every tick.
+        extra = [a for a in ax.get_default_bbox_extra_artists()
+                 if not isinstance(a, Spine) and a is not ax.patch]
+        tight = ax.get_tightbbox(renderer, for_layout_only=True, bbox_extra_artists=extra)
         if tight is None:
             return 0.0, 0.0, 0.0, 0.0
         return (max(0.0, box.x0 - tight.x0), max(0.0, tight.x1 - box.x1),
