@@ -23,6 +23,7 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import ctypes
 import gc
 import json
 import math
@@ -150,13 +151,44 @@ def _can_reset_rss_peak() -> bool:
         return False
 
 
+def _libc() -> Optional[ctypes.CDLL]:
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt, libc.malloc_trim  # glibc only
+        return libc
+    except (OSError, AttributeError):
+        return None
+
+
+_LIBC = _libc()
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+
+
+def _allocator(mode: str) -> None:
+    """glibc malloc settings for a memory measurement or for timing (no-op elsewhere).
+
+    ``"measure"``: buffers of 4 MiB and more are mmapped and freed memory is trimmed, so what a call
+    frees leaves the RSS and its high-water mark is its own. ``"time"``: the steady state that
+    glibc's dynamic thresholds reach in a long-running process (mmap threshold 32 MiB, trim at twice
+    that), so repeated calls reuse memory instead of faulting fresh pages in each time, as in use.
+    Both apply to every implementation alike.
+    """
+    if _LIBC is None:
+        return
+    mmap, trim = (4 << 20, 128 << 10) if mode == "measure" else (32 << 20, 64 << 20)
+    _LIBC.mallopt(_M_MMAP_THRESHOLD, mmap)
+    _LIBC.mallopt(_M_TRIM_THRESHOLD, trim)
+    if mode == "measure":
+        _LIBC.malloc_trim(0)
+
+
 class PeakMemory:
     """Peak memory of one call above what was held before it, in MiB.
 
     CPU: the process's resident-set high-water mark (VmHWM, reset through /proc/self/clear_refs)
-    minus the RSS before the call; tracemalloc would not see torch's allocations. The worker runs
-    with a fixed glibc mmap threshold so that freed buffers leave the RSS. CUDA:
-    ``torch.cuda.max_memory_allocated`` above the allocation before the call.
+    minus the RSS before the call; tracemalloc would not see torch's allocations. The call runs with
+    the allocator in its ``"measure"`` mode (see :func:`_allocator`), which is restored to ``"time"``
+    afterwards. CUDA: ``torch.cuda.max_memory_allocated`` above the allocation before the call.
     """
 
     def __init__(self, device: str, cpu_ok: bool):
@@ -169,6 +201,7 @@ class PeakMemory:
             torch.cuda.reset_peak_memory_stats()
             self.base = torch.cuda.memory_allocated()
         elif self.cpu_ok:
+            _allocator("measure")
             _can_reset_rss_peak()
             self.base = _status_kib("VmRSS") * 1024
         self.peak_mib: Optional[float] = None
@@ -180,6 +213,7 @@ class PeakMemory:
             self.peak_mib = (torch.cuda.max_memory_allocated() - self.base) / 2**20
         elif self.cpu_ok:
             self.peak_mib = max(0.0, (_status_kib("VmHWM") * 1024 - self.base) / 2**20)
+            _allocator("time")
 
 
 @dataclass
@@ -472,8 +506,11 @@ def render(results: list[dict[str, object]], info: dict[str, object], command: s
         "its full L x L run would exceed the 60 s budget, so one layer against an evenly spaced subset "
         "of columns was timed and scaled by torch-cka's own flop count (Grams plus one n x n x n product "
         "per trace); its deviation is over the pairs it computed. Peak memory: CPU, resident-set "
-        "high-water mark above the RSS before the call (MiB; inputs excluded); CUDA, "
-        "`torch.cuda.max_memory_allocated` above the allocation before the call.",
+        "high-water mark above the RSS before the call (MiB; inputs excluded), taken in the warm-up "
+        "with glibc set to mmap buffers of 4 MiB and more and to trim freed memory; the timed repeats "
+        "run with the thresholds glibc settles at in a long-running process (mmap 32 MiB), the same "
+        "for every implementation; CUDA, `torch.cuda.max_memory_allocated` above the allocation "
+        "before the call.",
         "",
     ]
     by_stack: dict[str, list[dict[str, object]]] = {}
@@ -608,9 +645,7 @@ def _worker_env(threads: Optional[int]) -> dict[str, str]:
     if threads:
         for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
             env[var] = str(threads)
-    # A fixed mmap threshold returns freed large buffers to the OS at once, so the RSS high-water
     # mark of one call is not hidden by memory a previous call left in malloc's free lists.
-    env.setdefault("MALLOC_MMAP_THRESHOLD_", str(4 * 2**20))
     return env
 
 

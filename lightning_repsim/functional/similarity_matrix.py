@@ -124,6 +124,12 @@ def _quiet() -> np.errstate:
     return np.errstate(over="ignore", invalid="ignore", divide="ignore")
 
 
+def host_route(device: torch.device) -> bool:
+    """Whether layers on ``device`` are prepared and multiplied through NumPy (CPU), rather than by the
+    torch operations that run on accelerators (tests force the latter on CPU to check it there)."""
+    return device.type == "cpu"
+
+
 def _column_mean_float32(raw: np.ndarray, block: int = 16) -> np.ndarray:
     """Column means of a float32 matrix to about one float32 ulp, 2-3x faster than a float64
     accumulation: float32 sums over blocks of ``block`` rows (vectorised along the row), then the
@@ -166,7 +172,7 @@ class PreparedLayers:
     def feature(self, i: int) -> torch.Tensor:
         """Layer i's prepared features (kept once computed)."""
         if self._features[i] is None:
-            if self.device.type == "cpu":
+            if host_route(self.device):
                 for _ in range(2):  # a second time, zeroed, if the input turns out to hold NaN or Inf
                     with _quiet():
                         x, extra = self._centred_cpu(i)
@@ -475,7 +481,7 @@ def hsic_matrices(
         else:
             self_x = _self_terms(x, spec, n)
             self_y = _self_terms(y, spec, n)
-    elif method == "gram" and x.device.type == "cpu":
+    elif method == "gram" and host_route(x.device):
         cross, self_x, self_y = _gram_route_cpu(x, None if symmetric else y, spec, n, problems)
     elif method == "gram":
         vectors_x = _gram_vectors(x, spec, problems)

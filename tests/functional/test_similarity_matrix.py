@@ -264,3 +264,30 @@ def test_float32_products_report_non_finite_layers(method):
         got = F.similarity_matrix(layers, measure="debiased_cka", method=method, product_dtype="float32")
     assert torch.isnan(got[2]).all() and torch.isnan(got[:, 2]).all()
     assert not torch.isnan(got[[0, 1, 3]][:, [0, 1, 3]]).any()
+
+
+@pytest.mark.parametrize("product_dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("measure, options", GRAM_CASES, ids=[f"{m}-{o}" for m, o in GRAM_CASES])
+def test_accelerator_route_agrees_with_host_route(monkeypatch, measure, options, product_dtype):
+    """The torch-only route that CUDA takes, forced on CPU tensors: same numbers as the NumPy route,
+    NaN layers included, so a GPU run exercises no code that never ran here."""
+    import sys
+
+    engine = sys.modules["lightning_repsim.functional.similarity_matrix"]
+    xs = {f"x{i}": to_torch(a + 5.0) for i, a in enumerate(_layers(0))}
+    xs["x1"] = xs["x1"].clone()
+    xs["x1"][0, 0] = float("inf")
+    ys = [to_torch(b) for b in _layers(1, widths=(6, 2, 9))]
+    for method in ("features", "gram"):
+        if measure == "rbf_cka" and method == "features":
+            continue
+        for other in (ys, None):
+            with pytest.warns(RepSimWarning, match="x1: it contains NaN or Inf"):
+                host = F.similarity_matrix(xs, other, measure, method=method, product_dtype=product_dtype, **options)
+            with monkeypatch.context() as patch:
+                patch.setattr(engine, "host_route", lambda device: False)
+                with pytest.warns(RepSimWarning, match="x1: it contains NaN or Inf"):
+                    torch_only = F.similarity_matrix(xs, other, measure, method=method, product_dtype=product_dtype,
+                                                     **options)
+            atol = 1e-12 if product_dtype == torch.float64 else 1e-6
+            np.testing.assert_allclose(torch_only.numpy(), host.numpy(), rtol=0, atol=atol, err_msg=method)
