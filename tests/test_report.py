@@ -938,3 +938,46 @@ def test_layout_adapts_to_changes_made_after_the_figure_is_built():
     assert fig.axes[0].get_position().y1 < top
     renderer = fig.canvas.get_renderer()
     assert fig.get_tightbbox(renderer).transformed(fig.dpi_scale_trans).y1 <= fig.bbox.height
+
+
+def test_event_checksums_computed_in_c_are_tensorboards(tmp_path, monkeypatch):
+    """The C checksum gives tensorboard's own values, is installed by the reporter, and the event
+    file it frames reads back through tensorboard's reader, which verifies every record's CRC."""
+    from tensorboard.compat.tensorflow_stub.pywrap_tensorflow import masked_crc32c as python_crc
+    from tensorboard.compat.tensorflow_stub.pywrap_tensorflow import PyRecordReader_New
+    from tensorboard.summary.writer import record_writer
+
+    from lightning_repsim import report
+
+    monkeypatch.setattr(record_writer, "masked_crc32c", python_crc)  # restored after the test
+    rng = np.random.default_rng(0)
+    for size in (0, 1, 7, 64, 40_000):
+        data = rng.integers(0, 256, size, dtype=np.uint8).tobytes()
+        assert report._masked_crc32c_c(data) == python_crc(data), size
+    with SummaryWriter(str(tmp_path)) as writer:
+        TensorBoardReporter(writer).log_png("repsim/x/heatmap", report.encode_png(np.zeros((5, 7, 3), np.uint8)), 3)
+    assert record_writer.masked_crc32c is report._masked_crc32c_c
+    (events,) = tmp_path.glob("events.out.tfevents.*")
+    reader = PyRecordReader_New(str(events))
+    records = 0
+    while True:
+        try:
+            reader.GetNext()  # raises DataLossError on a bad checksum
+        except Exception as err:
+            assert type(err).__name__ == "OutOfRangeError", err
+            break
+        records += 1
+    assert records >= 2  # the file version record and the image
+
+
+def test_event_checksums_stay_in_python_without_the_c_extension(monkeypatch):
+    import google_crc32c
+    from tensorboard.compat.tensorflow_stub.pywrap_tensorflow import masked_crc32c as python_crc
+    from tensorboard.summary.writer import record_writer
+
+    from lightning_repsim import report
+
+    monkeypatch.setattr(record_writer, "masked_crc32c", python_crc)
+    monkeypatch.setattr(google_crc32c, "implementation", "python")
+    assert report.accelerate_event_checksums() is False
+    assert record_writer.masked_crc32c is python_crc
