@@ -645,7 +645,6 @@ def _worker_env(threads: Optional[int]) -> dict[str, str]:
     if threads:
         for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
             env[var] = str(threads)
-    # mark of one call is not hidden by memory a previous call left in malloc's free lists.
     return env
 
 

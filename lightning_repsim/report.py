@@ -1274,12 +1274,16 @@ def accelerate_event_checksums() -> bool:
     pure Python: about 5 ms per 40 KB heatmap PNG, during which its writer thread holds the GIL and
     the training loop waits. google-crc32c (a dependency) computes the same checksum in C. It
     replaces tensorboard's function only when its C extension loaded and both agree on a test
-    record, so the event files are byte for byte what tensorboard would have written.
+    record, so the event files are byte for byte what tensorboard would have written. The change
+    is process-wide (every tensorboard writer benefits) and does not concern tensorboardX, which
+    frames its records with its own code.
     """
     try:
-        import google_crc32c
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # google_crc32c warns on import when it falls back to Python
+            import google_crc32c
         from tensorboard.summary.writer import record_writer
-    except ImportError:
+    except Exception:  # not installed, or an import that fails in any other way: keep tensorboard's own
         return False
     current = getattr(record_writer, "masked_crc32c", None)
     if current is _masked_crc32c_c:

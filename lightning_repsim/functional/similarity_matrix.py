@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Mapping, Optional, Union
+from typing import Callable, Mapping, Optional, Union
 
 import numpy as np
 import torch
@@ -130,16 +130,19 @@ def host_route(device: torch.device) -> bool:
     return device.type == "cpu"
 
 
-def _column_mean_float32(raw: np.ndarray, block: int = 16) -> np.ndarray:
-    """Column means of a float32 matrix to about one float32 ulp, 2-3x faster than a float64
-    accumulation: float32 sums over blocks of ``block`` rows (vectorised along the row), then the
-    block sums in float64."""
-    n, p = raw.shape
-    whole = n - n % block
-    sums = np.add.reduce(raw[:whole].reshape(-1, block, p), axis=1).sum(0, dtype=np.float64)
-    if whole < n:
-        sums += raw[whole:].sum(0, dtype=np.float64)
-    return sums / n
+#: Entries of float32 products are kept within [2**-40, 2**40] in magnitude: then neither a Gram
+#: entry (a sum of up to 2**20 squares) overflows nor a product of two entries underflows.
+_FLOAT32_RANGE = (2.0**-40, 2.0**40)
+
+
+def float32_scale(peak: float) -> float:
+    """The power of two that brings a layer's largest |entry| (``peak``, in float64) into float32
+    products' safe range: 1.0 when it already is there, or when the layer is zero or not finite.
+    Every measure is invariant to a layer's scale; the layer's norms and energy are scaled with it."""
+    low, high = _FLOAT32_RANGE
+    if not math.isfinite(peak) or peak == 0.0 or low <= peak <= high:
+        return 1.0
+    return math.ldexp(1.0, -math.frexp(peak)[1])  # the peak lands in [0.5, 1)
 
 
 class PreparedLayers:
@@ -166,6 +169,7 @@ class PreparedLayers:
         self._row_norms = torch.zeros(len(names), self.n, dtype=torch.float64, device=self.device)
         self._energy = torch.zeros(len(names), dtype=torch.float64, device=self.device)
         self._known = [False] * len(names)  # row norms and energy of layer i filled in
+        self._scales: list[Optional[float]] = [None] * len(names)  # float32 products: see float32_scale
         self._grams: dict[tuple[str, int], torch.Tensor] = {}
         self._self_cross: Optional[torch.Tensor] = None
 
@@ -176,6 +180,11 @@ class PreparedLayers:
                 for _ in range(2):  # a second time, zeroed, if the input turns out to hold NaN or Inf
                     with _quiet():
                         x, extra = self._centred_cpu(i)
+                        if self.product_dtype == torch.float32:
+                            scale = self._decide_scale(i, lambda: float(np.abs(x).max()))
+                            if scale != 1.0:
+                                x = x * scale  # a copy: x may be the input
+                                extra = self._mean_energy(i, scale)
                         norms = np.einsum("ij,ij->i", x, x)
                     if self._record(i, norms, float(norms.sum()) + extra):
                         break
@@ -207,9 +216,13 @@ class PreparedLayers:
         x, bad = finite_or_zero(self.sources[i].to(device=self.device, dtype=torch.float64))
         if bad:
             self.problems[self.names[i]] = "it contains NaN or Inf"
-        self._energy[i] = torch.linalg.vector_norm(x) ** 4
+        raw_norm = torch.linalg.vector_norm(x)
         if self.center:
             x = x - x.mean(0, keepdim=True)
+        scale = self._decide_scale(i, lambda: float(x.abs().max())) if self.product_dtype == torch.float32 else 1.0
+        if scale != 1.0:
+            x = x * scale
+        self._energy[i] = (raw_norm * scale) ** 4
         self._row_norms[i] = torch.linalg.vector_norm(x, dim=1) ** 2
         self._known[i] = True
         return x.to(self.product_dtype)
@@ -223,14 +236,16 @@ class PreparedLayers:
             raw = np.nan_to_num(raw, nan=0.0, posinf=0.0, neginf=0.0)
         return raw
 
-    def _centred_cpu(self, i: int, scratch: Optional[np.ndarray] = None) -> tuple[np.ndarray, float]:
+    def _centred_cpu(self, i: int, scratch: Optional[np.ndarray] = None,
+                     scale: float = 1.0) -> tuple[np.ndarray, float]:
         """(layer i, centred if asked, in float64 or in ``scratch`` (float64 or float32) when given;
         n ||mean||²).
 
-        The mean is subtracted in the scratch's precision. For float32 that leaves each column a
-        residue of about one ulp of its mean, which centred and U-centred kernels cancel to first
-        order (RV2's removed diagonal keeps a first-order trace: ~1e-8 on data with mean 50 σ, see
-        the tests); so the mean itself needs no more than float32 accuracy there either.
+        The mean is taken in float64. A float32 scratch subtracts it in two float32 parts (the
+        rounded mean, then what rounding left of it), so no column keeps a residue of its mean: that
+        residue would enter RV and RV2 at first order and CKA at second, visibly once the mean is
+        1e4 times the spread. ``scale`` (a power of two, for float32 products) multiplies the
+        result, and the energy term with it.
         ``||raw||² = ||centred||² + n ||mean||²`` exactly, both sums of squares: the energy needs no
         pass of its own.
         """
@@ -239,13 +254,38 @@ class PreparedLayers:
         if scratch is None and not self.center:
             return np.ascontiguousarray(raw, dtype=np.float64), 0.0
         x = np.empty((n, p)) if scratch is None else scratch[: n * p].reshape(n, p)
-        if not self.center:
+        mean = np.add.reduce(raw, axis=0, dtype=np.float64) / n if self.center else None
+        if mean is None:
             np.copyto(x, raw, casting="same_kind")
-            return x, 0.0
-        mean = _column_mean_float32(raw) if x.dtype == np.float32 and raw.dtype == np.float32 else \
-            raw.mean(0, dtype=np.float64)
-        np.subtract(raw, mean.astype(x.dtype, copy=False), out=x, casting="same_kind")
-        return x, n * float(np.dot(mean, mean))
+        elif x.dtype == np.float64:
+            np.subtract(raw, mean, out=x)
+        else:
+            rounded = mean.astype(x.dtype)
+            np.subtract(raw, rounded, out=x, casting="same_kind")
+            x -= (mean - rounded).astype(x.dtype)
+        extra = 0.0 if mean is None else n * float(np.dot(mean, mean))
+        if scale != 1.0:  # rare: rebuilt from float64, where the entries still have all their digits
+            np.multiply(raw if mean is None else raw - mean, scale, out=x, casting="same_kind")
+            extra = self._mean_energy(i, scale)
+        return x, extra
+
+    def _decide_scale(self, i: int, peak: Callable[[], float]) -> float:
+        """Layer i's :func:`float32_scale`, decided once from its float64 ``peak`` and then kept, so
+        that its norms, energy and Grams agree whichever path computes them."""
+        if self._scales[i] is None:
+            value = peak()
+            if not math.isfinite(value):
+                return 1.0  # NaN or Inf input: zeroed and prepared again, then decided
+            self._scales[i] = float32_scale(value)
+        return self._scales[i]
+
+    def _mean_energy(self, i: int, scale: float) -> float:
+        """n ||mean||² of layer i scaled by ``scale`` (scaled before squaring: scale² may overflow)."""
+        if not self.center:
+            return 0.0
+        raw = self._raw_cpu(i)
+        mean = raw.mean(0, dtype=np.float64) * scale
+        return raw.shape[0] * float(np.dot(mean, mean))
 
     def _record(self, i: int, norms: np.ndarray, squares: float) -> bool:
         """Store layer i's row norms and energy; False (and the layer marked) if its input is not finite."""
@@ -296,19 +336,45 @@ class PreparedLayers:
     def _streamed_gram(self, i: int, out: torch.Tensor, scratch: "GramScratch") -> torch.Tensor:
         with _quiet():
             for _ in range(2):  # a second time, zeroed, if the input turns out to hold NaN or Inf
-                x, extra = self._centred_cpu(i, scratch.features)
                 if scratch.product is None:
+                    x, extra = self._centred_cpu(i, scratch.features)
                     self_product(torch.from_numpy(x), out=out)
                 else:
-                    product = scratch.product[: self.n * self.n].reshape(self.n, self.n)
-                    self_product(torch.from_numpy(x), out=torch.from_numpy(product))
-                    np.copyto(out.numpy(), product)
+                    extra = self._float32_gram(i, out, scratch)
                 if self._known[i]:
                     break
                 norms = out.numpy().diagonal().copy()
                 if self._record(i, norms, float(norms.sum()) + extra):
                     break
         return out
+
+    def _float32_gram(self, i: int, out: torch.Tensor, scratch: "GramScratch") -> float:
+        """Layer i's Gram by float32 products into ``out`` (float64); returns n ||mean||² (scaled).
+
+        Its scale is decided only when the Gram's diagonal (the rows' squared norms) leaves
+        [2**-60, 2**100] or is not finite: otherwise the layer is safely within float32's range and
+        needs no float64 pass to find its peak.
+        """
+        product = scratch.product[: self.n * self.n].reshape(self.n, self.n)
+        for _ in range(2):
+            scale = 1.0 if self._scales[i] is None else self._scales[i]
+            x, extra = self._centred_cpu(i, scratch.features, scale)
+            self_product(torch.from_numpy(x), out=torch.from_numpy(product))
+            np.copyto(out.numpy(), product)
+            if self._scales[i] is not None:
+                break
+            largest = float(product.diagonal().max())
+            if 2.0**-60 <= largest <= 2.0**100:
+                self._scales[i] = 1.0
+                break
+
+            def peak() -> float:
+                raw = self._raw_cpu(i)
+                return float(np.abs(raw - raw.mean(0, dtype=np.float64) if self.center else raw).max())
+
+            if self._decide_scale(i, peak) == 1.0:
+                break
+        return extra
 
     def self_cross(self) -> torch.Tensor:
         """``||X_iᵀ X_i||_F²`` for every layer (feature space), computed once."""
@@ -347,7 +413,7 @@ class Representations:
     r"""The layers of one network on one probe, with what the measures derive from them kept for reuse.
 
     :func:`similarity_matrix` accepts it wherever it accepts a list or dict of layers. Every call on
-    the same object then shares the float64 copies, the centred features, their feature-space norms
+    the same object then shares the prepared (centred) features, their feature-space norms
     and the untransformed n x n Grams (linear CKA, debiased CKA, RV and RV2 with centring all start
     from the same centred Gram; RBF CKA from the same distances). Use it when one set of layers meets
     several measures, or is a fixed reference compared again and again.
@@ -634,8 +700,9 @@ def similarity_matrix(
         product_dtype: precision of the large products (Grams, ``Xᵀ Y``) of the Gram-based measures;
             everything else, centring and every sum over products included, stays in float64.
             ``None``: float64 on CPU, float32 with TF32 disabled on accelerators. ``torch.float32``
-            on CPU is about twice as fast and agrees with float64 to about 1e-6 (the accuracy of
-            float32 peers or better); ``torch.float64`` on an accelerator buys the last digits.
+            on CPU is about twice as fast and agrees with float64 to about 1e-7 (float32 peers:
+            1e-4); ``torch.float64`` on an accelerator buys the last digits. Layers are scaled by
+            powers of two into float32's safe range first. SVCCA and PWCCA (SVDs) ignore it.
         **options: the measure's options (``debiased``, ``sigma``, ``center``, ``keep``).
 
     Returns:
@@ -666,6 +733,7 @@ def similarity_matrix(
         raise RepSimValueError(f"all representations must be on one device; got {sorted(map(str, devices))}. "
                                "Move them with .to(device) first.")
     device = devices.pop()
+    gemm_dtype(device, product_dtype)  # validated for every measure, though only Gram products use it
 
     if measure in _cca.CCA_MEASURES:
         shapes = {name: m.shape for name, m in zip(names_x + names_y, mats_x + mats_y)}

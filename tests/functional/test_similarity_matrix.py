@@ -1,5 +1,7 @@
 """similarity_matrix: every layer against every layer, equal to the single-pair functions."""
 
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -291,3 +293,36 @@ def test_accelerator_route_agrees_with_host_route(monkeypatch, measure, options,
                                                      **options)
             atol = 1e-12 if product_dtype == torch.float64 else 1e-6
             np.testing.assert_allclose(torch_only.numpy(), host.numpy(), rtol=0, atol=atol, err_msg=method)
+
+
+FAR_CASES = [("offset", 1e4, torch.float64), ("offset", 1e6, torch.float64), ("scale", 1e20, torch.float64),
+             ("scale", 1e-30, torch.float32), ("scale", 1e-200, torch.float64)]
+
+
+@pytest.mark.parametrize("host", [True, False], ids=["numpy-route", "torch-route"])
+@pytest.mark.parametrize("kind, value, dtype", FAR_CASES, ids=[f"{k}-{v:g}-{d}" for k, v, d in FAR_CASES])
+def test_float32_products_keep_far_offsets_and_extreme_scales(monkeypatch, kind, value, dtype, host):
+    """Centring in float32 keeps no residue of a large mean, and layers are scaled into float32's range:
+    every centred measure ignores offsets and scales, so float32 products must give the float64 values
+    of the untouched layers, on both routes and without a warning."""
+    import sys
+
+    engine = sys.modules["lightning_repsim.functional.similarity_matrix"]
+    monkeypatch.setattr(engine, "host_route", lambda device: host)
+    layers = [to_torch(a) for a in _layers(0)]
+    moved = [(m + value if kind == "offset" else m * value).to(dtype) for m in layers]
+    for measure in ("linear_cka", "rv2", "debiased_cka", "rbf_cka"):
+        for method in ("features", "gram"):
+            if measure == "rbf_cka" and method == "features":
+                continue
+            want = F.similarity_matrix(layers, measure=measure, method=method)
+            with warnings.catch_warnings():
+                warnings.simplefilter("error", RepSimWarning)
+                got = F.similarity_matrix(moved, measure=measure, method=method, product_dtype=torch.float32)
+            np.testing.assert_allclose(got.numpy(), want.numpy(), rtol=0, atol=1e-6, err_msg=f"{measure} {method}")
+
+
+def test_product_dtype_is_validated_for_cca_measures_too():
+    xs = [to_torch(a) for a in _layers(0)]
+    with pytest.raises(RepSimValueError, match="product_dtype"):
+        F.similarity_matrix(xs, measure="svcca", product_dtype="float16")
