@@ -326,3 +326,14 @@ def test_product_dtype_is_validated_for_cca_measures_too():
     xs = [to_torch(a) for a in _layers(0)]
     with pytest.raises(RepSimValueError, match="product_dtype"):
         F.similarity_matrix(xs, measure="svcca", product_dtype="float16")
+
+
+@pytest.mark.parametrize("offset", [0.0, 20.0, 1e4])
+def test_float32_inputs_far_from_zero_are_centred_exactly(offset):
+    """float32 inputs take a fast float32 mean; one whose mean is far beyond its spread (1e4 here) must
+    be centred again exactly, or its mean's rounding residue shows in RV2 and linear CKA."""
+    layers = [(to_torch(a) + offset).float() for a in _layers(0)]
+    for measure in ("rv2", "linear_cka"):
+        want = F.similarity_matrix(layers, measure=measure, method="gram")
+        got = F.similarity_matrix(layers, measure=measure, method="gram", product_dtype=torch.float32)
+        np.testing.assert_allclose(got.numpy(), want.numpy(), rtol=0, atol=1e-6, err_msg=measure)
