@@ -165,8 +165,9 @@ class PreparedLayers:
     """Per-layer statistics, computed on first use and then shared by every pair and every call.
 
     ``features[i]`` is layer i in the product dtype (float64 on CPU, float32 on accelerators unless
-    ``product_dtype`` says otherwise), centred in float64 when the spec says so; ``row_norms`` (L, n) the squared norms of its rows; ``energy`` (L,) ``(||X||_F²)²`` of the
-    raw input, the scale for "is it zero?". On CPU the Gram route asks for none of the features: it
+    ``product_dtype`` says otherwise), centred in float64 when the spec says so; ``row_norms``
+    (L, n) the squared norms of its rows; ``energy`` (L,) ``(||X||_F²)²`` of the raw input, the
+    scale for "is it zero?". On CPU the Gram route asks for none of the features: it
     centres each layer in one scratch buffer, forms its Gram there and reads the rows' norms off the
     Gram's diagonal, so no float64 copy of the stack is made (nor its pages faulted in) unless the
     feature route or RBF needs it.
@@ -199,8 +200,7 @@ class PreparedLayers:
                         if self.product_dtype == torch.float32:
                             scale = self._decide_scale(i, lambda: float(np.abs(x).max()))
                             if scale != 1.0:
-                                x = x * scale  # a copy: x may be the input
-                                extra = self._mean_energy(i, scale)
+                                x, extra = self._centred_cpu(i, scale=scale)
                         norms = np.einsum("ij,ij->i", x, x)
                     if self._record(i, norms, float(norms.sum()) + extra):
                         break
@@ -262,17 +262,21 @@ class PreparedLayers:
         residue would enter RV and RV2 at first order and CKA at second, visibly once the mean is
         1e4 times the spread. ``exact_mean=False`` lets a float32 input into a float32 scratch take
         the faster float32 mean and one subtraction instead; the caller checks the mean's size.
-        ``scale`` (a power of two, for float32 products) multiplies the result, and the energy term
-        with it.
+        ``scale`` (a power of two, for float32 products) multiplies the float64-centred layer, and
+        the mean before the energy term is squared (its square alone may overflow or underflow).
         ``||raw||² = ||centred||² + n ||mean||²`` exactly, both sums of squares: the energy needs no
         pass of its own.
         """
         raw = self._raw_cpu(i)
         n, p = raw.shape
-        if scratch is None and not self.center:
+        if scratch is None and not self.center and scale == 1.0:
             return np.ascontiguousarray(raw, dtype=np.float64), 0.0
         x = np.empty((n, p)) if scratch is None else scratch[: n * p].reshape(n, p)
-        fast = not exact_mean and x.dtype == np.float32 and raw.dtype == np.float32 and scale == 1.0
+        if scale != 1.0:  # rare: built from float64, where the entries still have all their digits
+            exact, mean = self._exact_centred(raw)
+            np.multiply(exact, scale, out=x, casting="same_kind")
+            return x, 0.0 if mean is None else n * float(np.dot(mean * scale, mean * scale))
+        fast = not exact_mean and x.dtype == np.float32 and raw.dtype == np.float32
         if not self.center:
             mean = None
         elif fast:
@@ -289,11 +293,14 @@ class PreparedLayers:
             rounded = mean.astype(x.dtype)
             np.subtract(raw, rounded, out=x, casting="same_kind")
             x -= (mean - rounded).astype(x.dtype)
-        extra = 0.0 if mean is None else n * float(np.dot(mean, mean))
-        if scale != 1.0:  # rare: rebuilt from float64, where the entries still have all their digits
-            np.multiply(raw if mean is None else raw - mean, scale, out=x, casting="same_kind")
-            extra = self._mean_energy(i, scale)
-        return x, extra
+        return x, 0.0 if mean is None else n * float(np.dot(mean, mean))
+
+    def _exact_centred(self, raw: np.ndarray) -> tuple[np.ndarray, Optional[np.ndarray]]:
+        """``raw`` centred in float64 (``raw`` itself when not centring) and its float64 mean (None)."""
+        if not self.center:
+            return raw, None
+        mean = np.add.reduce(raw, axis=0, dtype=np.float64) / raw.shape[0]
+        return raw - mean, mean
 
     def _decide_scale(self, i: int, peak: Callable[[], float]) -> float:
         """Layer i's :func:`float32_scale`, decided once from its float64 ``peak`` and then kept, so
@@ -304,14 +311,6 @@ class PreparedLayers:
                 return 1.0  # NaN or Inf input: zeroed and prepared again, then decided
             self._scales[i] = float32_scale(value)
         return self._scales[i]
-
-    def _mean_energy(self, i: int, scale: float) -> float:
-        """n ||mean||² of layer i scaled by ``scale`` (scaled before squaring: scale² may overflow)."""
-        if not self.center:
-            return 0.0
-        raw = self._raw_cpu(i)
-        mean = raw.mean(0, dtype=np.float64) * scale
-        return raw.shape[0] * float(np.dot(mean, mean))
 
     def _record(self, i: int, norms: np.ndarray, squares: float) -> bool:
         """Store layer i's row norms and energy; False (and the layer marked) if its input is not finite."""
@@ -401,11 +400,8 @@ class PreparedLayers:
                 self._scales[i] = 1.0
                 break
 
-            def peak() -> float:
-                raw = self._raw_cpu(i)
-                return float(np.abs(raw - raw.mean(0, dtype=np.float64) if self.center else raw).max())
-
-            if self._decide_scale(i, peak) == 1.0:
+            exact_peak = lambda: float(np.abs(self._exact_centred(self._raw_cpu(i))[0]).max())  # noqa: E731
+            if self._decide_scale(i, exact_peak) == 1.0:
                 break
         return extra
 
