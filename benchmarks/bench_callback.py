@@ -17,11 +17,14 @@ Run: python benchmarks/bench_callback.py [--quick] [--repeats 3]
 from __future__ import annotations
 
 import argparse
+import contextlib
+import math
 import statistics
 import sys
 import time
 import warnings
 from pathlib import Path
+from typing import Iterator
 
 import pytorch_lightning as pl
 import torch
@@ -35,45 +38,102 @@ from _machine import markdown as machine_markdown  # noqa: E402
 from bench_freeze import Classifier, cifar_like_data  # noqa: E402  (the same ResNet-18 layout and data)
 from digits import DigitsCNN, digits_dataloaders  # noqa: E402
 
-from lightning_repsim import RepresentationSimilarity  # noqa: E402
-from lightning_repsim.callbacks import similarity as similarity_module  # noqa: E402
+from lightning_repsim import RepresentationSimilarity, report  # noqa: E402
+
+
+class Clock:
+    """Wall time of the monitor's parts in one fit, summed over the fit (``points`` is per logging point).
+
+    ``setup``: on_fit_start without its probe pass (probe materialised, references captured, outputs opened).
+    ``probe``: the probe passes (one per logging point; the step-0 pass runs in on_fit_start).
+    ``work``: comparing, storing and drawing each snapshot, wherever it ran, without ``templates``.
+    ``templates``: labelled heatmap frames, drawn once per (measure, reference) with Matplotlib.
+    ``final``: the end-of-training comparison with the final snapshot, its figures and table.
+    ``hooks``: everything the training loop waited for inside the monitor's hooks.
+    ``loop``: on_train_start to on_train_end, with or without the monitor (the training epochs).
+    """
+
+    def __init__(self) -> None:
+        self.parts = {k: 0.0 for k in ("setup", "probe", "work", "templates", "final", "hooks", "loop")}
+        self.points = 0
+
+    def add(self, part: str, seconds: float) -> None:
+        self.parts[part] += seconds
+
+
+CLOCK = Clock()
+
+
+@contextlib.contextmanager
+def timed(part: str) -> Iterator[None]:
+    start = time.perf_counter()
+    try:
+        yield
+    finally:
+        CLOCK.add(part, time.perf_counter() - start)
+
+
+class TimedHeatmapFrames(report.HeatmapFrames):
+    def __init__(self, *args, **kwargs):
+        with timed("templates"):
+            super().__init__(*args, **kwargs)
+
+
+class LoopClock(pl.Callback):
+    """The training loop's own wall time (on_train_start to on_train_end), in plain and monitored runs."""
+
+    def on_train_start(self, trainer, pl_module):
+        self.start = time.perf_counter()
+
+    def on_train_end(self, trainer, pl_module):
+        if pl_module.device.type == "cuda":
+            torch.cuda.synchronize()
+        CLOCK.add("loop", time.perf_counter() - self.start)
 
 
 class TimedSimilarity(RepresentationSimilarity):
-    """Adds up the wall time spent in the monitor's hooks (``seconds``: what the training loop waits for) and
-    in its comparing/storing/drawing (``worker_seconds``: on the worker thread unless background=False)."""
+    """Attributes the monitor's wall time to the parts of :class:`Clock`."""
 
-    seconds = 0.0
-    worker_seconds = 0.0
+    def _capture(self, *args, **kwargs):
+        with timed("probe"):
+            return super()._capture(*args, **kwargs)
 
     def _compare_and_write(self, *args, **kwargs):
+        CLOCK.points += 1
+        before = CLOCK.parts["templates"]
         start = time.perf_counter()
         try:
             return super()._compare_and_write(*args, **kwargs)
         finally:
-            TimedSimilarity.worker_seconds += time.perf_counter() - start
+            CLOCK.add("work", time.perf_counter() - start - (CLOCK.parts["templates"] - before))
+
+    def _log_final(self, *args, **kwargs):
+        with timed("final"):
+            return super()._log_final(*args, **kwargs)
 
     def _guarded(self, *args, **kwargs):
-        start = time.perf_counter()
-        try:
+        with timed("hooks"):
             return super()._guarded(*args, **kwargs)
-        finally:
-            TimedSimilarity.seconds += time.perf_counter() - start
 
     def on_fit_start(self, trainer, pl_module):
+        before = CLOCK.parts["probe"]
         start = time.perf_counter()
         try:
-            return super().on_fit_start(trainer, pl_module)
+            with timed("hooks"):
+                return super().on_fit_start(trainer, pl_module)
         finally:
-            TimedSimilarity.seconds += time.perf_counter() - start
+            CLOCK.add("setup", time.perf_counter() - start - (CLOCK.parts["probe"] - before))
 
 
-def fit_once(workload: dict, mode: str, out: Path) -> float:
-    """One fit; ``mode`` is "plain" (no callback), "default" (background=None: the worker thread on
-    accelerators, the training loop on CPU), "worker" (background=True) or "in-loop" (background=False)."""
+def fit_once(workload: dict, mode: str, out: Path) -> tuple[float, Clock]:
+    """One fit: its wall time and the :class:`Clock` of its parts. ``mode`` is "plain" (no callback),
+    "default" (background=None: the worker thread on accelerators, the training loop on CPU), "worker"
+    (background=True) or "in-loop" (background=False)."""
+    global CLOCK
+    CLOCK = Clock()
     pl.seed_everything(0, verbose=False)
     model, train, val = workload["make"]()
-    callbacks = []
+    callbacks: list[pl.Callback] = [LoopClock()]
     if mode != "plain":
         callbacks.append(TimedSimilarity(probe=workload["probe"], reference=["init", "final"],
                                          measures=("linear_cka", "rv2"),
@@ -86,29 +146,47 @@ def fit_once(workload: dict, mode: str, out: Path) -> float:
     trainer.fit(model, train, val)
     if workload["accelerator"] == "gpu":
         torch.cuda.synchronize()
-    return time.perf_counter() - start
+    return time.perf_counter() - start, CLOCK
 
 
 def measure(name: str, workload: dict, repeats: int, out: Path) -> dict:
     other = "worker" if workload["accelerator"] == "cpu" else "in-loop"  # the mode the default does not pick
     times: dict[str, list[float]] = {"plain": [], "default": [], other: []}
-    hooks: list[float] = []
-    work: list[float] = []
+    plain_loops: list[float] = []
+    clocks: list[Clock] = []
+    fit_once(workload, "plain", out / f"{name}-warm-up")  # first fits in a process pay one-time initialisation
+    fit_once(workload, "default", out / f"{name}-warm-up")
     for r in range(repeats):
         for mode in times:  # alternating, so that drifts in machine load hit every mode alike
-            TimedSimilarity.seconds = TimedSimilarity.worker_seconds = 0.0
-            times[mode].append(fit_once(workload, mode, out / f"{name}-{mode}-{r}"))
-            if mode == "default":
-                hooks.append(TimedSimilarity.seconds)
-                work.append(TimedSimilarity.worker_seconds)
+            seconds, clock = fit_once(workload, mode, out / f"{name}-{mode}-{r}")
+            times[mode].append(seconds)
+            if mode == "plain":
+                plain_loops.append(clock.parts["loop"])
+            elif mode == "default":
+                clocks.append(clock)
+        parts = clocks[-1].parts
         print(f"[{name}] repeat {r}: " + ", ".join(f"{m} {t[-1]:.2f} s" for m, t in times.items())
-              + f" (default: hooks {hooks[-1]:.2f} s, comparing/storing/drawing {work[-1]:.2f} s)", flush=True)
+              + f" (default: hooks {parts['hooks']:.2f} s, probe passes {parts['probe']:.2f} s, comparing/storing/"
+              f"drawing {parts['work']:.2f} s, templates {parts['templates']:.2f} s, final {parts['final']:.2f} s)",
+              flush=True)
     med = {m: statistics.median(t) for m, t in times.items()}
+    part = {k: statistics.median(c.parts[k] for c in clocks) for k in clocks[0].parts}
+    points = clocks[0].points
+    epochs = workload["epochs"]
+    epoch = statistics.median(plain_loops) / epochs  # one plain training epoch, validation included
+    background = workload["accelerator"] != "cpu"  # the default mode's choice: work on a worker thread
+    # What the training loop waits for: with the worker thread, only the probe passes and the final snapshot.
+    per_point = (part["probe"] + (0.0 if background else part["work"])) / points
+    once = part["setup"] + (0.0 if background else part["templates"]) + part["final"]
     return {"name": name, "plain": med["plain"], "monitored": med["default"], "other_mode": other,
-            "other": med[other], "hooks": statistics.median(hooks), "work": statistics.median(work),
+            "other": med[other], "hooks": part["hooks"], "work": part["work"] + part["templates"],
             "wall_overhead": med["default"] / med["plain"] - 1, "other_overhead": med[other] / med["plain"] - 1,
-            "target": workload["target"], "device": workload["device"], "epochs": workload["epochs"],
-            "probe": workload["probe_label"], "background": workload["accelerator"] != "cpu"}
+            "target": workload["target"], "device": workload["device"], "epochs": epochs,
+            "probe": workload["probe_label"], "background": background,
+            "points": points, "epoch": epoch, "probe_pass": part["probe"] / points,
+            "point_work": part["work"] / points, "per_point": per_point, "setup": part["setup"],
+            "templates": part["templates"], "final": part["final"], "once": once,
+            "per_epoch_share": per_point / epoch}
 
 
 def workloads(quick: bool) -> dict:
@@ -135,6 +213,16 @@ def workloads(quick: bool) -> dict:
     return found
 
 
+def epochs_to_target(row: dict) -> str:
+    """The run length (epochs) from which the overhead model of the breakdown table meets the target."""
+    if row["target"] is None:
+        return "—"
+    budget = row["target"] * row["epoch"] - row["per_point"]  # what each epoch leaves for the once-per-run cost
+    if budget <= 0:
+        return "never (per point > target × epoch)"
+    return f"{math.ceil((row['once'] + row['per_point']) / budget)} epochs"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="2 epochs, 1 repeat (smoke test)")
@@ -143,6 +231,7 @@ def main() -> None:
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
     scratch = Path("/tmp") / "repsim-bench-callback"
+    report.HeatmapFrames = TimedHeatmapFrames  # the callback draws its templates through report.HeatmapFrames
     rows = [measure(name, w, 1 if args.quick else args.repeats, scratch) for name, w in workloads(args.quick).items()]
 
     lines = ["## RepresentationSimilarity overhead", "",
@@ -165,6 +254,25 @@ def main() -> None:
         lines.append(f"| {r['name']} | {r['device']} | {r['epochs']} | {r['probe']} | {r['plain']:.2f} | "
                      f"{r['monitored']:.2f} | {r['hooks']:.2f} | {r['work']:.2f} | {r['wall_overhead']:+.1%} | "
                      f"{other} | {r['other']:.2f} | {r['other_overhead']:+.1%} | {target} |")
+    lines += ["", "### Where the monitor's time goes", "",
+              "The same default-mode runs, split by part (medians). *Per point* is paid at every logging point "
+              "(here one per epoch, plus step 0): the probe pass, then comparing with the references, storing the "
+              "snapshot and drawing its heatmaps, PNG and CSV files. *Once* is paid per run: setup (the probe "
+              "materialised and hashed, outputs opened), the Matplotlib templates of the heatmaps (labels and "
+              "colour bar, drawn once per measure and reference) and the end-of-training comparison with the final "
+              "snapshot, with its convergence maps, curves and tables. Where the default runs the work on a worker "
+              "thread (accelerators), *per point* and *once* count only what the training loop waits for. *Per point "
+              "/ epoch* is the floor of the overhead at one point per epoch, however long the run; *runs ≤ target "
+              "from* is how many epochs a run needs before its overhead, (once + (epochs + 1) × per point) / "
+              "(epochs × epoch), falls to the target.", "",
+              "| workload | plain epoch (s) | points | probe pass (ms) | compare, store, draw (ms) | per point (ms) | "
+              "per point / epoch | setup (s) | templates (s) | final snapshot (s) | once (s) | runs ≤ target from |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['name']} | {r['epoch']:.3f} | {r['points']} | {1e3 * r['probe_pass']:.1f} | "
+                     f"{1e3 * r['point_work']:.1f} | {1e3 * r['per_point']:.1f} | {r['per_epoch_share']:.1%} | "
+                     f"{r['setup']:.2f} | {r['templates']:.2f} | {r['final']:.2f} | {r['once']:.2f} | "
+                     f"{epochs_to_target(r)} |")
     if not torch.cuda.is_available():
         lines += ["", "GPU figure pending: no GPU was available to this run (the ≤ 2 % target is for the "
                       "ResNet-18-like network on an H100/H200)."]
