@@ -727,7 +727,8 @@ def capture(
     every submodule's ``training`` flag is restored exactly afterwards, also when the forward
     raises, so parameters and buffers (BatchNorm running statistics) are unchanged. An active
     ``torch.autocast`` context is respected (not disabled); outputs are upcast to at least
-    float32. Features stay on the model's device. A DDP / DataParallel wrapper is unwrapped;
+    float32. Features stay on the model's device; a :class:`Probe` is copied there once and
+    reused by later calls. A DDP / DataParallel wrapper is unwrapped;
     a LightningModule works like any ``nn.Module``.
 
     The result is ordered by first execution (the start of a module's first call, so a block
@@ -783,7 +784,9 @@ def capture(
         )
     model = _unwrap(model)
     probe = probe_or_tensor if isinstance(probe_or_tensor, Probe) else Probe(probe_or_tensor)
-    batches = probe.batches(batch_size)  # validates batch_size before any hook is placed
+    device = _model_device(model)
+    # validates batch_size before any hook is placed; a Probe copies itself to the device once
+    batches = probe.batches(batch_size, device=device)
 
     modules = dict(model.named_modules())
     if layers is None:
@@ -805,7 +808,6 @@ def capture(
                 return value
         return "auto"
 
-    device = _model_device(model)
     first_call: dict[str, int] = {}  # order of first *start* (pre-hook), containers first
     chunks: dict[str, list[torch.Tensor]] = {name: [] for name in selected}
     seen_this_batch: set[str] = set()
@@ -854,7 +856,6 @@ def capture(
         model.eval()
         with torch.no_grad():
             for batch in batches:
-                batch = batch.to(device, non_blocking=True)
                 seen_this_batch.clear()
                 if forward is None:
                     model(batch)

@@ -615,3 +615,35 @@ def test_probe_from_dataloader_leaves_global_rng_untouched():
     Probe(DataLoader(TensorDataset(x), batch_size=5, shuffle=True))
     Probe(DataLoader(x, batch_size=5))
     torch.testing.assert_close(torch.rand(3), expected, rtol=0, atol=0)
+
+
+def test_capture_takes_the_probe_from_the_model_device_copy(monkeypatch):
+    requested = []
+    original = Probe.to
+
+    def spy(self, device):
+        requested.append(torch.device(device))
+        return original(self, device)
+
+    monkeypatch.setattr(Probe, "to", spy)
+    probe = Probe(torch.randn(6, 4))
+    capture(nn.Linear(4, 3), probe, batch_size=4)
+    capture(nn.Linear(4, 3), probe, batch_size=4)
+    assert requested == [torch.device("cpu")] * 2  # one device copy per call, never one per batch
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_probe_is_copied_to_the_gpu_once_across_captures():
+    net = nn.Linear(4, 3).cuda()
+    probe = Probe(torch.randn(10, 4))
+    seen = []
+
+    def forward(model, batch):
+        seen.append(batch.data_ptr())
+        return model(batch)
+
+    for _ in range(2):
+        capture(net, probe, forward=forward, batch_size=5)
+    assert len(probe._on_device) == 1
+    base = probe.to("cuda").data_ptr()
+    assert seen == [base, base + 5 * 4 * 4] * 2  # slices of the one cached copy, no per-batch transfer
