@@ -266,11 +266,11 @@ class RepresentationSimilarity(Callback):
         if n < minimum:
             raise RepSimValueError(f"the probe has {n} example(s); {', '.join(needs_four) or 'the measures'} need at "
                                    f"least {minimum}. Use a larger probe.")
-        features = self._capture(pl_module)
+        features = self._capture_trained(trainer, pl_module)
         self._layer_names = list(features)
         for ref in self._references:
             if ref.kind == "module":
-                ref.features = self._capture_reference(ref, pl_module)
+                ref.features = self._capture_reference(ref, trainer, pl_module)
         run_dir = trainer.log_dir  # a broadcast from rank 0 under DDP: every rank must call it
         if trainer.is_global_zero:
             self._open_outputs(trainer, run_dir)
@@ -367,12 +367,40 @@ class RepresentationSimilarity(Callback):
                               "resume with the same probe so the store stays comparable.")
         return probe
 
-    def _capture(self, module: nn.Module, layers: LayerSelector = None) -> dict[str, torch.Tensor]:
+    def _capture(self, module: nn.Module, layers: LayerSelector = None,
+                 trainer: Optional[pl.Trainer] = None) -> dict[str, torch.Tensor]:
+        """The probe's features; with ``trainer``, the pass runs as its validation steps do: inputs converted
+        and the forward wrapped by its precision plugin (autocast for "16-mixed"/"bf16-mixed", the module's
+        dtype for "bf16-true"/"16-true"). Features are upcast to float32 by capture()."""
         assert self._probe is not None
-        return capture(module, self._probe, self.layers if layers is None else layers, batch_size=self.batch_size,
-                       max_features=self.max_features)
+        forward = None
+        if trainer is not None:
+            precision = trainer.precision_plugin
 
-    def _capture_reference(self, ref: _Reference, pl_module: pl.LightningModule) -> dict[str, torch.Tensor]:
+            def forward(model: nn.Module, batch: torch.Tensor) -> Any:
+                with precision.val_step_context():
+                    return model(precision.convert_input(batch))
+
+        return capture(module, self._probe, self.layers if layers is None else layers, batch_size=self.batch_size,
+                       max_features=self.max_features, forward=forward)
+
+    def _capture_trained(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, torch.Tensor]:
+        """The trained module's features; a probe it cannot run is reported as such, with its shape."""
+        try:
+            return self._capture(pl_module, trainer=trainer)
+        except RepSimValueError:
+            raise
+        except Exception as err:  # the user's model, the user's probe: say which pairing failed
+            assert self._probe is not None
+            raise RepSimValueError(f"{type(pl_module).__name__} cannot run the probe of shape "
+                                   f"{tuple(self._probe.inputs.shape)} ({self._probe.inputs.dtype}): "
+                                   f"{type(err).__name__}: {err}. Pass probe= inputs that the module's forward "
+                                   "accepts (its first tensor is what is fed to forward).") from err
+
+    def _capture_reference(self, ref: _Reference, trainer: pl.Trainer,
+                           pl_module: pl.LightningModule) -> dict[str, torch.Tensor]:
+        """A reference's features. A checkpoint, loaded into a copy of the trained module, runs under the
+        Trainer's precision like it; an ``nn.Module`` runs as given (its own dtype, no autocast)."""
         if isinstance(ref.source, Path):
             checkpoint = torch.load(ref.source, map_location="cpu", weights_only=True)
             model = copy.deepcopy(pl_module)
@@ -385,7 +413,7 @@ class RepresentationSimilarity(Callback):
             model = ref.source
         try:
             model.to(pl_module.device)
-            return self._capture(model, self.reference_layers)
+            return self._capture(model, self.reference_layers, trainer if isinstance(ref.source, Path) else None)
         except RepSimValueError:
             raise
         except Exception as err:  # the user's model, the user's probe: say which pairing failed
@@ -463,7 +491,8 @@ class RepresentationSimilarity(Callback):
 
     def _log_point(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         step = trainer.global_step
-        features = self._unlogged_start if step == 0 and self._unlogged_start is not None else self._capture(pl_module)
+        features = self._unlogged_start if step == 0 and self._unlogged_start is not None \
+            else self._capture_trained(trainer, pl_module)
         self._unlogged_start = None
         self._attempted_step = step
         for name, x in features.items():
