@@ -22,6 +22,7 @@ from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from lightning_repsim.callbacks import RepresentationSimilarity
+from lightning_repsim.capture import capture
 from lightning_repsim.errors import RepSimWarning
 from lightning_repsim.functional import linear_cka
 from lightning_repsim.store import open_store
@@ -545,6 +546,33 @@ def test_ddp_spawn_two_cpu_processes(tmp_path):
     rows = read_csv(figures / "step-00000000" / "linear_cka__init.csv")
     assert [float(rows[i + 1][i + 1]) for i in range(3)] == pytest.approx([1.0] * 3, abs=1e-5)
     assert not list(Path(tmp_path).rglob("events.out.tfevents*"))
+
+
+def test_ddp_spawn_numbers_equal_one_process_and_tensorboard_is_written_once(tmp_path):
+    torch.manual_seed(3)
+    model = Net()
+    initial = Net()
+    initial.load_state_dict(model.state_dict())
+    callback = monitor(every_n_steps=2, reference=["init", "final"])
+    trainer = make_trainer(tmp_path, [callback, DDPChecks()], max_epochs=2, devices=2, strategy="ddp_spawn")
+    trainer.fit(model, train_loader())  # ddp_spawn copies rank 0's trained weights back into `model`
+    events = list(Path(tmp_path).rglob("events.out.tfevents*"))
+    assert len(events) == 1  # rank 0 alone writes TensorBoard events
+    store = open_store(Path(tmp_path) / "run" / "version_0" / "repsim")
+    # one process, same weights: the snapshots are the same features ...
+    for step, net in ((0, initial), (4, model)):
+        expected = capture(net, PROBE)
+        for name in LAYERS:
+            torch.testing.assert_close(store.get(step, name), expected[name], rtol=1e-6, atol=1e-6)
+    # ... and the logged similarities are the same numbers
+    acc = read_events(events[0].parent)
+    start, end = capture(initial, PROBE), capture(model, PROBE)
+    for name in LAYERS:
+        logged = scalars(acc, f"repsim/linear_cka/init/{name}")
+        assert sorted(logged) == [0, 2, 4]
+        assert logged[4] == pytest.approx(float(linear_cka(end[name], start[name])), abs=1e-6)
+        final = scalars(acc, f"repsim/linear_cka/final/{name}")
+        assert final[0] == pytest.approx(float(linear_cka(start[name], end[name])), abs=1e-6)
 
 
 # ----------------------------------------------------------------------------- bad input
