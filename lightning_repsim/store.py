@@ -705,8 +705,8 @@ class SnapshotStore:
                     f"{self.path}: snapshots would exceed the disk budget max_bytes="
                     f"{self._max_bytes} at step {step}; thinning older snapshots to one in "
                     f"{stride} (the first and the newest are always kept; dropped steps are listed "
-                    f"in {MANIFEST_NAME}). To keep them all, pass a larger max_bytes "
-                    "(SnapshotStore.create/open(..., max_bytes=...))",
+                    f"in {MANIFEST_NAME}). To keep them all, give the store a larger budget: "
+                    "RepresentationSimilarity(max_store_bytes=...) or SnapshotStore.create/open(..., max_bytes=...)",
                     RepSimWarning,
                     stacklevel=2,
                 )

@@ -418,7 +418,7 @@ def test_budget_thinning_keeps_first_last_evenly_with_one_warning(tmp_path):
 
     assert len(caught) == 1
     message = str(caught[0].message)
-    assert f"max_bytes={budget}" in message and "larger max_bytes" in message
+    assert f"max_bytes={budget}" in message and "RepresentationSimilarity(max_store_bytes=...)" in message
     assert store.thinned["stride"] > 2  # thinned repeatedly, warned once
     m = manifest(store.path)
     assert m["thinned"]["dropped_steps"] == store.thinned["dropped_steps"]

@@ -249,7 +249,9 @@ class RepresentationSimilarity(Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         for ref in self._references:
             if ref.kind == "module" and isinstance(ref.source, Path) and not ref.source.is_file():
-                raise RepSimValueError(f"reference checkpoint {str(ref.source)!r} does not exist.")
+                raise RepSimValueError(f"reference checkpoint {str(ref.source)!r} does not exist. A reference is one "
+                                       f"of {', '.join(map(repr, _KEYWORDS))} (lower case), an nn.Module or the path "
+                                       "of a Lightning checkpoint.")
         strategy = type(trainer.strategy).__name__
         if "FSDP" in strategy or "DeepSpeed" in strategy:
             raise RepSimValueError(f"RepresentationSimilarity captures whole-layer outputs and does not support "

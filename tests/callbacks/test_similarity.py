@@ -608,7 +608,7 @@ def test_missing_checkpoint_reference(tmp_path):
     model = Net()
     callback = monitor(reference="foo")  # not a keyword: taken for a checkpoint path
     assert callback.references == ["foo"]
-    with pytest.raises(ValueError, match="'foo' does not exist"):
+    with pytest.raises(ValueError, match="'foo' does not exist. A reference is one of 'init', 'previous', 'final'"):
         make_trainer(tmp_path, [callback]).fit(model, train_loader())
     assert model.train_steps_run == 0
 
