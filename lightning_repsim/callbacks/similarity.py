@@ -64,7 +64,7 @@ def store_tensors(features: Mapping[str, torch.Tensor], n: int) -> tuple[dict[st
         if x.shape[1] <= n:
             tensors[name], kinds[name] = x.float(), "features"
         elif not bool(torch.isfinite(x).all()):
-            tensors[name], kinds[name] = torch.full((x.shape[0], 1), float("nan")), "gram_factor"
+            tensors[name], kinds[name] = torch.full((x.shape[0], 1), float("nan"), dtype=torch.float32), "gram_factor"
         else:
             tensors[name], kinds[name] = torch.linalg.qr(x.T, mode="r").R.T.float(), "gram_factor"
     return tensors, kinds
