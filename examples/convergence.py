@@ -1,9 +1,9 @@
 """Bottom-up convergence: do lower layers settle before higher ones? (Raghu et al. 2017; Morcos et al. 2018)
 
-Trains a plain 9-layer CNN on sklearn's digits (the network of examples/sanity_check.py: conv1-conv6,
-fc7, fc8, logits) with ``RepresentationSimilarity(reference="final")``: a snapshot of every layer
-on the 397 validation images every ``--every`` optimizer steps (about 4 per epoch), and at the end
-of training every snapshot is compared with the last one. The callback writes the layer x step
+Trains a plain 9-layer CNN on sklearn's digits (``PlainCNN`` below: conv1-conv6, fc7, fc8, logits)
+with ``RepresentationSimilarity(reference="final")``: a snapshot of every layer on the 397
+validation images every ``--every`` optimizer steps (about 4 per epoch), and at the end of training
+every snapshot is compared with the last one. The callback writes the layer x step
 convergence map, the curves and a CSV to ``<log_dir>/repsim/figures/final/``. This script reads the
 CSV back, finds for each layer the step from which its similarity to the final snapshot stays at or
 above ``--threshold`` (0.95) of its final value (library: ``report.convergence_steps``), and asks
@@ -26,6 +26,7 @@ import shutil
 import sys
 import time
 import warnings
+from collections import OrderedDict
 from pathlib import Path
 
 import matplotlib
@@ -40,11 +41,30 @@ from scipy.stats import spearmanr  # noqa: E402
 from torch import nn  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from digits import digits_dataloaders  # noqa: E402
-from sanity_check import PlainCNN  # noqa: E402
+from digits import DigitsCNN, digits_dataloaders  # noqa: E402
 
 from lightning_repsim import RepresentationSimilarity  # noqa: E402
 from lightning_repsim.report import convergence_steps  # noqa: E402
+
+
+class PlainCNN(DigitsCNN):
+    """9 layers: conv1-conv6 (3x3, BatchNorm, ReLU; stride 2 at conv3 and conv5), fc7, fc8, logits."""
+
+    def __init__(self, lr: float = 1e-3, width: int = 32) -> None:
+        super().__init__(lr=lr, width=width)
+        w = width
+        blocks: list[tuple[str, nn.Module]] = []
+        for i, (c_in, c_out, stride) in enumerate([(1, w, 1), (w, w, 1), (w, 2 * w, 2), (2 * w, 2 * w, 1),
+                                                   (2 * w, 4 * w, 2), (4 * w, 4 * w, 1)], start=1):
+            blocks += [(f"conv{i}", nn.Conv2d(c_in, c_out, 3, stride=stride, padding=1, bias=False)),
+                       (f"bn{i}", nn.BatchNorm2d(c_out)), (f"relu{i}", nn.ReLU())]
+        self.features = nn.Sequential(OrderedDict(blocks))  # 8x8 -> 4x4 (conv3) -> 2x2 (conv5)
+        self.classifier = nn.Sequential(OrderedDict([
+            ("flatten", nn.Flatten()),
+            ("fc7", nn.Linear(4 * w * 2 * 2, 128)), ("relu7", nn.ReLU()),
+            ("fc8", nn.Linear(128, 64)), ("relu8", nn.ReLU()),
+            ("logits", nn.Linear(64, 10)),
+        ]))
 
 
 def read_final_csv(path: Path) -> tuple[list[str], list[int], np.ndarray]:
