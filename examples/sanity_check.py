@@ -7,18 +7,31 @@ accuracy is the fraction of (pair, layer) cases identified, averaged over all or
 index finds the architecturally corresponding layer; Kornblith et al. found that CKA does (99 %)
 and the CCA family does not (10-15 %).
 
-Our networks are a plain 9-layer CNN on sklearn's 8x8 digits (6 conv + 2 hidden fully connected
-layers + logits; BatchNorm; the paper used 10-layer All-CNN-C-like nets on CIFAR-10 and 10 seeds).
-As in the paper, the logits layer is excluded and layers are the post-ReLU activations. The probe
-is the 397 validation images. Conv maps are average pooled to at most ``--max-features`` features
-per layer *for every measure*, so that the CCA-family measures are defined: with n = 397 examples,
-CCA needs the two sides' dimensions kx + ky < n - 1 (otherwise some canonical correlations are 1
-for any data and the library returns NaN). A NaN row counts as a miss and is reported.
+The network has the layout of the paper's own Table 2 network, the 10-layer "Tiny-10" CNN of its
+appendix, adapted to sklearn's 8x8 digits (``Tiny10``): eight convs with 32, 32, 64, 64, 64, 128,
+128 and 128 channels, 3x3 except the last (1x1), stride 2 at conv3 and conv6, no padding at conv7,
+each followed by BatchNorm and ReLU; then global average pooling and a linear logits layer, with no
+hidden fully connected layer. ``forward`` upsamples the digits to 16x16 (bilinear), so the maps
+of conv1-conv8 are 16, 16, 8, 8, 8, 4, 2 and 2 pixels wide. Training: Adam with a one-cycle
+learning-rate schedule (peak 3e-3, stepped per batch), ``--epochs`` epochs, batch 64. The paper
+trained 10 seeds on CIFAR-10; we train ``--seeds`` (default 5).
 
-Writes, under --out: one heatmap per measure for the first seed pair, a bar chart of the
-accuracies beside the paper's, and accuracies.csv.
+As in the paper, the logits layer is excluded and the compared layers are the eight post-ReLU
+outputs, relu1-relu8. The probe is the 397 validation images (at 8x8; the network upsamples them).
+Conv maps are average pooled to at most ``--max-features`` (512) features per layer for the CKA/RV
+measures and to at most ``--cca-max-features`` (192) for SVCCA and PWCCA. With n = 397 examples,
+CCA needs the two sides' compared dimensions kx + ky < n - 1; otherwise some canonical correlations
+are 1 for any data and the library returns NaN. At 192 the widest layers have 128 features, so
+every pair is defined. At 512, PWCCA, which compares each layer's full rank, has a NaN in every row
+(SVCCA keeps only the directions that hold 99 % of the variance and may stay defined). So each
+network's layers are captured twice, once per cap. A NaN row counts as a miss and is reported.
 
-Run: python examples/sanity_check.py [--seeds 5] [--epochs 20] [--max-features 128] [--quick]
+Writes, under --out: one heatmap per measure for the first seed pair, the library's own heatmaps of
+linear CKA and SVCCA for that pair (``compare``, ``Comparison.plot``) with their matrices as CSV
+(seed_pair_csv/), a bar chart of the accuracies beside the paper's, and accuracies.csv.
+
+Run: python examples/sanity_check.py [--seeds 5] [--epochs 10] [--max-features 512] [--cca-max-features 192]
+     [--quick]
 """
 from __future__ import annotations
 
@@ -44,6 +57,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from digits import N_TRAIN, DigitsCNN, digits_dataloaders, digits_tensors  # noqa: E402
 
 from lightning_repsim import RepSimWarning, compare  # noqa: E402
+from lightning_repsim.capture import capture  # noqa: E402
+from lightning_repsim.functional import Representations, similarity_matrix  # noqa: E402
 
 # measure label -> (library measure, options)
 MEASURES = OrderedDict([
@@ -57,39 +72,52 @@ MEASURES = OrderedDict([
     ("PWCCA", ("pwcca", {})),
 ])
 
-#: Kornblith et al. 2019, Table 2 (10 ten-layer CNNs on CIFAR-10, logits excluded), in percent.
+#: Kornblith et al. 2019, Table 2 (10 Tiny-10 CNNs on CIFAR-10, logits excluded), in percent.
 PAPER = OrderedDict([
     ("CCA (ρ̄)", 1.4), ("CCA (R²)", 10.6), ("SVCCA (ρ̄)", 9.9), ("SVCCA (R²)", 15.1), ("PWCCA", 11.1),
     ("Linear Reg.", 45.4), ("Linear HSIC", 22.2), ("CKA (Linear)", 99.3), ("CKA (RBF 0.2)", 80.6),
     ("CKA (RBF 0.4)", 99.1), ("CKA (RBF 0.8)", 99.3),
 ])
+#: measured on layers pooled to --cca-max-features, the others to --max-features
+CCA = ("SVCCA (ρ̄, keep 0.99)", "PWCCA")
 PAPER_FOR = {"CKA (linear)": "CKA (Linear)", "CKA (RBF 0.8)": "CKA (RBF 0.8)", "CKA (RBF 0.4)": "CKA (RBF 0.4)",
              "SVCCA (ρ̄, keep 0.99)": "SVCCA (ρ̄)", "PWCCA": "PWCCA"}
 
 
-class PlainCNN(DigitsCNN):
-    """9 layers: conv1-conv6 (3x3, BatchNorm, ReLU; stride 2 at conv3 and conv5), fc7, fc8, logits."""
+def tiny10_convs(w: int) -> list[tuple[int, int, int, int, int]]:
+    """Tiny-10's eight convs as (c_in, c_out, kernel, stride, padding) for width ``w``."""
+    return [(1, w, 3, 1, 1), (w, w, 3, 1, 1), (w, 2 * w, 3, 2, 1), (2 * w, 2 * w, 3, 1, 1), (2 * w, 2 * w, 3, 1, 1),
+            (2 * w, 4 * w, 3, 2, 1), (4 * w, 4 * w, 3, 1, 0), (4 * w, 4 * w, 1, 1, 0)]
 
-    def __init__(self, lr: float = 1e-3, width: int = 32) -> None:
+
+class Tiny10(DigitsCNN):
+    """Kornblith et al.'s Tiny-10 on 16x16 digits: conv1-conv8 (BatchNorm, ReLU), global average pool, logits."""
+
+    def __init__(self, lr: float = 3e-3, width: int = 32) -> None:
         super().__init__(lr=lr, width=width)
-        w = width
         blocks: list[tuple[str, nn.Module]] = []
-        for i, (c_in, c_out, stride) in enumerate([(1, w, 1), (w, w, 1), (w, 2 * w, 2), (2 * w, 2 * w, 1),
-                                                   (2 * w, 4 * w, 2), (4 * w, 4 * w, 1)], start=1):
-            blocks += [(f"conv{i}", nn.Conv2d(c_in, c_out, 3, stride=stride, padding=1, bias=False)),
+        for i, (c_in, c_out, kernel, stride, padding) in enumerate(tiny10_convs(width), start=1):
+            blocks += [(f"conv{i}", nn.Conv2d(c_in, c_out, kernel, stride, padding, bias=False)),
                        (f"bn{i}", nn.BatchNorm2d(c_out)), (f"relu{i}", nn.ReLU())]
-        self.features = nn.Sequential(OrderedDict(blocks))  # 8x8 -> 4x4 (conv3) -> 2x2 (conv5)
+        self.features = nn.Sequential(OrderedDict(blocks))  # 16x16 -> 8x8 (conv3) -> 4x4 (conv6) -> 2x2 (conv7)
         self.classifier = nn.Sequential(OrderedDict([
-            ("flatten", nn.Flatten()),
-            ("fc7", nn.Linear(4 * w * 2 * 2, 128)), ("relu7", nn.ReLU()),
-            ("fc8", nn.Linear(128, 64)), ("relu8", nn.ReLU()),
-            ("logits", nn.Linear(64, 10)),
+            ("pool", nn.AdaptiveAvgPool2d(1)), ("flatten", nn.Flatten()), ("logits", nn.Linear(4 * width, 10)),
         ]))
 
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = nn.functional.interpolate(x, size=(16, 16), mode="bilinear", align_corners=False)
+        return self.classifier(self.features(x))
 
-def train(seed: int, epochs: int) -> tuple[PlainCNN, float]:
+    def configure_optimizers(self):
+        optimizer = torch.optim.Adam(self.parameters(), lr=self.hparams.lr)
+        schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=self.hparams.lr,
+                                                       total_steps=self.trainer.estimated_stepping_batches)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+
+def train(seed: int, epochs: int) -> tuple[Tiny10, float]:
     pl.seed_everything(seed, workers=False)
-    model = PlainCNN()
+    model = Tiny10()
     train_loader, val_loader = digits_dataloaders(seed=seed)
     trainer = pl.Trainer(max_epochs=epochs, enable_progress_bar=False, logger=False, enable_checkpointing=False,
                          enable_model_summary=False, accelerator="cpu", devices=1)
@@ -100,16 +128,19 @@ def train(seed: int, epochs: int) -> tuple[PlainCNN, float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, default=5)
-    parser.add_argument("--epochs", type=int, default=20)
-    parser.add_argument("--max-features", type=int, default=128,
-                        help="cap on features per conv layer (average pooling) for every measure")
+    parser.add_argument("--first-seed", type=int, default=0, help="the seeds are first-seed, first-seed + 1, ...")
+    parser.add_argument("--epochs", type=int, default=10)
+    parser.add_argument("--max-features", type=int, default=512,
+                        help="cap on features per conv layer (average pooling) for the CKA and RV measures")
+    parser.add_argument("--cca-max-features", type=int, default=192,
+                        help="the same cap for SVCCA and PWCCA; CCA needs kx + ky < n - 1 = 396")
     parser.add_argument("--out", default="examples/output/sanity_check")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch CPU threads (1 is as fast for these small nets and robust on a busy machine)")
-    parser.add_argument("--quick", action="store_true", help="3 seeds, 4 epochs")
+    parser.add_argument("--quick", action="store_true", help="3 seeds, 3 epochs")
     args = parser.parse_args()
     if args.quick:
-        args.seeds, args.epochs = 3, 4
+        args.seeds, args.epochs = 3, 3
     import logging
     logging.getLogger("pytorch_lightning").setLevel(logging.ERROR)
     logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
@@ -121,7 +152,8 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     models, accuracies = [], []
-    for seed in range(args.seeds):
+    seeds = list(range(args.first_seed, args.first_seed + args.seeds))
+    for seed in seeds:
         t0 = time.perf_counter()
         model, acc = train(seed, args.epochs)
         models.append(model)
@@ -131,7 +163,7 @@ def main() -> None:
 
     images, _ = digits_tensors()
     probe = images[N_TRAIN:]  # the 397 validation images
-    layers = nn.ReLU  # post-activation outputs of conv1-conv6, fc7, fc8; the logits are not a ReLU
+    layers = nn.ReLU  # post-activation outputs of conv1-conv8; the logits are not a ReLU
     names = {label: m for label, (m, _) in MEASURES.items()}
     options = {label: o for label, (_, o) in MEASURES.items()}
 
@@ -139,56 +171,56 @@ def main() -> None:
     near = {label: 0 for label in MEASURES}  # argmax within one layer of the right one
     nan_rows = {label: 0 for label in MEASURES}
     confusion = {label: None for label in MEASURES}
-    total = 0
-    first_pair = None
-    layer_names: list[str] = []
-    # two compare() calls per ordered pair: rbf_cka appears with two bandwidths
-    calls = [[label for label in MEASURES if label != "CKA (RBF 0.4)"], ["CKA (RBF 0.4)"]]
+    # the CCA family needs a lower feature cap than the CKA family (see the docstring). Each network's
+    # layers are captured once per cap; Representations keeps their centred features and Grams for
+    # every pair and measure that meets them.
+    caps = {label: args.cca_max_features if label in CCA else args.max_features for label in MEASURES}
     t0 = time.perf_counter()
-    for a, b in itertools.permutations(range(args.seeds), 2):
-        matrices = {}
-        for group in calls:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", RepSimWarning)
-                result = compare(models[a], models[b], probe=probe, measures=[names[label] for label in group],
-                                 layers=layers, measure_options={names[label]: options[label] for label in group},
-                                 max_features=args.max_features, names=(f"seed {a}", f"seed {b}"))
-            for label in group:
-                matrices[label] = result[names[label]].cpu().numpy()
-        layer_names = [n.split(".")[-1] for n in result.layers_a]
-        if first_pair is None:
-            first_pair = (a, b, matrices)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RepSimWarning)
+        features = {cap: [capture(model, probe, layers, max_features=cap) for model in models]
+                    for cap in sorted(set(caps.values()))}
+        representations = {cap: [Representations(f) for f in per_model] for cap, per_model in features.items()}
+        layer_names = [name.split(".")[-1] for name in features[args.max_features][0]]
         n_layers = len(layer_names)
-        total += n_layers
-        for label, matrix in matrices.items():
-            if confusion[label] is None:
-                confusion[label] = np.zeros((n_layers, n_layers), dtype=int)
-            for i in range(n_layers):
-                row = matrix[i]
-                if not np.isfinite(row).all():
-                    nan_rows[label] += 1
-                    continue
-                j = int(np.argmax(row))
-                confusion[label][i, j] += 1
-                hits[label] += int(j == i)
-                near[label] += int(abs(j - i) <= 1)
+        total = 0
+        first_pair = None
+        for a, b in itertools.permutations(range(args.seeds), 2):
+            matrices = {}
+            for label, cap in caps.items():
+                matrix = similarity_matrix(representations[cap][a], representations[cap][b], names[label],
+                                           **options[label])
+                matrices[label] = matrix.cpu().numpy()
+            if first_pair is None:
+                first_pair = (a, b, matrices)
+            total += n_layers
+            for label, matrix in matrices.items():
+                if confusion[label] is None:
+                    confusion[label] = np.zeros((n_layers, n_layers), dtype=int)
+                for i in range(n_layers):
+                    row = matrix[i]
+                    if not np.isfinite(row).all():
+                        nan_rows[label] += 1
+                        continue
+                    j = int(np.argmax(row))
+                    confusion[label][i, j] += 1
+                    hits[label] += int(j == i)
+                    near[label] += int(abs(j - i) <= 1)
     compare_seconds = time.perf_counter() - t0
 
-    # layer widths after the reduction, for the CCA degeneracy statement
-    from lightning_repsim.capture import capture
-    feats = capture(models[0], probe, layers, max_features=args.max_features)
-    widths = {name.split(".")[-1]: f.shape[1] for name, f in feats.items()}
     n = probe.shape[0]
     pairs = args.seeds * (args.seeds - 1)
-
-    print(f"\n{args.seeds} seeds x {args.epochs} epochs; val_acc mean {np.mean(accuracies):.3f} "
-          f"(min {min(accuracies):.3f}); {pairs} ordered seed pairs x {len(layer_names)} layers = {total} cases")
+    print(f"\nseeds {seeds[0]}-{seeds[-1]} x {args.epochs} epochs; val_acc mean {np.mean(accuracies):.3f} "
+          f"(min {min(accuracies):.3f}); {pairs} ordered seed pairs x {n_layers} layers = {total} cases")
     print(f"probe: the {n} validation images; layers (post-ReLU): {', '.join(layer_names)}")
-    print(f"features per layer after pooling conv maps to <= {args.max_features}: "
-          + ", ".join(f"{k} {v}" for k, v in widths.items()))
-    largest = sorted(widths.values())[-2:]
-    print(f"CCA is defined when kx + ky < n - 1 = {n - 1}; the widest pair here has {sum(largest)} features "
-          f"({'defined' if sum(largest) < n - 1 else 'DEGENERATE: NaN'}).")
+    for family, max_features in (("CKA/RV", args.max_features), ("SVCCA/PWCCA", args.cca_max_features)):
+        widths = [f.shape[1] for f in features[max_features][0].values()]
+        largest = sum(sorted(widths)[-2:])
+        print(f"{family}: features per layer after pooling conv maps to <= {max_features}: "
+              + ", ".join(f"{name} {width}" for name, width in zip(layer_names, widths))
+              + f"; widest pair {largest} features "
+              + (f"< n - 1 = {n - 1}: CCA always defined" if largest < n - 1
+                 else f">= n - 1 = {n - 1}: CCA may be degenerate"))
     print("\nLayer-identification accuracy (argmax over the other seed's layers == same layer)")
     print(f"{'measure':<24} {'ours (digits)':>14} {'within ±1':>10} {'NaN rows':>9} {'paper':>7}")
     rows = []
@@ -200,7 +232,7 @@ def main() -> None:
         rows.append([label, names[label], options[label], f"{accuracy:.2f}", f"{100.0 * near[label] / total:.2f}",
                      nan_rows[label], total,
                      "" if paper is None else paper])
-    print("paper = Kornblith et al. 2019, Table 2 (10 ten-layer CNNs, CIFAR-10, logits excluded). Its other rows: "
+    print("paper = Kornblith et al. 2019, Table 2 (10 Tiny-10 CNNs, CIFAR-10, logits excluded). Its other rows: "
           + ", ".join(f"{k} {v}%" for k, v in PAPER.items() if k not in PAPER_FOR.values()))
 
     print(f"chance (uniform argmax): {100.0 / len(layer_names):.1f}%")
@@ -231,31 +263,31 @@ def main() -> None:
                 j = int(np.argmax(row))
                 axis.add_patch(plt.Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False, edgecolor="cyan", linewidth=1.5))
         axis.set_title(label, fontsize=9)
-        axis.set_xlabel(f"seed {b}", fontsize=8)
-        axis.set_ylabel(f"seed {a}", fontsize=8)
+        axis.set_xlabel(f"seed {seeds[b]}", fontsize=8)
+        axis.set_ylabel(f"seed {seeds[a]}", fontsize=8)
         figure.colorbar(image, ax=axis, fraction=0.046, pad=0.04)
-    figure.suptitle(f"seed {a} vs seed {b} on {n} validation images (cyan: row argmax)", fontsize=11)
+    figure.suptitle(f"seed {seeds[a]} vs seed {seeds[b]} on {n} validation images (cyan: row argmax)", fontsize=11)
     figure.tight_layout()
     figure.savefig(out / "heatmaps_seed_pair.png", dpi=110)
     plt.close(figure)
 
-    # the library's own heatmap for linear CKA too (Comparison.plot)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RepSimWarning)
-        comparison = compare(models[a], models[b], probe=probe, measures=("linear_cka", "svcca"), layers=layers,
-                             max_features=args.max_features, names=(f"seed {a}", f"seed {b}"))
-    comparison.plot("linear_cka", out / "linear_cka_seed_pair.png")
-    comparison.plot("svcca", out / "svcca_seed_pair.png")
-    comparison.to_csv(out / "seed_pair_csv")
+    # the same pair through the library's one-call API, which makes its own heatmaps and CSVs
+    for measure, max_features in (("linear_cka", args.max_features), ("svcca", args.cca_max_features)):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RepSimWarning)
+            comparison = compare(models[a], models[b], probe=probe, measures=(measure,), layers=layers,
+                                 max_features=max_features, names=(f"seed {seeds[a]}", f"seed {seeds[b]}"))
+        comparison.plot(measure, out / f"{measure}_seed_pair.png")
+        comparison.to_csv(out / "seed_pair_csv")
 
     # bar chart: ours beside the paper's
     figure, axis = plt.subplots(figsize=(9, 4.2))
     labels = list(MEASURES)
     ours = [100.0 * hits[label] / total for label in labels]
     x = np.arange(len(labels))
-    axis.bar(x - 0.2, ours, 0.4, label=f"ours: digits, {args.seeds} seeds, 8 layers", color="C0")
+    axis.bar(x - 0.2, ours, 0.4, label=f"ours: Tiny-10 on digits, {args.seeds} seeds, 8 layers", color="C0")
     paper = [PAPER.get(PAPER_FOR.get(label, ""), np.nan) for label in labels]
-    axis.bar(x + 0.2, paper, 0.4, label="Kornblith et al. 2019, Table 2 (CIFAR-10)", color="C7")
+    axis.bar(x + 0.2, paper, 0.4, label="Kornblith et al. 2019, Table 2 (Tiny-10, CIFAR-10)", color="C7")
     for xi, v in zip(x, ours):
         axis.text(xi - 0.2, v + 1, f"{v:.0f}", ha="center", fontsize=7)
     axis.axhline(100.0 / len(layer_names), color="grey", linestyle=":", linewidth=1)
