@@ -169,6 +169,7 @@ def main() -> None:
 
     hits = {label: 0 for label in MEASURES}
     near = {label: 0 for label in MEASURES}  # argmax within one layer of the right one
+    gaps = {label: [] for label in MEASURES}  # per miss: the row's maximum minus the same-layer value
     nan_rows = {label: 0 for label in MEASURES}
     confusion = {label: None for label in MEASURES}
     # the CCA family needs a lower feature cap than the CKA family (see the docstring). Each network's
@@ -206,6 +207,8 @@ def main() -> None:
                     confusion[label][i, j] += 1
                     hits[label] += int(j == i)
                     near[label] += int(abs(j - i) <= 1)
+                    if j != i:
+                        gaps[label].append(float(row[j] - row[i]))
     compare_seconds = time.perf_counter() - t0
 
     n = probe.shape[0]
@@ -236,7 +239,11 @@ def main() -> None:
           + ", ".join(f"{k} {v}%" for k, v in PAPER.items() if k not in PAPER_FOR.values()))
 
     print(f"chance (uniform argmax): {100.0 / len(layer_names):.1f}%")
-    for label in ("CKA (linear)", "SVCCA (ρ̄, keep 0.99)"):
+    print("\nhow near the misses are: the row's maximum minus the same-layer value")
+    for label, gap in gaps.items():
+        if gap:
+            print(f"{label:<24} {len(gap):>4} misses: median {np.median(gap):.4f}, largest {max(gap):.4f}")
+    for label in ("CKA (linear)", "SVCCA (ρ̄, keep 0.99)", "PWCCA"):
         print(f"\nwhere the argmax lands, {label} (rows: layer of seed A, columns: argmax layer of seed B, "
               f"counts over {pairs} ordered pairs)")
         print(" " * 8 + "".join(f"{n:>7}" for n in layer_names))
