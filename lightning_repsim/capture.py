@@ -7,7 +7,8 @@ the layer itself computes in float64), detached, on the model's device.
 The pipeline, one function each:
 
 * :func:`execution_order` — module paths in the order they first run in a forward pass.
-* :func:`select_layers` — names, glob patterns or module types, kept in execution order.
+* :func:`select_layers` — names, glob patterns or module types (classes or import paths such
+  as ``"torch.nn.Linear"``), kept in execution order.
 * :func:`select_output` — which tensor of a module's output (tuple, dict, dataclass, RNN).
 * :func:`reduce_output` — one rule for every layer that maps ``(N, *)`` to ``(N, p)``.
 * :class:`Probe` — the fixed, hashed set of probe inputs.
@@ -38,7 +39,9 @@ from __future__ import annotations
 import dataclasses
 import fnmatch
 import hashlib
+import importlib
 import math
+import re
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any, Callable, Union
@@ -58,7 +61,8 @@ __all__ = [
     "select_output",
 ]
 
-LayerSelector = Union[str, type, Sequence[Union[str, type]], None]
+# the list first: jsonargparse (LightningCLI) tries a Union's members in order, and str takes a YAML list
+LayerSelector = Union[Sequence[Union[str, type]], str, type, None]
 OutputSelector = Union[Callable[[Any], torch.Tensor], int, str, None]
 
 _LAYOUTS = ("auto", "conv", "tokens")
@@ -222,6 +226,29 @@ def _selector_label(selector: str | type) -> str:
     return repr(selector)
 
 
+_IMPORT_PATH = re.compile(r"[A-Za-z_]\w*(?:\.[A-Za-z_]\w*)+")
+
+
+def _module_type(path: str) -> type | None:
+    """The ``nn.Module`` subclass that the dotted import path ``path`` names, else None.
+
+    Only a path of two or more identifiers is imported (``"torch.nn.Linear"``,
+    ``"mypkg.blocks.Block"``); module paths with an index (``"features.0"``) and globs never are.
+    """
+    if not _IMPORT_PATH.fullmatch(path):
+        return None
+    parts = path.split(".")
+    for cut in range(len(parts) - 1, 0, -1):  # the longest importable prefix, then attributes
+        try:
+            found: Any = importlib.import_module(".".join(parts[:cut]))
+        except ImportError:
+            continue
+        for attr in parts[cut:]:
+            found = getattr(found, attr, None)
+        return found if isinstance(found, type) and issubclass(found, nn.Module) else None
+    return None
+
+
 def _matches(name: str, module: nn.Module, selector: str | type) -> bool:
     if isinstance(selector, type):
         return isinstance(module, selector)
@@ -243,6 +270,11 @@ def select_layers(model: nn.Module, order: list[str], layers: LayerSelector = No
             crosses dots, so ``"layer1.*"`` matches blocks and their submodules, while
             ``"layer1.?"`` matches blocks only), or an ``nn.Module`` subclass (``nn.Conv2d``),
             matched with ``isinstance``. A module matching several selectors appears once.
+            A string is a module type when it is the dotted import path of an ``nn.Module``
+            subclass (``"torch.nn.Linear"``, ``"mypkg.blocks.Block"``: the way YAML configs name
+            types) and not the name of one of ``model``'s modules; it is only imported when it
+            names no module and consists of identifiers joined by dots, so module names
+            (``"features.0"``, ``"encoder"``) and globs (``"encoder.*"``) are never imported.
 
     Returns:
         The selected module paths, in the order of ``order``.
@@ -258,6 +290,8 @@ def select_layers(model: nn.Module, order: list[str], layers: LayerSelector = No
         ['0', '3']
         >>> select_layers(net, order, "[01]")
         ['0', '1']
+        >>> select_layers(net, order, ["torch.nn.ReLU", "torch.nn.Linear"])
+        ['1', '3']
     """
     if layers is None:
         return list(order)
@@ -272,11 +306,19 @@ def select_layers(model: nn.Module, order: list[str], layers: LayerSelector = No
                 f"Layer selector {selector!r} is neither a module name, a glob pattern nor an "
                 "nn.Module type."
             )
-        hits = {n for n in order if n in modules and _matches(n, modules[n], selector)}
+        matcher = selector
+        if isinstance(selector, str) and selector not in modules:
+            matcher = _module_type(selector) or selector
+        hits = {n for n in order if n in modules and _matches(n, modules[n], matcher)}
         if not hits:
             named = [n for n in order if n] or list(order)  # the root '' only if alone
+            label = _selector_label(selector)
+            if matcher is not selector:
+                label += f" ({_selector_label(matcher)})"
+            elif isinstance(selector, str) and _IMPORT_PATH.fullmatch(selector):
+                label += " (no module of that name, nor the import path of an nn.Module subclass)"
             raise RepSimValueError(
-                f"Layer selector {_selector_label(selector)} matched no executed module; "
+                f"Layer selector {label} matched no executed module; "
                 f"available layers: {', '.join(repr(n) for n in named) or '(none)'}."
             )
         keep |= hits
@@ -742,9 +784,9 @@ def capture(
         layers: ``None`` for the deepest executed modules holding parameters: the leaf
             modules with parameters in ordinary models, and modules such as
             ``nn.MultiheadAttention`` or fast-path transformer layers whose parameterised
-            children never run themselves. Else names, globs or module types (see
-            :func:`select_layers`), matched against all submodules (the whole model is
-            ``""``).
+            children never run themselves. Else names, globs or module types (classes or
+            import paths such as ``"torch.nn.Linear"``; see :func:`select_layers`), matched
+            against all submodules (the whole model is ``""``).
         batch_size: examples per forward pass; ``None`` runs the whole probe at once.
         max_features: cap on ``p`` for conv maps (see :func:`reduce_output`).
         layout: ``"auto"``, ``"conv"`` or ``"tokens"``, or a mapping from layer name or glob

@@ -2,7 +2,9 @@
 
 import dataclasses
 import hashlib
+import importlib
 import math
+import re
 import warnings
 from collections import OrderedDict
 
@@ -189,6 +191,75 @@ def test_select_layers_no_match_lists_available():
         select_layers(model, order, nn.Conv3d)
     with pytest.raises(RepSimValueError, match="neither"):
         select_layers(model, order, [3])
+
+
+class Block(nn.Module):
+    """A user-defined block, selected by its import path ``<this module>.Block``."""
+
+    def __init__(self):
+        super().__init__()
+        self.linear = nn.Linear(4, 4)
+
+    def forward(self, x):
+        return torch.relu(self.linear(x))
+
+
+def test_select_layers_import_paths_select_by_type():
+    model = ConvNet()
+    x = torch.randn(2, 3, 8, 8)
+    order = execution_order(model, lambda: model(x), leaf_only=False, with_parameters=False)
+    for path in ("torch.nn.Conv2d", "torch.nn.modules.conv.Conv2d"):
+        assert select_layers(model, order, path) == ["features.0", "features.3"]
+    assert select_layers(model, order, ["torch.nn.Linear", "features.2", "torch.nn.ReLU"]) == [
+        "features.2", "classifier.2"
+    ]
+    blocks = nn.Sequential(Block(), nn.Linear(4, 4), Block())
+    order = execution_order(blocks, lambda: blocks(torch.randn(2, 4)), leaf_only=False, with_parameters=False)
+    assert select_layers(blocks, order, f"{__name__}.Block") == ["0", "2"]
+
+
+def test_select_layers_module_names_win_over_import_paths():
+    model = nn.Module()
+    model.torch = nn.Module()
+    model.torch.nn = nn.Module()
+    model.torch.nn.Linear = nn.Conv1d(2, 2, 1)  # a module whose path reads as a type
+    model.head = nn.Linear(2, 2)
+    model.forward = lambda x: model.head(model.torch.nn.Linear(x).mean(-1))
+    order = execution_order(model, lambda: model(torch.randn(3, 2, 5)))
+    assert order == ["torch.nn.Linear", "head"]
+    assert select_layers(model, order, "torch.nn.Linear") == ["torch.nn.Linear"]  # the name, not the type
+
+
+def test_select_layers_imports_only_dotted_identifiers(monkeypatch):
+    imported = []
+    real = importlib.import_module
+
+    def spy(name, *args):
+        imported.append(name)
+        return real(name, *args)
+
+    monkeypatch.setattr(importlib, "import_module", spy)
+    model = ConvNet()
+    order = execution_order(model, lambda: model(torch.randn(2, 3, 8, 8)), leaf_only=False, with_parameters=False)
+    assert select_layers(model, order, ["features.0", "features.*", "classifier.[02]", "pool"]) == [
+        "features.0", "features.1", "features.2", "features.3", "pool", "classifier.0", "classifier.2"
+    ]
+    assert imported == []
+    with pytest.raises(RepSimValueError, match=r"'features\.9' matched no executed module; available"):
+        select_layers(model, order, "features.9")
+    assert imported == []
+    assert select_layers(model, order, "torch.nn.Flatten") == ["classifier.0"]
+    assert imported == ["torch.nn"]
+
+
+@pytest.mark.parametrize("path", ["torch.nn.Linearr", "torch.nn.functional.relu", "no_such_package.Block"])
+def test_select_layers_bad_import_path_says_so(path):
+    model = ConvNet()
+    with pytest.raises(RepSimValueError, match=rf"'{re.escape(path)}' \(no module of that name, nor the import "
+                                               r"path of an nn.Module subclass\) matched no executed module"):
+        select_layers(model, ["features.0", "pool"], path)
+    with pytest.raises(RepSimValueError, match=r"'torch\.nn\.Conv3d' \(nn\.conv\.Conv3d\) matched no executed"):
+        select_layers(model, ["features.0", "pool"], "torch.nn.Conv3d")
 
 
 def test_capture_selectors_reach_parameter_free_modules():
