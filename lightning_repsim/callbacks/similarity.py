@@ -33,7 +33,10 @@ from lightning_repsim.errors import RepSimError, RepSimValueError, RepSimWarning
 from lightning_repsim.functional.similarity_matrix import Representations, gram_spec, resolve_options, similarity_matrix
 from lightning_repsim.store import DEFAULT_MAX_BYTES, SnapshotStore, default_store_dir, similarity_to_final
 
-ReferenceLike = Union[str, "os.PathLike[str]", nn.Module]
+# jsonargparse (LightningCLI) tries a Union's members in order and str takes anything, so lists
+# and modules (YAML: class_path / init_args) come before str.
+ReferenceLike = Union[nn.Module, str, "os.PathLike[str]"]
+References = Union[Sequence[ReferenceLike], ReferenceLike]
 _KEYWORDS = ("init", "previous", "final")
 _PROBE_SPEC = re.compile(r"^(val|train):(\d+)$")
 # Each side of a comparison keeps its n x n Grams between measures and logging points (a fixed
@@ -100,10 +103,11 @@ class RepresentationSimilarity(Callback):
             training dataloader. ``None``: ``"val:512"`` when there is a validation loader,
             else ``"train:512"``.
         reference: ``"final"``, ``"init"``, ``"previous"``, an ``nn.Module``, a checkpoint path,
-            or a list of these.
-        measures: measure names (see :data:`lightning_repsim.functional.MEASURES`).
+            or a list of these (in YAML, a module is given by ``class_path`` and ``init_args``).
+        measures: measure names, or one name (see :data:`lightning_repsim.functional.MEASURES`).
         layers: ``None`` for every leaf module with parameters, in execution order; or names,
-            glob patterns or module types.
+            glob patterns or module types: classes, or import paths such as ``"torch.nn.Linear"``
+            (how YAML names them; see :func:`lightning_repsim.capture.select_layers`).
         reference_layers: the same selector for module / checkpoint references (default: theirs).
         every_n_epochs: log at the end of every n-th training epoch.
         every_n_steps: log every n optimizer steps instead (then ``every_n_epochs`` is ignored).
@@ -134,8 +138,8 @@ class RepresentationSimilarity(Callback):
     def __init__(
         self,
         probe: Any = None,
-        reference: Union[ReferenceLike, Sequence[ReferenceLike]] = "final",
-        measures: Sequence[str] = ("linear_cka", "rv2"),
+        reference: References = "final",
+        measures: Union[Sequence[str], str] = ("linear_cka", "rv2"),
         layers: LayerSelector = None,
         reference_layers: LayerSelector = None,
         every_n_epochs: Optional[int] = 1,

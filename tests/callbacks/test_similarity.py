@@ -5,6 +5,7 @@ similarity values are recomputed from the snapshot store with :func:`linear_cka`
 """
 import csv
 import math
+import textwrap
 import threading
 import time
 import warnings
@@ -12,12 +13,14 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from torch import nn
 from torch.nn import functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
 import pytorch_lightning as pl
 from pytorch_lightning.callbacks import Callback, ModelCheckpoint
+from pytorch_lightning.cli import LightningCLI
 from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -573,6 +576,94 @@ def test_ddp_spawn_numbers_equal_one_process_and_tensorboard_is_written_once(tmp
         assert logged[4] == pytest.approx(float(linear_cka(end[name], start[name])), abs=1e-6)
         final = scalars(acc, f"repsim/linear_cka/final/{name}")
         assert final[0] == pytest.approx(float(linear_cka(start[name], end[name])), abs=1e-6)
+
+
+# ----------------------------------------------------------------------------- LightningCLI
+
+
+class CLINet(Net):
+    """Net with a parameter-free ``act`` module (selected by type from YAML) and its own data."""
+
+    def __init__(self):
+        super().__init__()
+        self.act = nn.Tanh()
+
+    def forward(self, x):
+        return self.head(self.act(self.mid(self.act(self.body(x)))))
+
+    def train_dataloader(self):
+        return train_loader()
+
+
+def run_cli(tmp_path, callback_yaml):
+    """A real LightningCLI (run=False) from a YAML config file whose only callback is ``callback_yaml``."""
+    config = tmp_path / "config.yaml"
+    config.write_text(f"""
+trainer:
+  default_root_dir: {tmp_path}
+  max_epochs: 1
+  accelerator: cpu
+  devices: 1
+  enable_progress_bar: false
+  enable_model_summary: false
+  enable_checkpointing: false
+  log_every_n_steps: 1
+  logger:
+    class_path: pytorch_lightning.loggers.TensorBoardLogger
+    init_args: {{save_dir: {tmp_path}, name: run, version: 0}}
+  callbacks:
+    - class_path: lightning_repsim.RepresentationSimilarity
+      init_args:
+{textwrap.indent(textwrap.dedent(callback_yaml).strip(), " " * 8)}
+""")
+    cli = LightningCLI(CLINet, run=False, args=["--config", str(config)], save_config_kwargs={"overwrite": True})
+    [callback] = [c for c in cli.trainer.callbacks if isinstance(c, RepresentationSimilarity)]
+    dumped = yaml.safe_load(cli.parser.dump(cli.config))["trainer"]["callbacks"][0]["init_args"]
+    return cli, callback, dumped
+
+
+def test_lightning_cli_yaml_sets_every_argument_and_fit_runs(tmp_path):
+    torch.manual_seed(0)
+    cli, callback, dumped = run_cli(tmp_path, f"""
+        probe: "train:32"
+        reference: [init, previous, final, {{class_path: {__name__}.Other}}]
+        measures: [linear_cka, svcca]
+        layers: [torch.nn.Tanh, "m*"]
+        reference_layers: torch.nn.Linear
+        every_n_epochs: null
+        every_n_steps: 2
+        max_features: 64
+        batch_size: 16
+        measure_options: {{svcca: {{keep: 0.99}}}}
+        threshold: 0.9
+        store: true
+        max_store_bytes: 100000000
+        write_files: true
+        strict: true
+        background: false
+    """)
+    assert callback.probe_source == "train:32"
+    assert callback.references == ["init", "previous", "final", "model"]
+    assert isinstance(callback._reference("module").source, Other)
+    assert callback.measures == ("linear_cka", "svcca")
+    assert callback.layers == ["torch.nn.Tanh", "m*"] and callback.reference_layers == "torch.nn.Linear"
+    assert (callback.every_n_epochs, callback.every_n_steps) == (None, 2)
+    assert (callback.max_features, callback.batch_size, callback.max_store_bytes) == (64, 16, 100_000_000)
+    assert callback.options["svcca"] == {"keep": 0.99}
+    assert (callback.threshold, callback.keep_store, callback.write_files) == (0.9, True, True)
+    assert callback.strict is True and callback.background is False
+    # --print_config shows lists as lists, not as their text
+    assert dumped["reference"][:3] == ["init", "previous", "final"]
+    assert dumped["reference"][3]["class_path"].endswith(".Other")
+    assert dumped["layers"] == ["torch.nn.Tanh", "m*"] and dumped["measures"] == ["linear_cka", "svcca"]
+
+    cli.trainer.fit(cli.model)
+    assert callback.layer_names == ["act", "mid"]  # the Tanh by its import path, then the glob
+    store = open_store(callback.store_path)
+    assert store.steps == [0, 2, 4] and store.layers == ["act", "mid"]
+    rows = read_csv(Path(cli.trainer.logger.log_dir) / "repsim/figures/step-00000004/svcca__model.csv")
+    assert rows[0] == ["", "a", "b"] and [row[0] for row in rows[1:]] == ["act", "mid"]
+    assert (Path(cli.trainer.logger.log_dir) / "repsim/figures/final/linear_cka__final.csv").is_file()
 
 
 # ----------------------------------------------------------------------------- bad input
