@@ -63,7 +63,8 @@ __all__ = [
 
 # the list first: jsonargparse (LightningCLI) tries a Union's members in order, and str takes a YAML list
 LayerSelector = Union[Sequence[Union[str, type]], str, type, None]
-OutputSelector = Union[Callable[[Any], torch.Tensor], int, str, None]
+# returns Any, not torch.Tensor: jsonargparse (LightningCLI) then resolves a YAML import path to the callable
+OutputSelector = Union[Callable[[Any], Any], int, str, None]
 
 _LAYOUTS = ("auto", "conv", "tokens")
 _TOKEN_REDUCTIONS = ("mean", "first", "last", "flatten")
@@ -750,6 +751,23 @@ def _parameter_holders(modules: dict[str, nn.Module]) -> dict[str, set[str]]:
     }
 
 
+def _check_reduction(
+    max_features: Any, layout: Any, token_reduction: Any
+) -> dict[str, str]:
+    """Validate the reduction arguments of :func:`capture`; ``{layer or glob: layout}``."""
+    if not isinstance(max_features, int) or max_features < 1:
+        raise RepSimValueError(f"max_features must be a positive int, got {max_features!r}.")
+    layouts = dict(layout) if isinstance(layout, Mapping) else {"*": layout}
+    for value in layouts.values():
+        if not isinstance(value, str) or value not in _LAYOUTS:
+            raise RepSimValueError(f"layout must be one of {_LAYOUTS}, got {value!r}.")
+    if not isinstance(token_reduction, str) or token_reduction not in _TOKEN_REDUCTIONS:
+        raise RepSimValueError(
+            f"token_reduction must be one of {_TOKEN_REDUCTIONS}, got {token_reduction!r}."
+        )
+    return layouts
+
+
 def capture(
     model: nn.Module,
     probe_or_tensor: Probe | Any,
@@ -814,16 +832,7 @@ def capture(
         >>> list(capture(net, torch.randn(6, 3, 16, 16), nn.ReLU, max_features=128)["1"].shape)
         [6, 128]
     """
-    if not isinstance(max_features, int) or max_features < 1:
-        raise RepSimValueError(f"max_features must be a positive int, got {max_features!r}.")
-    layouts = dict(layout) if isinstance(layout, Mapping) else {"*": layout}
-    for value in layouts.values():
-        if value not in _LAYOUTS:
-            raise RepSimValueError(f"layout must be one of {_LAYOUTS}, got {value!r}.")
-    if token_reduction not in _TOKEN_REDUCTIONS:
-        raise RepSimValueError(
-            f"token_reduction must be one of {_TOKEN_REDUCTIONS}, got {token_reduction!r}."
-        )
+    layouts = _check_reduction(max_features, layout, token_reduction)
     model = _unwrap(model)
     probe = probe_or_tensor if isinstance(probe_or_tensor, Probe) else Probe(probe_or_tensor)
     device = _model_device(model)

@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 
 from lightning_repsim import report
 from lightning_repsim.callbacks._background import Background
-from lightning_repsim.capture import LayerSelector, Probe, capture
+from lightning_repsim.capture import LayerSelector, OutputSelector, Probe, _check_reduction, capture
 from lightning_repsim.errors import RepSimError, RepSimValueError, RepSimWarning
 from lightning_repsim.functional.similarity_matrix import Representations, gram_spec, resolve_options, similarity_matrix
 from lightning_repsim.store import DEFAULT_MAX_BYTES, SnapshotStore, default_store_dir, similarity_to_final
@@ -79,7 +79,9 @@ class RepresentationSimilarity(Callback):
     Rows are probe examples and columns neurons: at each logging point the fixed probe set runs
     through the model (no grad, eval mode, hooks only for the pass; every module's train/eval
     flag restored), each selected layer's output becomes an (n, p) matrix (conv maps average
-    pooled so that p <= ``max_features``), and every measure is computed for all layer pairs
+    pooled so that p <= ``max_features``, token sequences reduced by ``token_reduction``; the
+    rule of :func:`lightning_repsim.capture.reduce_output`, the same for the trained model and
+    for module / checkpoint references), and every measure is computed for all layer pairs
     against each reference. See :mod:`lightning_repsim.functional` for the measures' conventions.
 
     TensorBoard (when the Trainer has a ``TensorBoardLogger``; only global rank 0 writes):
@@ -126,6 +128,23 @@ class RepresentationSimilarity(Callback):
             written before ``fit`` returns. ``None`` (default): on when the model trains on an
             accelerator, where the host is mostly waiting; off on CPU, where training already
             keeps every core busy and a worker would only compete with it.
+        layout: how 3-D and wider outputs are read: ``"conv"`` (``(N, C, *S)``, pooled to
+            ``max_features``), ``"tokens"`` (``(N, T, *D)``, reduced by ``token_reduction``), or
+            ``"auto"``: tokens for 3-D outputs of the known sequence modules (``nn.Embedding``,
+            ``nn.MultiheadAttention``, ``nn.Transformer*``, RNNs), conv maps otherwise, which
+            includes the ``nn.Linear`` and ``nn.LayerNorm`` layers inside a transformer: give
+            ``"tokens"`` for those. Also a mapping from layer name or glob to one of these
+            (unmatched layers use ``"auto"``), e.g. ``{"encoder.*": "tokens"}``.
+        token_reduction: ``(N, T, D)`` → ``(N, D)`` by the ``"mean"`` over tokens, the
+            ``"first"`` or ``"last"`` token, or ``"flatten"`` to ``(N, T * D)``.
+        output_selector: which tensor of a tuple / dict / dataclass output stands for the layer:
+            an int index, a key, or a callable ``output -> Tensor`` (called on every selected
+            layer's output, tensors included); default: the first tensor, ``last_hidden_state``
+            for mappings (see :func:`lightning_repsim.capture.select_output`).
+        forward: ``forward(model, batch)`` for models whose forward needs more than the probe
+            tensor (default ``model(batch)``); also runs the module / checkpoint references.
+            Callables are best module-level functions: YAML names them by import path, and
+            ``ddp_spawn`` pickles them.
 
     Example:
         >>> import torch, pytorch_lightning as pl
@@ -153,6 +172,10 @@ class RepresentationSimilarity(Callback):
         write_files: bool = True,
         strict: bool = False,
         background: Optional[bool] = None,
+        layout: Union[Mapping[str, str], str] = "auto",
+        token_reduction: str = "mean",
+        output_selector: OutputSelector = None,
+        forward: Optional[Callable[[nn.Module, torch.Tensor], Any]] = None,
     ) -> None:
         if isinstance(measures, str):
             measures = (measures,)
@@ -174,6 +197,13 @@ class RepresentationSimilarity(Callback):
             raise RepSimValueError("set every_n_epochs or every_n_steps (both are None, so nothing would be logged).")
         if not 0.0 < threshold <= 1.0:
             raise RepSimValueError(f"threshold is a fraction of the final similarity in (0, 1]; got {threshold}.")
+        _check_reduction(max_features, layout, token_reduction)
+        if not (output_selector is None or callable(output_selector) or isinstance(output_selector, str)
+                or (isinstance(output_selector, int) and not isinstance(output_selector, bool))):
+            raise RepSimValueError(f"output_selector must be None, an int index, a str key or a callable; got "
+                                   f"{output_selector!r}.")
+        if forward is not None and not callable(forward):
+            raise RepSimValueError(f"forward must be None or a callable forward(model, batch); got {forward!r}.")
         if isinstance(probe, str) and not _PROBE_SPEC.match(probe):
             raise RepSimValueError(f"probe string must look like 'val:512' or 'train:512'; got {probe!r}.")
         self.probe_source = probe
@@ -189,6 +219,10 @@ class RepresentationSimilarity(Callback):
         self.write_files = write_files
         self.strict = strict
         self.background = background
+        self.layout = dict(layout) if isinstance(layout, Mapping) else layout
+        self.token_reduction = token_reduction
+        self.output_selector = output_selector
+        self.forward = forward
 
         self._probe: Optional[Probe] = None
         self._layer_names: list[str] = []
@@ -379,16 +413,20 @@ class RepresentationSimilarity(Callback):
         and the forward wrapped by its precision plugin (autocast for "16-mixed"/"bf16-mixed", the module's
         dtype for "bf16-true"/"16-true"). Features are upcast to float32 by capture()."""
         assert self._probe is not None
-        forward = None
+        forward = self.forward  # forward(model, batch), or None for model(batch)
         if trainer is not None:
-            precision = trainer.precision_plugin
+            precision, user_forward = trainer.precision_plugin, self.forward
 
-            def forward(model: nn.Module, batch: torch.Tensor) -> Any:
+            def forward_with_precision(model: nn.Module, batch: torch.Tensor) -> Any:
                 with precision.val_step_context():
-                    return model(precision.convert_input(batch))
+                    batch = precision.convert_input(batch)
+                    return model(batch) if user_forward is None else user_forward(model, batch)
+
+            forward = forward_with_precision
 
         return capture(module, self._probe, self.layers if layers is None else layers, batch_size=self.batch_size,
-                       max_features=self.max_features, forward=forward)
+                       max_features=self.max_features, layout=self.layout, token_reduction=self.token_reduction,
+                       output_selector=self.output_selector, forward=forward)
 
     def _capture_trained(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, torch.Tensor]:
         """The trained module's features; a probe it cannot run is reported as such, with its shape."""
@@ -438,8 +476,9 @@ class RepresentationSimilarity(Callback):
             self._warn_once("no-tensorboard", "RepresentationSimilarity found no TensorBoardLogger: heatmaps and curves "
                             f"go to PNG/CSV files under {self._run_dir / 'repsim'} only.")
         settings = {"measures": list(self.measures), "options": self.options, "references": self.references,
-                    "max_features": self.max_features, "layers": self._layer_names,
-                    "layer_selector": repr(self.layers)}
+                    "max_features": self.max_features, "layout": self.layout, "token_reduction": self.token_reduction,
+                    "output_selector": _describe(self.output_selector), "forward": _describe(self.forward),
+                    "layers": self._layer_names, "layer_selector": repr(self.layers)}
         if self.keep_store:
             directory = default_store_dir(self._run_dir)
             if self._resumed and (directory / "manifest.json").exists():
@@ -609,6 +648,14 @@ class RepresentationSimilarity(Callback):
             (folder / f"{measure}__convergence.txt").write_text(table_text + "\n")
             rank_zero_info(f"{measure}: step at which each layer reaches {self.threshold:.0%} of its similarity to "
                            f"the final snapshot\n{table_text}")
+
+
+def _describe(value: Any) -> Any:
+    """A setting as JSON: a callable by its qualified name, anything else as it is."""
+    if callable(value):
+        name = getattr(value, "__qualname__", None) or type(value).__qualname__
+        return f"{getattr(value, '__module__', None) or type(value).__module__}.{name}"
+    return value
 
 
 def _one_cpu_thread() -> None:

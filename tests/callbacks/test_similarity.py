@@ -578,6 +578,129 @@ def test_ddp_spawn_numbers_equal_one_process_and_tensorboard_is_written_once(tmp
         assert final[0] == pytest.approx(float(linear_cka(start[name], end[name])), abs=1e-6)
 
 
+# ----------------------------------------------------------------------------- token sequences, outputs
+
+VOCAB, TOKENS, DIM = 12, 5, 8
+
+
+def token_data(n, seed):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randint(0, VOCAB, (n, TOKENS), generator=g)
+    return x, (x[:, 0] < VOCAB // 2).long()
+
+
+TOKEN_PROBE = token_data(16, seed=1)[0]
+
+
+class TokenNet(pl.LightningModule):
+    """A transformer's shapes in small: nn.Embedding, then an nn.Linear on (N, T, D), then a head."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(VOCAB, DIM)
+        self.proj = nn.Linear(DIM, DIM)
+        self.head = nn.Linear(DIM, 2)
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.proj(self.embed(x))).mean(1))
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return F.cross_entropy(self(x), y)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.5)
+
+    def train_dataloader(self):
+        return DataLoader(TensorDataset(*token_data(N_TRAIN, seed=0)), batch_size=BATCH)
+
+
+def token_sequences(model, x):
+    """The (N, T, D) outputs of ``model``'s embed and proj layers."""
+    with torch.no_grad():
+        embedded = model.embed(x)
+        return {"embed": embedded, "proj": model.proj(embedded)}
+
+
+@pytest.mark.parametrize("token_reduction, reduce", [
+    ("first", lambda h: h[:, 0]),
+    ("mean", lambda h: h.mean(1)),
+    ("last", lambda h: h[:, -1]),
+])
+def test_token_reduction_in_the_store_and_for_references(tmp_path, token_reduction, reduce):
+    torch.manual_seed(0)
+    model, other = TokenNet(), TokenNet()
+    at_init = token_sequences(model, TOKEN_PROBE)
+    callback = monitor(probe=TOKEN_PROBE, reference=["init", other], layers=["embed", "proj"], layout="tokens",
+                       token_reduction=token_reduction)
+    trainer = make_trainer(tmp_path, [callback], max_epochs=1)
+    trainer.fit(model)
+    store = open_store(callback.store_path)
+    assert store.steps == [0, STEPS_PER_EPOCH]
+    for layer, h in at_init.items():
+        assert store.kinds[layer] == "features"
+        assert store.get(0, layer).shape == (len(TOKEN_PROBE), DIM)  # tokens reduced, hidden units kept
+        torch.testing.assert_close(store.get(0, layer), reduce(h))
+    for layer, h in token_sequences(other, TOKEN_PROBE).items():
+        torch.testing.assert_close(callback._reference("module").features[layer], reduce(h))
+    settings = store.settings
+    assert settings["layout"] == "tokens" and settings["token_reduction"] == token_reduction
+    acc = read_events(trainer.logger.log_dir)
+    (event,) = acc.Tensors("repsim/probe/text_summary")
+    assert f"| token_reduction | `{token_reduction}` |" in event.tensor_proto.string_val[0].decode()
+
+
+class PairOut(nn.Module):
+    """A layer whose output is a pair, the second entry the representation of interest."""
+
+    def __init__(self):
+        super().__init__()
+        self.linear = nn.Linear(N_IN, 4)
+
+    def forward(self, x):
+        h = self.linear(x)
+        return h, torch.tanh(h)
+
+
+class PairNet(Net):
+    def __init__(self):
+        super().__init__(width=4)
+        self.body = PairOut()
+
+    def forward(self, x):
+        return self.head(self.mid(self.body(x)[1]))
+
+
+def second(output):
+    """A callable selector sees every selected layer's output, tensors included."""
+    return output[1] if isinstance(output, tuple) else output
+
+
+def doubled_probe(model, batch):
+    return model(2 * batch)
+
+
+def tokens_reversed(model, batch):
+    return model(batch.flip(1))
+
+
+@pytest.mark.parametrize("output_selector", [1, second])
+def test_output_selector_and_forward_reach_every_capture(tmp_path, output_selector):
+    torch.manual_seed(0)
+    model, other = PairNet(), PairNet()
+    callback = monitor(reference=["init", other], layers=["body", "mid"], output_selector=output_selector,
+                       forward=doubled_probe)
+    with torch.no_grad():
+        expected = torch.tanh(model.body.linear(2 * PROBE))
+        expected_other = torch.tanh(other.body.linear(2 * PROBE))
+    make_trainer(tmp_path, [callback], max_epochs=1).fit(model, train_loader())
+    store = open_store(callback.store_path)
+    torch.testing.assert_close(store.get(0, "body"), expected)
+    torch.testing.assert_close(callback._reference("module").features["body"], expected_other)
+    assert store.settings["output_selector"] == (1 if output_selector == 1 else f"{__name__}.second")
+    assert store.settings["forward"] == f"{__name__}.doubled_probe"
+
+
 # ----------------------------------------------------------------------------- LightningCLI
 
 
@@ -595,7 +718,7 @@ class CLINet(Net):
         return train_loader()
 
 
-def run_cli(tmp_path, callback_yaml):
+def run_cli(tmp_path, callback_yaml, model_class=CLINet):
     """A real LightningCLI (run=False) from a YAML config file whose only callback is ``callback_yaml``."""
     config = tmp_path / "config.yaml"
     config.write_text(f"""
@@ -616,7 +739,7 @@ trainer:
       init_args:
 {textwrap.indent(textwrap.dedent(callback_yaml).strip(), " " * 8)}
 """)
-    cli = LightningCLI(CLINet, run=False, args=["--config", str(config)], save_config_kwargs={"overwrite": True})
+    cli = LightningCLI(model_class, run=False, args=["--config", str(config)], save_config_kwargs={"overwrite": True})
     [callback] = [c for c in cli.trainer.callbacks if isinstance(c, RepresentationSimilarity)]
     dumped = yaml.safe_load(cli.parser.dump(cli.config))["trainer"]["callbacks"][0]["init_args"]
     return cli, callback, dumped
@@ -664,6 +787,30 @@ def test_lightning_cli_yaml_sets_every_argument_and_fit_runs(tmp_path):
     rows = read_csv(Path(cli.trainer.logger.log_dir) / "repsim/figures/step-00000004/svcca__model.csv")
     assert rows[0] == ["", "a", "b"] and [row[0] for row in rows[1:]] == ["act", "mid"]
     assert (Path(cli.trainer.logger.log_dir) / "repsim/figures/final/linear_cka__final.csv").is_file()
+
+
+def test_lightning_cli_yaml_sets_token_reduction_output_selector_and_forward(tmp_path):
+    torch.manual_seed(0)
+    cli, callback, dumped = run_cli(tmp_path, f"""
+        probe: "train:16"
+        reference: init
+        measures: linear_cka
+        layers: [torch.nn.Embedding, proj]
+        layout: {{embed: auto, proj: tokens}}
+        token_reduction: first
+        output_selector: 0
+        forward: {__name__}.tokens_reversed
+        write_files: false
+    """, model_class=TokenNet)
+    assert callback.layout == {"embed": "auto", "proj": "tokens"} and callback.token_reduction == "first"
+    assert callback.output_selector == 0 and callback.forward is tokens_reversed
+    assert dumped["layout"] == {"embed": "auto", "proj": "tokens"} and dumped["forward"].endswith(".tokens_reversed")
+    at_init = token_sequences(cli.model, token_data(N_TRAIN, seed=0)[0][:16])
+    cli.trainer.fit(cli.model)
+    store = open_store(callback.store_path)
+    assert store.layers == ["embed", "proj"]
+    for layer, h in at_init.items():  # the first token of the reversed sequence: the last one
+        torch.testing.assert_close(store.get(0, layer), h[:, -1])
 
 
 # ----------------------------------------------------------------------------- bad input
@@ -719,6 +866,12 @@ def test_missing_checkpoint_reference(tmp_path):
         (dict(reference="final", store=False), "keep store=True"),
         (dict(threshold=0.0), "threshold"),
         (dict(probe="test:10"), "probe string"),
+        (dict(max_features=0), "max_features must be a positive int"),
+        (dict(layout="sequence"), r"layout must be one of \('auto', 'conv', 'tokens'\), got 'sequence'"),
+        (dict(layout={"proj": "token"}), "layout must be one of .* got 'token'"),
+        (dict(token_reduction="max"), "token_reduction must be one of .* got 'max'"),
+        (dict(output_selector=1.5), "output_selector must be None, an int index, a str key or a callable"),
+        (dict(forward="model"), "forward must be None or a callable"),
     ],
 )
 def test_invalid_constructor_arguments(options, match):
