@@ -27,11 +27,17 @@ The reduction rule (:func:`reduce_output`):
   ``"first"`` / ``"last"`` token, or ``"flatten"`` to ``(N, T * D)``.
 * ``layout="auto"`` decides conv vs tokens per module: 4-D and higher outputs are conv maps;
   3-D outputs are tokens for the known sequence modules (``nn.MultiheadAttention``,
-  ``nn.Transformer*``, ``nn.RNN`` / ``nn.LSTM`` / ``nn.GRU``, ``nn.Embedding``) and conv maps
-  for everything else (``nn.Conv1d``, 1-d norms and pooling, and any other module). Pass
-  ``layout="tokens"`` (or a per-layer mapping) for e.g. the ``nn.Linear`` layers of a
-  transformer. Sequence modules with ``batch_first=False`` have their ``(T, N, D)`` outputs
-  transposed to ``(N, T, D)`` first, whatever the layout.
+  ``nn.Transformer*``, ``nn.RNN`` / ``nn.LSTM`` / ``nn.GRU``, ``nn.Embedding``) and for modules
+  that act on the last axis (``nn.Linear``, ``nn.Bilinear``, ``nn.LayerNorm``, ``nn.RMSNorm``:
+  a transformer's layers), and conv maps for everything else (``nn.Conv1d``, 1-d batch norms
+  and pooling, and any other module). Pass ``layout="tokens"`` (or a per-layer mapping) for
+  other modules of a transformer, e.g. parameter-free activations.
+* Rows are examples. Sequence modules with ``batch_first=False`` have their ``(T, N, D)``
+  outputs transposed to ``(N, T, D)`` first, whatever the layout; so has any other 3-D
+  output whose second axis, not its first, has the batch's size (the inner layers of a
+  sequence-first model). An output with no axis of the batch's size in front cannot be
+  read as one row per example: such a layer is left out with a warning when chosen by
+  default, and is an error when selected explicitly.
 """
 
 from __future__ import annotations
@@ -77,6 +83,12 @@ _SEQUENCE_TYPES: tuple[type, ...] = (
     nn.Transformer,
     nn.RNNBase,  # RNN, LSTM, GRU
     nn.Embedding,
+)
+
+# Modules that act on the last axis: a 3-D output of theirs is (N, T, D), features last (the
+# nn.Linear and nn.LayerNorm layers of a transformer), never (N, C, L) with channels first.
+_LAST_AXIS_TYPES: tuple[type, ...] = (nn.Linear, nn.Bilinear, nn.LayerNorm) + (
+    (nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ()
 )
 
 _CONTAINER_TYPES = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
@@ -425,7 +437,7 @@ def _batch_first(module: nn.Module | None) -> bool:
 def _resolve_layout(layout: str, module: nn.Module | None, ndim: int) -> str:
     if layout != "auto":
         return layout
-    if ndim == 3 and isinstance(module, _SEQUENCE_TYPES):
+    if ndim == 3 and isinstance(module, _SEQUENCE_TYPES + _LAST_AXIS_TYPES):
         return "tokens"
     return "conv"
 
@@ -864,6 +876,8 @@ def capture(
     seen_this_batch: set[str] = set()
     warned: set[str] = set()
     superseded: set[str] = set()  # default layers with an executed parameter-holding descendant
+    misshapen: dict[str, tuple[int, ...]] = {}  # default layers without one row per example
+    batch_rows = [0]  # examples in the batch being run, for the hooks
 
     def make_pre_hook(name: str) -> Callable[..., None]:
         def pre_hook(module: nn.Module, args: Any) -> None:
@@ -884,17 +898,26 @@ def capture(
                 superseded.add(name)
                 return
             tensor = select_output(output, output_selector, name=name)
-            chunks[name].append(
-                reduce_output(
-                    tensor,
-                    module=module,
-                    name=name,
-                    layout=name_layout,
-                    token_reduction=token_reduction,
-                    max_features=max_features,
-                    _warned=warned,
-                )
-            )
+            rows = batch_rows[0]
+
+            def reduced(x: torch.Tensor) -> torch.Tensor:
+                return reduce_output(x, module=module, name=name, layout=name_layout,
+                                     token_reduction=token_reduction, max_features=max_features,
+                                     _warned=warned)
+
+            features = reduced(tensor)
+            if features.shape[0] != rows and tensor.ndim == 3 and tensor.shape[1] == rows:
+                features = reduced(tensor.transpose(0, 1))  # (T, N, D) inside a sequence-first model
+            if features.shape[0] != rows:
+                if layers is not None:
+                    raise RepSimValueError(
+                        f"Layer {name!r} gave an output of shape {tuple(tensor.shape)} for a batch of "
+                        f"{rows} examples: no leading axis of {rows} rows, one per example. Select "
+                        "other layers, or an output_selector / forward that yields (N, ...) outputs."
+                    )
+                misshapen[name] = tuple(tensor.shape)
+                return
+            chunks[name].append(features)
 
         return hook
 
@@ -908,6 +931,7 @@ def capture(
         with torch.no_grad():
             for batch in batches:
                 seen_this_batch.clear()
+                batch_rows[0] = batch.shape[0]
                 if forward is None:
                     model(batch)
                 else:
@@ -925,9 +949,17 @@ def capture(
             RepSimWarning,
             stacklevel=2,
         )
+    if misshapen:
+        warnings.warn(
+            "Layers left out because their outputs have no leading axis of one row per example: "
+            + ", ".join(f"{n!r} {shape}" for n, shape in misshapen.items())
+            + ". Select layers explicitly, or pass an output_selector / forward that yields (N, ...) outputs.",
+            RepSimWarning,
+            stacklevel=2,
+        )
     result: dict[str, torch.Tensor] = {}
     for name in sorted(first_call, key=first_call.__getitem__):
-        if name in superseded:
+        if name in superseded or name in misshapen:
             continue
         parts = chunks[name]
         if any(p.shape[1:] != parts[0].shape[1:] for p in parts):

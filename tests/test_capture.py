@@ -474,8 +474,8 @@ def test_capture_lstm_output_is_sequence_output_mean_over_tokens():
     seq, (h, c) = model.lstm(x)
     assert feats["lstm"].shape == (4, 5)
     torch.testing.assert_close(feats["lstm"], seq.mean(1))
-    # nn.Linear on tokens is "conv" under auto: (N, T=6, D=4) flattened
-    torch.testing.assert_close(feats["proj"], model.proj(seq).reshape(4, -1))
+    # nn.Linear acts on the last axis: its (N, T=6, D=4) output is tokens under auto
+    torch.testing.assert_close(feats["proj"], model.proj(seq).mean(1))
     # a layout mapping switches it to tokens
     tok = capture(model, x, layout={"proj": "tokens"}, token_reduction="last")
     torch.testing.assert_close(tok["proj"], model.proj(seq)[:, -1])
@@ -494,6 +494,45 @@ def test_capture_seq_first_modules_are_transposed():
     q = torch.randn(3, 5, 8)
     feats = capture(mha, q, forward=lambda m, b: m(b, b, b))
     torch.testing.assert_close(feats[""], mha(q, q, q)[0].mean(1))
+
+
+def test_capture_inner_layers_of_a_sequence_first_model_are_transposed():
+    layer = nn.TransformerEncoderLayer(8, 2, dim_feedforward=16, dropout=0.0)  # batch_first=False
+    x = torch.randn(3, 5, 8)  # probe rows are examples: N=3, T=5
+    feats = capture(layer, x, ["self_attn", "linear1", "norm2"], forward=lambda m, b: m(b.transpose(0, 1)))
+    seen = {}
+    hooks = [getattr(layer, n).register_forward_hook(lambda m, i, o, n=n: seen.setdefault(n, o))
+             for n in ("linear1", "norm2")]
+    layer.eval()
+    with torch.no_grad():
+        layer(x.transpose(0, 1))
+    for hook in hooks:
+        hook.remove()
+    assert {k: tuple(v.shape) for k, v in feats.items()} == {"self_attn": (3, 8), "linear1": (3, 16), "norm2": (3, 8)}
+    torch.testing.assert_close(feats["linear1"], seen["linear1"].transpose(0, 1).mean(1))  # (T, N, D) → rows N
+    torch.testing.assert_close(feats["norm2"], seen["norm2"].transpose(0, 1).mean(1))
+
+
+class FlattenedTokens(nn.Module):
+    """A Linear applied to (N * T, D): its output has no axis of one row per example."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Linear(4, 6)
+        self.proj = nn.Linear(6, 6)
+
+    def forward(self, x):  # x: (N, T, 4)
+        h = self.embed(x)
+        return self.proj(h.reshape(-1, h.shape[-1])).reshape(h.shape)
+
+
+def test_layers_without_one_row_per_example_are_left_out_by_default_and_refused_when_selected():
+    model, x = FlattenedTokens(), torch.randn(3, 5, 4)
+    with pytest.warns(RepSimWarning, match=r"left out.*'proj' \(15, 6\)"):
+        feats = capture(model, x)
+    assert list(feats) == ["embed"] and feats["embed"].shape == (3, 6)
+    with pytest.raises(RepSimValueError, match=r"'proj' gave an output of shape \(15, 6\) for a batch of 3 examples"):
+        capture(model, x, ["embed", "proj"])
 
 
 def test_capture_dict_and_dataclass_outputs():
@@ -585,7 +624,9 @@ def test_token_reduction_modes_and_auto_layout():
     # 3-D outputs of Conv1d / other modules are (N, C, L) conv maps under auto
     assert reduce_output(x, module=nn.Conv1d(5, 5, 1)).shape == (2, 15)
     assert reduce_output(x, module=nn.Conv1d(5, 5, 1), max_features=5).shape == (2, 5)
-    assert reduce_output(x, module=nn.Linear(3, 3), max_features=5).shape == (2, 5)
+    # ... but modules acting on the last axis give (N, T, D) tokens
+    torch.testing.assert_close(reduce_output(x, module=nn.Linear(3, 3), max_features=5), x.mean(1))
+    torch.testing.assert_close(reduce_output(x, module=nn.LayerNorm(3)), x.mean(1))
     # explicit layouts win
     torch.testing.assert_close(reduce_output(x, module=nn.Linear(3, 3), layout="tokens"), x.mean(1))
     assert reduce_output(x, module=lstm, layout="conv").shape == (2, 15)

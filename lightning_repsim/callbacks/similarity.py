@@ -131,10 +131,11 @@ class RepresentationSimilarity(Callback):
         layout: how 3-D and wider outputs are read: ``"conv"`` (``(N, C, *S)``, pooled to
             ``max_features``), ``"tokens"`` (``(N, T, *D)``, reduced by ``token_reduction``), or
             ``"auto"``: tokens for 3-D outputs of the known sequence modules (``nn.Embedding``,
-            ``nn.MultiheadAttention``, ``nn.Transformer*``, RNNs), conv maps otherwise, which
-            includes the ``nn.Linear`` and ``nn.LayerNorm`` layers inside a transformer: give
-            ``"tokens"`` for those. Also a mapping from layer name or glob to one of these
-            (unmatched layers use ``"auto"``), e.g. ``{"encoder.*": "tokens"}``.
+            ``nn.MultiheadAttention``, ``nn.Transformer*``, RNNs) and of modules acting on the
+            last axis (``nn.Linear``, ``nn.LayerNorm``: a transformer's layers), conv maps
+            otherwise (``nn.Conv1d``, ``nn.BatchNorm1d``, parameter-free modules). Also a mapping
+            from layer name or glob to one of these (unmatched layers use ``"auto"``), e.g.
+            ``{"encoder.*": "tokens"}``.
         token_reduction: ``(N, T, D)`` → ``(N, D)`` by the ``"mean"`` over tokens, the
             ``"first"`` or ``"last"`` token, or ``"flatten"`` to ``(N, T * D)``.
         output_selector: which tensor of a tuple / dict / dataclass output stands for the layer:
