@@ -76,6 +76,7 @@ __all__ = [
     "SnapshotStore",
     "default_store_dir",
     "open_store",
+    "run_store_dirs",
 ]
 
 FORMAT_NAME = "lightning_repsim.store"
@@ -93,6 +94,7 @@ _THINNING_RULE = (
     "the stride doubles each time the budget is exceeded"
 )
 _STEP_FILE_RE = re.compile(r"^step-(\d+)\.safetensors$")
+_STORE_DIR_RE = re.compile(r"^repsim(?:-([1-9]\d*))?$")
 _TMP_SUFFIX = ".tmp"
 _STEPS_SHOWN = 20
 
@@ -100,23 +102,51 @@ PathLike = Union[str, "os.PathLike[str]"]
 StepLike = Union[int, str]
 
 
-def default_store_dir(log_dir: PathLike) -> Path:
+def default_store_dir(log_dir: PathLike, index: int = 0) -> Path:
     """Where a run's snapshot store lives: ``<log_dir>/repsim``.
 
     The store sits inside the logger's run directory (e.g. ``lightning_logs/version_3``) so
-    that a run and its snapshots travel together when the directory is copied or shared.
+    that a run and its snapshots travel together when the directory is copied or shared. A
+    later fit into a run directory that already holds a store (a fixed logger version, a
+    re-run notebook cell) gets its own sibling, ``repsim-1``, ``repsim-2``, ... (``index``), so
+    that no fit overwrites or mixes with another's snapshots.
 
     Args:
         log_dir: the logger's run directory (``trainer.log_dir``).
+        index: 0 for the run directory's first store, k for the k-th further one.
 
     Returns:
-        ``Path(log_dir) / "repsim"``.
+        ``Path(log_dir) / "repsim"``, or ``Path(log_dir) / f"repsim-{index}"`` for ``index >= 1``.
 
     Example:
         >>> default_store_dir("lightning_logs/version_3").as_posix()
         'lightning_logs/version_3/repsim'
+        >>> default_store_dir("lightning_logs/version_3", 2).as_posix()
+        'lightning_logs/version_3/repsim-2'
     """
-    return Path(log_dir) / "repsim"
+    index = _as_step(index, "index", "an int")
+    return Path(log_dir) / ("repsim" if index == 0 else f"repsim-{index}")
+
+
+def run_store_dirs(log_dir: PathLike) -> List[Path]:
+    """The stores directly inside a run directory: ``repsim``, ``repsim-1``, ... holding a manifest.
+
+    Ordered by index, i.e. by the fit that made them (:func:`default_store_dir`).
+
+    Example:
+        >>> import tempfile
+        >>> with tempfile.TemporaryDirectory() as tmp:
+        ...     for index in (0, 2):
+        ...         _ = SnapshotStore.create(default_store_dir(tmp, index), probe_hash="3f2a", n=4)
+        ...     print([p.name for p in run_store_dirs(tmp)])
+        ['repsim', 'repsim-2']
+    """
+    found = []
+    for child in Path(log_dir).glob("repsim*"):
+        match = _STORE_DIR_RE.match(child.name)
+        if match and (child / MANIFEST_NAME).is_file():
+            found.append((int(match.group(1) or 0), child))
+    return [path for _, path in sorted(found)]
 
 
 def open_store(path: PathLike, *, probe_hash: Optional[str] = None) -> "SnapshotStore":

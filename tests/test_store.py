@@ -29,6 +29,7 @@ from lightning_repsim.store import (
     _plan_thinning,
     default_store_dir,
     open_store,
+    run_store_dirs,
 )
 
 N = 6
@@ -145,6 +146,21 @@ def test_reader_properties_and_iteration(tmp_path):
 def test_default_store_dir(tmp_path):
     assert default_store_dir(tmp_path / "version_0") == tmp_path / "version_0" / "repsim"
     assert default_store_dir(str(tmp_path)) == tmp_path / "repsim"
+    assert default_store_dir(tmp_path, 0) == tmp_path / "repsim"
+    assert default_store_dir(tmp_path, 12) == tmp_path / "repsim-12"
+    with pytest.raises(RepSimValueError, match="index must be >= 0"):
+        default_store_dir(tmp_path, -1)
+
+
+def test_run_store_dirs_lists_the_stores_of_a_run_in_index_order(tmp_path):
+    assert run_store_dirs(tmp_path) == [] and run_store_dirs(tmp_path / "missing") == []
+    for index in (10, 2, 0):
+        SnapshotStore.create(default_store_dir(tmp_path, index), probe_hash="p", n=N)
+    (tmp_path / "repsim-3" / "figures").mkdir(parents=True)  # figures only: no store
+    for name in ("repsim-01", "repsim-x", "repsimple"):  # not names a fit gets
+        SnapshotStore.create(tmp_path / name, probe_hash="p", n=N)
+    assert run_store_dirs(tmp_path) == [tmp_path / "repsim", tmp_path / "repsim-2", tmp_path / "repsim-10"]
+    assert run_store_dirs(str(tmp_path))[0] == tmp_path / "repsim"
 
 
 # ---------------------------------------------------------------- no pickle
