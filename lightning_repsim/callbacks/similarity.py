@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import copy
 import functools
+import itertools
 import os
 import re
+import secrets
 import traceback
 import warnings
 from dataclasses import dataclass
@@ -97,7 +99,12 @@ class RepresentationSimilarity(Callback):
     Open it with ``tensorboard --logdir runs --samples_per_plugin images=0`` (TensorBoard keeps
     only 10 images per tag otherwise). PNG and CSV files of every matrix go to
     ``<log_dir>/repsim/figures``, and the snapshot store (per step, per layer, what the measures
-    need, without pickle) to ``<log_dir>/repsim``, so a run and its store travel together.
+    need, without pickle) to ``<log_dir>/repsim``, so a run and its store travel together. A fit
+    never writes into another fit's outputs: when ``<log_dir>/repsim`` already holds some (a fixed
+    logger version or the same ``default_root_dir`` fitted again), it warns and uses the first free
+    ``repsim-1``, ``repsim-2``, ... A resumed fit continues the store its checkpoint records (the
+    snapshots after the checkpoint's last logged step are dropped), also when the logger has
+    moved on to a new version: then with a warning, as its TensorBoard events go to the new one.
 
     Args:
         probe: the fixed probe set: a tensor, an ``(x, y)`` tuple, a DataLoader, or
@@ -240,6 +247,9 @@ class RepresentationSimilarity(Callback):
         self._frames: dict[tuple, report.HeatmapFrames] = {}
         self._prepared: dict[str, tuple[Mapping[str, torch.Tensor], Representations]] = {}
         self._worker: Optional[Background] = None
+        self._output_dir: Optional[Path] = None  # the store and figures: <run dir>/repsim, or repsim-1, ...
+        self._recorded_output: Optional[str] = None  # where the checkpoint says they are
+        self._run_id: Optional[str] = None  # names the fit (and its resumptions) in the store's settings
 
     # ------------------------------------------------------------------ configuration
 
@@ -363,8 +373,10 @@ class RepresentationSimilarity(Callback):
             self._worker.wait_milestones()  # the checkpoint's last_logged_step must be in the store
         init = self._reference("init")
         return {
-            "version": 1,
+            "version": 2,
             "probe_hash": None if self._probe is None else self._probe.hash,
+            "output_dir": None if self._output_dir is None else str(self._output_dir.resolve()),
+            "run_id": self._run_id,
             "layer_names": self._layer_names,
             "last_logged_step": self._last_logged_step,
             "previous_step": self._previous_step,
@@ -377,6 +389,8 @@ class RepresentationSimilarity(Callback):
         self._resumed = True
         self._expected_probe_hash = state_dict.get("probe_hash")
         self._last_logged_step = state_dict.get("last_logged_step")
+        self._recorded_output = state_dict.get("output_dir")  # absent from checkpoints of version 1
+        self._run_id = state_dict.get("run_id")
         self._previous_step = state_dict.get("previous_step")
         self._previous = state_dict.get("previous")
         self._warned = set(state_dict.get("warned", []))
@@ -474,25 +488,85 @@ class RepresentationSimilarity(Callback):
             self._tensorboard = report.TensorBoardReporter(logger.experiment)
         else:
             self._run_dir = Path(log_dir or trainer.default_root_dir)
+        continued = self._place_outputs(self._run_dir)
+        if logger is None:
             self._warn_once("no-tensorboard", "RepresentationSimilarity found no TensorBoardLogger: heatmaps and curves "
-                            f"go to PNG/CSV files under {self._run_dir / 'repsim'} only.")
+                            f"go to PNG/CSV files under {self._output_dir} only.")
         settings = {"measures": list(self.measures), "options": self.options, "references": self.references,
                     "max_features": self.max_features, "layout": self.layout, "token_reduction": self.token_reduction,
                     "output_selector": _describe(self.output_selector), "forward": _describe(self.forward),
                     "layers": self._layer_names, "layer_selector": repr(self.layers)}
         if self.keep_store:
-            directory = default_store_dir(self._run_dir)
-            if self._resumed and (directory / "manifest.json").exists():
-                self._store = SnapshotStore.open(directory, mode="a", probe_hash=self._probe.hash)
+            if continued:
+                self._store = SnapshotStore.open(self._output_dir, mode="a", probe_hash=self._probe.hash)
+                self._run_id = self._store.settings.get("run_id")
                 if self._last_logged_step is not None:
                     self._store.truncate_after(self._last_logged_step)
             else:
-                self._store = SnapshotStore.create(directory, probe_hash=self._probe.hash, n=len(self._probe),
-                                                   settings=settings, max_bytes=self.max_store_bytes, exist_ok=True)
+                self._store = SnapshotStore.create(self._output_dir, probe_hash=self._probe.hash, n=len(self._probe),
+                                                   settings={**settings, "run_id": self._run_id},
+                                                   max_bytes=self.max_store_bytes)
         if self._tensorboard is not None:
             rows = "\n".join(f"| {k} | `{v}` |" for k, v in {"examples": len(self._probe), "hash": self._probe.hash,
                                                             **settings}.items())
             self._tensorboard.log_text("repsim/probe", "| setting | value |\n|---|---|\n" + rows, 0)
+
+    def _place_outputs(self, run_dir: Path) -> bool:
+        """Choose ``_output_dir``, the directory of the store and the figures; True to continue the store there.
+
+        A resumed fit continues its own store: where the checkpoint says it is, else in ``run_dir``.
+        Otherwise the fit never writes into another fit's outputs: when ``<run_dir>/repsim`` holds
+        anything, it takes the first free ``repsim-1``, ``repsim-2``, ...
+        """
+        default = default_store_dir(run_dir)
+        if not (self.keep_store or self.write_files):  # nothing goes to disk
+            self._output_dir = default
+            return False
+        recorded = Path(self._recorded_output) if self._recorded_output else None
+        if self._resumed:
+            for candidate in dict.fromkeys(p for p in (recorded, default) if p is not None):
+                if self._holds_this_run(candidate):
+                    self._output_dir = candidate
+                    if candidate.parent.resolve() != run_dir.resolve():
+                        self._warn_once(f"elsewhere:{candidate}:{run_dir}", (
+                            f"RepresentationSimilarity: resuming a fit whose snapshot store is {candidate}, outside "
+                            f"this fit's run directory {run_dir} (a logger with a new version?): the store and its "
+                            f"figures continue there after step {self._last_logged_step}, TensorBoard events go to "
+                            f"{run_dir}. To keep them together, resume with the first fit's logger version, e.g. "
+                            f"TensorBoardLogger(<same save_dir and name>, version={candidate.parent.name!r})."))
+                    return True
+        index = next(i for i in itertools.count() if _is_free(default_store_dir(run_dir, i)))
+        self._output_dir = default_store_dir(run_dir, index)
+        if self._resumed and self.keep_store and self._last_logged_step is not None:
+            where = (f"the checkpoint's snapshot store {recorded} is gone or holds another run" if recorded else
+                     f"the checkpoint does not say where its snapshot store is (it was saved by an older "
+                     f"lightning_repsim) and {default} holds none of this run")
+            self._warn_once(f"lost:{recorded or default}:{self._output_dir}", (
+                f"RepresentationSimilarity: {where}; a new store starts at {self._output_dir}, without the snapshots "
+                f"up to step {self._last_logged_step}: reference 'final' and its convergence map cover only the "
+                "steps from here on."))
+        elif index and not self._resumed:
+            self._warn_once(f"occupied:{default}", (
+                f"RepresentationSimilarity: {default} already holds the snapshot store or figures of an earlier fit, "
+                f"which stay as they are; this fit writes its own to {self._output_dir}. To keep fits apart, give "
+                "each its own run directory (a new logger version, e.g. TensorBoardLogger(..., version=None), or "
+                "another default_root_dir); to continue the earlier fit, pass its checkpoint to fit(ckpt_path=...)."))
+        self._run_id = self._run_id or secrets.token_hex(8)
+        return False
+
+    def _holds_this_run(self, directory: Path) -> bool:
+        """Whether ``directory`` holds the checkpointed fit's outputs: its store (same run id and probe), or figures."""
+        if not self.keep_store:
+            return directory.is_dir()
+        assert self._probe is not None
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", RepSimWarning)  # damage is reported once it is opened for appending
+                store = SnapshotStore.open(directory, mode="r")
+        except RepSimError:
+            return False
+        # a checkpoint without a run id (state version 1) takes the store by its probe alone, as it did then
+        return store.probe_hash == self._probe.hash and self._run_id in (None, store.settings.get("run_id"))
 
     def _guarded(self, trainer: pl.Trainer, pl_module: pl.LightningModule, work: Any, what: str) -> None:
         """Run monitor work; an exception never kills fit unless ``strict`` (then it re-raises)."""
@@ -603,14 +677,14 @@ class RepresentationSimilarity(Callback):
             prefix = f"repsim/{measure}/{label}"
             self._tensorboard.log_png(f"{prefix}/heatmap", png, step)
             self._tensorboard.log_layer_scalars(prefix, _matched_diagonal(values, names, ref_names), step)
-        if self.write_files and self._run_dir is not None:
-            folder = self._run_dir / "repsim" / "figures" / f"step-{step:08d}"
+        if self.write_files and self._output_dir is not None:
+            folder = self._output_dir / "figures" / f"step-{step:08d}"
             report.write_matrix_csv(folder / f"{measure}__{label}.csv", values, names, ref_names)
             report.write_png_bytes(png, folder / f"{measure}__{label}.png")
 
     def _log_final(self, trainer: pl.Trainer) -> None:
         """Every stored snapshot of every layer against the last snapshot (Raghu et al. 2017)."""
-        assert self._store is not None and self._run_dir is not None
+        assert self._store is not None and self._output_dir is not None
         steps = self._store.steps
         if len(steps) < 2:
             self._warn_once("final-too-short", "reference='final' needs at least two snapshots; training was too "
@@ -625,7 +699,7 @@ class RepresentationSimilarity(Callback):
             values = similarity_to_final(self._store, self.options, progress=lambda layers: tqdm(
                 layers, desc="repsim: similarity to the final snapshot", leave=False,
                 disable=trainer.progress_bar_callback is None or len(steps) * len(layers) < 200))
-        folder = self._run_dir / "repsim" / "figures" / "final"
+        folder = self._output_dir / "figures" / "final"
         folder.mkdir(parents=True, exist_ok=True)
         for measure, table in values.items():
             data = table.numpy()
@@ -665,6 +739,11 @@ def _one_cpu_thread() -> None:
     Two OpenMP teams on the same cores, the training loop's and the worker's, spin-wait against
     each other and slow both down several times over."""
     torch.set_num_threads(1)
+
+
+def _is_free(directory: Path) -> bool:
+    """Nothing there yet (or an empty directory): a fit may write its outputs there without touching another's."""
+    return not directory.exists() or (directory.is_dir() and not any(directory.iterdir()))
 
 
 def _is_constant(x: torch.Tensor) -> bool:

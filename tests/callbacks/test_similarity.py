@@ -5,6 +5,7 @@ similarity values are recomputed from the snapshot store with :func:`linear_cka`
 """
 import csv
 import math
+import shutil
 import textwrap
 import threading
 import time
@@ -432,6 +433,170 @@ def test_resume_continues_store_and_keeps_init(tmp_path):
         # "previous" continues across the resume: step 12 is compared with step 8
         expected = float(linear_cka(store.get(12, layer), store.get(8, layer)))
         assert previous_values[12] == pytest.approx(expected, abs=1e-5)
+
+
+class _Preempted(Callback):
+    """Kills fit at the end of epoch ``epoch``, after the monitor has logged it: a crash or a preemption."""
+
+    def __init__(self, epoch):
+        self.epoch = epoch
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        if trainer.current_epoch == self.epoch:
+            raise RuntimeError("preempted")
+
+
+def _autoversion_run(tmp_path, callbacks, max_epochs, ckpt_path=None, seed=0):
+    logger = TensorBoardLogger(str(tmp_path), name="run")  # the default: a new version_N for every fit
+    trainer = make_trainer(tmp_path, callbacks, logger=logger, max_epochs=max_epochs, enable_checkpointing=True)
+    torch.manual_seed(seed)
+    return trainer, fit_recording(trainer, Net(), ckpt_path=ckpt_path)
+
+
+def test_mid_run_resume_with_a_new_logger_version_continues_the_store(tmp_path):
+    references = ["init", "previous", "final"]
+    first = monitor(reference=references, write_files=True)
+    checkpoints = ModelCheckpoint(dirpath=str(tmp_path / "ckpt"), every_n_epochs=1, save_top_k=-1)
+    with pytest.raises(RuntimeError, match="preempted"):
+        _autoversion_run(tmp_path, [first, _Preempted(epoch=2), checkpoints], max_epochs=4)
+    first_dir = tmp_path / "run" / "version_0" / "repsim"
+    assert first.store_path == first_dir and open_store(first_dir).steps == [0, 4, 8, 12]
+    init_before = {k: v.clone() for k, v in first._reference("init").features.items()}
+
+    second = monitor(reference=references, write_files=True)  # resume from the end of epoch 1 (step 8)
+    trainer, records = _autoversion_run(tmp_path, [second], max_epochs=4, seed=1,
+                                        ckpt_path=str(tmp_path / "ckpt" / "epoch=1-step=8.ckpt"))
+    new_dir = Path(trainer.logger.log_dir)
+    assert new_dir.name == "version_1" and not (new_dir / "repsim").exists()
+    (message,) = repsim_warnings(records)
+    assert str(first_dir) in message and str(new_dir) in message and "version='version_0'" in message
+
+    # every step exactly once: the crashed run's step 12 was replaced, nothing before it lost
+    assert second.store_path == first_dir
+    store = open_store(first_dir)
+    assert store.steps == [0, 4, 8, 12, 16]
+    assert sorted(p.name for p in first_dir.glob("step-*")) == [f"step-{s:010d}.safetensors" for s in store.steps]
+    init_after = second._reference("init").features
+    for layer in LAYERS:
+        assert torch.equal(init_after[layer].cpu(), init_before[layer].cpu())
+        assert torch.equal(store.get(0, layer), init_before[layer].float().cpu())
+
+    # the final map covers the whole run: in the new version's events, and in files next to the store
+    acc = read_events(new_dir)
+    for layer in LAYERS:
+        final = scalars(acc, f"repsim/linear_cka/final/{layer}")
+        assert sorted(final) == [0, 4, 8, 12, 16]
+        assert final[4] == pytest.approx(float(linear_cka(store.get(4, layer), store.get(16, layer))), abs=1e-5)
+        assert sorted(scalars(acc, f"repsim/linear_cka/init/{layer}")) == [12, 16]  # the resumed part
+    rows = read_csv(first_dir / "figures" / "final" / "linear_cka__final.csv")
+    assert rows[0] == ["layer", "0", "4", "8", "12", "16"]
+    assert (first_dir / "figures" / "step-00000016" / "linear_cka__init.png").exists()
+
+
+def test_resume_when_the_recorded_store_is_gone_starts_a_new_one(tmp_path):
+    first = monitor(reference=["init", "final"])
+    checkpoint = ModelCheckpoint(dirpath=str(tmp_path / "ckpt"), save_last=True)
+    _autoversion_run(tmp_path, [first, checkpoint], max_epochs=2)
+    shutil.rmtree(first.store_path)
+
+    second = monitor(reference=["init", "final"])
+    trainer, records = _autoversion_run(tmp_path, [second], max_epochs=4,
+                                        ckpt_path=str(tmp_path / "ckpt" / "last.ckpt"))
+    assert trainer.global_step == 16
+    (message,) = repsim_warnings(records)
+    assert str(first.store_path) in message and str(second.store_path) in message and "up to step 8" in message
+    assert second.store_path == Path(trainer.logger.log_dir) / "repsim"
+    assert open_store(second.store_path).steps == [12, 16]
+    assert sorted(scalars(read_events(trainer.logger.log_dir), "repsim/linear_cka/final/mid")) == [12, 16]
+
+
+@pytest.mark.parametrize("version", [0, None])
+def test_checkpoint_without_the_store_location_still_resumes(tmp_path, version):
+    """A checkpoint of state version 1 (no output_dir / run_id): the store is looked for in the run directory."""
+    first = monitor(reference=["init", "final"])
+    checkpoint = ModelCheckpoint(dirpath=str(tmp_path / "ckpt"), save_last=True)
+    trainer = make_trainer(tmp_path, [first, checkpoint], logger=TensorBoardLogger(str(tmp_path), "run", version=0),
+                           enable_checkpointing=True)
+    trainer.fit(Net(), train_loader())
+    old = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=False)
+    state = old["callbacks"][first.state_key]
+    del state["output_dir"], state["run_id"]
+    state["version"] = 1
+    torch.save(old, tmp_path / "old.ckpt")
+
+    second = monitor(reference=["init", "final"])
+    trainer = make_trainer(tmp_path, [second], logger=TensorBoardLogger(str(tmp_path), "run", version=version),
+                           max_epochs=3)
+    records = fit_recording(trainer, Net(), ckpt_path=str(tmp_path / "old.ckpt"))
+    assert trainer.global_step == 12
+    if version == 0:  # found where it always was: continued, as before
+        assert repsim_warnings(records) == []
+        assert second.store_path == first.store_path and open_store(second.store_path).steps == [0, 4, 8, 12]
+    else:  # not to be found: a new store, and a warning that the earlier snapshots are not in it
+        (message,) = repsim_warnings(records, "older lightning_repsim")
+        assert str(second.store_path.parent) in message and "up to step 8" in message
+        assert second.store_path.parent.name == "version_1" and open_store(second.store_path).steps == [12]
+        assert open_store(first.store_path).steps == [0, 4, 8]
+
+
+def _files(directory):
+    return {p.relative_to(directory): p.read_bytes() for p in sorted(directory.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize("logger, probe", [("tb", "same"), ("tb", "other"), ("none", "same")])
+def test_a_second_fresh_fit_into_the_same_run_directory_gets_its_own_store(tmp_path, logger, probe):
+    """A fixed logger version (or logger=False and the same default_root_dir): a re-run notebook cell."""
+    probes = {"same": PROBE, "other": make_data(24, seed=5)[0]}
+
+    def fresh_fit(probe, seed):
+        callback = monitor(reference=["init", "final"], probe=probe, write_files=True)
+        tb = TensorBoardLogger(str(tmp_path), name="run", version="v1") if logger == "tb" else False
+        trainer = make_trainer(tmp_path, [callback], logger=tb, max_epochs=2)
+        torch.manual_seed(seed)
+        return callback, trainer, fit_recording(trainer, Net())
+
+    first, trainer, _ = fresh_fit(PROBE, seed=0)
+    run_dir = Path(trainer.log_dir)
+    assert first.store_path == run_dir / "repsim"
+    before = _files(first.store_path)
+    events_before = set(run_dir.glob("events.out.tfevents*"))
+
+    second, trainer, records = fresh_fit(probes[probe], seed=1)
+    assert repsim_warnings(records, "failed") == []
+    (message,) = repsim_warnings(records, "already holds")
+    assert str(first.store_path) in message and str(second.store_path) in message
+    assert second.store_path == run_dir / "repsim-1"
+    assert _files(first.store_path) == before  # byte for byte, nothing added
+
+    store = open_store(second.store_path)
+    assert store.steps == [0, 4, 8] and store.probe_hash != open_store(first.store_path).probe_hash or probe == "same"
+    assert store.settings["run_id"] != open_store(first.store_path).settings["run_id"]
+    assert (second.store_path / "figures" / "step-00000008" / "linear_cka__init.csv").exists()
+    assert (second.store_path / "figures" / "final" / "linear_cka__final.csv").exists()
+    if logger == "tb":  # the second fit's own event file holds its heatmaps and scalars
+        (events,) = set(run_dir.glob("events.out.tfevents*")) - events_before
+        acc = read_events(events)
+        assert [e.step for e in acc.Images("repsim/linear_cka/init/heatmap")] == [0, 4, 8]
+        for layer in LAYERS:
+            expected = float(linear_cka(store.get(8, layer), store.get(0, layer)))
+            assert scalars(acc, f"repsim/linear_cka/init/{layer}")[8] == pytest.approx(expected, abs=1e-5)
+            assert sorted(scalars(acc, f"repsim/linear_cka/final/{layer}")) == [0, 4, 8]
+
+    third, _, _ = fresh_fit(PROBE, seed=2)
+    assert third.store_path == run_dir / "repsim-2" and open_store(third.store_path).steps == [0, 4, 8]
+    assert _files(first.store_path) == before
+
+
+def test_figures_only_fits_do_not_overwrite_each_other(tmp_path):
+    for seed in (0, 1):
+        callback = monitor(store=False, write_files=True)
+        trainer = make_trainer(tmp_path, [callback], logger=TensorBoardLogger(str(tmp_path), "run", version=0))
+        torch.manual_seed(seed)
+        fit_recording(trainer, Net())
+        if seed == 0:
+            before = _files(tmp_path / "run" / "version_0" / "repsim")
+    assert _files(tmp_path / "run" / "version_0" / "repsim") == before
+    assert (tmp_path / "run" / "version_0" / "repsim-1" / "figures" / "step-00000008" / "linear_cka__init.csv").exists()
 
 
 # ----------------------------------------------------------------------------- background worker
