@@ -296,6 +296,8 @@ class RepresentationSimilarity(Callback):
     # ------------------------------------------------------------------ Lightning hooks
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage == "fit":
+            self._forget_previous_fit()
         for ref in self._references:
             if ref.kind == "module" and isinstance(ref.source, Path) and not ref.source.is_file():
                 raise RepSimValueError(f"reference checkpoint {str(ref.source)!r} does not exist. A reference is one "
@@ -365,6 +367,22 @@ class RepresentationSimilarity(Callback):
         if self._worker is not None:
             self._worker.close()
             self._report_background_failures(trainer)
+
+    def _forget_previous_fit(self) -> None:
+        """Start each fit afresh, also with a callback object that monitored an earlier fit (a re-run notebook cell).
+
+        Runs in ``setup``, before Lightning loads a checkpoint's state into the callback on resume.
+        """
+        self._resumed = False
+        self._expected_probe_hash = None
+        self._recorded_output = self._run_id = None
+        self._store = self._tensorboard = self._output_dir = self._run_dir = None
+        self._previous = self._previous_step = self._last_logged_step = self._attempted_step = None
+        self._unlogged_start = None
+        self._warned = set()
+        self._frames, self._prepared = {}, {}
+        for ref in self._references:  # "init" is set and modules are captured again at fit start
+            ref.features = None
 
     # ------------------------------------------------------------------ resume
 

@@ -587,6 +587,23 @@ def test_a_second_fresh_fit_into_the_same_run_directory_gets_its_own_store(tmp_p
     assert _files(first.store_path) == before
 
 
+def test_a_callback_object_reused_for_a_second_fit_monitors_it_afresh(tmp_path):
+    callback = monitor(reference=["init", "previous"], write_files=True)
+    stores = []
+    for seed in (0, 1):
+        trainer = make_trainer(tmp_path, [callback], logger=TensorBoardLogger(str(tmp_path), "run", version=0))
+        torch.manual_seed(seed)
+        records = fit_recording(trainer, Net())
+        assert repsim_warnings(records, "failed") == []
+        stores.append(open_store(callback.store_path))
+    assert [s.path.name for s in stores] == ["repsim", "repsim-1"]
+    assert stores[0].steps == stores[1].steps == [0, 4, 8]
+    init = callback._reference("init").features  # the second model's init, not the first's
+    for layer in LAYERS:
+        assert torch.equal(stores[1].get(0, layer), init[layer].float())
+        assert not torch.equal(stores[0].get(0, layer), stores[1].get(0, layer))
+
+
 def test_figures_only_fits_do_not_overwrite_each_other(tmp_path):
     for seed in (0, 1):
         callback = monitor(store=False, write_files=True)
