@@ -4,7 +4,8 @@ Every command reads the snapshot stores that :class:`~lightning_repsim.Represent
 leaves in each run directory (``<log_dir>/repsim``); no model is re-run and nothing is unpickled.
 A ``RUN`` argument may be the run directory (``lightning_logs/version_3``), the store directory
 itself (``lightning_logs/version_3/repsim``) or a log directory that holds exactly one run with a
-store (``lightning_logs``).
+store (``lightning_logs``). A run directory that several fits wrote into holds one store per fit
+(``repsim``, ``repsim-1``, ...); pass the one you mean, e.g. ``lightning_logs/version_3/repsim-1``.
 
 Usage::
 
@@ -65,7 +66,8 @@ import lightning_repsim
 from lightning_repsim import report
 from lightning_repsim.errors import RepSimError, RepSimWarning
 from lightning_repsim.functional.similarity_matrix import MEASURES, resolve_options, similarity_matrix
-from lightning_repsim.store import MANIFEST_NAME, SnapshotStore, open_store, similarity_to_final
+from lightning_repsim.store import (MANIFEST_NAME, SnapshotStore, open_store, run_store_dirs,
+                                   similarity_to_final)
 
 __all__ = ["main"]
 
@@ -90,7 +92,7 @@ def _one_line(text: Any) -> str:
 class Run:
     """One run's store, opened read-only, with the names the CLI shows for it."""
 
-    name: str  # short label: "version_3" -> "run/version_3"
+    name: str  # short label: "version_3" -> "run/version_3"; its repsim-1 store -> "run/version_3/repsim-1"
     run_dir: Path  # where the TensorBoard event files are (the store's parent)
     store: SnapshotStore
     notes: list[str] = field(default_factory=list)
@@ -104,20 +106,28 @@ def _find_store_dir(path: Path) -> Path:
         raise CliError(f"{path}: not a directory (pass a run directory or its repsim/ store)")
     if (path / MANIFEST_NAME).exists():
         return path
-    if (path / "repsim" / MANIFEST_NAME).exists():
-        return path / "repsim"
-    for pattern in ("*/repsim/" + MANIFEST_NAME, "*/*/repsim/" + MANIFEST_NAME):
-        found = sorted(p.parent for p in path.glob(pattern))
-        if len(found) == 1:
-            return found[0]
+    found = run_store_dirs(path)
+    if len(found) > 1:
+        raise CliError(f"{path}: holds {len(found)} snapshot stores, one per fit into this run directory "
+                       f"({_shown(found)}); pass one of them")
+    for pattern in ("*", "*/*"):
+        if found:
+            break
+        found = [store for run in sorted(path.glob(pattern)) for store in run_store_dirs(run)]
         if len(found) > 1:
-            runs = [str(p.parent) for p in found]
-            shown = ", ".join(runs[:_SHOWN_CANDIDATES]) + (", ..." if len(runs) > _SHOWN_CANDIDATES else "")
-            raise CliError(f"{path}: holds {len(runs)} runs with a snapshot store ({shown}); pass one of them")
+            raise CliError(f"{path}: holds {len(found)} runs with a snapshot store ({_shown(found)}); pass one of them")
+    if found:
+        return found[0]
     raise CliError(
-        f"{path}: no snapshot store here (looked for {MANIFEST_NAME} in it, in repsim/ and in */repsim/); "
-        "is this a run directory written with RepresentationSimilarity(store=True)?"
+        f"{path}: no snapshot store here (looked for {MANIFEST_NAME} in it, in repsim/ or repsim-N/ and in "
+        "*/repsim*/); is this a run directory written with RepresentationSimilarity(store=True)?"
     )
+
+
+def _shown(stores: Sequence[Path]) -> str:
+    """Store directories as a short list: the run directory for a run's first store, else the store itself."""
+    names = [str(p.parent) if p.name == "repsim" else str(p) for p in stores]
+    return ", ".join(names[:_SHOWN_CANDIDATES]) + (", ..." if len(names) > _SHOWN_CANDIDATES else "")
 
 
 def _run_name(run_dir: Path) -> str:
@@ -145,8 +155,12 @@ def open_run(path: str, *, allow_damaged: bool = False) -> Run:
                        "to use the intact snapshots)")
     if not store.steps:
         raise CliError(f"{store_dir}: the store holds no snapshots yet")
-    run_dir = store_dir.parent if store_dir.name == "repsim" else store_dir
-    return Run(_run_name(run_dir), run_dir, store, notes=damage)
+    if store_dir in run_store_dirs(store_dir.parent):  # repsim/, or repsim-N/ of a later fit into the same run
+        run_dir = store_dir.parent
+        name = _run_name(run_dir) + ("" if store_dir.name == "repsim" else f"/{store_dir.name}")
+    else:
+        run_dir, name = store_dir, _run_name(store_dir)
+    return Run(name, run_dir, store, notes=damage)
 
 
 def _pick_step(run: Run, step: str) -> int:
@@ -607,8 +621,9 @@ def _step_arg(text: str) -> str:
     return str(value)
 
 
-_RUN_HELP = ("a run directory (holding repsim/), the repsim/ store itself, or a log directory with a single run "
-             "(lightning_logs/ with one version_*/)")
+_RUN_HELP = ("a run directory (holding repsim/), the repsim/ store itself (or repsim-N/, the store of a later fit "
+             "into the same run directory), or a log directory with a single run (lightning_logs/ with one "
+             "version_*/)")
 _MEASURE_HELP = ("similarity measure; repeat or give a comma list. Choices: " + ", ".join(MEASURES))
 
 

@@ -25,7 +25,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from torch.utils.tensorboard import SummaryWriter
 
 from lightning_repsim.callbacks import RepresentationSimilarity
-from lightning_repsim.cli import main
+from lightning_repsim.cli import main, open_run
 from lightning_repsim.functional import similarity_matrix
 from lightning_repsim.store import SnapshotStore, open_store
 
@@ -36,10 +36,10 @@ WIDTHS = {"conv": 6, "block.0": 5, "block.1": 8, "fc": 3}
 FACTOR = "block.1"  # stored as a Gram factor: pwcca is NaN for it
 
 
-def make_store(run_dir, probe_hash, seed, settings=None):
-    """A run directory ``run_dir`` with a store at ``run_dir/repsim``: 4 layers, 3 steps."""
+def make_store(run_dir, probe_hash, seed, settings=None, name="repsim"):
+    """A run directory ``run_dir`` with a store at ``run_dir/<name>``: 4 layers, 3 steps."""
     g = torch.Generator().manual_seed(seed)
-    store = SnapshotStore.create(Path(run_dir) / "repsim", probe_hash=probe_hash, n=N, settings=settings)
+    store = SnapshotStore.create(Path(run_dir) / name, probe_hash=probe_hash, n=N, settings=settings)
     base = {name: torch.randn(N, p, generator=g) for name, p in WIDTHS.items()}
     for k, step in enumerate(STEPS):  # drifting towards the last step, so convergence is visible
         tensors = {name: x + (len(STEPS) - 1 - k) * torch.randn(N, WIDTHS[name], generator=g)
@@ -153,6 +153,22 @@ def test_compare_a_run_with_itself_and_different_layer_names(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "layer names differ" in printed
     assert read_csv(tmp_path / "o2" / "linear_cka.csv")[0][1:] == ["x", "y"]
+
+
+def test_a_run_directory_with_one_store_per_fit(tmp_path, capsys):
+    """Two fits into the same run directory leave repsim/ and repsim-1/: each is found, neither is guessed."""
+    run = make_store(tmp_path / "logs" / "run" / "version_0", "p", seed=0)
+    make_store(run, "p", seed=1, name="repsim-1")
+    out = ["--out", str(tmp_path / "o")]
+    check_error(capsys, ["report", str(run), *out], "holds 2 snapshot stores", str(run / "repsim-1"))
+    check_error(capsys, ["report", str(tmp_path / "logs" / "run"), *out], "holds 2 runs", str(run / "repsim-1"))
+    assert open_run(str(run / "repsim-1")).run_dir == run  # where its TensorBoard events are
+    assert main(["compare", str(run / "repsim"), str(run / "repsim-1"), *out, "-q"]) == 0
+    printed = capsys.readouterr().out
+    assert "A: run/version_0 at step 10" in printed and "B: run/version_0/repsim-1 at step 10" in printed
+    shutil.rmtree(run / "repsim")  # a run directory whose only store is a later fit's
+    assert main(["export", str(run), "--reference", "final", "--measure", "rv"]) == 0
+    assert len(capsys.readouterr().out.strip().splitlines()) - 1 == n_rows(1, ["final"])
 
 
 # ----------------------------------------------------------------------------- report
