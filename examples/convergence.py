@@ -100,7 +100,7 @@ def main() -> None:
     out = Path(args.out)
     run_root = out / "run"
     if run_root.exists():
-        shutil.rmtree(run_root)  # this script's own previous run: the store must start empty
+        shutil.rmtree(run_root)  # this script's own previous run (else this run's store would go to repsim-1/)
     measures = ("linear_cka", "svcca") if args.svcca else ("linear_cka",)
 
     pl.seed_everything(args.seed, workers=False)
@@ -120,7 +120,7 @@ def main() -> None:
                          accelerator="cpu", devices=1)
     trainer.fit(PlainCNN(), train, val)
     fit_seconds = time.perf_counter() - start
-    folder = Path(logger.log_dir) / "repsim" / "figures" / "final"
+    folder = monitor.store_path / "figures" / "final"
 
     print(f"\nval_acc = {float(trainer.callback_metrics['val_acc']):.3f} after {args.epochs} epochs "
           f"({trainer.global_step} steps); snapshot every {args.every} steps; fit incl. monitor {fit_seconds:.1f} s")
