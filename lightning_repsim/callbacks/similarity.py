@@ -542,7 +542,10 @@ class RepresentationSimilarity(Callback):
             return False
         recorded = Path(self._recorded_output) if self._recorded_output else None
         if self._resumed:
-            for candidate in dict.fromkeys(p for p in (recorded, default) if p is not None):
+            # the recorded place, else the default one (the run directory was moved since), where a store tells
+            # by its run id whether it is this run's; figures alone cannot tell, so then only the recorded place
+            candidates = [recorded, default] if recorded is None or self.keep_store else [recorded]
+            for candidate in dict.fromkeys(p for p in candidates if p is not None):
                 if self._holds_this_run(candidate):
                     self._output_dir = candidate
                     if candidate.parent.resolve() != run_dir.resolve():

@@ -510,6 +510,21 @@ def test_resume_when_the_recorded_store_is_gone_starts_a_new_one(tmp_path):
     assert sorted(scalars(read_events(trainer.logger.log_dir), "repsim/linear_cka/final/mid")) == [12, 16]
 
 
+def test_resume_after_moving_the_run_directory_finds_the_store_by_its_run_id(tmp_path):
+    first = monitor(reference=["init", "final"])
+    checkpoint = ModelCheckpoint(dirpath=str(tmp_path / "a" / "ckpt"), save_last=True)
+    trainer = make_trainer(tmp_path / "a", [first, checkpoint], enable_checkpointing=True)
+    trainer.fit(Net(), train_loader())
+    shutil.move(tmp_path / "a", tmp_path / "b")  # the recorded path is gone; the store is where the logger points
+
+    second = monitor(reference=["init", "final"])
+    trainer = make_trainer(tmp_path / "b", [second], max_epochs=3)
+    records = fit_recording(trainer, Net(), ckpt_path=str(tmp_path / "b" / "ckpt" / "last.ckpt"))
+    assert repsim_warnings(records) == []
+    assert second.store_path == tmp_path / "b" / "run" / "version_0" / "repsim"
+    assert open_store(second.store_path).steps == [0, 4, 8, 12]
+
+
 @pytest.mark.parametrize("version", [0, None])
 def test_checkpoint_without_the_store_location_still_resumes(tmp_path, version):
     """A checkpoint of state version 1 (no output_dir / run_id): the store is looked for in the run directory."""
