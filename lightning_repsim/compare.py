@@ -22,9 +22,11 @@ from lightning_repsim.functional.similarity_matrix import resolve_options, simil
 
 @dataclass
 class Comparison:
-    """The result of :func:`compare`: layer names of each side and one matrix per measure.
+    """The result of :func:`compare` and :func:`~lightning_repsim.store.similarity_between`: layer
+    names of each side and one matrix per measure.
 
     ``matrices[measure][i, j]`` is the similarity of ``layers_a[i]`` and ``layers_b[j]`` (float64).
+    ``steps`` are the two stored steps compared (``similarity_between``; ``None`` for ``compare``).
     """
 
     layers_a: list[str]
@@ -33,6 +35,7 @@ class Comparison:
     probe_hash: str
     n: int
     names: tuple[str, str] = field(default=("model A", "model B"))
+    steps: Optional[tuple[int, int]] = None
 
     def __getitem__(self, measure: str) -> torch.Tensor:
         if measure not in self.matrices:
@@ -42,8 +45,10 @@ class Comparison:
     def plot(self, measure: Optional[str] = None, path: Union[str, Path, None] = None) -> Figure:
         """Heatmap of one measure (default: the first), saved as PNG when ``path`` is given."""
         measure = measure or next(iter(self.matrices))
+        row_title, col_title = self.names if self.steps is None else (
+            f"{name} (step {step})" for name, step in zip(self.names, self.steps))
         figure = report.heatmap_figure(self[measure].cpu().numpy(), self.layers_a, self.layers_b, measure=measure,
-                                       row_title=self.names[0], col_title=self.names[1],
+                                       row_title=row_title, col_title=col_title,
                                        title=f"{measure}: {self.names[0]} vs {self.names[1]} (n = {self.n})")
         if path is not None:
             report.save_png(figure, path)

@@ -51,6 +51,7 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import fnmatch
 import json
 import operator
 import os
@@ -58,7 +59,20 @@ import re
 import secrets
 import warnings
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import (
+    TYPE_CHECKING,
+    Any,
+    Callable,
+    Dict,
+    Iterable,
+    Iterator,
+    List,
+    Mapping,
+    Optional,
+    Sequence,
+    Tuple,
+    Union,
+)
 
 import torch
 from safetensors import safe_open
@@ -66,7 +80,14 @@ from safetensors.torch import save as _safetensors_bytes
 
 import lightning_repsim
 from lightning_repsim.errors import RepSimError, RepSimValueError, RepSimWarning
-from lightning_repsim.functional.similarity_matrix import Representations, similarity_matrix
+from lightning_repsim.functional.similarity_matrix import (
+    Representations,
+    resolve_options,
+    similarity_matrix,
+)
+
+if TYPE_CHECKING:
+    from lightning_repsim.compare import Comparison
 
 __all__ = [
     "DEFAULT_MAX_BYTES",
@@ -77,6 +98,7 @@ __all__ = [
     "default_store_dir",
     "open_store",
     "run_store_dirs",
+    "similarity_between",
 ]
 
 FORMAT_NAME = "lightning_repsim.store"
@@ -1012,3 +1034,163 @@ def similarity_to_final(
                 continue
             values[measure][i] = similarity_matrix(series, final, measure, **options)[:, 0].cpu()
     return values
+
+
+def _as_store(store: Any, what: str) -> "SnapshotStore":
+    if isinstance(store, SnapshotStore):
+        return store
+    if isinstance(store, (str, os.PathLike)):
+        return open_store(store)
+    raise RepSimValueError(
+        f"{what} must be a SnapshotStore or the path of a store directory (e.g. "
+        f"'lightning_logs/version_3/repsim'), got {type(store).__name__}"
+    )
+
+
+def _select_layers(
+    store: "SnapshotStore", selector: Union[str, Sequence[str], None], what: str
+) -> List[str]:
+    """The store's layers matching ``selector`` (names or fnmatch globs), in store order."""
+    if selector is None:
+        return store.layers
+    patterns = [selector] if isinstance(selector, str) else list(selector)
+    if not patterns or not all(isinstance(p, str) and p for p in patterns):
+        raise RepSimValueError(
+            f"{what} must be a layer name, a glob such as 'block.*', or a non-empty list of them "
+            f"(None: every layer), got {selector!r}"
+        )
+    keep = set()
+    for pattern in patterns:
+        glob = any(c in pattern for c in "*?[")
+        hits = {
+            n for n in store.layers if n == pattern or (glob and fnmatch.fnmatchcase(n, pattern))
+        }
+        if not hits:
+            raise RepSimValueError(
+                f"{what}: {pattern!r} matches no layer of {store.path}; its layers are "
+                f"{store.layers}"
+            )
+        keep |= hits
+    return [n for n in store.layers if n in keep]
+
+
+def _step_entry(store: "SnapshotStore", step: Optional[StepLike], what: str) -> Dict[str, Any]:
+    """The manifest entry of ``step`` (``None``: the last); errors name the argument."""
+    try:
+        return store._entry("last" if step is None else step)
+    except RepSimValueError as err:
+        raise RepSimValueError(f"{what}={step!r}: {err}") from None
+
+
+def similarity_between(
+    store_a: Union["SnapshotStore", PathLike],
+    store_b: Union["SnapshotStore", PathLike],
+    measures: Union[str, Sequence[str]] = ("linear_cka",),
+    *,
+    step_a: Optional[StepLike] = None,
+    step_b: Optional[StepLike] = None,
+    layers_a: Union[str, Sequence[str], None] = None,
+    layers_b: Union[str, Sequence[str], None] = None,
+    measure_options: Optional[Mapping[str, Mapping[str, Any]]] = None,
+    names: Tuple[str, str] = ("store A", "store B"),
+    progress: Optional[Callable[[Iterable[str]], Iterable[str]]] = None,
+) -> "Comparison":
+    """Every layer of one stored snapshot against every layer of another, from two stores.
+
+    The store counterpart of :func:`lightning_repsim.compare`: ``matrices[measure][i, j]`` is the
+    similarity of layer ``layers_a[i]`` of ``store_a`` at ``step_a`` with layer ``layers_b[j]`` of
+    ``store_b`` at ``step_b`` (float64, CPU), computed over the same ``n`` probe examples, so the
+    stores must share a probe hash. Both may be one store (two steps of one run). Centring is the
+    measure's own (see :mod:`lightning_repsim.functional.similarity_matrix`); the store keeps
+    tensors uncentred. A layer stored as a Gram factor (``kind="gram_factor"``, ``F Fᵀ = X Xᵀ``)
+    gives every Gram-based measure and SVCCA the values its features would; PWCCA needs the
+    neurons, so its cells are NaN wherever either layer is a Gram factor.
+
+    Args:
+        store_a: a :class:`SnapshotStore` or the path of a store directory (opened read-only).
+        store_b: the other store, on the same probe set.
+        measures: one measure name or several (see :data:`lightning_repsim.functional.MEASURES`).
+        step_a: a stored step of ``store_a``; ``None`` or ``"last"``: its last snapshot.
+        step_b: the same for ``store_b``.
+        layers_a: layer names or fnmatch globs (``"block.*"``) of ``store_a``, kept in store
+            order; ``None``: every layer.
+        layers_b: the same for ``store_b``.
+        measure_options: per-measure options, e.g. ``{"rbf_cka": {"sigma": 0.5}}``; others take
+            their defaults (the CLI passes the options each run was logged with).
+        names: labels of the two stores in figures.
+        progress: wraps the iteration over measures (e.g. a tqdm factory).
+
+    Returns:
+        A :class:`~lightning_repsim.compare.Comparison` (``.plot()``, ``.to_csv()``) whose
+        ``steps`` are the two steps compared.
+
+    Raises:
+        RepSimValueError: the probe hashes differ, an unknown step, layer, measure or option.
+        RepSimError: a store that cannot be opened or read.
+
+    Example:
+        >>> import tempfile, torch
+        >>> g = torch.Generator().manual_seed(0)
+        >>> x = torch.randn(20, 5, generator=g)
+        >>> with tempfile.TemporaryDirectory() as tmp:
+        ...     a = SnapshotStore.create(tmp + "/a", probe_hash="3f2a", n=20)
+        ...     a.add(0, {"conv": x, "fc": torch.randn(20, 3, generator=g)})
+        ...     b = SnapshotStore.create(tmp + "/b", probe_hash="3f2a", n=20)
+        ...     b.add(7, {"conv": 2 * x + 1})
+        ...     result = similarity_between(a, tmp + "/b", ("linear_cka", "rv2"))
+        >>> result.layers_a, result.layers_b, result.steps
+        (['conv', 'fc'], ['conv'], (0, 7))
+        >>> round(float(result["linear_cka"][0, 0]), 6)  # the same features, scaled and shifted
+        1.0
+    """
+    # Imported here, so that reading a store does not import Matplotlib (compare.py draws).
+    from lightning_repsim.compare import Comparison
+
+    store_a, store_b = _as_store(store_a, "store_a"), _as_store(store_b, "store_b")
+    if store_a.probe_hash != store_b.probe_hash:
+        raise RepSimValueError(
+            f"probe hashes differ: {store_a.path} has {store_a.probe_hash!r}, {store_b.path} "
+            f"has {store_b.probe_hash!r}; similarities are meaningful only on the same probe set, "
+            "so compare stores of runs logged with the same probe (same examples, same order)"
+        )
+    measures = [measures] if isinstance(measures, str) else list(dict.fromkeys(measures))
+    if not measures:
+        raise RepSimValueError(
+            "measures is empty: name at least one, e.g. measures=('linear_cka',)"
+        )
+    given = dict(measure_options or {})
+    stray = sorted(set(given) - set(measures))
+    if stray:
+        raise RepSimValueError(
+            f"measure_options names {stray}, which are not among measures {measures}"
+        )
+    options = {m: resolve_options(m, given.get(m, {})) for m in measures}
+    entry_a, entry_b = _step_entry(store_a, step_a, "step_a"), _step_entry(store_b, step_b, "step_b")
+    names_a = _select_layers(store_a, layers_a, "layers_a")
+    names_b = _select_layers(store_b, layers_b, "layers_b")
+    xs, ys = store_a._read(entry_a, names_a), store_b._read(entry_b, names_b)
+
+    series_a, series_b = Representations(xs), Representations(ys)  # shared by the measures
+    matrices: Dict[str, torch.Tensor] = {}
+    for measure in measures if progress is None else progress(measures):
+        if measure != "pwcca":
+            values = similarity_matrix(series_a, series_b, measure, **options[measure])
+            matrices[measure] = values.cpu()
+            continue
+        # PWCCA weights by the neurons: only layers stored as features have them.
+        values = torch.full((len(names_a), len(names_b)), float("nan"), dtype=torch.float64)
+        rows = [i for i, name in enumerate(names_a) if store_a.kinds[name] == "features"]
+        cols = [j for j, name in enumerate(names_b) if store_b.kinds[name] == "features"]
+        if rows and cols:
+            sub = similarity_matrix(
+                {names_a[i]: xs[names_a[i]] for i in rows},
+                {names_b[j]: ys[names_b[j]] for j in cols},
+                measure,
+                **options[measure],
+            )
+            values[torch.tensor(rows)[:, None], torch.tensor(cols)[None, :]] = sub.cpu()
+        matrices[measure] = values
+    return Comparison(
+        names_a, names_b, matrices, store_a.probe_hash, store_a.n, tuple(names),
+        steps=(entry_a["step"], entry_b["step"]),
+    )

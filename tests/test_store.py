@@ -750,3 +750,184 @@ def test_similarity_to_final_is_each_snapshot_against_the_last(tmp_path):
                                                              abs=1e-6)
     assert torch.isnan(values["pwcca"][1]).all()  # a Gram factor has no neurons to weight
     assert values["linear_cka"][:, -1].tolist() == pytest.approx([1.0, 1.0])
+
+
+# ---------------------------------------------------------------- similarity_between
+
+BETWEEN_N = 24
+RAW_WIDTHS = {"conv": 5, "block.0": 7, "wide": 40, "fc": 3}  # "wide": p > n, stored as a Gram factor
+STEPS_A, STEPS_B = (0, 3, 9), (2, 9)
+
+
+def raw_features(seed):
+    """The features a model would give at one step: float32, so that storing them is exact.
+    "wide" has rank 4, so that SVCCA, which needs fewer directions than examples, is defined."""
+    g = torch.Generator().manual_seed(seed)
+    features = {name: torch.randn(BETWEEN_N, p, generator=g) for name, p in RAW_WIDTHS.items()}
+    features["wide"] = torch.randn(BETWEEN_N, 4, generator=g) @ torch.randn(4, RAW_WIDTHS["wide"], generator=g)
+    return features
+
+
+def eigen_factor(x):
+    """F = V sqrt(Λ) with F Fᵀ = X Xᵀ (n columns), from the eigendecomposition, not the QR the
+    callback uses, so that the store's reader is checked against a factor it did not make."""
+    values, vectors = torch.linalg.eigh(x.double() @ x.double().T)
+    return (vectors * values.clamp_min(0).sqrt()).float()
+
+
+@pytest.fixture
+def two_stores(tmp_path):
+    """Two stores on one probe: A at steps 0, 3, 9 and B at 2, 9, with the raw features of each step."""
+    raw = {}
+    for label, steps, seed in (("a", STEPS_A, 10), ("b", STEPS_B, 20)):
+        store = SnapshotStore.create(tmp_path / label / "repsim", probe_hash="probe-1", n=BETWEEN_N)
+        raw[label] = {}
+        for step in steps:
+            features = raw_features(seed + step)
+            raw[label][step] = features
+            store.add(step, {**features, "wide": eigen_factor(features["wide"])}, {"wide": "gram_factor"})
+    return open_store(tmp_path / "a" / "repsim"), open_store(tmp_path / "b" / "repsim"), raw
+
+
+def assert_matches_features(got, xs, ys, measure):
+    """``got`` equals similarity_matrix on the raw features: to 1e-10 for layers stored as
+    features, to 1e-6 for the Gram-factor layer (stored in float32: ~1e-8 off), and NaN for
+    PWCCA wherever that layer takes part."""
+    from lightning_repsim.functional import similarity_matrix
+
+    expected = similarity_matrix(xs, ys, measure, warn=False)  # PWCCA of the rank-4 "wide" is degenerate
+    assert got.dtype == torch.float64 and got.shape == expected.shape
+    for i, a in enumerate(xs):
+        for j, b in enumerate(ys):
+            factor = "wide" in (a, b)
+            if measure == "pwcca" and factor:
+                assert torch.isnan(got[i, j]), (a, b)
+            else:
+                tolerance = 1e-6 if factor else 1e-10
+                assert not torch.isnan(expected[i, j]), (a, b)
+                assert float(got[i, j]) == pytest.approx(float(expected[i, j]), abs=tolerance), (a, b)
+
+
+@pytest.mark.parametrize("measure", ["linear_cka", "debiased_cka", "rbf_cka", "rv", "rv2", "svcca", "pwcca"])
+def test_similarity_between_equals_similarity_matrix_of_the_features(two_stores, measure):
+    from lightning_repsim.store import similarity_between
+
+    store_a, store_b, raw = two_stores
+    result = similarity_between(store_a, store_b, measure)
+    assert result.layers_a == result.layers_b == list(RAW_WIDTHS)
+    assert result.steps == (9, 9)  # the last of each
+    assert (result.probe_hash, result.n) == ("probe-1", BETWEEN_N)
+    assert list(result.matrices) == [measure]
+    assert_matches_features(result[measure], raw["a"][9], raw["b"][9], measure)
+
+
+def test_similarity_between_against_the_papers_formulas(two_stores):
+    """Cells against tests/reference.py (NumPy transcriptions of the papers), not our engine."""
+    from tests import reference
+    from lightning_repsim.store import similarity_between
+
+    store_a, store_b, raw = two_stores
+    result = similarity_between(store_a, store_b, ("linear_cka", "rv2", "svcca"), step_b=2)
+    xs, ys = raw["a"][9], raw["b"][2]
+    for i, a in enumerate(RAW_WIDTHS):
+        for j, b in enumerate(RAW_WIDTHS):
+            tolerance = 1e-6 if "wide" in (a, b) else 1e-10
+            for measure, formula in (("linear_cka", reference.linear_cka), ("rv2", reference.rv2),
+                                     ("svcca", reference.svcca)):
+                assert float(result[measure][i, j]) == pytest.approx(formula(xs[a], ys[b]), abs=tolerance), \
+                    (measure, a, b)
+
+
+def test_similarity_between_chooses_steps(two_stores):
+    from lightning_repsim.store import similarity_between
+
+    store_a, store_b, raw = two_stores
+    result = similarity_between(store_a, store_b, "rv2", step_a=0, step_b="last")
+    assert result.steps == (0, 9)
+    assert_matches_features(result["rv2"], raw["a"][0], raw["b"][9], "rv2")
+    result = similarity_between(store_a, store_b, "rv2", step_a=3, step_b=2)
+    assert result.steps == (3, 2)
+    assert_matches_features(result["rv2"], raw["a"][3], raw["b"][2], "rv2")
+    # two steps of one run, the store given by its path
+    result = similarity_between(store_a.path, str(store_a.path), "linear_cka", step_a=0)
+    assert result.steps == (0, 9)
+    assert_matches_features(result["linear_cka"], raw["a"][0], raw["a"][9], "linear_cka")
+    same = similarity_between(store_a, store_a, "linear_cka", step_a=3, step_b=3)["linear_cka"]
+    assert torch.allclose(same.diagonal(), torch.ones(len(RAW_WIDTHS), dtype=torch.float64), atol=1e-6)
+
+
+def test_similarity_between_layer_subsets_and_options(two_stores):
+    from lightning_repsim.functional import similarity_matrix
+    from lightning_repsim.store import similarity_between
+
+    store_a, store_b, raw = two_stores
+    full = similarity_between(store_a, store_b, ("linear_cka", "rbf_cka"),
+                              measure_options={"rbf_cka": {"sigma": 0.5}})
+    part = similarity_between(store_a, store_b, ("linear_cka", "rbf_cka"), layers_a=["fc", "conv"],
+                              layers_b="block.*", measure_options={"rbf_cka": {"sigma": 0.5}})
+    assert part.layers_a == ["conv", "fc"]  # store (capture) order, whatever the order asked
+    assert part.layers_b == ["block.0"]
+    rows, cols = [0, 3], [1]
+    for measure in ("linear_cka", "rbf_cka"):
+        assert torch.allclose(part[measure], full[measure][rows][:, cols], rtol=0, atol=1e-12)
+    xs, ys = raw["a"][9], raw["b"][9]
+    expected = similarity_matrix({k: xs[k] for k in ("conv", "fc")}, {"block.0": ys["block.0"]}, "rbf_cka",
+                                 sigma=0.5)
+    assert torch.allclose(part["rbf_cka"], expected, rtol=0, atol=1e-10)
+    default_sigma = similarity_matrix({"conv": xs["conv"]}, {"block.0": ys["block.0"]}, "rbf_cka")
+    assert abs(float(part["rbf_cka"][0, 0]) - float(default_sigma[0, 0])) > 1e-3  # the option was applied
+
+
+def test_similarity_between_result_plots_and_writes_csv(two_stores, tmp_path):
+    import csv
+
+    from lightning_repsim.store import similarity_between
+
+    store_a, store_b, _ = two_stores
+    result = similarity_between(store_a, store_b, ("linear_cka", "pwcca"), step_a=3, names=("seed 0", "seed 1"))
+    figure = result.plot("linear_cka", path=tmp_path / "cka.png")
+    assert figure.axes[0].get_ylabel() == "seed 0 (step 3)" and figure.axes[0].get_xlabel() == "seed 1 (step 9)"
+    assert (tmp_path / "cka.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    paths = result.to_csv(tmp_path / "csv")
+    assert [p.name for p in paths] == ["linear_cka.csv", "pwcca.csv"]
+    with open(paths[1], newline="") as handle:
+        rows = list(csv.reader(handle))
+    assert rows[0][1:] == list(RAW_WIDTHS) and [r[0] for r in rows[1:]] == list(RAW_WIDTHS)
+    got = torch.tensor([[float(v) for v in r[1:]] for r in rows[1:]], dtype=torch.float64)
+    assert torch.equal(got.isnan(), result["pwcca"].isnan())
+    assert torch.equal(got.nan_to_num(), result["pwcca"].nan_to_num())
+
+
+def test_similarity_between_errors(two_stores, tmp_path):
+    from lightning_repsim.store import similarity_between
+
+    store_a, store_b, _ = two_stores
+    other = SnapshotStore.create(tmp_path / "other", probe_hash="probe-2", n=BETWEEN_N)
+    other.add(0, raw_features(0))
+    with pytest.raises(RepSimValueError, match="probe hashes differ") as info:
+        similarity_between(store_a, other)
+    assert "'probe-1'" in str(info.value) and "'probe-2'" in str(info.value)
+    assert str(store_a.path) in str(info.value) and str(other.path) in str(info.value)
+    with pytest.raises(RepSimValueError, match=r"step_b=5: .*no step 5; stored steps: \[2, 9\]"):
+        similarity_between(store_a, store_b, step_b=5)
+    with pytest.raises(RepSimValueError, match=r"step_a='first': step must be an int or 'last'"):
+        similarity_between(store_a, store_b, step_a="first")
+    with pytest.raises(RepSimValueError, match=r"layers_a: 'nope' matches no layer .*'conv', 'block.0'"):
+        similarity_between(store_a, store_b, layers_a=["conv", "nope"])
+    with pytest.raises(RepSimValueError, match="layers_b must be a layer name"):
+        similarity_between(store_a, store_b, layers_b=[])
+    with pytest.raises(RepSimValueError, match="unknown measure 'cka'"):
+        similarity_between(store_a, store_b, "cka")
+    with pytest.raises(RepSimValueError, match="measures is empty"):
+        similarity_between(store_a, store_b, ())
+    with pytest.raises(RepSimValueError, match=r"measure_options names \['rv2'\]"):
+        similarity_between(store_a, store_b, "linear_cka", measure_options={"rv2": {"center": False}})
+    with pytest.raises(RepSimValueError, match="rv2 takes center; got unexpected option"):
+        similarity_between(store_a, store_b, "rv2", measure_options={"rv2": {"sigma": 1.0}})
+    with pytest.raises(RepSimValueError, match="store_b must be a SnapshotStore or the path"):
+        similarity_between(store_a, 42)
+    with pytest.raises(RepSimError, match="not a snapshot store"):
+        similarity_between(store_a, tmp_path / "nowhere")
+    empty = SnapshotStore.create(tmp_path / "empty", probe_hash="probe-1", n=BETWEEN_N)
+    with pytest.raises(RepSimValueError, match="step_b=None: .*holds no steps yet"):
+        similarity_between(store_a, empty)
