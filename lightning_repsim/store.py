@@ -1168,9 +1168,17 @@ def similarity_between(
     entry_a, entry_b = _step_entry(store_a, step_a, "step_a"), _step_entry(store_b, step_b, "step_b")
     names_a = _select_layers(store_a, layers_a, "layers_a")
     names_b = _select_layers(store_b, layers_b, "layers_b")
-    xs, ys = store_a._read(entry_a, names_a), store_b._read(entry_b, names_b)
+    # One snapshot against itself: read once and take the symmetric route (exact unit diagonal).
+    same = (
+        store_a.path.resolve() == store_b.path.resolve()
+        and entry_a["step"] == entry_b["step"]
+        and names_a == names_b
+    )
+    xs = store_a._read(entry_a, names_a)
+    ys = xs if same else store_b._read(entry_b, names_b)
 
-    series_a, series_b = Representations(xs), Representations(ys)  # shared by the measures
+    series_a = Representations(xs)  # shared by the measures
+    series_b = series_a if same else Representations(ys)
     matrices: Dict[str, torch.Tensor] = {}
     for measure in measures if progress is None else progress(measures):
         if measure != "pwcca":
@@ -1182,12 +1190,9 @@ def similarity_between(
         rows = [i for i, name in enumerate(names_a) if store_a.kinds[name] == "features"]
         cols = [j for j, name in enumerate(names_b) if store_b.kinds[name] == "features"]
         if rows and cols:
-            sub = similarity_matrix(
-                {names_a[i]: xs[names_a[i]] for i in rows},
-                {names_b[j]: ys[names_b[j]] for j in cols},
-                measure,
-                **options[measure],
-            )
+            sub_a = {names_a[i]: xs[names_a[i]] for i in rows}
+            sub_b = None if same else {names_b[j]: ys[names_b[j]] for j in cols}
+            sub = similarity_matrix(sub_a, sub_b, measure, **options[measure])
             values[torch.tensor(rows)[:, None], torch.tensor(cols)[None, :]] = sub.cpu()
         matrices[measure] = values
     return Comparison(

@@ -852,8 +852,11 @@ def test_similarity_between_chooses_steps(two_stores):
     result = similarity_between(store_a.path, str(store_a.path), "linear_cka", step_a=0)
     assert result.steps == (0, 9)
     assert_matches_features(result["linear_cka"], raw["a"][0], raw["a"][9], "linear_cka")
-    same = similarity_between(store_a, store_a, "linear_cka", step_a=3, step_b=3)["linear_cka"]
-    assert torch.allclose(same.diagonal(), torch.ones(len(RAW_WIDTHS), dtype=torch.float64), atol=1e-6)
+    # a snapshot against itself (the store opened twice): the symmetric route, exactly symmetric
+    same = similarity_between(store_a, open_store(store_a.path), ("linear_cka", "pwcca"), step_a=3, step_b=3)
+    assert torch.equal(same["linear_cka"], same["linear_cka"].T)
+    assert same["linear_cka"].diagonal().tolist() == [1.0] * len(RAW_WIDTHS)
+    assert_matches_features(same["pwcca"], raw["a"][3], raw["a"][3], "pwcca")
 
 
 def test_similarity_between_layer_subsets_and_options(two_stores):
