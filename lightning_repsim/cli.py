@@ -19,7 +19,8 @@ Usage::
     The L_a x L_b matrix of every layer of run A against every layer of run B at one step, per
     measure (both runs must have used the same probe set: same probe hash), as PNG heatmaps and
     CSV files in ``--out`` (default ``./repsim-compare``), optionally as a TensorBoard run in
-    ``--out/tensorboard`` to open beside the training runs.
+    ``--out/tensorboard`` to open beside the training runs. From Python:
+    :func:`lightning_repsim.store.similarity_between`, which computes it here.
 ``report``
     Every stored snapshot of each layer against its last one: convergence map, curves, the step
     at which each layer converges (a table in the terminal) and the run's freeze events from its
@@ -65,8 +66,8 @@ from tqdm import tqdm
 import lightning_repsim
 from lightning_repsim import report
 from lightning_repsim.errors import RepSimError, RepSimWarning
-from lightning_repsim.functional.similarity_matrix import MEASURES, resolve_options, similarity_matrix
-from lightning_repsim.store import (MANIFEST_NAME, SnapshotStore, open_store, run_store_dirs,
+from lightning_repsim.functional.similarity_matrix import MEASURES, resolve_options
+from lightning_repsim.store import (MANIFEST_NAME, SnapshotStore, open_store, run_store_dirs, similarity_between,
                                    similarity_to_final)
 
 __all__ = ["main"]
@@ -163,18 +164,6 @@ def open_run(path: str, *, allow_damaged: bool = False) -> Run:
     return Run(name, run_dir, store, notes=damage)
 
 
-def _pick_step(run: Run, step: str) -> int:
-    steps = run.store.steps
-    if step == "last":
-        return steps[-1]
-    value = int(step)
-    if value not in run.store:
-        shown = steps if len(steps) <= 12 else steps[:6] + ["..."] + steps[-6:]
-        raise CliError(f"{run.name} ({run.store.path}) has no step {value}; stored steps: "
-                       + ", ".join(map(str, shown)))
-    return value
-
-
 # --------------------------------------------------------------------------- measures
 
 
@@ -219,22 +208,6 @@ def _pwcca_note(run: Run, layers: Iterable[str]) -> Optional[str]:
         return None
     return (f"pwcca is NaN for {run.name} layer(s) {', '.join(missing)}: stored as Gram factors (p > n), "
             "without the neurons pwcca needs")
-
-
-def _matrix(xs: dict[str, torch.Tensor], ys: dict[str, torch.Tensor], measure: str, options: dict[str, Any],
-            x_ok: Callable[[str], bool], y_ok: Callable[[str], bool]) -> torch.Tensor:
-    """similarity_matrix(xs, ys); for pwcca, NaN for every pair where a layer lacks its neurons."""
-    if measure != "pwcca":
-        return similarity_matrix(xs, ys, measure, **options).cpu()
-    out = torch.full((len(xs), len(ys)), float("nan"), dtype=torch.float64)
-    rows = [i for i, name in enumerate(xs) if x_ok(name)]
-    cols = [j for j, name in enumerate(ys) if y_ok(name)]
-    if rows and cols:
-        names_x, names_y = list(xs), list(ys)
-        sub = similarity_matrix({names_x[i]: xs[names_x[i]] for i in rows},
-                                {names_y[j]: ys[names_y[j]] for j in cols}, measure, **options).cpu()
-        out[torch.tensor(rows)[:, None], torch.tensor(cols)[None, :]] = sub
-    return out
 
 
 def _final_series(run: Run, measures: Sequence[str], progress: Callable[..., Iterable]) -> dict[str, torch.Tensor]:
@@ -288,29 +261,24 @@ def cmd_compare(args: argparse.Namespace) -> int:
     measures = _measures(args.measure, ["linear_cka"])
     run_a = open_run(args.run_a, allow_damaged=args.allow_damaged)
     run_b = open_run(args.run_b, allow_damaged=args.allow_damaged)
-    if run_a.store.probe_hash != run_b.store.probe_hash:
-        raise CliError(
-            f"probe hashes differ: {run_a.name} ({run_a.store.path}) has {run_a.store.probe_hash!r}, "
-            f"{run_b.name} ({run_b.store.path}) has {run_b.store.probe_hash!r}; runs are comparable only on "
-            "the same probe set"
-        )
     if run_a.name == run_b.name:
         run_a.name, run_b.name = f"{run_a.name} [A]", f"{run_b.name} [B]"
-    step_a, step_b = _pick_step(run_a, args.step), _pick_step(run_b, args.step)
+    options = {m: _options(run_a.store, m) for m in measures}
+    step = None if args.step == "last" else int(args.step)
+    result = similarity_between(run_a.store, run_b.store, measures, step_a=step, step_b=step, measure_options=options,
+                                names=(run_a.name, run_b.name),
+                                progress=lambda items: progress(items, desc="measures", unit="measure"))
+    (step_a, step_b), layers_a, layers_b = result.steps, result.layers_a, result.layers_b
+    matrices = {m: values.numpy() for m, values in result.matrices.items()}
     out = _mkdir(Path(args.out))
-    layers_a, layers_b = run_a.store.layers, run_b.store.layers
-    xs, ys = run_a.store.get(step_a), run_b.store.get(step_b)
 
     notes = [*run_a.notes, *run_b.notes]
-    matrices: dict[str, np.ndarray] = {}
-    for measure in progress(measures, desc="measures", unit="measure"):
-        options = _options(run_a.store, measure)
-        if options != _options(run_b.store, measure):
-            notes.append(f"{measure}: the runs were logged with different options; using {run_a.name}'s {options}")
-        matrices[measure] = _matrix(xs, ys, measure, options, lambda name: _has_neurons(run_a.store, name),
-                                    lambda name: _has_neurons(run_b.store, name)).numpy()
-        if measure == "pwcca":
-            notes += [n for n in (_pwcca_note(run_a, layers_a), _pwcca_note(run_b, layers_b)) if n]
+    for measure in measures:
+        if options[measure] != _options(run_b.store, measure):
+            notes.append(f"{measure}: the runs were logged with different options; using {run_a.name}'s "
+                         f"{options[measure]}")
+    if "pwcca" in measures:
+        notes += [n for n in (_pwcca_note(run_a, layers_a), _pwcca_note(run_b, layers_b)) if n]
 
     title_a, title_b = f"{run_a.name} (step {step_a})", f"{run_b.name} (step {step_b})"
     written = []
@@ -325,7 +293,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
         "run_a": {"name": run_a.name, "store": str(run_a.store.path), "step": step_a, "layers": layers_a},
         "run_b": {"name": run_b.name, "store": str(run_b.store.path), "step": step_b, "layers": layers_b},
         "probe_hash": run_a.store.probe_hash, "n": run_a.store.n,
-        "measures": {m: {"options": _options(run_a.store, m), "matrix": v} for m, v in matrices.items()},
+        "measures": {m: {"options": options[m], "matrix": v} for m, v in matrices.items()},
         "notes": notes, "library_version": lightning_repsim.__version__,
     }))
     if args.tensorboard:
@@ -534,21 +502,16 @@ def export_rows(run: Run, measures: Sequence[str], references: Sequence[str],
                      for t, step in enumerate(steps) for i, name in enumerate(layers)]
     pairwise = [r for r in references if r in ("previous", "init")]
     if pairwise:
-        ok = lambda name: _has_neurons(store, name)  # noqa: E731
-        first = previous = None
+        options = {m: _options(store, m) for m in measures}
         for t, step in enumerate(progress(steps, desc="steps vs previous / first", unit="step")):
-            current = store.get(step)
-            if first is None:
-                first = current
             for reference in pairwise:
-                other = previous if reference == "previous" else first
-                if other is None:
+                if reference == "previous" and t == 0:
                     continue
-                for measure in measures:
-                    data = _matrix(current, other, measure, _options(store, measure), ok, ok)
+                other = steps[t - 1] if reference == "previous" else steps[0]
+                result = similarity_between(store, store, measures, step_a=step, step_b=other, measure_options=options)
+                for measure, data in result.matrices.items():
                     rows += [(run.name, step, measure, reference, a, b, float(data[i, j]))
                              for i, a in enumerate(layers) for j, b in enumerate(layers)]
-            previous = current
     order = {r: k for k, r in enumerate(REFERENCES)}
     rows.sort(key=lambda r: (order[r[3]], measures.index(r[2]), r[1]))  # stable: layer order kept
     return rows
