@@ -6,6 +6,7 @@ is computed for all L_a x L_b layer pairs.
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence, Union
@@ -98,6 +99,10 @@ def compare(
         **capture_options: ``layout``, ``token_reduction``, ``output_selector``, ``forward``
             (see :func:`lightning_repsim.capture.capture`).
 
+    Raises:
+        RepSimValueError: a model that is not an ``nn.Module`` (a checkpoint path: load it
+            first), no probe, or an unknown measure or option.
+
     Example:
         >>> import torch
         >>> from torch import nn
@@ -108,6 +113,11 @@ def compare(
         >>> result.layers_a, tuple(result["rv2"].shape)
         (['0', '2'], (2, 2))
     """
+    for what, model in (("model_a", model_a), ("model_b", model_b)):
+        if not isinstance(model, nn.Module) and (model is not None or what == "model_a"):
+            hint = (f"; to compare a checkpoint, load it first, e.g. MyModule.load_from_checkpoint({str(model)!r})"
+                    if isinstance(model, (str, os.PathLike)) else "")
+            raise RepSimValueError(f"compare() needs {what} as an nn.Module, got {type(model).__name__}{hint}.")
     if probe is None:
         raise RepSimValueError("compare() needs a probe: a tensor, an (x, y) tuple or a DataLoader of inputs.")
     if isinstance(measures, str):
