@@ -6,7 +6,7 @@ layer's reduced features or a Gram factor ``F`` with ``F @ F.T == X @ X.T`` (the
 and records the layer's ``kind``, e.g. ``"features"`` or ``"gram_factor"``). Nothing is centred
 here: tensors are stored exactly as given (cast to float32), and similarity measures centre
 them later. The store keeps them so that any two steps, or two runs, can be compared later
-without re-running a model.
+without re-running a model (:func:`similarity_between`).
 
 Format (``format_version`` 1), one directory (by convention :func:`default_store_dir`)::
 
