@@ -87,7 +87,7 @@ from lightning_repsim.functional.similarity_matrix import (
 )
 
 if TYPE_CHECKING:
-    from lightning_repsim.compare import Comparison
+    from lightning_repsim.comparison import Comparison
 
 __all__ = [
     "DEFAULT_MAX_BYTES",
@@ -1121,7 +1121,7 @@ def similarity_between(
         progress: wraps the iteration over measures (e.g. a tqdm factory).
 
     Returns:
-        A :class:`~lightning_repsim.compare.Comparison` (``.plot()``, ``.to_csv()``) whose
+        A :class:`~lightning_repsim.comparison.Comparison` (``.plot()``, ``.to_csv()``) whose
         ``steps`` are the two steps compared.
 
     Raises:
@@ -1143,8 +1143,8 @@ def similarity_between(
         >>> round(float(result["linear_cka"][0, 0]), 6)  # the same features, scaled and shifted
         1.0
     """
-    # Imported here, so that reading a store does not import Matplotlib (compare.py draws).
-    from lightning_repsim.compare import Comparison
+    # Imported here, so that reading a store does not import Matplotlib (comparison.py draws).
+    from lightning_repsim.comparison import Comparison
 
     store_a, store_b = _as_store(store_a, "store_a"), _as_store(store_b, "store_b")
     if store_a.probe_hash != store_b.probe_hash:

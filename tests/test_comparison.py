@@ -160,15 +160,15 @@ def test_other_bad_inputs():
 
 
 @pytest.mark.parametrize("first", [
-    "import lightning_repsim.compare",
+    "import lightning_repsim.comparison",
     "import tempfile, torch; from lightning_repsim.store import SnapshotStore, similarity_between\n"
     "with tempfile.TemporaryDirectory() as tmp:\n"
     "    s = SnapshotStore.create(tmp, probe_hash='p', n=4); s.add(0, {'x': torch.randn(4, 2)})\n"
-    "    similarity_between(s, s)",  # loads the submodule lightning_repsim.compare
+    "    similarity_between(s, s)",  # loads the submodule lightning_repsim.comparison
     "",
 ])
 def test_package_compare_is_the_function_whatever_was_imported_before(first):
-    """The submodule lightning_repsim.compare must not replace the function of that name."""
+    """`lightning_repsim.compare` is the function, whatever was imported first."""
     import subprocess
     import sys
 
