@@ -212,8 +212,9 @@ class RepresentationSimilarity(Callback):
                                    f"{output_selector!r}.")
         if forward is not None and not callable(forward):
             raise RepSimValueError(f"forward must be None or a callable forward(model, batch); got {forward!r}.")
-        if isinstance(probe, str) and not _PROBE_SPEC.match(probe):
-            raise RepSimValueError(f"probe string must look like 'val:512' or 'train:512'; got {probe!r}.")
+        if isinstance(probe, str) and (not _PROBE_SPEC.match(probe) or int(probe.split(":")[1]) < 1):
+            raise RepSimValueError(f"probe string must look like 'val:512' or 'train:512' (a split and a positive "
+                                   f"number of examples); got {probe!r}.")
         self.probe_source = probe
         self.layers = layers
         self.reference_layers = reference_layers
