@@ -411,7 +411,9 @@ class FreezeTraining(Callback):
     def on_fit_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
         self._trainer, self._module = trainer, pl_module
         if self._units is not None:
-            self._apply(pl_module)
+            # BatchNorm eval mode waits for on_train_start: Lightning warns about modules in eval mode
+            # between the two hooks (a resume re-freezing units is intentional, not a user mistake)
+            self._apply(pl_module, modes=False)
 
     @override
     def on_train_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
@@ -851,8 +853,8 @@ class FreezeTraining(Callback):
             rank_zero_info("FreezeTraining: every parameter is frozen; asking the Trainer to stop.")
             trainer.should_stop = True
 
-    def _apply(self, pl_module: "pl.LightningModule") -> None:
-        """(Re-)apply the frozen set: requires_grad=False, BatchNorm eval mode."""
+    def _apply(self, pl_module: "pl.LightningModule", *, modes: bool = True) -> None:
+        """(Re-)apply the frozen set: requires_grad=False, and BatchNorm eval mode unless ``modes=False``."""
         params: dict[int, nn.Parameter] = {}
         bns: list[_BatchNorm] = []
         for unit in self._frozen:
@@ -865,7 +867,8 @@ class FreezeTraining(Callback):
             param.requires_grad_(False)
         self._frozen_params = list(params.values())
         self._frozen_bn = bns
-        self._apply_modes()
+        if modes:
+            self._apply_modes()
 
     def _apply_modes(self) -> None:
         for bn in self._frozen_bn:

@@ -388,6 +388,7 @@ class StepDataNet(Net):
 
 
 @pytest.mark.parametrize("schedule", ["linear", "similarity"])
+@pytest.mark.filterwarnings("error:Found .* in eval mode at the start of training")  # re-freezing is not a mistake
 def test_resume_ends_with_the_same_parameters(tmp_path, schedule):
     kwargs = dict(check_every_n_steps=2, threshold=0.9, patience=2, probe_size=12) if schedule == "similarity" else {}
 
