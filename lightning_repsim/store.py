@@ -774,15 +774,17 @@ class SnapshotStore:
             lost=[s for s in self._lost if s < step],
         )
 
-    def truncate_after(self, step: int) -> List[int]:
+    def truncate_after(self, step: int, *, move_to: Optional[PathLike] = None) -> List[int]:
         """Drop every snapshot after ``step`` (used when resuming from an earlier checkpoint).
 
-        The manifest is rewritten first, then the files are deleted, so a crash in between
-        leaves unlisted files that are ignored. Dropped-by-thinning records after ``step`` are
-        forgotten too; the layer set and the thinning stride are kept.
+        The manifest is rewritten first, then the files are deleted (or moved into ``move_to``),
+        so a crash in between leaves unlisted files that are ignored. Dropped-by-thinning records
+        after ``step`` are forgotten too; the layer set and the thinning stride are kept.
 
         Args:
             step: the last step to keep (the checkpoint's step); ``-1`` empties the store.
+            move_to: a directory (created if needed) that receives the dropped step files, with a
+                manifest listing them (a store :func:`open_store` reads), instead of deleting them.
 
         Returns:
             The steps removed, ascending.
@@ -801,12 +803,22 @@ class SnapshotStore:
         dropped = [s for s in self._dropped if s <= step]
         lost = [s for s in self._lost if s <= step]
         if removed or dropped != self._dropped or lost != self._lost:
+            if removed and move_to is not None:  # the moved steps stay a store of their own
+                aside = Path(move_to)
+                aside.mkdir(parents=True, exist_ok=True)
+                manifest = {**self._manifest(), "steps": [dict(e) for e in removed]}
+                _atomic_write(aside / MANIFEST_NAME, json.dumps(manifest, indent=1).encode("utf-8"))
             self._commit(
                 entries=[e for e in self._entries if e["step"] <= step],
                 dropped=dropped,
                 lost=lost,
             )
-            self._unlink([e["file"] for e in removed])
+            if removed and move_to is not None:
+                for entry in removed:
+                    with contextlib.suppress(FileNotFoundError):
+                        os.replace(self.path / entry["file"], Path(move_to) / entry["file"])
+            else:
+                self._unlink([e["file"] for e in removed])
         return [e["step"] for e in removed]
 
     # ------------------------------------------------------------------ helpers

@@ -552,6 +552,18 @@ def test_read_only_store_refuses_writes(tmp_path):
     assert open_store(store.path).steps == [0]
 
 
+def test_truncate_after_can_move_the_dropped_steps_into_a_store_of_their_own(tmp_path):
+    store = make(tmp_path / "s", steps=[0, 10, 20, 30])
+    aside = tmp_path / "aside"
+    assert store.truncate_after(15, move_to=aside) == [20, 30]
+    assert store.steps == [0, 10] and step_files(store.path) == [f"step-{s:010d}.safetensors" for s in (0, 10)]
+    moved = open_store(aside)  # nothing deleted: the dropped snapshots read back bit for bit
+    assert moved.steps == [20, 30] and moved.probe_hash == store.probe_hash and moved.layers == store.layers
+    for step in (20, 30):
+        assert bits_equal(moved.get(step, "conv"), snapshot(step)["conv"])
+    assert store.truncate_after(15, move_to=tmp_path / "unused") == [] and not (tmp_path / "unused").exists()
+
+
 def test_truncate_after(tmp_path):
     store = make(tmp_path, steps=[0, 10, 20, 30, 40, 50])
     assert store.truncate_after(25) == [30, 40, 50]

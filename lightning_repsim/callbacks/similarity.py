@@ -520,7 +520,7 @@ class RepresentationSimilarity(Callback):
                 self._store = SnapshotStore.open(self._output_dir, mode="a", probe_hash=self._probe.hash)
                 self._run_id = self._store.settings.get("run_id")
                 if self._last_logged_step is not None:
-                    self._store.truncate_after(self._last_logged_step)
+                    self._set_aside_after(self._last_logged_step)
             else:
                 self._store = SnapshotStore.create(self._output_dir, probe_hash=self._probe.hash, n=len(self._probe),
                                                    settings={**settings, "run_id": self._run_id},
@@ -529,6 +529,29 @@ class RepresentationSimilarity(Callback):
             rows = "\n".join(f"| {k} | `{v}` |" for k, v in {"examples": len(self._probe), "hash": self._probe.hash,
                                                             **settings}.items())
             self._tensorboard.log_text("repsim/probe", "| setting | value |\n|---|---|\n" + rows, 0)
+
+    def _set_aside_after(self, step: int) -> None:
+        """Resuming at ``step``: what the interrupted fit stored and drew after it leaves the store and figures
+        for ``superseded/after-step-<step>/`` (nothing stored is deleted), so the resumed fit has every step once."""
+        assert self._store is not None and self._output_dir is not None
+        figures = self._output_dir / "figures"
+        later = [f for f in figures.glob("step-*") if f.name[5:].isdigit() and int(f.name[5:]) > step]
+        later += [figures / "final"] if (figures / "final").exists() else []
+        if not later and not any(s > step for s in self._store.steps):
+            return
+        base = aside = self._output_dir / "superseded" / f"after-step-{step:08d}"
+        for k in itertools.count(1):  # a second resume at the same step keeps the first one's
+            if not aside.exists():
+                break
+            aside = base.with_name(f"{base.name}-{k}")
+        moved = self._store.truncate_after(step, move_to=aside / "store")
+        for folder in later:
+            (aside / "figures").mkdir(parents=True, exist_ok=True)
+            os.replace(folder, aside / "figures" / folder.name)
+        if moved:  # a finished fit trained further only has its old final-snapshot figures moved: no news
+            self._warn_once("superseded", f"RepresentationSimilarity resumes at step {step}; what the interrupted fit "
+                            f"stored after it (steps {moved}) and its figures were moved to {aside}, so the store "
+                            "holds every step once.")
 
     def _place_outputs(self, run_dir: Path) -> bool:
         """Choose ``_output_dir``, the directory of the store and the figures; True to continue the store there.

@@ -468,13 +468,19 @@ def test_mid_run_resume_with_a_new_logger_version_continues_the_store(tmp_path):
                                         ckpt_path=str(tmp_path / "ckpt" / "epoch=1-step=8.ckpt"))
     new_dir = Path(trainer.logger.log_dir)
     assert new_dir.name == "version_1" and not (new_dir / "repsim").exists()
-    (message,) = repsim_warnings(records)
+    moved_message, message = sorted(repsim_warnings(records), key=lambda m: "superseded" not in m)
     assert str(first_dir) in message and str(new_dir) in message and "version='version_0'" in message
+    aside = first_dir / "superseded" / "after-step-00000008"
+    assert "steps [12]" in moved_message and str(aside) in moved_message
 
-    # every step exactly once: the crashed run's step 12 was replaced, nothing before it lost
+    # every step exactly once: the crashed run's step 12 was replaced, nothing before it lost ...
     assert second.store_path == first_dir
     store = open_store(first_dir)
     assert store.steps == [0, 4, 8, 12, 16]
+    # ... and the crashed run's own step 12 is kept aside, readable, with its figures
+    crashed = open_store(aside / "store")
+    assert crashed.steps == [12] and crashed.probe_hash == store.probe_hash
+    assert (aside / "figures" / "step-00000012" / "linear_cka__init.png").exists()
     assert sorted(p.name for p in first_dir.glob("step-*")) == [f"step-{s:010d}.safetensors" for s in store.steps]
     init_after = second._reference("init").features
     for layer in LAYERS:
