@@ -48,6 +48,7 @@ import hashlib
 import importlib
 import math
 import re
+import sys
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any, Callable, Union
@@ -245,16 +246,20 @@ _IMPORT_PATH = re.compile(r"[A-Za-z_]\w*(?:\.[A-Za-z_]\w*)+")
 def _module_type(path: str) -> type | None:
     """The ``nn.Module`` subclass that the dotted import path ``path`` names, else None.
 
-    Only a path of two or more identifiers is imported (``"torch.nn.Linear"``,
-    ``"mypkg.blocks.Block"``); module paths with an index (``"features.0"``) and globs never are.
+    Only a path of two or more identifiers whose top-level package is already imported is
+    resolved (``"torch.nn.Linear"``, ``"mypkg.blocks.Block"`` once the model's package is
+    loaded): a misspelt layer name never runs a stray ``head.py``. Module paths with an index
+    (``"features.0"``) and globs never are.
     """
     if not _IMPORT_PATH.fullmatch(path):
         return None
     parts = path.split(".")
+    if parts[0] not in sys.modules:
+        return None
     for cut in range(len(parts) - 1, 0, -1):  # the longest importable prefix, then attributes
         try:
             found: Any = importlib.import_module(".".join(parts[:cut]))
-        except ImportError:
+        except Exception:  # not importable (or failing at import): not a type selector
             continue
         for attr in parts[cut:]:
             found = getattr(found, attr, None)

@@ -4,6 +4,7 @@ import dataclasses
 import hashlib
 import importlib
 import math
+import sys
 import re
 import warnings
 from collections import OrderedDict
@@ -250,6 +251,15 @@ def test_select_layers_imports_only_dotted_identifiers(monkeypatch):
     assert imported == []
     assert select_layers(model, order, "torch.nn.Flatten") == ["classifier.0"]
     assert imported == ["torch.nn"]
+
+
+def test_select_layers_never_imports_a_package_the_program_has_not_loaded(tmp_path, monkeypatch):
+    (tmp_path / "stray_head.py").write_text("raise RuntimeError('imported a stray module')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    model = ConvNet()
+    with pytest.raises(RepSimValueError, match=r"'stray_head\.fc' \(no module of that name"):
+        select_layers(model, ["features.0", "pool"], "stray_head.fc")  # a misspelt layer name, say
+    assert "stray_head" not in sys.modules
 
 
 @pytest.mark.parametrize("path", ["torch.nn.Linearr", "torch.nn.functional.relu", "no_such_package.Block"])
