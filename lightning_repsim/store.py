@@ -783,14 +783,16 @@ class SnapshotStore:
 
         Args:
             step: the last step to keep (the checkpoint's step); ``-1`` empties the store.
-            move_to: a directory (created if needed) that receives the dropped step files, with a
-                manifest listing them (a store :func:`open_store` reads), instead of deleting them.
+            move_to: a new or empty directory (created if needed) that receives the dropped step
+                files, with a manifest listing them (a store :func:`open_store` reads), instead of
+                deleting them.
 
         Returns:
             The steps removed, ascending.
 
         Raises:
             RepSimError: the store was opened read-only.
+            RepSimValueError: ``move_to`` is a directory that is not empty.
         """
         self._require_writable()
         try:
@@ -800,6 +802,9 @@ class SnapshotStore:
         except TypeError:
             raise RepSimValueError(f"step must be an int, got {step!r}") from None
         removed = [e for e in self._entries if e["step"] > step]
+        if removed and move_to is not None and Path(move_to).exists() and any(Path(move_to).iterdir()):
+            raise RepSimValueError(f"move_to={str(move_to)!r} is not empty; give a new directory for the "
+                                   f"{len(removed)} snapshot(s) after step {step}.")
         dropped = [s for s in self._dropped if s <= step]
         lost = [s for s in self._lost if s <= step]
         if removed or dropped != self._dropped or lost != self._lost:

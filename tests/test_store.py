@@ -562,6 +562,10 @@ def test_truncate_after_can_move_the_dropped_steps_into_a_store_of_their_own(tmp
     for step in (20, 30):
         assert bits_equal(moved.get(step, "conv"), snapshot(step)["conv"])
     assert store.truncate_after(15, move_to=tmp_path / "unused") == [] and not (tmp_path / "unused").exists()
+    store.add(20, snapshot(20))
+    with pytest.raises(RepSimValueError, match=r"move_to=.*aside' is not empty; give a new directory"):
+        store.truncate_after(15, move_to=aside)  # never over another store's manifest and files
+    assert store.steps == [0, 10, 20] and open_store(aside).steps == [20, 30]
 
 
 def test_truncate_after(tmp_path):
