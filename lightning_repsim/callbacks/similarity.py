@@ -571,6 +571,11 @@ class RepresentationSimilarity(Callback):
             candidates = [recorded, default] if recorded is None or self.keep_store else [recorded]
             for candidate in dict.fromkeys(p for p in candidates if p is not None):
                 if self._holds_this_run(candidate):
+                    if not _writable(candidate):  # an archived run, or someone else's: leave it as it is
+                        self._warn_once(f"read-only:{candidate}", (
+                            f"RepresentationSimilarity: the checkpoint's snapshot store {candidate} cannot be written "
+                            "to (read-only); it stays as it is and this fit starts its own store."))
+                        continue
                     self._output_dir = candidate
                     if candidate.parent.resolve() != run_dir.resolve():
                         self._warn_once(f"elsewhere:{candidate}:{run_dir}", (
@@ -583,7 +588,7 @@ class RepresentationSimilarity(Callback):
         index = next(i for i in itertools.count() if _is_free(default_store_dir(run_dir, i)))
         self._output_dir = default_store_dir(run_dir, index)
         if self._resumed and self.keep_store and self._last_logged_step is not None:
-            where = (f"the checkpoint's snapshot store {recorded} is gone or holds another run" if recorded else
+            where = (f"the checkpoint's snapshot store {recorded} is gone, read-only or another run's" if recorded else
                      f"the checkpoint does not say where its snapshot store is (it was saved by an older "
                      f"lightning_repsim) and {default} holds none of this run")
             self._warn_once(f"lost:{recorded or default}:{self._output_dir}", (
@@ -776,6 +781,12 @@ def _describe(value: Any) -> Any:
         name = getattr(value, "__qualname__", None) or type(value).__qualname__
         return f"{getattr(value, '__module__', None) or type(value).__module__}.{name}"
     return value
+
+
+def _writable(directory: Path) -> bool:
+    """Whether the files of ``directory`` (a store and its figures) can be replaced and added to."""
+    return os.access(directory, os.W_OK | os.X_OK) and all(
+        os.access(path, os.W_OK) for path in (directory / "figures", directory / "superseded") if path.exists())
 
 
 def _one_cpu_thread() -> None:

@@ -516,6 +516,25 @@ def test_resume_when_the_recorded_store_is_gone_starts_a_new_one(tmp_path):
     assert sorted(scalars(read_events(trainer.logger.log_dir), "repsim/linear_cka/final/mid")) == [12, 16]
 
 
+def test_resume_with_a_read_only_recorded_store_leaves_it_and_starts_a_new_one(tmp_path, monkeypatch):
+    first = monitor(reference=["init", "final"], write_files=True)
+    checkpoint = ModelCheckpoint(dirpath=str(tmp_path / "ckpt"), save_last=True)
+    _autoversion_run(tmp_path, [first, checkpoint], max_epochs=2)
+    before = _files(first.store_path)
+    from lightning_repsim.callbacks import similarity as similarity_module
+
+    real = similarity_module._writable  # an archived run: the tests run as root, where chmod cannot tell
+    monkeypatch.setattr(similarity_module, "_writable", lambda d: d != first.store_path and real(d))
+    second = monitor(reference=["init", "final"], write_files=True)
+    trainer, records = _autoversion_run(tmp_path, [second], max_epochs=4,
+                                        ckpt_path=str(tmp_path / "ckpt" / "last.ckpt"))
+    assert trainer.global_step == 16 and repsim_warnings(records, "failed") == []
+    assert any("read-only" in m and str(first.store_path) in m for m in repsim_warnings(records))
+    assert second.store_path == Path(trainer.logger.log_dir) / "repsim"
+    assert open_store(second.store_path).steps == [12, 16]
+    assert _files(first.store_path) == before  # untouched, figures/final included
+
+
 def test_resume_after_moving_the_run_directory_finds_the_store_by_its_run_id(tmp_path):
     first = monitor(reference=["init", "final"])
     checkpoint = ModelCheckpoint(dirpath=str(tmp_path / "a" / "ckpt"), save_last=True)
