@@ -434,9 +434,35 @@ def _batch_first(module: nn.Module | None) -> bool:
         return True
     flag = getattr(module, "batch_first", None)
     if flag is None and isinstance(module, (nn.TransformerEncoder, nn.TransformerDecoder)):
-        first = module.layers[0] if len(module.layers) else None
-        flag = getattr(first, "batch_first", None) if first is not None else None
+        return _batch_first(module.layers[0]) if len(module.layers) else True
+    if flag is None and isinstance(module, (nn.TransformerEncoderLayer, nn.TransformerDecoderLayer)):
+        flag = getattr(module.self_attn, "batch_first", None)  # the layers keep it on their attention only
     return True if flag is None else bool(flag)
+
+
+def _examples_axis(output: torch.Tensor, rows: int, module: nn.Module) -> int | None:
+    """Where a layer's output keeps the batch's ``rows`` examples: 0, 1 for a 3-D ``(T, N, D)``
+    output inside a sequence-first model, None when both axes have that size, -1 when neither.
+
+    Sequence modules with ``batch_first=False`` are transposed by :func:`reduce_output` itself,
+    so for them the question is asked of the transposed output and the answer is 0 or -1.
+    """
+    if output.ndim == 0:
+        return 0  # reduce_output says why a scalar will not do
+    own = output.ndim == 3 and isinstance(module, _SEQUENCE_TYPES) and not _batch_first(module)
+    seen = output.transpose(0, 1) if own else output
+    first = seen.shape[0] == rows
+    second = seen.ndim == 3 and seen.shape[1] == rows and not own
+    if first and second:
+        return None
+    return 0 if first else 1 if second else -1
+
+
+def _inside_sequence_first(name: str, modules: Mapping[str, nn.Module]) -> bool:
+    """Whether a module path lies inside a ``batch_first=False`` sequence module (its ancestors)."""
+    parts = name.split(".")
+    ancestors = (modules.get(".".join(parts[:i])) for i in range(len(parts)))
+    return any(isinstance(m, _SEQUENCE_TYPES) and not _batch_first(m) for m in ancestors if m is not None)
 
 
 def _resolve_layout(layout: str, module: nn.Module | None, ndim: int) -> str:
@@ -883,6 +909,13 @@ def capture(
     superseded: set[str] = set()  # default layers with an executed parameter-holding descendant
     misshapen: dict[str, tuple[int, ...]] = {}  # default layers without one row per example
     batch_rows = [0]  # examples in the batch being run, for the hooks
+    examples_axis: dict[str, int] = {}  # 0: (N, ...); 1: (T, N, ...) inside a sequence-first model
+    undecided: dict[str, list[tuple[int, torch.Tensor]]] = {}  # chunks with T == N, until a batch tells
+
+    def reduced(name: str, module: nn.Module, x: torch.Tensor, axis: int) -> torch.Tensor:
+        return reduce_output(x.transpose(0, 1) if axis == 1 else x, module=module, name=name,
+                             layout=layout_of(name), token_reduction=token_reduction,
+                             max_features=max_features, _warned=warned)
 
     def make_pre_hook(name: str) -> Callable[..., None]:
         def pre_hook(module: nn.Module, args: Any) -> None:
@@ -891,8 +924,6 @@ def capture(
         return pre_hook
 
     def make_hook(name: str) -> Callable[..., None]:
-        name_layout = layout_of(name)
-
         descendants = deeper.get(name, ())
 
         def hook(module: nn.Module, args: Any, output: Any) -> None:
@@ -904,16 +935,8 @@ def capture(
                 return
             tensor = select_output(output, output_selector, name=name)
             rows = batch_rows[0]
-
-            def reduced(x: torch.Tensor) -> torch.Tensor:
-                return reduce_output(x, module=module, name=name, layout=name_layout,
-                                     token_reduction=token_reduction, max_features=max_features,
-                                     _warned=warned)
-
-            features = reduced(tensor)
-            if features.shape[0] != rows and tensor.ndim == 3 and tensor.shape[1] == rows:
-                features = reduced(tensor.transpose(0, 1))  # (T, N, D) inside a sequence-first model
-            if features.shape[0] != rows:
+            axis = _examples_axis(tensor, rows, module)
+            if axis == -1:
                 if layers is not None:
                     raise RepSimValueError(
                         f"Layer {name!r} gave an output of shape {tuple(tensor.shape)} for a batch of "
@@ -922,7 +945,22 @@ def capture(
                     )
                 misshapen[name] = tuple(tensor.shape)
                 return
-            chunks[name].append(features)
+            decided = examples_axis.get(name)
+            if axis is None and decided is None:  # T == N: wait for a batch that tells, or decide at the end
+                chunks[name].append(None)
+                undecided.setdefault(name, []).append((len(chunks[name]) - 1, tensor.detach().clone()))
+                return
+            if axis is not None and decided is not None and axis != decided:
+                raise RepSimValueError(
+                    f"Layer {name!r} gave outputs whose examples lie on axis {decided} in one batch and "
+                    f"on axis {axis} in another ({tuple(tensor.shape)} for {rows} examples); pass a "
+                    "forward that yields (N, ...) outputs."
+                )
+            if decided is None:
+                decided = examples_axis[name] = axis
+                for index, raw in undecided.pop(name, []):
+                    chunks[name][index] = reduced(name, module, raw, decided)
+            chunks[name].append(reduced(name, module, tensor, decided))
 
         return hook
 
@@ -954,6 +992,18 @@ def capture(
             RepSimWarning,
             stacklevel=2,
         )
+    for name, pending in undecided.items():  # every batch had T == N: the model's structure decides
+        axis = 1 if _inside_sequence_first(name, modules) else 0
+        warnings.warn(
+            f"Layer {name!r}: its outputs {tuple(pending[0][1].shape)} have the batch's size on both "
+            f"leading axes (the sequence is as long as the batch), so the examples' axis is "
+            f"ambiguous; read as {'(T, N, ...) inside a sequence-first model' if axis else '(N, T, ...)'}. "
+            "A batch_size other than the sequence length decides it from the data.",
+            RepSimWarning,
+            stacklevel=2,
+        )
+        for index, raw in pending:
+            chunks[name][index] = reduced(name, modules[name], raw, axis)
     if misshapen:
         warnings.warn(
             "Layers left out because their outputs have no leading axis of one row per example: "

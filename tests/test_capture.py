@@ -523,6 +523,31 @@ def test_capture_inner_layers_of_a_sequence_first_model_are_transposed():
     torch.testing.assert_close(feats["norm2"], seen["norm2"].transpose(0, 1).mean(1))
 
 
+@pytest.mark.parametrize("n, batch_size", [(20, None), (20, 4), (20, 8), (20, 12), (16, 8), (8, None)])
+def test_sequence_first_rows_stay_examples_when_a_batch_is_as_long_as_the_sequence(n, batch_size):
+    # T = 8 tokens: batches of 8 examples (also the last chunk after 12) have T == N; with n = 16 or 8
+    # every batch does, and the model's structure (inside a batch_first=False layer) decides
+    layer = nn.TransformerEncoderLayer(8, 2, dim_feedforward=16, dropout=0.0)  # batch_first=False
+    x = torch.randn(n, 8, 8)
+    expected = capture(layer, x, ["linear1", "norm2"], forward=lambda m, b: m(b.transpose(0, 1)), batch_size=1)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        feats = capture(layer, x, ["linear1", "norm2"], forward=lambda m, b: m(b.transpose(0, 1)),
+                        batch_size=batch_size)
+    for name in expected:
+        torch.testing.assert_close(feats[name], expected[name])
+    ambiguous = [str(w.message) for w in caught if "ambiguous" in str(w.message)]
+    assert len(ambiguous) == (2 if n in (8, 16) else 0)
+
+
+def test_a_batch_first_model_with_sequence_as_long_as_the_batch_keeps_rows():
+    model = nn.Sequential(nn.Linear(4, 6), nn.LayerNorm(6))  # (N, T, D), batch first
+    x = torch.randn(5, 5, 4)
+    with pytest.warns(RepSimWarning, match=r"'0'.*ambiguous; read as \(N, T, \.\.\.\)"):
+        feats = capture(model, x)
+    torch.testing.assert_close(feats["0"], model[0](x).mean(1))
+
+
 class FlattenedTokens(nn.Module):
     """A Linear applied to (N * T, D): its output has no axis of one row per example."""
 
