@@ -14,6 +14,7 @@ import itertools
 import os
 import re
 import secrets
+import shutil
 import traceback
 import warnings
 from dataclasses import dataclass
@@ -102,9 +103,12 @@ class RepresentationSimilarity(Callback):
     need, without pickle) to ``<log_dir>/repsim``, so a run and its store travel together. A fit
     never writes into another fit's outputs: when ``<log_dir>/repsim`` already holds some (a fixed
     logger version or the same ``default_root_dir`` fitted again), it warns and uses the first free
-    ``repsim-1``, ``repsim-2``, ... A resumed fit continues the store its checkpoint records (the
-    snapshots after the checkpoint's last logged step are dropped), also when the logger has
-    moved on to a new version: then with a warning, as its TensorBoard events go to the new one.
+    ``repsim-1``, ``repsim-2``, ... A resumed fit continues the store its checkpoint records
+    when it is in the same run directory; what the interrupted fit stored and drew after the
+    checkpoint moves to ``superseded/``. When the logger has moved on to a new version (or
+    several fits resume one checkpoint), the resumed fit writes its own store beside its events,
+    starting from copies of the snapshots and figures up to the checkpoint, and warns; the
+    recorded ones stay as they are.
 
     Args:
         probe: the fixed probe set: a tensor, an ``(x, y)`` tuple, a DataLoader, or
@@ -250,6 +254,7 @@ class RepresentationSimilarity(Callback):
         self._worker: Optional[Background] = None
         self._output_dir: Optional[Path] = None  # the store and figures: <run dir>/repsim, or repsim-1, ...
         self._recorded_output: Optional[str] = None  # where the checkpoint says they are
+        self._seed_from: Optional[Path] = None  # a resume elsewhere copies the checkpointed outputs from here
         self._run_id: Optional[str] = None  # names the fit (and its resumptions) in the store's settings
 
     # ------------------------------------------------------------------ configuration
@@ -519,32 +524,50 @@ class RepresentationSimilarity(Callback):
             if continued:
                 self._store = SnapshotStore.open(self._output_dir, mode="a", probe_hash=self._probe.hash)
                 self._run_id = self._store.settings.get("run_id")
-                if self._last_logged_step is not None:
-                    self._set_aside_after(self._last_logged_step)
             else:
                 self._store = SnapshotStore.create(self._output_dir, probe_hash=self._probe.hash, n=len(self._probe),
                                                    settings={**settings, "run_id": self._run_id},
                                                    max_bytes=self.max_store_bytes)
+        if self._last_logged_step is not None and continued:
+            self._set_aside_after(self._last_logged_step)
+        elif self._last_logged_step is not None and self._seed_from is not None:
+            self._seed_outputs(self._seed_from, self._last_logged_step)
         if self._tensorboard is not None:
             rows = "\n".join(f"| {k} | `{v}` |" for k, v in {"examples": len(self._probe), "hash": self._probe.hash,
                                                             **settings}.items())
             self._tensorboard.log_text("repsim/probe", "| setting | value |\n|---|---|\n" + rows, 0)
 
+    def _seed_outputs(self, source: Path, step: int) -> None:
+        """A resume writing to a new place starts from copies of the snapshots and figures up to ``step`` that
+        ``source`` holds (the checkpointed fit's outputs), so that "final" covers the whole run."""
+        assert self._output_dir is not None and self._probe is not None
+        if self._store is not None:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", RepSimWarning)  # damage there is that store's own business
+                earlier = SnapshotStore.open(source, mode="r", probe_hash=self._probe.hash)
+            for kept in earlier.steps:
+                if kept <= step:
+                    self._store.add(kept, earlier.get(kept), earlier.kinds)
+        for folder in sorted((source / "figures").glob("step-*")):
+            if folder.name[5:].isdigit() and int(folder.name[5:]) <= step:
+                shutil.copytree(folder, self._output_dir / "figures" / folder.name, dirs_exist_ok=True)
+
     def _set_aside_after(self, step: int) -> None:
         """Resuming at ``step``: what the interrupted fit stored and drew after it leaves the store and figures
         for ``superseded/after-step-<step>/`` (nothing stored is deleted), so the resumed fit has every step once."""
-        assert self._store is not None and self._output_dir is not None
+        assert self._output_dir is not None
         figures = self._output_dir / "figures"
         later = [f for f in figures.glob("step-*") if f.name[5:].isdigit() and int(f.name[5:]) > step]
         later += [figures / "final"] if (figures / "final").exists() else []
-        if not later and not any(s > step for s in self._store.steps):
+        stored_later = self._store is not None and any(s > step for s in self._store.steps)
+        if not later and not stored_later:
             return
         base = aside = self._output_dir / "superseded" / f"after-step-{step:08d}"
         for k in itertools.count(1):  # a second resume at the same step keeps the first one's
             if not aside.exists():
                 break
             aside = base.with_name(f"{base.name}-{k}")
-        moved = self._store.truncate_after(step, move_to=aside / "store")
+        moved = self._store.truncate_after(step, move_to=aside / "store") if self._store is not None else []
         for folder in later:
             (aside / "figures").mkdir(parents=True, exist_ok=True)
             os.replace(folder, aside / "figures" / folder.name)
@@ -556,11 +579,14 @@ class RepresentationSimilarity(Callback):
     def _place_outputs(self, run_dir: Path) -> bool:
         """Choose ``_output_dir``, the directory of the store and the figures; True to continue the store there.
 
-        A resumed fit continues its own store: where the checkpoint says it is, else in ``run_dir``.
-        Otherwise the fit never writes into another fit's outputs: when ``<run_dir>/repsim`` holds
-        anything, it takes the first free ``repsim-1``, ``repsim-2``, ...
+        A resumed fit continues its own store when it is in ``run_dir`` and writable (found where the
+        checkpoint says, else by its run id in ``run_dir``); when it is elsewhere or read-only, the
+        fit starts a new store seeded from it (``_seed_from``). Otherwise the fit never writes into
+        another fit's outputs: when ``<run_dir>/repsim`` holds anything, it takes the first free
+        ``repsim-1``, ``repsim-2``, ...
         """
         default = default_store_dir(run_dir)
+        self._seed_from = None
         if not (self.keep_store or self.write_files):  # nothing goes to disk
             self._output_dir = default
             return False
@@ -570,24 +596,29 @@ class RepresentationSimilarity(Callback):
             # by its run id whether it is this run's; figures alone cannot tell, so then only the recorded place
             candidates = [recorded, default] if recorded is None or self.keep_store else [recorded]
             for candidate in dict.fromkeys(p for p in candidates if p is not None):
-                if self._holds_this_run(candidate):
-                    if not _writable(candidate):  # an archived run, or someone else's: leave it as it is
-                        self._warn_once(f"read-only:{candidate}", (
-                            f"RepresentationSimilarity: the checkpoint's snapshot store {candidate} cannot be written "
-                            "to (read-only); it stays as it is and this fit starts its own store."))
-                        continue
-                    self._output_dir = candidate
-                    if candidate.parent.resolve() != run_dir.resolve():
-                        self._warn_once(f"elsewhere:{candidate}:{run_dir}", (
-                            f"RepresentationSimilarity: resuming a fit whose snapshot store is {candidate}, outside "
-                            f"this fit's run directory {run_dir} (a logger with a new version?): the store and its "
-                            f"figures continue there after step {self._last_logged_step}, TensorBoard events go to "
-                            f"{run_dir}. To keep them together, resume with the first fit's logger version, e.g. "
-                            f"TensorBoardLogger(<same save_dir and name>, version={candidate.parent.name!r})."))
-                    return True
+                if not self._holds_this_run(candidate):
+                    continue
+                if candidate.parent.resolve() != run_dir.resolve() or not _writable(candidate):
+                    # The logger moved on (a new version), several fits resume one checkpoint (a sweep), or the
+                    # run is archived read-only: this fit keeps its own outputs beside its events, starting from
+                    # copies of the recorded ones up to the checkpoint, which stay as they are.
+                    self._seed_from = candidate
+                    break
+                self._output_dir = candidate
+                return True
         index = next(i for i in itertools.count() if _is_free(default_store_dir(run_dir, i)))
         self._output_dir = default_store_dir(run_dir, index)
-        if self._resumed and self.keep_store and self._last_logged_step is not None:
+        if self._seed_from is not None:
+            elsewhere = self._seed_from.parent.resolve() != run_dir.resolve()
+            why = (f"outside this fit's run directory {run_dir} (a logger with a new version, or several fits "
+                   "resuming one checkpoint)" if elsewhere else "and cannot be written to (read-only)")
+            tip = (" To continue in one directory, resume with the first fit's logger version, e.g. TensorBoardLogger("
+                   f"<same save_dir and name>, version={self._seed_from.parent.name!r})." if elsewhere else "")
+            self._warn_once(f"seeded:{self._seed_from}:{self._output_dir}", (
+                f"RepresentationSimilarity: the checkpointed fit's snapshot store and figures are in "
+                f"{self._seed_from}, {why}: this fit writes its own to {self._output_dir}, starting from copies of "
+                f"those up to step {self._last_logged_step}, and {self._seed_from} stays as it is.{tip}"))
+        elif self._resumed and self.keep_store and self._last_logged_step is not None:
             where = (f"the checkpoint's snapshot store {recorded} is gone, read-only or another run's" if recorded else
                      f"the checkpoint does not say where its snapshot store is (it was saved by an older "
                      f"lightning_repsim) and {default} holds none of this run")

@@ -453,7 +453,7 @@ def _autoversion_run(tmp_path, callbacks, max_epochs, ckpt_path=None, seed=0):
     return trainer, fit_recording(trainer, Net(), ckpt_path=ckpt_path)
 
 
-def test_mid_run_resume_with_a_new_logger_version_continues_the_store(tmp_path):
+def test_mid_run_resumes_with_new_logger_versions_each_get_a_whole_store_and_leave_the_first_as_it_is(tmp_path):
     references = ["init", "previous", "final"]
     first = monitor(reference=references, write_files=True)
     checkpoints = ModelCheckpoint(dirpath=str(tmp_path / "ckpt"), every_n_epochs=1, save_top_k=-1)
@@ -461,42 +461,70 @@ def test_mid_run_resume_with_a_new_logger_version_continues_the_store(tmp_path):
         _autoversion_run(tmp_path, [first, _Preempted(epoch=2), checkpoints], max_epochs=4)
     first_dir = tmp_path / "run" / "version_0" / "repsim"
     assert first.store_path == first_dir and open_store(first_dir).steps == [0, 4, 8, 12]
+    before = _files(first_dir)  # the crashed fit's step 12 included
     init_before = {k: v.clone() for k, v in first._reference("init").features.items()}
 
-    second = monitor(reference=references, write_files=True)  # resume from the end of epoch 1 (step 8)
-    trainer, records = _autoversion_run(tmp_path, [second], max_epochs=4, seed=1,
-                                        ckpt_path=str(tmp_path / "ckpt" / "epoch=1-step=8.ckpt"))
-    new_dir = Path(trainer.logger.log_dir)
-    assert new_dir.name == "version_1" and not (new_dir / "repsim").exists()
-    moved_message, message = sorted(repsim_warnings(records), key=lambda m: "superseded" not in m)
-    assert str(first_dir) in message and str(new_dir) in message and "version='version_0'" in message
-    aside = first_dir / "superseded" / "after-step-00000008"
-    assert "steps [12]" in moved_message and str(aside) in moved_message
+    # two fits resume the end of epoch 1 (step 8): a preempted job's restart, and a second branch of a sweep
+    for version, seed in (("version_1", 1), ("version_2", 2)):
+        second = monitor(reference=references, write_files=True)
+        trainer, records = _autoversion_run(tmp_path, [second], max_epochs=4, seed=seed,
+                                            ckpt_path=str(tmp_path / "ckpt" / "epoch=1-step=8.ckpt"))
+        new_dir = Path(trainer.logger.log_dir)
+        assert new_dir.name == version and second.store_path == new_dir / "repsim"
+        (message,) = repsim_warnings(records)
+        assert str(first_dir) in message and str(second.store_path) in message and "up to step 8" in message
+        assert "version='version_0'" in message
 
-    # every step exactly once: the crashed run's step 12 was replaced, nothing before it lost ...
-    assert second.store_path == first_dir
-    store = open_store(first_dir)
-    assert store.steps == [0, 4, 8, 12, 16]
-    # ... and the crashed run's own step 12 is kept aside, readable, with its figures
-    crashed = open_store(aside / "store")
-    assert crashed.steps == [12] and crashed.probe_hash == store.probe_hash
+        # every step once, in this fit's own store beside its events: the earlier ones copied, bit for bit
+        store = open_store(second.store_path)
+        assert store.steps == [0, 4, 8, 12, 16]
+        first_store = open_store(first_dir)
+        for step in (0, 4, 8):
+            for layer in LAYERS:
+                assert torch.equal(store.get(step, layer), first_store.get(step, layer))
+        init_after = second._reference("init").features
+        for layer in LAYERS:
+            assert torch.equal(init_after[layer].cpu(), init_before[layer].cpu())
+            assert torch.equal(store.get(0, layer), init_before[layer].float().cpu())
+        # the final map covers the whole run, in this fit's events and files
+        acc = read_events(new_dir)
+        for layer in LAYERS:
+            final = scalars(acc, f"repsim/linear_cka/final/{layer}")
+            assert sorted(final) == [0, 4, 8, 12, 16]
+            assert final[4] == pytest.approx(float(linear_cka(store.get(4, layer), store.get(16, layer))), abs=1e-5)
+            assert sorted(scalars(acc, f"repsim/linear_cka/init/{layer}")) == [12, 16]  # the resumed part
+        rows = read_csv(second.store_path / "figures" / "final" / "linear_cka__final.csv")
+        assert rows[0] == ["layer", "0", "4", "8", "12", "16"]
+        for step in (4, 16):
+            assert (second.store_path / "figures" / f"step-{step:08d}" / "linear_cka__init.png").exists()
+        assert _files(first_dir) == before  # nothing of the first fit changed, nor was lost
+
+
+def test_mid_run_resume_into_the_same_run_directory_sets_the_interrupted_steps_aside(tmp_path):
+    def fit(callbacks, ckpt_path=None):
+        logger = TensorBoardLogger(str(tmp_path), name="run", version=0)
+        trainer = make_trainer(tmp_path, callbacks, logger=logger, max_epochs=4, enable_checkpointing=True)
+        torch.manual_seed(0)
+        return trainer, fit_recording(trainer, Net(), ckpt_path=ckpt_path)
+
+    first = monitor(reference=["init", "final"], write_files=True)
+    checkpoints = ModelCheckpoint(dirpath=str(tmp_path / "ckpt"), every_n_epochs=1, save_top_k=-1)
+    with pytest.raises(RuntimeError, match="preempted"):
+        fit([first, _Preempted(epoch=2), checkpoints])
+    crashed_12 = open_store(first.store_path).get(12)
+
+    second = monitor(reference=["init", "final"], write_files=True)
+    trainer, records = fit([second], ckpt_path=str(tmp_path / "ckpt" / "epoch=1-step=8.ckpt"))
+    assert second.store_path == first.store_path  # continued in place
+    assert open_store(second.store_path).steps == [0, 4, 8, 12, 16]
+    aside = first.store_path / "superseded" / "after-step-00000008"
+    (message,) = repsim_warnings(records)
+    assert "steps [12]" in message and str(aside) in message
+    crashed = open_store(aside / "store")  # the interrupted fit's own step 12, kept, readable, with its figures
+    assert crashed.steps == [12]
+    for layer in LAYERS:
+        assert torch.equal(crashed.get(12, layer), crashed_12[layer])
     assert (aside / "figures" / "step-00000012" / "linear_cka__init.png").exists()
-    assert sorted(p.name for p in first_dir.glob("step-*")) == [f"step-{s:010d}.safetensors" for s in store.steps]
-    init_after = second._reference("init").features
-    for layer in LAYERS:
-        assert torch.equal(init_after[layer].cpu(), init_before[layer].cpu())
-        assert torch.equal(store.get(0, layer), init_before[layer].float().cpu())
-
-    # the final map covers the whole run: in the new version's events, and in files next to the store
-    acc = read_events(new_dir)
-    for layer in LAYERS:
-        final = scalars(acc, f"repsim/linear_cka/final/{layer}")
-        assert sorted(final) == [0, 4, 8, 12, 16]
-        assert final[4] == pytest.approx(float(linear_cka(store.get(4, layer), store.get(16, layer))), abs=1e-5)
-        assert sorted(scalars(acc, f"repsim/linear_cka/init/{layer}")) == [12, 16]  # the resumed part
-    rows = read_csv(first_dir / "figures" / "final" / "linear_cka__final.csv")
-    assert rows[0] == ["layer", "0", "4", "8", "12", "16"]
-    assert (first_dir / "figures" / "step-00000016" / "linear_cka__init.png").exists()
 
 
 def test_resume_when_the_recorded_store_is_gone_starts_a_new_one(tmp_path):
@@ -516,22 +544,26 @@ def test_resume_when_the_recorded_store_is_gone_starts_a_new_one(tmp_path):
     assert sorted(scalars(read_events(trainer.logger.log_dir), "repsim/linear_cka/final/mid")) == [12, 16]
 
 
-def test_resume_with_a_read_only_recorded_store_leaves_it_and_starts_a_new_one(tmp_path, monkeypatch):
+def test_resume_with_a_read_only_recorded_store_leaves_it_and_starts_a_whole_new_one(tmp_path, monkeypatch):
+    def fit(callbacks, max_epochs, ckpt_path=None):
+        logger = TensorBoardLogger(str(tmp_path), name="run", version=0)  # the same run directory
+        trainer = make_trainer(tmp_path, callbacks, logger=logger, max_epochs=max_epochs, enable_checkpointing=True)
+        return trainer, fit_recording(trainer, Net(), ckpt_path=ckpt_path)
+
     first = monitor(reference=["init", "final"], write_files=True)
-    checkpoint = ModelCheckpoint(dirpath=str(tmp_path / "ckpt"), save_last=True)
-    _autoversion_run(tmp_path, [first, checkpoint], max_epochs=2)
+    fit([first, ModelCheckpoint(dirpath=str(tmp_path / "ckpt"), save_last=True)], max_epochs=2)
     before = _files(first.store_path)
     from lightning_repsim.callbacks import similarity as similarity_module
 
     real = similarity_module._writable  # an archived run: the tests run as root, where chmod cannot tell
     monkeypatch.setattr(similarity_module, "_writable", lambda d: d != first.store_path and real(d))
     second = monitor(reference=["init", "final"], write_files=True)
-    trainer, records = _autoversion_run(tmp_path, [second], max_epochs=4,
-                                        ckpt_path=str(tmp_path / "ckpt" / "last.ckpt"))
+    trainer, records = fit([second], max_epochs=4, ckpt_path=str(tmp_path / "ckpt" / "last.ckpt"))
     assert trainer.global_step == 16 and repsim_warnings(records, "failed") == []
-    assert any("read-only" in m and str(first.store_path) in m for m in repsim_warnings(records))
-    assert second.store_path == Path(trainer.logger.log_dir) / "repsim"
-    assert open_store(second.store_path).steps == [12, 16]
+    (message,) = repsim_warnings(records)
+    assert "read-only" in message and str(first.store_path) in message and "up to step 8" in message
+    assert second.store_path == first.store_path.parent / "repsim-1"
+    assert open_store(second.store_path).steps == [0, 4, 8, 12, 16]
     assert _files(first.store_path) == before  # untouched, figures/final included
 
 
