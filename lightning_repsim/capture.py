@@ -35,9 +35,13 @@ The reduction rule (:func:`reduce_output`):
 * Rows are examples. Sequence modules with ``batch_first=False`` have their ``(T, N, D)``
   outputs transposed to ``(N, T, D)`` first, whatever the layout; so has any other 3-D
   output whose second axis, not its first, has the batch's size (the inner layers of a
-  sequence-first model). An output with no axis of the batch's size in front cannot be
-  read as one row per example: such a layer is left out with a warning when chosen by
-  default, and is an error when selected explicitly.
+  sequence-first model). Each layer's reading is decided once per capture, by a batch
+  whose size differs from the sequence length; when every batch is as long as the
+  sequence, the layers inside a ``batch_first=False`` module are read as ``(T, N, D)``
+  and all others as ``(N, T, D)`` (a hand-written sequence-first model then needs a
+  ``batch_size`` other than its sequence length). An output with no axis of the batch's
+  size in front cannot be read as one row per example: such a layer is left out with a
+  warning when chosen by default, and is an error when selected explicitly.
 """
 
 from __future__ import annotations
@@ -910,7 +914,8 @@ def capture(
     misshapen: dict[str, tuple[int, ...]] = {}  # default layers without one row per example
     batch_rows = [0]  # examples in the batch being run, for the hooks
     examples_axis: dict[str, int] = {}  # 0: (N, ...); 1: (T, N, ...) inside a sequence-first model
-    undecided: dict[str, list[tuple[int, torch.Tensor]]] = {}  # chunks with T == N, until a batch tells
+    # chunks with T == N, until a batch tells: (index, output shape, (features read on axis 0, on axis 1))
+    undecided: dict[str, list[tuple[int, tuple[int, ...], tuple[torch.Tensor, torch.Tensor]]]] = {}
 
     def reduced(name: str, module: nn.Module, x: torch.Tensor, axis: int) -> torch.Tensor:
         return reduce_output(x.transpose(0, 1) if axis == 1 else x, module=module, name=name,
@@ -946,9 +951,10 @@ def capture(
                 misshapen[name] = tuple(tensor.shape)
                 return
             decided = examples_axis.get(name)
-            if axis is None and decided is None:  # T == N: wait for a batch that tells, or decide at the end
+            if axis is None and decided is None:  # T == N: keep both readings until a batch tells
                 chunks[name].append(None)
-                undecided.setdefault(name, []).append((len(chunks[name]) - 1, tensor.detach().clone()))
+                both = (reduced(name, module, tensor, 0), reduced(name, module, tensor, 1))
+                undecided.setdefault(name, []).append((len(chunks[name]) - 1, tuple(tensor.shape), both))
                 return
             if axis is not None and decided is not None and axis != decided:
                 raise RepSimValueError(
@@ -958,8 +964,8 @@ def capture(
                 )
             if decided is None:
                 decided = examples_axis[name] = axis
-                for index, raw in undecided.pop(name, []):
-                    chunks[name][index] = reduced(name, module, raw, decided)
+                for index, _, both in undecided.pop(name, []):
+                    chunks[name][index] = both[decided]
             chunks[name].append(reduced(name, module, tensor, decided))
 
         return hook
@@ -994,16 +1000,8 @@ def capture(
         )
     for name, pending in undecided.items():  # every batch had T == N: the model's structure decides
         axis = 1 if _inside_sequence_first(name, modules) else 0
-        warnings.warn(
-            f"Layer {name!r}: its outputs {tuple(pending[0][1].shape)} have the batch's size on both "
-            f"leading axes (the sequence is as long as the batch), so the examples' axis is "
-            f"ambiguous; read as {'(T, N, ...) inside a sequence-first model' if axis else '(N, T, ...)'}. "
-            "A batch_size other than the sequence length decides it from the data.",
-            RepSimWarning,
-            stacklevel=2,
-        )
-        for index, raw in pending:
-            chunks[name][index] = reduced(name, modules[name], raw, axis)
+        for index, _, both in pending:
+            chunks[name][index] = both[axis]
     if misshapen:
         warnings.warn(
             "Layers left out because their outputs have no leading axis of one row per example: "

@@ -57,6 +57,7 @@ import operator
 import os
 import re
 import secrets
+import shutil
 import warnings
 from pathlib import Path
 from typing import (
@@ -825,6 +826,38 @@ class SnapshotStore:
             else:
                 self._unlink([e["file"] for e in removed])
         return [e["step"] for e in removed]
+
+    def copy_until(self, path: PathLike, step: int) -> "SnapshotStore":
+        """A new store at ``path`` with this store's snapshots up to ``step``, opened for appending.
+
+        The copy keeps the layers, settings, disk budget and thinning record (stride and dropped
+        steps), so thinning goes on as it would have here. Step files are hard-linked where the
+        file system allows it (they are never rewritten in place), else copied; the manifest is
+        written last, so a copy cut short is not a store.
+
+        Args:
+            path: a new or empty directory.
+            step: the last step to copy.
+
+        Raises:
+            RepSimValueError: ``path`` is not empty.
+        """
+        dest = Path(path)
+        if dest.exists() and any(dest.iterdir()):
+            raise RepSimValueError(f"copy_until: {dest} is not empty; give a new directory.")
+        dest.mkdir(parents=True, exist_ok=True)
+        kept = [e for e in self._entries if e["step"] <= step]
+        for entry in kept:
+            try:
+                os.link(self.path / entry["file"], dest / entry["file"])
+            except OSError:
+                shutil.copy2(self.path / entry["file"], dest / entry["file"])
+        manifest = self._manifest()
+        manifest["steps"] = [dict(e) for e in kept]
+        manifest["thinned"]["dropped_steps"] = [s for s in self._dropped if s <= step]
+        manifest["lost_steps"] = [s for s in self._lost if s <= step]
+        _atomic_write(dest / MANIFEST_NAME, json.dumps(manifest, indent=1).encode("utf-8"))
+        return SnapshotStore.open(dest, mode="a", probe_hash=self._probe_hash)
 
     # ------------------------------------------------------------------ helpers
 

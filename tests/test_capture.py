@@ -530,22 +530,18 @@ def test_sequence_first_rows_stay_examples_when_a_batch_is_as_long_as_the_sequen
     layer = nn.TransformerEncoderLayer(8, 2, dim_feedforward=16, dropout=0.0)  # batch_first=False
     x = torch.randn(n, 8, 8)
     expected = capture(layer, x, ["linear1", "norm2"], forward=lambda m, b: m(b.transpose(0, 1)), batch_size=1)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        feats = capture(layer, x, ["linear1", "norm2"], forward=lambda m, b: m(b.transpose(0, 1)),
-                        batch_size=batch_size)
+    feats = capture(layer, x, ["linear1", "norm2"], forward=lambda m, b: m(b.transpose(0, 1)), batch_size=batch_size)
     for name in expected:
         torch.testing.assert_close(feats[name], expected[name])
-    ambiguous = [str(w.message) for w in caught if "ambiguous" in str(w.message)]
-    assert len(ambiguous) == (2 if n in (8, 16) else 0)
 
 
 def test_a_batch_first_model_with_sequence_as_long_as_the_batch_keeps_rows():
     model = nn.Sequential(nn.Linear(4, 6), nn.LayerNorm(6))  # (N, T, D), batch first
-    x = torch.randn(5, 5, 4)
-    with pytest.warns(RepSimWarning, match=r"'0'.*ambiguous; read as \(N, T, \.\.\.\)"):
-        feats = capture(model, x)
-    torch.testing.assert_close(feats["0"], model[0](x).mean(1))
+    x = torch.randn(10, 5, 4)
+    for batch_size in (None, 5):  # every batch of 5 is as long as the sequence
+        feats = capture(model, x, batch_size=batch_size)
+        torch.testing.assert_close(feats["0"], model[0](x).mean(1))
+        torch.testing.assert_close(feats["1"], model(x).mean(1))
 
 
 class FlattenedTokens(nn.Module):

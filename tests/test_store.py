@@ -568,6 +568,30 @@ def test_truncate_after_can_move_the_dropped_steps_into_a_store_of_their_own(tmp
     assert store.steps == [0, 10, 20] and open_store(aside).steps == [20, 30]
 
 
+def test_copy_until_carries_the_thinning_on_as_the_store_itself_would(tmp_path):
+    size = make(tmp_path / "size", steps=[990]).nbytes
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RepSimWarning)
+        source = make(tmp_path / "a", max_bytes=int(6.5 * size), steps=range(0, 200, 10))
+        assert source.thinned["stride"] > 1
+        copy = source.copy_until(tmp_path / "copy", 120)
+        assert copy.steps == [s for s in source.steps if s <= 120]
+        assert copy.max_bytes == source.max_bytes and copy.thinned["stride"] == source.thinned["stride"]
+        assert copy.thinned["dropped_steps"] == [s for s in source.thinned["dropped_steps"] if s <= 120]
+        for step in copy.steps:
+            assert bits_equal(copy.get(step, "conv"), snapshot(step)["conv"])
+        # the copy goes on exactly as the source resumed in place at step 120 would
+        in_place = make(tmp_path / "b", max_bytes=int(6.5 * size), steps=range(0, 200, 10))
+        in_place.truncate_after(120)
+        for step in range(130, 400, 10):
+            copy.add(step, snapshot(step))
+            in_place.add(step, snapshot(step))
+        assert copy.steps == in_place.steps and copy.thinned == in_place.thinned
+    assert source.steps == open_store(source.path).steps  # the source is left as it is
+    with pytest.raises(RepSimValueError, match="is not empty; give a new directory"):
+        source.copy_until(tmp_path / "copy", 50)
+
+
 def test_truncate_after(tmp_path):
     store = make(tmp_path, steps=[0, 10, 20, 30, 40, 50])
     assert store.truncate_after(25) == [30, 40, 50]

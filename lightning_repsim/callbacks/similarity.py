@@ -520,7 +520,9 @@ class RepresentationSimilarity(Callback):
                     "max_features": self.max_features, "layout": self.layout, "token_reduction": self.token_reduction,
                     "output_selector": _describe(self.output_selector), "forward": _describe(self.forward),
                     "layers": self._layer_names, "layer_selector": repr(self.layers)}
-        if self.keep_store:
+        if self._seed_from is not None and self._last_logged_step is not None:
+            self._seed_outputs(self._seed_from, self._last_logged_step)  # sets _store when it keeps one
+        if self.keep_store and self._store is None:
             if continued:
                 self._store = SnapshotStore.open(self._output_dir, mode="a", probe_hash=self._probe.hash)
                 self._run_id = self._store.settings.get("run_id")
@@ -530,27 +532,32 @@ class RepresentationSimilarity(Callback):
                                                    max_bytes=self.max_store_bytes)
         if self._last_logged_step is not None and continued:
             self._set_aside_after(self._last_logged_step)
-        elif self._last_logged_step is not None and self._seed_from is not None:
-            self._seed_outputs(self._seed_from, self._last_logged_step)
         if self._tensorboard is not None:
             rows = "\n".join(f"| {k} | `{v}` |" for k, v in {"examples": len(self._probe), "hash": self._probe.hash,
                                                             **settings}.items())
             self._tensorboard.log_text("repsim/probe", "| setting | value |\n|---|---|\n" + rows, 0)
 
     def _seed_outputs(self, source: Path, step: int) -> None:
-        """A resume writing to a new place starts from copies of the snapshots and figures up to ``step`` that
-        ``source`` holds (the checkpointed fit's outputs), so that "final" covers the whole run."""
+        """A resume writing to a new place starts from copies of the snapshots (with their thinning record) and
+        figures up to ``step`` that ``source`` holds, so that "final" covers the whole run. A copy that fails
+        (a full disk, say) leaves this fit with a store of its own steps only, and a warning: never a failed fit."""
         assert self._output_dir is not None and self._probe is not None
-        if self._store is not None:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", RepSimWarning)  # damage there is that store's own business
-                earlier = SnapshotStore.open(source, mode="r", probe_hash=self._probe.hash)
-            for kept in earlier.steps:
-                if kept <= step:
-                    self._store.add(kept, earlier.get(kept), earlier.kinds)
-        for folder in sorted((source / "figures").glob("step-*")):
-            if folder.name[5:].isdigit() and int(folder.name[5:]) <= step:
-                shutil.copytree(folder, self._output_dir / "figures" / folder.name, dirs_exist_ok=True)
+        try:
+            if self.keep_store:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore", RepSimWarning)  # damage there is that store's own business
+                    earlier = SnapshotStore.open(source, mode="r", probe_hash=self._probe.hash)
+                    self._store = earlier.copy_until(self._output_dir, step)
+            for folder in sorted((source / "figures").glob("step-*")):
+                if folder.name[5:].isdigit() and int(folder.name[5:]) <= step:
+                    shutil.copytree(folder, self._output_dir / "figures" / folder.name, dirs_exist_ok=True)
+        except Exception as err:  # only copies were written: start this fit's outputs afresh
+            self._store = None
+            shutil.rmtree(self._output_dir, ignore_errors=True)
+            self._warn_once(f"seed-failed:{self._output_dir}", (
+                f"RepresentationSimilarity could not copy the snapshots and figures up to step {step} from {source} "
+                f"to {self._output_dir} ({type(err).__name__}: {err}); this fit's store starts without them, and "
+                "reference 'final' covers only the steps from here on."))
 
     def _set_aside_after(self, step: int) -> None:
         """Resuming at ``step``: what the interrupted fit stored and drew after it leaves the store and figures
@@ -595,17 +602,16 @@ class RepresentationSimilarity(Callback):
             # the recorded place, else the default one (the run directory was moved since), where a store tells
             # by its run id whether it is this run's; figures alone cannot tell, so then only the recorded place
             candidates = [recorded, default] if recorded is None or self.keep_store else [recorded]
-            for candidate in dict.fromkeys(p for p in candidates if p is not None):
-                if not self._holds_this_run(candidate):
-                    continue
-                if candidate.parent.resolve() != run_dir.resolve() or not _writable(candidate):
-                    # The logger moved on (a new version), several fits resume one checkpoint (a sweep), or the
-                    # run is archived read-only: this fit keeps its own outputs beside its events, starting from
-                    # copies of the recorded ones up to the checkpoint, which stay as they are.
-                    self._seed_from = candidate
-                    break
-                self._output_dir = candidate
-                return True
+            holders = [c for c in dict.fromkeys(p for p in candidates if p is not None) if self._holds_this_run(c)]
+            for candidate in holders:
+                if candidate.parent.resolve() == run_dir.resolve() and _writable(candidate):
+                    self._output_dir = candidate
+                    return True
+            if holders and self._last_logged_step is not None:
+                # The logger moved on (a new version), several fits resume one checkpoint (a sweep), or the
+                # run is archived read-only: this fit keeps its own outputs beside its events, starting from
+                # copies of the recorded ones up to the checkpoint, which stay as they are.
+                self._seed_from = holders[0]
         index = next(i for i in itertools.count() if _is_free(default_store_dir(run_dir, i)))
         self._output_dir = default_store_dir(run_dir, index)
         if self._seed_from is not None:
@@ -619,7 +625,7 @@ class RepresentationSimilarity(Callback):
                 f"{self._seed_from}, {why}: this fit writes its own to {self._output_dir}, starting from copies of "
                 f"those up to step {self._last_logged_step}, and {self._seed_from} stays as it is.{tip}"))
         elif self._resumed and self.keep_store and self._last_logged_step is not None:
-            where = (f"the checkpoint's snapshot store {recorded} is gone, read-only or another run's" if recorded else
+            where = (f"the checkpoint's snapshot store {recorded} is gone or another run's" if recorded else
                      f"the checkpoint does not say where its snapshot store is (it was saved by an older "
                      f"lightning_repsim) and {default} holds none of this run")
             self._warn_once(f"lost:{recorded or default}:{self._output_dir}", (

@@ -29,7 +29,7 @@ from lightning_repsim.callbacks import RepresentationSimilarity
 from lightning_repsim.capture import capture
 from lightning_repsim.errors import RepSimWarning
 from lightning_repsim.functional import linear_cka
-from lightning_repsim.store import open_store
+from lightning_repsim.store import SnapshotStore, open_store
 
 N_IN = 6
 N_TRAIN = 64
@@ -565,6 +565,43 @@ def test_resume_with_a_read_only_recorded_store_leaves_it_and_starts_a_whole_new
     assert second.store_path == first.store_path.parent / "repsim-1"
     assert open_store(second.store_path).steps == [0, 4, 8, 12, 16]
     assert _files(first.store_path) == before  # untouched, figures/final included
+
+
+def test_resume_whose_copy_fails_still_trains_and_monitors(tmp_path, monkeypatch):
+    first = monitor(reference=["init", "final"], write_files=True)
+    _autoversion_run(tmp_path, [first, ModelCheckpoint(dirpath=str(tmp_path / "ckpt"), save_last=True)], max_epochs=2)
+    before = _files(first.store_path)
+
+    def disk_full(self, path, step):
+        Path(path).mkdir(parents=True)
+        (Path(path) / "step-0000000000.safetensors").write_bytes(b"partial")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(SnapshotStore, "copy_until", disk_full)
+    second = monitor(reference=["init", "final"], write_files=True)
+    trainer, records = _autoversion_run(tmp_path, [second], max_epochs=4, ckpt_path=str(tmp_path / "ckpt" / "last.ckpt"))
+    assert trainer.global_step == 16
+    assert any("could not copy" in m and "No space left" in m for m in repsim_warnings(records))
+    assert open_store(second.store_path).steps == [12, 16]  # this fit's own steps, no partial copy
+    assert _files(first.store_path) == before
+
+
+def test_resume_in_a_copy_of_the_run_directory_continues_the_copy(tmp_path):
+    first = monitor(reference=["init", "final"])
+    checkpoint = ModelCheckpoint(dirpath=str(tmp_path / "ckpt"), save_last=True)
+    logger = TensorBoardLogger(str(tmp_path), name="run", version="original")
+    make_trainer(tmp_path, [first, checkpoint], logger=logger, max_epochs=2, enable_checkpointing=True).fit(
+        Net(), train_loader())
+    shutil.copytree(tmp_path / "run" / "original", tmp_path / "run" / "copy")
+    before = _files(first.store_path)
+
+    second = monitor(reference=["init", "final"])
+    logger = TensorBoardLogger(str(tmp_path), name="run", version="copy")
+    trainer = make_trainer(tmp_path, [second], logger=logger, max_epochs=4)
+    records = fit_recording(trainer, Net(), ckpt_path=str(tmp_path / "ckpt" / "last.ckpt"))
+    assert second.store_path == tmp_path / "run" / "copy" / "repsim" and repsim_warnings(records) == []
+    assert open_store(second.store_path).steps == [0, 4, 8, 12, 16]
+    assert _files(first.store_path) == before
 
 
 def test_resume_after_moving_the_run_directory_finds_the_store_by_its_run_id(tmp_path):
