@@ -841,6 +841,17 @@ class SnapshotStore:
 
         Raises:
             RepSimValueError: ``path`` is not empty.
+
+        Example:
+            >>> import tempfile, torch
+            >>> with tempfile.TemporaryDirectory() as tmp:
+            ...     store = SnapshotStore.create(f"{tmp}/a", probe_hash="p", n=4)
+            ...     for step in (0, 10, 20):
+            ...         store.add(step, {"fc": torch.ones(4, 2) * step})
+            ...     copy = store.copy_until(f"{tmp}/b", 10)
+            ...     copy.add(15, {"fc": torch.zeros(4, 2)})
+            ...     store.steps, copy.steps
+            ([0, 10, 20], [0, 10, 15])
         """
         dest = Path(path)
         if dest.exists() and any(dest.iterdir()):
