@@ -979,6 +979,7 @@ def capture(
         model.eval()
         with torch.no_grad():
             for batch in batches:
+                batch = batch.clone()  # a forward that changes its input in place must not change the probe
                 seen_this_batch.clear()
                 batch_rows[0] = batch.shape[0]
                 if forward is None:
