@@ -914,13 +914,8 @@ def capture(
     misshapen: dict[str, tuple[int, ...]] = {}  # default layers without one row per example
     batch_rows = [0]  # examples in the batch being run, for the hooks
     examples_axis: dict[str, int] = {}  # 0: (N, ...); 1: (T, N, ...) inside a sequence-first model
-    # chunks with T == N, until a batch tells: (index, output shape, (features read on axis 0, on axis 1))
-    undecided: dict[str, list[tuple[int, tuple[int, ...], tuple[torch.Tensor, torch.Tensor]]]] = {}
-
-    def reduced(name: str, module: nn.Module, x: torch.Tensor, axis: int) -> torch.Tensor:
-        return reduce_output(x.transpose(0, 1) if axis == 1 else x, module=module, name=name,
-                             layout=layout_of(name), token_reduction=token_reduction,
-                             max_features=max_features, _warned=warned)
+    # chunks with T == N, until a batch tells: (index, (features read on axis 0, on axis 1))
+    undecided: dict[str, list[tuple[int, tuple[torch.Tensor, torch.Tensor]]]] = {}
 
     def make_pre_hook(name: str) -> Callable[..., None]:
         def pre_hook(module: nn.Module, args: Any) -> None:
@@ -930,6 +925,12 @@ def capture(
 
     def make_hook(name: str) -> Callable[..., None]:
         descendants = deeper.get(name, ())
+        name_layout = layout_of(name)
+
+        def reduced(module: nn.Module, x: torch.Tensor, axis: int) -> torch.Tensor:
+            return reduce_output(x.transpose(0, 1) if axis == 1 else x, module=module, name=name,
+                                 layout=name_layout, token_reduction=token_reduction,
+                                 max_features=max_features, _warned=warned)
 
         def hook(module: nn.Module, args: Any, output: Any) -> None:
             if name in seen_this_batch or name in superseded:
@@ -953,8 +954,8 @@ def capture(
             decided = examples_axis.get(name)
             if axis is None and decided is None:  # T == N: keep both readings until a batch tells
                 chunks[name].append(None)
-                both = (reduced(name, module, tensor, 0), reduced(name, module, tensor, 1))
-                undecided.setdefault(name, []).append((len(chunks[name]) - 1, tuple(tensor.shape), both))
+                both = (reduced(module, tensor, 0), reduced(module, tensor, 1))
+                undecided.setdefault(name, []).append((len(chunks[name]) - 1, both))
                 return
             if axis is not None and decided is not None and axis != decided:
                 raise RepSimValueError(
@@ -964,9 +965,9 @@ def capture(
                 )
             if decided is None:
                 decided = examples_axis[name] = axis
-                for index, _, both in undecided.pop(name, []):
+                for index, both in undecided.pop(name, []):
                     chunks[name][index] = both[decided]
-            chunks[name].append(reduced(name, module, tensor, decided))
+            chunks[name].append(reduced(module, tensor, decided))
 
         return hook
 
@@ -1001,7 +1002,7 @@ def capture(
         )
     for name, pending in undecided.items():  # every batch had T == N: the model's structure decides
         axis = 1 if _inside_sequence_first(name, modules) else 0
-        for index, _, both in pending:
+        for index, both in pending:
             chunks[name][index] = both[axis]
     if misshapen:
         warnings.warn(
