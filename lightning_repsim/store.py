@@ -803,7 +803,7 @@ class SnapshotStore:
         except TypeError:
             raise RepSimValueError(f"step must be an int, got {step!r}") from None
         removed = [e for e in self._entries if e["step"] > step]
-        if removed and move_to is not None and Path(move_to).exists() and any(Path(move_to).iterdir()):
+        if removed and move_to is not None and _occupied(Path(move_to)):
             raise RepSimValueError(f"move_to={str(move_to)!r} is not empty; give a new directory for the "
                                    f"{len(removed)} snapshot(s) after step {step}.")
         dropped = [s for s in self._dropped if s <= step]
@@ -812,8 +812,7 @@ class SnapshotStore:
             if removed and move_to is not None:  # the moved steps stay a store of their own
                 aside = Path(move_to)
                 aside.mkdir(parents=True, exist_ok=True)
-                manifest = {**self._manifest(), "steps": [dict(e) for e in removed]}
-                _atomic_write(aside / MANIFEST_NAME, json.dumps(manifest, indent=1).encode("utf-8"))
+                _write_manifest(aside, {**self._manifest(), "steps": [dict(e) for e in removed]})
             self._commit(
                 entries=[e for e in self._entries if e["step"] <= step],
                 dropped=dropped,
@@ -854,7 +853,7 @@ class SnapshotStore:
             ([0, 10, 20], [0, 10, 15])
         """
         dest = Path(path)
-        if dest.exists() and any(dest.iterdir()):
+        if _occupied(dest):
             raise RepSimValueError(f"copy_until: {dest} is not empty; give a new directory.")
         dest.mkdir(parents=True, exist_ok=True)
         kept = [e for e in self._entries if e["step"] <= step]
@@ -867,7 +866,7 @@ class SnapshotStore:
         manifest["steps"] = [dict(e) for e in kept]
         manifest["thinned"]["dropped_steps"] = [s for s in self._dropped if s <= step]
         manifest["lost_steps"] = [s for s in self._lost if s <= step]
-        _atomic_write(dest / MANIFEST_NAME, json.dumps(manifest, indent=1).encode("utf-8"))
+        _write_manifest(dest, manifest)
         return SnapshotStore.open(dest, mode="a", probe_hash=self._probe_hash)
 
     # ------------------------------------------------------------------ helpers
@@ -951,8 +950,7 @@ class SnapshotStore:
         for key, value in changes.items():
             setattr(self, "_" + key, value)
         try:
-            text = json.dumps(self._manifest(), indent=1)
-            _atomic_write(self.path / MANIFEST_NAME, text.encode("utf-8"))
+            _write_manifest(self.path, self._manifest())
         except BaseException:
             for key, value in saved.items():
                 setattr(self, "_" + key, value)
@@ -974,6 +972,15 @@ class SnapshotStore:
             if debris and child.is_file():
                 with contextlib.suppress(OSError):
                     child.unlink()
+
+
+def _write_manifest(directory: Path, manifest: Dict[str, Any]) -> None:
+    _atomic_write(directory / MANIFEST_NAME, json.dumps(manifest, indent=1).encode("utf-8"))
+
+
+def _occupied(path: Path) -> bool:
+    """Whether ``path`` is a file or a directory with something in it (where no new store may go)."""
+    return path.exists() and (not path.is_dir() or any(path.iterdir()))
 
 
 def _read_manifest(path: Path) -> Dict[str, Any]:
