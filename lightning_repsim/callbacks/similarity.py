@@ -34,7 +34,7 @@ from lightning_repsim.callbacks._background import Background
 from lightning_repsim.capture import LayerSelector, OutputSelector, Probe, _check_reduction, capture
 from lightning_repsim.errors import RepSimError, RepSimValueError, RepSimWarning
 from lightning_repsim.functional.similarity_matrix import Representations, gram_spec, resolve_options, similarity_matrix
-from lightning_repsim.store import DEFAULT_MAX_BYTES, SnapshotStore, default_store_dir, similarity_to_final
+from lightning_repsim.store import DEFAULT_MAX_BYTES, SnapshotStore, _occupied, default_store_dir, similarity_to_final
 
 # jsonargparse (LightningCLI) tries a Union's members in order and str takes anything, so lists
 # and modules (YAML: class_path / init_args) come before str.
@@ -474,11 +474,14 @@ class RepresentationSimilarity(Callback):
         except RepSimValueError:
             raise
         except Exception as err:  # the user's model, the user's probe: say which pairing failed
-            assert self._probe is not None
-            raise RepSimValueError(f"{type(pl_module).__name__} cannot run the probe of shape "
-                                   f"{tuple(self._probe.inputs.shape)} ({self._probe.inputs.dtype}): "
-                                   f"{type(err).__name__}: {err}. Pass probe= inputs that the module's forward "
-                                   "accepts (its first tensor is what is fed to forward).") from err
+            raise self._probe_failure(type(pl_module).__name__, err) from err
+
+    def _probe_failure(self, who: str, err: Exception) -> RepSimValueError:
+        """The error for a model that cannot run the probe: which model, the probe's shape and dtype, the cause."""
+        assert self._probe is not None
+        return RepSimValueError(f"{who} cannot run the probe of shape {tuple(self._probe.inputs.shape)} "
+                                f"({self._probe.inputs.dtype}): {type(err).__name__}: {err}. Pass probe= inputs "
+                                "that the module's forward accepts (its first tensor is what is fed to forward).")
 
     def _capture_reference(self, ref: _Reference, trainer: pl.Trainer,
                            pl_module: pl.LightningModule) -> dict[str, torch.Tensor]:
@@ -500,9 +503,7 @@ class RepresentationSimilarity(Callback):
         except RepSimValueError:
             raise
         except Exception as err:  # the user's model, the user's probe: say which pairing failed
-            shape = tuple(self._probe.inputs.shape) if self._probe is not None else None
-            raise RepSimValueError(f"reference {ref.label!r} ({type(model).__name__}) cannot run the probe of shape "
-                                   f"{shape}: {type(err).__name__}: {err}") from err
+            raise self._probe_failure(f"reference {ref.label!r} ({type(model).__name__})", err) from err
 
     def _open_outputs(self, trainer: pl.Trainer, log_dir: Optional[str]) -> None:
         assert self._probe is not None
@@ -548,8 +549,8 @@ class RepresentationSimilarity(Callback):
                     warnings.simplefilter("ignore", RepSimWarning)  # damage there is that store's own business
                     earlier = SnapshotStore.open(source, mode="r", probe_hash=self._probe.hash)
                     self._store = earlier.copy_until(self._output_dir, step)
-            for folder in sorted((source / "figures").glob("step-*")):
-                if folder.name[5:].isdigit() and int(folder.name[5:]) <= step:
+            for folder_step, folder in _step_folders(source / "figures").items():
+                if folder_step <= step:
                     shutil.copytree(folder, self._output_dir / "figures" / folder.name, dirs_exist_ok=True)
         except Exception as err:  # only copies were written: start this fit's outputs afresh
             self._store = None
@@ -564,7 +565,7 @@ class RepresentationSimilarity(Callback):
         for ``superseded/after-step-<step>/`` (nothing stored is deleted), so the resumed fit has every step once."""
         assert self._output_dir is not None
         figures = self._output_dir / "figures"
-        later = [f for f in figures.glob("step-*") if f.name[5:].isdigit() and int(f.name[5:]) > step]
+        later = [folder for folder_step, folder in _step_folders(figures).items() if folder_step > step]
         later += [figures / "final"] if (figures / "final").exists() else []
         stored_later = self._store is not None and any(s > step for s in self._store.steps)
         if not later and not stored_later:
@@ -612,7 +613,7 @@ class RepresentationSimilarity(Callback):
                 # run is archived read-only: this fit keeps its own outputs beside its events, starting from
                 # copies of the recorded ones up to the checkpoint, which stay as they are.
                 self._seed_from = holders[0]
-        index = next(i for i in itertools.count() if _is_free(default_store_dir(run_dir, i)))
+        index = next(i for i in itertools.count() if not _occupied(default_store_dir(run_dir, i)))
         self._output_dir = default_store_dir(run_dir, index)
         if self._seed_from is not None:
             elsewhere = self._seed_from.parent.resolve() != run_dir.resolve()
@@ -765,7 +766,7 @@ class RepresentationSimilarity(Callback):
             self._tensorboard.log_png(f"{prefix}/heatmap", png, step)
             self._tensorboard.log_layer_scalars(prefix, _matched_diagonal(values, names, ref_names), step)
         if self.write_files and self._output_dir is not None:
-            folder = self._output_dir / "figures" / f"step-{step:08d}"
+            folder = self._output_dir / "figures" / _STEP_FOLDER.format(step)
             report.write_matrix_csv(folder / f"{measure}__{label}.csv", values, names, ref_names)
             report.write_png_bytes(png, folder / f"{measure}__{label}.png")
 
@@ -812,6 +813,15 @@ class RepresentationSimilarity(Callback):
                            f"the final snapshot\n{table_text}")
 
 
+_STEP_FOLDER = "step-{:08d}"  # figures of one logging point, under <output dir>/figures
+
+
+def _step_folders(figures: Path) -> dict[int, Path]:
+    """The per-step figure folders under ``figures``, by step, ascending."""
+    found = {int(f.name[5:]): f for f in figures.glob("step-*") if f.name[5:].isdigit() and f.is_dir()}
+    return dict(sorted(found.items()))
+
+
 def _describe(value: Any) -> Any:
     """A setting as JSON: a callable by its qualified name, anything else as it is."""
     if callable(value):
@@ -832,11 +842,6 @@ def _one_cpu_thread() -> None:
     Two OpenMP teams on the same cores, the training loop's and the worker's, spin-wait against
     each other and slow both down several times over."""
     torch.set_num_threads(1)
-
-
-def _is_free(directory: Path) -> bool:
-    """Nothing there yet (or an empty directory): a fit may write its outputs there without touching another's."""
-    return not directory.exists() or (directory.is_dir() and not any(directory.iterdir()))
 
 
 def _is_constant(x: torch.Tensor) -> bool:
