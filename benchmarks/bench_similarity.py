@@ -48,7 +48,7 @@ import torch  # noqa: E402
 import _machine  # noqa: E402
 from lightning_repsim import functional as F  # noqa: E402
 from lightning_repsim.capture import reduce_output  # noqa: E402
-from lightning_repsim.functional.similarity_matrix import _feature_space_is_cheaper  # noqa: E402
+from lightning_repsim.functional._engine import _feature_space_is_cheaper  # noqa: E402
 
 try:
     from tests import reference as ref  # independent float64 transcriptions of the papers

@@ -66,7 +66,7 @@ from tqdm import tqdm
 import lightning_repsim
 from lightning_repsim import report
 from lightning_repsim.errors import RepSimError, RepSimWarning
-from lightning_repsim.functional.similarity_matrix import MEASURES, resolve_options
+from lightning_repsim.functional._measures import MEASURES, resolve_measures, resolve_options
 from lightning_repsim.store import (MANIFEST_NAME, SnapshotStore, open_store, run_store_dirs, similarity_between,
                                    similarity_to_final)
 
@@ -170,12 +170,7 @@ def open_run(path: str, *, allow_damaged: bool = False) -> Run:
 def _measures(values: Optional[Sequence[str]], default: Sequence[str]) -> list[str]:
     """``--measure`` values (repeated and/or comma lists), validated, duplicates removed."""
     names = [part.strip() for value in (values or []) for part in value.split(",") if part.strip()]
-    if not names:
-        names = list(default)
-    unknown = [m for m in names if m not in MEASURES]
-    if unknown:
-        raise CliError(f"unknown measure {unknown[0]!r}; choose from {', '.join(MEASURES)}")
-    return list(dict.fromkeys(names))
+    return list(resolve_measures(names or list(default)))
 
 
 def _store_measures(store: SnapshotStore) -> list[str]:

@@ -18,7 +18,8 @@ from torch import nn
 from lightning_repsim import report
 from lightning_repsim.capture import LayerSelector, Probe, capture
 from lightning_repsim.errors import RepSimValueError
-from lightning_repsim.functional.similarity_matrix import resolve_options, similarity_matrix
+from lightning_repsim.functional._measures import resolve_measures
+from lightning_repsim.functional.matrix import similarity_matrix
 
 
 @dataclass
@@ -120,10 +121,7 @@ def compare(
             raise RepSimValueError(f"compare() needs {what} as an nn.Module, got {type(model).__name__}{hint}.")
     if probe is None:
         raise RepSimValueError("compare() needs a probe: a tensor, an (x, y) tuple or a DataLoader of inputs.")
-    if isinstance(measures, str):
-        measures = (measures,)
-    measure_options = dict(measure_options or {})
-    options = {m: resolve_options(m, measure_options.get(m, {})) for m in measures}
+    options = resolve_measures(measures, measure_options)
     probe = probe if isinstance(probe, Probe) else Probe(probe)
     features_a = capture(model_a, probe, layers, batch_size=batch_size, max_features=max_features, **capture_options)
     features_b = None
@@ -132,6 +130,6 @@ def compare(
                              max_features=max_features, **capture_options)
         device = next(iter(features_a.values())).device
         features_b = {k: v.to(device) for k, v in features_b.items()}
-    matrices = {m: similarity_matrix(features_a, features_b, m, **options[m]) for m in measures}
+    matrices = {m: similarity_matrix(features_a, features_b, m, **o) for m, o in options.items()}
     return Comparison(list(features_a), list(features_a if features_b is None else features_b), matrices,
                       probe.hash, len(probe), names)

@@ -15,16 +15,9 @@ from torchmetrics.utilities.data import dim_zero_cat
 
 from lightning_repsim.errors import RepSimValueError, RepSimWarning
 from lightning_repsim.functional._validation import as_matrix, warn_degenerate
-from lightning_repsim.functional.similarity_matrix import (
-    MEASURES,
-    cosine,
-    degenerate_layers,
-    gram_spec,
-    hsic_matrices,
-    prepare_layers,
-    resolve_options,
-    similarity_matrix,
-)
+from lightning_repsim.functional._engine import cosine, degenerate_layers, hsic_matrices, prepare_layers
+from lightning_repsim.functional._measures import MEASURES, gram_spec, resolve_measures
+from lightning_repsim.functional.matrix import similarity_matrix
 
 Batch = Union[Mapping[str, torch.Tensor], Sequence[torch.Tensor]]
 
@@ -89,8 +82,6 @@ class LayerSimilarity(Metric):
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
-        if isinstance(measures, str):
-            measures = (measures,)
         self.names_a = [str(n) for n in names_a]
         self.symmetric = names_b is None
         self.names_b = list(self.names_a) if names_b is None else [str(n) for n in names_b]
@@ -98,11 +89,8 @@ class LayerSimilarity(Metric):
             raise RepSimValueError("LayerSimilarity needs at least one layer name on each side.")
         if mode not in ("exact", "minibatch"):
             raise RepSimValueError(f"mode must be 'exact' or 'minibatch'; got {mode!r}.")
-        measure_options = dict(measure_options or {})
-        unknown = sorted(set(measure_options) - set(measures))
-        if unknown:
-            raise RepSimValueError(f"measure_options names {unknown}, which are not among measures {list(measures)}.")
-        self.options = {m: resolve_options(m, measure_options.get(m, {})) for m in measures}
+        self.options = resolve_measures(measures, measure_options)
+        measures = tuple(self.options)
         if mode == "minibatch" and set(measures) - {"linear_cka"}:
             raise RepSimValueError(
                 f"mode='minibatch' computes linear CKA with the Nguyen et al. (2021) estimator only; got measures "

@@ -81,11 +81,8 @@ from safetensors.torch import save as _safetensors_bytes
 
 import lightning_repsim
 from lightning_repsim.errors import RepSimError, RepSimValueError, RepSimWarning
-from lightning_repsim.functional.similarity_matrix import (
-    Representations,
-    resolve_options,
-    similarity_matrix,
-)
+from lightning_repsim.functional import Representations, similarity_matrix
+from lightning_repsim.functional._measures import resolve_measures
 
 if TYPE_CHECKING:
     from lightning_repsim.comparison import Comparison
@@ -1169,7 +1166,7 @@ def similarity_between(
     similarity of layer ``layers_a[i]`` of ``store_a`` at ``step_a`` with layer ``layers_b[j]`` of
     ``store_b`` at ``step_b`` (float64, CPU), computed over the same ``n`` probe examples, so the
     stores must share a probe hash. Both may be one store (two steps of one run). Centring is the
-    measure's own (see :mod:`lightning_repsim.functional.similarity_matrix`); the store keeps
+    measure's own (see :mod:`lightning_repsim.functional.matrix`); the store keeps
     tensors uncentred. A layer stored as a Gram factor (``kind="gram_factor"``, ``F Fᵀ = X Xᵀ``)
     gives every Gram-based measure and SVCCA the values its features would; PWCCA needs the
     neurons, so its cells are NaN wherever either layer is a Gram factor.
@@ -1221,18 +1218,8 @@ def similarity_between(
             f"has {store_b.probe_hash!r}; similarities are meaningful only on the same probe set, "
             "so compare stores of runs logged with the same probe (same examples, same order)"
         )
-    measures = [measures] if isinstance(measures, str) else list(dict.fromkeys(measures))
-    if not measures:
-        raise RepSimValueError(
-            "measures is empty: name at least one, e.g. measures=('linear_cka',)"
-        )
-    given = dict(measure_options or {})
-    stray = sorted(set(given) - set(measures))
-    if stray:
-        raise RepSimValueError(
-            f"measure_options names {stray}, which are not among measures {measures}"
-        )
-    options = {m: resolve_options(m, given.get(m, {})) for m in measures}
+    options = resolve_measures(measures, measure_options)
+    measures = list(options)
     entry_a, entry_b = _step_entry(store_a, step_a, "step_a"), _step_entry(store_b, step_b, "step_b")
     names_a = _select_layers(store_a, layers_a, "layers_a")
     names_b = _select_layers(store_b, layers_b, "layers_b")

@@ -33,7 +33,8 @@ from lightning_repsim import report
 from lightning_repsim.callbacks._background import Background
 from lightning_repsim.capture import LayerSelector, OutputSelector, Probe, _check_reduction, capture
 from lightning_repsim.errors import RepSimError, RepSimValueError, RepSimWarning
-from lightning_repsim.functional.similarity_matrix import Representations, gram_spec, resolve_options, similarity_matrix
+from lightning_repsim.functional import Representations, similarity_matrix
+from lightning_repsim.functional._measures import gram_spec, resolve_measures
 from lightning_repsim.store import DEFAULT_MAX_BYTES, SnapshotStore, _occupied, default_store_dir, similarity_to_final
 
 # jsonargparse (LightningCLI) tries a Union's members in order and str takes anything, so lists
@@ -189,16 +190,8 @@ class RepresentationSimilarity(Callback):
         output_selector: OutputSelector = None,
         forward: Optional[Callable[[nn.Module, torch.Tensor], Any]] = None,
     ) -> None:
-        if isinstance(measures, str):
-            measures = (measures,)
-        if not measures:
-            raise RepSimValueError("measures is empty: name at least one, e.g. measures=('linear_cka',).")
-        measure_options = dict(measure_options or {})
-        stray = sorted(set(measure_options) - set(measures))
-        if stray:
-            raise RepSimValueError(f"measure_options names {stray}, which are not among measures {list(measures)}.")
-        self.options = {m: resolve_options(m, measure_options.get(m, {})) for m in measures}
-        self.measures = tuple(measures)
+        self.options = resolve_measures(measures, measure_options)
+        self.measures = tuple(self.options)
         self._references = self._parse_references(reference)
         if any(r.kind == "final" for r in self._references) and not store:
             raise RepSimValueError("reference='final' is computed from the snapshot store; keep store=True.")

@@ -4,12 +4,19 @@ Every function takes 2-D tensors whose rows are examples and whose columns are n
 and y (n, q) must describe the same n examples in the same order. Results are float64 on the
 inputs' device: CPU work runs in float64, CUDA products in float32 with TF32 disabled and every
 reduction in float64.
+
+Modules: :mod:`~lightning_repsim.functional.cka`, :mod:`~lightning_repsim.functional.rv` and
+:mod:`~lightning_repsim.functional.cca` hold the single-pair measures, :mod:`~lightning_repsim.functional.gram`
+the Gram matrices and HSIC, :mod:`~lightning_repsim.functional.matrix` the all-pairs front
+:func:`similarity_matrix`; the Gram engine behind it (:class:`Representations`) is private.
 """
+from lightning_repsim.functional._engine import Representations
+from lightning_repsim.functional._measures import MEASURES
 from lightning_repsim.functional.cca import canonical_correlations, pwcca, svcca
 from lightning_repsim.functional.cka import cka, linear_cka, minibatch_cka, rbf_cka
 from lightning_repsim.functional.gram import center_gram, gram_linear, gram_rbf, hsic
+from lightning_repsim.functional.matrix import similarity_matrix
 from lightning_repsim.functional.rv import rv, rv2
-from lightning_repsim.functional.similarity_matrix import MEASURES, Representations, similarity_matrix
 
 __all__ = [
     "MEASURES",

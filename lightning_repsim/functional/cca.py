@@ -21,9 +21,6 @@ from lightning_repsim.functional._validation import (
     warn_degenerate,
 )
 
-CCA_MEASURES = ("svcca", "pwcca")
-
-
 @dataclass
 class _Basis:
     centred: torch.Tensor  # (n, p) float64

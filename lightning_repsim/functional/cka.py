@@ -8,14 +8,9 @@ import torch
 from lightning_repsim.errors import RepSimValueError, RepSimWarning
 from lightning_repsim.functional._validation import TensorLike, as_matrix, check_examples, warn_degenerate
 from lightning_repsim.functional.gram import hsic
-from lightning_repsim.functional.similarity_matrix import (
-    cosine,
-    degenerate_layers,
-    gram_spec,
-    hsic_matrices,
-    prepare_layers,
-    similarity_matrix,
-)
+from lightning_repsim.functional._engine import cosine, degenerate_layers, hsic_matrices, prepare_layers
+from lightning_repsim.functional._measures import gram_spec
+from lightning_repsim.functional.matrix import similarity_matrix
 
 
 def cka(gram_x: torch.Tensor, gram_y: torch.Tensor, debiased: bool = False) -> torch.Tensor:

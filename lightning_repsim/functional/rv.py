@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 
 from lightning_repsim.functional._validation import TensorLike
-from lightning_repsim.functional.similarity_matrix import similarity_matrix
+from lightning_repsim.functional.matrix import similarity_matrix
 
 
 def rv(x: TensorLike, y: TensorLike, center: bool = True) -> torch.Tensor:

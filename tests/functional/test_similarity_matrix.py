@@ -176,7 +176,7 @@ def test_representations_reused_across_measures_equal_fresh_calls(method):
 def test_representations_compute_each_gram_once(monkeypatch):
     import sys
 
-    engine = sys.modules["lightning_repsim.functional.similarity_matrix"]  # the function shadows the module
+    engine = sys.modules["lightning_repsim.functional._engine"]
     calls = []
     original = engine.self_product
     monkeypatch.setattr(engine, "self_product", lambda x, **kw: calls.append(x.shape) or original(x, **kw))
@@ -275,7 +275,7 @@ def test_accelerator_route_agrees_with_host_route(monkeypatch, measure, options,
     NaN layers included, so a GPU run exercises no code that never ran here."""
     import sys
 
-    engine = sys.modules["lightning_repsim.functional.similarity_matrix"]
+    engine = sys.modules["lightning_repsim.functional._engine"]
     xs = {f"x{i}": to_torch(a + 5.0) for i, a in enumerate(_layers(0))}
     xs["x1"] = xs["x1"].clone()
     xs["x1"][0, 0] = float("inf")
@@ -307,7 +307,7 @@ def test_float32_products_keep_far_offsets_and_extreme_scales(monkeypatch, kind,
     of the untouched layers, on both routes and without a warning."""
     import sys
 
-    engine = sys.modules["lightning_repsim.functional.similarity_matrix"]
+    engine = sys.modules["lightning_repsim.functional._engine"]
     monkeypatch.setattr(engine, "host_route", lambda device: host)
     layers = [to_torch(a) for a in _layers(0)]
     moved = [(m + value if kind == "offset" else m * value).to(dtype) for m in layers]

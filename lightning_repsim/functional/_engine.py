@@ -1,4 +1,4 @@
-"""Every pair of layers at once: the engine behind all Gram-based measures.
+"""The Gram engine: every pair of layers at once, for all Gram-based measures (private).
 
 Linear CKA, debiased CKA, RBF CKA, RV and RV2 are all the cosine similarity of two transformed
 Gram matrices, ``<T(K), T(L)>_F / (||T(K)||_F ||T(L)||_F)``:
@@ -22,94 +22,24 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable, Mapping, Optional, Union
+from typing import Callable, Optional, Union
 
 import numpy as np
 import torch
 
 from lightning_repsim.errors import RepSimValueError
-from lightning_repsim.functional import cca as _cca
+from lightning_repsim.functional._measures import GramSpec
 from lightning_repsim.functional._validation import (
     Layers,
-    check_examples,
     exact_float32,
-    self_product,
     finite_or_zero,
     gemm_dtype,
     is_negligible,
     named_layers,
     product_nt,
-    warn_degenerate,
+    self_product,
 )
-from lightning_repsim.functional.gram import center_gram, rbf_from_distances, squared_distances, numpy_median
-
-GRAM_MEASURES = ("linear_cka", "debiased_cka", "rbf_cka", "rv", "rv2")
-MEASURES = GRAM_MEASURES + _cca.CCA_MEASURES
-
-#: Options each measure accepts, with their defaults.
-MEASURE_OPTIONS: dict[str, dict[str, object]] = {
-    "linear_cka": {"debiased": False},
-    "debiased_cka": {},
-    "rbf_cka": {"sigma": 0.8, "debiased": False},
-    "rv": {"center": True},
-    "rv2": {"center": True},
-    "svcca": {"keep": 0.99},
-    "pwcca": {},
-}
-
-
-@dataclass(frozen=True)
-class GramSpec:
-    """How one Gram-based measure turns features into a transformed Gram matrix."""
-
-    measure: str
-    kernel: str  # "linear" | "rbf"
-    center_features: bool
-    transform: str  # "none" | "center" | "unbiased" | "zero_diag"
-    sigma: float = 0.8
-
-    @property
-    def min_examples(self) -> int:
-        return 4 if self.transform == "unbiased" else 2
-
-    def hsic_scale(self, n: int) -> float:
-        """Factor turning our inner products into the HSIC estimator's own normalisation."""
-        if self.transform == "unbiased":
-            return 1.0 / (n * (n - 3))
-        if self.transform == "center" or (self.kernel == "linear" and self.center_features):
-            return 1.0 / (n - 1) ** 2
-        return 1.0
-
-
-def resolve_options(measure: str, options: Mapping[str, object]) -> dict[str, object]:
-    """Validate a measure name and its options; return the options with defaults filled in."""
-    if measure not in MEASURE_OPTIONS:
-        raise RepSimValueError(f"unknown measure {measure!r}; choose one of {', '.join(MEASURES)}.")
-    allowed = MEASURE_OPTIONS[measure]
-    unknown = sorted(set(options) - set(allowed))
-    if unknown:
-        takes = ", ".join(allowed) if allowed else "no options"
-        raise RepSimValueError(f"{measure} takes {takes}; got unexpected option(s) {', '.join(unknown)}.")
-    return {**allowed, **options}
-
-
-def gram_spec(measure: str, **options: object) -> GramSpec:
-    """The :class:`GramSpec` of a Gram-based measure (``linear_cka`` with ``debiased=True`` included)."""
-    opts = resolve_options(measure, options)
-    if measure == "linear_cka":
-        return GramSpec("debiased_cka" if opts["debiased"] else "linear_cka", "linear", True,
-                        "unbiased" if opts["debiased"] else "none")
-    if measure == "debiased_cka":
-        return GramSpec(measure, "linear", True, "unbiased")
-    if measure == "rbf_cka":
-        sigma = float(opts["sigma"])  # type: ignore[arg-type]
-        if not sigma > 0:
-            raise RepSimValueError(f"rbf_cka needs sigma > 0; got sigma = {sigma}.")
-        # Distances ignore translation, so centring first only removes cancellation.
-        return GramSpec(measure, "rbf", True, "unbiased" if opts["debiased"] else "center", sigma)
-    if measure in ("rv", "rv2"):
-        return GramSpec(measure, "linear", bool(opts["center"]), "zero_diag" if measure == "rv2" else "none")
-    raise RepSimValueError(f"{measure} is not a Gram-based measure; use similarity_matrix for it.")
+from lightning_repsim.functional.gram import center_gram, numpy_median, rbf_from_distances, squared_distances
 
 
 @dataclass
@@ -455,6 +385,7 @@ class Representations:
 
     Example:
         >>> import torch
+        >>> from lightning_repsim.functional import Representations, similarity_matrix
         >>> g = torch.Generator().manual_seed(0)
         >>> x = torch.randn(64, 300, generator=g)
         >>> reference = Representations({"a": x, "b": torch.tanh(x)})
@@ -707,87 +638,22 @@ def cosine(cross: torch.Tensor, self_x: torch.Tensor, self_y: torch.Tensor, dead
     return result
 
 
-def similarity_matrix(
-    xs: Union[Layers, "Representations"], ys: Union[Layers, "Representations", None] = None,
-    measure: str = "linear_cka", *, method: str = "auto", warn: bool = True,
-    product_dtype: Union[torch.dtype, str, None] = None, **options: object,
-) -> torch.Tensor:
-    r"""Similarity of every layer in ``xs`` with every layer in ``ys``: a (len(xs), len(ys)) tensor.
+def gram_similarity(reps_x: Representations, reps_y: Optional[Representations], spec: GramSpec, n: int,
+                    device: torch.device, method: str = "auto",
+                    product_dtype: Union[torch.dtype, str, None] = None) -> tuple[torch.Tensor, dict[str, str]]:
+    """All pairs of a Gram-based measure: ``(matrix (Lx, Ly) float64, degenerate layers -> why)``.
 
-    Rows are examples in every representation, and all of them describe the same n examples in the
-    same order. ``ys=None`` compares ``xs`` with itself and computes one triangle only.
-
-    Args:
-        xs: a list of (n, p_i) tensors, a dict layer name -> tensor (names appear in warnings), or
-            :class:`Representations` to reuse its prepared statistics across calls.
-        ys: the same for the other side, or None.
-        measure: ``linear_cka``, ``debiased_cka``, ``rbf_cka``, ``rv``, ``rv2``, ``svcca`` or ``pwcca``.
-        method: ``auto`` (by flop count), ``features`` or ``gram``: the route for the Gram-based measures.
-            Both give the same numbers; the option exists for benchmarks and tests.
-        warn: issue the :class:`RepSimWarning` about degenerate layers (``False`` for callers that
-            report them themselves; the NaN cells are the same).
-        product_dtype: precision of the large products (Grams, ``Xᵀ Y``) of the Gram-based measures;
-            everything else, centring and every sum over products included, stays in float64.
-            ``None``: float64 on CPU, float32 with TF32 disabled on accelerators. ``torch.float32``
-            on CPU is about twice as fast and agrees with float64 to about 1e-7 (float32 peers:
-            1e-4); ``torch.float64`` on an accelerator buys the last digits. Layers are scaled by
-            powers of two into float32's safe range first. SVCCA and PWCCA (SVDs) ignore it.
-        **options: the measure's options (``debiased``, ``sigma``, ``center``, ``keep``).
-
-    Returns:
-        float64 tensor on the inputs' device; entry (i, j) equals the single-pair function on
-        ``(xs[i], ys[j])``. Degenerate layers give NaN rows/columns and one :class:`RepSimWarning`.
-
-    Raises:
-        RepSimValueError: unknown measure or option, inputs that are not 2-D, different numbers of
-            examples, too few examples, or inputs on different devices.
-
-    Example:
-        >>> import torch
-        >>> g = torch.Generator().manual_seed(0)
-        >>> x = torch.randn(100, 8, generator=g)
-        >>> layers = {"a": x, "b": 2 * x + 1, "c": torch.randn(100, 4, generator=g)}
-        >>> m = similarity_matrix(layers, measure="linear_cka")
-        >>> m.shape, round(float(m[0, 1]), 6)
-        (torch.Size([3, 3]), 1.0)
+    ``reps_y=None`` compares ``reps_x`` with itself (one triangle). Degenerate layers give NaN rows
+    and columns; the caller decides whether to warn.
     """
-    options = resolve_options(measure, options)
-    reps_x = xs if isinstance(xs, Representations) else Representations(xs, max_cache_bytes=0, name="xs")
-    symmetric = ys is None or ys is xs
-    reps_y = reps_x if symmetric else (
-        ys if isinstance(ys, Representations) else Representations(ys, max_cache_bytes=0, name="ys"))
-    names_x, mats_x, names_y, mats_y = reps_x.names, reps_x.matrices, reps_y.names, reps_y.matrices
-    devices = {m.device for m in mats_x + mats_y}
-    if len(devices) > 1:
-        raise RepSimValueError(f"all representations must be on one device; got {sorted(map(str, devices))}. "
-                               "Move them with .to(device) first.")
-    device = devices.pop()
-    gemm_dtype(device, product_dtype)  # validated for every measure, though only Gram products use it
-
-    if measure in _cca.CCA_MEASURES:
-        shapes = {name: m.shape for name, m in zip(names_x + names_y, mats_x + mats_y)}
-        n = check_examples(shapes, 2, measure)
-        result, problems = _cca.cca_matrix(names_x, mats_x, None if symmetric else (names_y, mats_y), n, measure,
-                                           **options)
-        if warn:
-            warn_degenerate(problems, measure)
-        return result
-
-    spec = gram_spec(measure, **options)
-    shapes = {name: m.shape for name, m in zip(names_x + names_y, mats_x + mats_y)}
-    n = check_examples(shapes, spec.min_examples, spec.measure.replace("_", " ") if spec.transform != "unbiased"
-                       else f"{spec.measure} (unbiased HSIC)")
     prepared_x = reps_x.prepared(spec, device, product_dtype)
-    prepared_y = None if symmetric else reps_y.prepared(spec, device, product_dtype)
+    prepared_y = None if reps_y is None else reps_y.prepared(spec, device, product_dtype)
     cross, self_x, self_y, problems = hsic_matrices(prepared_x, prepared_y, spec, n, method)
-    other = prepared_x if prepared_y is None else prepared_y
     scale = spec.hsic_scale(n)
-    dead_x = degenerate_layers(names_x, self_x, _energy_scale(prepared_x, spec, n) * scale, spec, problems)
-    dead_y = dead_x if symmetric else degenerate_layers(names_y, self_y, _energy_scale(other, spec, n) * scale, spec,
-                                                        problems)
-    if warn:
-        warn_degenerate(problems, spec.measure)
-    return cosine(cross, self_x, self_y, dead_x, dead_y)
+    dead_x = degenerate_layers(prepared_x.names, self_x, _energy_scale(prepared_x, spec, n) * scale, spec, problems)
+    dead_y = dead_x if prepared_y is None else degenerate_layers(
+        prepared_y.names, self_y, _energy_scale(prepared_y, spec, n) * scale, spec, problems)
+    return cosine(cross, self_x, self_y, dead_x, dead_y), problems
 
 
 def _energy_scale(layers: PreparedLayers, spec: GramSpec, n: int) -> torch.Tensor:
