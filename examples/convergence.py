@@ -6,7 +6,7 @@ validation images every ``--every`` optimizer steps (about 4 per epoch), and at 
 every snapshot is compared with the last one. The callback writes the layer x step
 convergence map, the curves and a CSV to ``<log_dir>/repsim/figures/final/``. This script reads the
 CSV back, finds for each layer the step from which its similarity to the final snapshot stays at or
-above ``--threshold`` (0.95) of its final value (library: ``report.convergence_steps``), and asks
+above ``--threshold`` (0.95) of its final value (library: ``analysis.convergence_steps``), and asks
 whether that step grows with depth (Spearman rank correlation between depth and convergence step).
 
 Raghu et al. (2017, Fig. 4) saw lower layers converge first on CIFAR-10 ("bottom-up"), the
@@ -44,7 +44,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from digits import DigitsCNN, digits_dataloaders  # noqa: E402
 
 from lightning_repsim import RepresentationSimilarity  # noqa: E402
-from lightning_repsim.report import convergence_steps  # noqa: E402
+from lightning_repsim.analysis import convergence_steps  # noqa: E402
 
 
 class PlainCNN(DigitsCNN):

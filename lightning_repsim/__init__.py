@@ -14,8 +14,8 @@ from lightning_repsim.errors import RepSimError, RepSimValueError, RepSimWarning
 _LAZY = {
     "FreezeTraining": "lightning_repsim.callbacks.freeze",
     "RepresentationSimilarity": "lightning_repsim.callbacks.similarity",
-    "Comparison": "lightning_repsim.comparison",
-    "compare": "lightning_repsim.comparison",
+    "Comparison": "lightning_repsim.analysis",
+    "compare": "lightning_repsim.analysis",
     "LayerSimilarity": "lightning_repsim.metrics",
 }
 

@@ -271,12 +271,51 @@ def _module_type(path: str) -> type | None:
     return None
 
 
+def name_matches(name: str, pattern: str) -> bool:
+    """Whether a layer name matches ``pattern``: the same name, or an :mod:`fnmatch` glob (a pattern
+    with ``*``, ``?`` or ``[``; ``*`` also crosses dots) matching a non-empty name.
+
+    The one rule by which every selector of lightning_repsim matches names: layers, references'
+    layers, per-layer layouts, freeze units and the layers of a snapshot store.
+
+    Example:
+        >>> name_matches("features.0", "features.*"), name_matches("features.0", "features"), name_matches("", "*")
+        (True, False, False)
+    """
+    if name == pattern:
+        return True
+    return name != "" and any(c in pattern for c in "*?[") and fnmatch.fnmatchcase(name, pattern)
+
+
+def select_names(names: Sequence[str], selector: str | Sequence[str] | None, what: str, where: str) -> list[str]:
+    """The names matching ``selector`` (a name, a glob, or a non-empty list of them; ``None``: all), in
+    the order of ``names``. ``what`` names the argument and ``where`` the names' owner in errors.
+
+    Example:
+        >>> select_names(["conv", "block.0", "block.1", "fc"], ["fc", "block.*"], "layers", "the model")
+        ['block.0', 'block.1', 'fc']
+    """
+    if selector is None:
+        return list(names)
+    patterns = [selector] if isinstance(selector, str) else list(selector)
+    if not patterns or not all(isinstance(p, str) and p for p in patterns):
+        raise RepSimValueError(
+            f"{what} must be a layer name, a glob such as 'block.*', or a non-empty list of them "
+            f"(None: every layer), got {selector!r}"
+        )
+    keep: set[str] = set()
+    for pattern in patterns:
+        hits = {name for name in names if name_matches(name, pattern)}
+        if not hits:
+            raise RepSimValueError(f"{what}: {pattern!r} matches no layer of {where}; its layers are {list(names)}")
+        keep |= hits
+    return [name for name in names if name in keep]
+
+
 def _matches(name: str, module: nn.Module, selector: str | type) -> bool:
     if isinstance(selector, type):
         return isinstance(module, selector)
-    if any(c in selector for c in "*?["):
-        return name != "" and fnmatch.fnmatchcase(name, selector)
-    return name == selector
+    return name_matches(name, selector)
 
 
 def select_layers(model: nn.Module, order: list[str], layers: LayerSelector = None) -> list[str]:
@@ -902,7 +941,7 @@ def capture(
 
     def layout_of(name: str) -> str:
         for pattern, value in layouts.items():
-            if name == pattern or fnmatch.fnmatchcase(name, pattern):
+            if pattern == "*" or name_matches(name, pattern):
                 return value
         return "auto"
 

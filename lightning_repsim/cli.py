@@ -67,8 +67,8 @@ import lightning_repsim
 from lightning_repsim import report
 from lightning_repsim.errors import RepSimError, RepSimWarning
 from lightning_repsim.functional._measures import MEASURES, resolve_measures, resolve_options
-from lightning_repsim.store import (MANIFEST_NAME, SnapshotStore, open_store, run_store_dirs, similarity_between,
-                                   similarity_to_final)
+from lightning_repsim.analysis import similarity_between, similarity_to_final, write_convergence_report
+from lightning_repsim.store import MANIFEST_NAME, SnapshotStore, open_store, run_store_dirs
 
 __all__ = ["main"]
 
@@ -435,25 +435,13 @@ def cmd_report(args: argparse.Namespace) -> int:
     written: list[Path] = []
     print(f"{run.name}: {len(layers)} layers, {len(steps)} snapshots (steps {steps[0]} to {steps[-1]}), "
           f"probe n = {store.n}")
-    for measure, table in values.items():
-        data = table.numpy()
-        converged = report.convergence_steps(data, steps, args.threshold)
-        written.append(report.write_matrix_csv(out / f"{measure}__final.csv", data, layers, steps, corner="layer"))
-        written.append(report.save_png(report.convergence_map_figure(
-            data, layers, steps, measure=measure, threshold=args.threshold, title=run.name),
-            out / f"{measure}__convergence_map.png"))
-        curves = report.curves_figure(data, layers, steps, measure=measure, threshold=args.threshold,
-                                      title=run.name)
-        for step in freeze_steps:  # freeze events against convergence
-            curves.axes[0].axvline(step, color="tab:red", linestyle=":", linewidth=0.9, alpha=0.7)
-        written.append(report.save_png(curves, out / f"{measure}__curves.png"))
-        text = report.summary_table(layers, converged, final_values=list(data[:, 0]), fmt="text",
-                                    final_header=f"at step {steps[0]}")
-        written.append(out / f"{measure}__convergence.txt")
-        written[-1].write_text(text + "\n", encoding="utf-8")
+    reports = write_convergence_report({m: v.numpy() for m, v in values.items()}, layers, steps, out,
+                                       threshold=args.threshold, title=run.name, freeze_steps=freeze_steps)
+    for measure, result in reports.items():
+        written += result.files
         label = report.MEASURE_LABELS.get(measure, measure)
         print(f"\n{label} to the final snapshot (step {steps[-1]}): the step from which each layer stays at "
-              f">= {args.threshold:g} x its final value\n{text}")
+              f">= {args.threshold:g} x its final value\n{result.table}")
 
     print()
     if freeze.events or freeze.fraction:

@@ -393,3 +393,16 @@ def test_end_to_end_two_seeds(tmp_path, capsys):
         rows = read_csv(out / f"{measure}.csv")
         assert [r[0] for r in rows[1:]] == rows[0][1:] == store_a.layers
         assert_csv_matrix(out / f"{measure}.csv", similarity_matrix(store_a.get("last"), store_b.get("last"), measure))
+
+
+def test_report_writes_the_callbacks_convergence_table_byte_for_byte(tmp_path):
+    """The callback (at the end of fit) and `lightning-repsim report` (afterwards) write the convergence
+    report through one writer: from the same store, the same tables and values, byte for byte."""
+    probe = torch.randn(40, 6, generator=torch.Generator().manual_seed(7))
+    run = train_run(tmp_path, 0, probe)
+    out = tmp_path / "report"
+    assert main(["report", str(run), "--out", str(out), "-q"]) == 0
+    by_callback = run / "repsim" / "figures" / "final"
+    for measure in ("linear_cka", "rv2"):  # the callback's default measures, recorded in the store
+        for name in (f"{measure}__convergence.txt", f"{measure}__final.csv"):
+            assert (out / name).read_bytes() == (by_callback / name).read_bytes(), name

@@ -21,6 +21,7 @@ from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch.utils.tensorboard import SummaryWriter
 
+from lightning_repsim.analysis import convergence_steps
 from lightning_repsim.errors import RepSimValueError, RepSimWarning
 from lightning_repsim.report import (
     MEASURE_LABELS,
@@ -28,7 +29,6 @@ from lightning_repsim.report import (
     NAN_COLOR,
     TensorBoardReporter,
     convergence_map_figure,
-    convergence_steps,
     curves_figure,
     figure_to_array,
     heatmap_figure,
@@ -291,7 +291,8 @@ def _staircase(n_layers=4, n_steps=6):
 def test_convergence_map_axes_colour_range_and_markers():
     steps = [0, 10, 20, 40, 80, 160]
     names = ["conv1", "conv2", "conv3", "fc"]
-    fig = convergence_map_figure(_staircase(), names, steps, measure="rv2", threshold=0.9)
+    converged = convergence_steps(_staircase(), steps, 0.9)  # the analysis computes, the figure draws
+    fig = convergence_map_figure(_staircase(), names, steps, measure="rv2", converged=converged, threshold=0.9)
     ax = fig.axes[0]
     assert _ticks(ax.get_yticklabels()) == names
     xt = _ticks(ax.get_xticklabels())
@@ -354,60 +355,6 @@ def test_curves_many_layers_use_depth_colourbar_and_log_steps():
                          ).axes[0].get_xscale() == "log"
     with pytest.raises(RepSimValueError, match="xscale"):
         curves_figure(np.ones((2, 3)), ["a", "b"], [1, 2, 3], measure="rv", xscale="sqrt")
-
-
-# --------------------------------------------------------------------------- convergence_steps
-
-
-def test_convergence_steps_monotone():
-    values = [[0.1, 0.5, 0.96, 0.99, 1.0], [0.1, 0.2, 0.3, 0.94, 1.0]]
-    assert convergence_steps(values, [0, 10, 20, 30, 40], 0.95) == [20, 40]
-    assert convergence_steps(values, [0, 10, 20, 30, 40], 0.9) == [20, 30]
-    assert convergence_steps(values, [0, 10, 20, 30, 40], 0.05) == [0, 0]
-    assert convergence_steps(values, [0, 10, 20, 30, 40], 0.95, sustained=False) == [20, 40]
-
-
-def test_convergence_steps_non_monotone_sustained_versus_first_reach():
-    values = [[0.2, 0.97, 0.5, 0.98, 0.99, 1.0]]
-    steps = [0, 1, 2, 3, 4, 5]
-    assert convergence_steps(values, steps) == [3]
-    assert convergence_steps(values, steps, sustained=False) == [1]
-
-
-def test_convergence_steps_is_relative_to_the_final_value():
-    # final 0.5 -> level 0.45; the value 0.46 at step 20 counts
-    assert convergence_steps([[0.1, 0.3, 0.46, 0.5]], [0, 10, 20, 30], 0.9) == [20]
-    # exactly at the level counts
-    assert convergence_steps([[0.0, 0.45, 0.5]], [0, 1, 2], 0.9) == [1]
-
-
-def test_convergence_steps_never_reaching_gives_none():
-    values = np.array([
-        [0.2, 0.9, np.nan],      # final NaN
-        [0.2, 0.9, 0.0],         # final 0: no relative level
-        [0.2, 0.9, -0.05],       # final negative (debiased CKA)
-        [0.99, np.nan, 1.0],     # NaN in the middle blocks the earlier step
-    ])
-    assert convergence_steps(values, [0, 1, 2]) == [None, None, None, 2]
-    assert convergence_steps(values, [0, 1, 2], sustained=False) == [None, None, None, 0]
-
-
-def test_convergence_steps_accepts_tensors():
-    t = torch.tensor([[0.1, 1.0], [1.0, 1.0]], dtype=torch.float32)
-    assert convergence_steps(t, torch.tensor([5, 7])) == [7, 5]
-
-
-@pytest.mark.parametrize("threshold", [0.0, -0.5, 1.01, float("nan"), "0.9"])
-def test_convergence_steps_bad_threshold(threshold):
-    with pytest.raises(RepSimValueError, match="threshold"):
-        convergence_steps([[1.0]], [0], threshold)
-
-
-def test_convergence_steps_shape_errors():
-    with pytest.raises(RepSimValueError, match="2 dimension"):
-        convergence_steps([1.0, 1.0], [0, 1])
-    with pytest.raises(RepSimValueError, match="strictly increasing"):
-        convergence_steps([[1.0, 1.0]], [1, 0])
 
 
 # --------------------------------------------------------------------------- summary table
@@ -619,27 +566,6 @@ def test_tensorboard_heatmap_scalars_and_text(tmp_path):
     assert text[0].tensor_proto.string_val[0].decode() == "| a | b |\n|--|--|\n| 1 | 2 |"
 
 
-def test_tensorboard_convergence(tmp_path):
-    names = ["conv1", "conv2", "conv3", "fc"]
-    steps = [0, 10, 20, 40, 80, 160]
-    with SummaryWriter(str(tmp_path)) as writer:
-        conv = TensorBoardReporter(writer).log_convergence(
-            "repsim/linear_cka/final", _staircase(), names, steps, measure="linear_cka",
-            threshold=0.9)
-    assert conv == [10, 20, 40, 80]
-    acc = _accumulate(tmp_path)
-    assert sorted(acc.Tags()["images"]) == ["repsim/linear_cka/final/convergence_map",
-                                           "repsim/linear_cka/final/curves"]
-    for tag in acc.Tags()["images"]:
-        (event,) = acc.Images(tag)
-        assert event.step == 160 and event.width > 300 and event.height > 200
-    (text,) = acc.Tensors("repsim/linear_cka/final/convergence_summary/text_summary")
-    markdown = text.tensor_proto.string_val[0].decode()
-    assert "0.9 \u00d7 its final value" in markdown
-    assert "| 0 | `conv1` | 10 | 1.0000 |" in markdown
-    assert "| 3 | `fc` | 80 | 1.0000 |" in markdown
-
-
 def test_reporter_unwraps_a_logger_and_rejects_others(tmp_path):
     class Logger:  # what TensorBoardLogger looks like to the reporter
         def __init__(self):
@@ -693,25 +619,6 @@ def test_save_image_png_round_trips(tmp_path):
     image = (np.arange(4 * 5 * 3) % 256).astype(np.uint8).reshape(4, 5, 3)
     path = save_image_png(image, tmp_path / "deep" / "x.png")
     np.testing.assert_array_equal((imread(path)[..., :3] * 255).round().astype(np.uint8), image)
-
-
-def test_log_convergence_saves_the_same_images_as_pngs(tmp_path):
-    from matplotlib.image import imread
-
-    values = np.array([[0.5, 0.96, 1.0], [0.2, 0.6, 1.0]])
-    with SummaryWriter(str(tmp_path / "tb")) as writer:
-        conv = TensorBoardReporter(writer).log_convergence("repsim/rv2/final", values, ["a", "b"], [0, 5, 9],
-                                                           measure="rv2", png_dir=tmp_path / "png", png_stem="rv2__")
-    assert conv == [5, 9]
-    acc = EventAccumulator(str(tmp_path / "tb"), size_guidance={"images": 0})
-    acc.Reload()
-    for kind in ("convergence_map", "curves"):
-        logged = np.array(Image.open(io.BytesIO(acc.Images(f"repsim/rv2/final/{kind}")[0].encoded_image_string)))
-        saved = (imread(tmp_path / "png" / f"rv2__{kind}.png")[..., :3] * 255).round().astype(np.uint8)
-        np.testing.assert_array_equal(saved, logged[..., :3])
-
-
-# --------------------------------------------------------------------------- encode once: PNG bytes
 
 
 def _decode(png):
@@ -833,17 +740,6 @@ def test_log_png_matches_add_image_and_falls_back_to_it_for_other_writers(tmp_pa
         TensorBoardReporter(duck).log_png("x", b"not a png", 1)
 
 
-def test_log_convergence_logs_and_saves_the_same_png_bytes(tmp_path):
-    with SummaryWriter(str(tmp_path / "tb")) as writer:
-        TensorBoardReporter(writer).log_convergence("repsim/rv/final", _staircase(), _names(4),
-                                                    [0, 10, 20, 40, 80, 160], measure="rv",
-                                                    png_dir=tmp_path / "png")
-    acc = _accumulate(tmp_path / "tb")
-    for kind in ("convergence_map", "curves"):
-        (event,) = acc.Images(f"repsim/rv/final/{kind}")
-        assert (tmp_path / "png" / f"{kind}.png").read_bytes() == event.encoded_image_string
-
-
 def test_save_png_at_the_figure_dpi_is_the_rendered_figure(tmp_path):
     def make():
         return curves_figure(_staircase(), _names(4), [0, 10, 20, 40, 80, 160], measure="rv")
@@ -885,6 +781,7 @@ def _layout_cases():
     rng = np.random.default_rng(0)
     long = [f"model.encoder.layers.{i}.self_attention.out_proj" for i in range(20)]
     steps40 = [0] + [int(1.3 ** k) for k in range(5, 44)]
+    map_values = rng.uniform(0, 1, (20, 40))
     return {
         "heatmap 1x1": lambda: heatmap_figure(np.ones((1, 1)), ["a"], ["b"], measure="rv"),
         "heatmap titles, rv2": lambda: heatmap_figure(
@@ -893,7 +790,8 @@ def _layout_cases():
         "heatmap long labels, NaN": lambda: heatmap_figure(
             np.where(np.eye(20) > 0, np.nan, 0.5), long, long, measure="debiased_cka", title="t"),
         "map 20x40 titled": lambda: convergence_map_figure(
-            rng.uniform(0, 1, (20, 40)), long, steps40, measure="rv2", threshold=0.9, title="title"),
+            map_values, long, steps40, measure="rv2", threshold=0.9, title="title",
+            converged=convergence_steps(map_values, steps40, 0.9)),
         "map 3x2": lambda: convergence_map_figure(rng.uniform(0, 1, (3, 2)), list("abc"), [0, 10],
                                                   measure="rv"),
         "curves 20 layers, log": lambda: curves_figure(
@@ -941,13 +839,14 @@ def test_layout_adapts_to_changes_made_after_the_figure_is_built():
 
 
 def test_event_checksums_computed_in_c_are_tensorboards(tmp_path, monkeypatch):
-    """The C checksum gives tensorboard's own values, is installed by the reporter, and the event
-    file it frames reads back through tensorboard's reader, which verifies every record's CRC."""
+    """The C checksum gives tensorboard's own values, is installed when the user opts in (never by the
+    reporter), and the event file it frames reads back through tensorboard's reader, which verifies
+    every record's CRC."""
     from tensorboard.compat.tensorflow_stub.pywrap_tensorflow import masked_crc32c as python_crc
     from tensorboard.compat.tensorflow_stub.pywrap_tensorflow import PyRecordReader_New
     from tensorboard.summary.writer import record_writer
 
-    from lightning_repsim import report
+    from lightning_repsim.report import tensorboard as report
 
     monkeypatch.setattr(record_writer, "masked_crc32c", python_crc)  # restored after the test
     rng = np.random.default_rng(0)
@@ -955,6 +854,9 @@ def test_event_checksums_computed_in_c_are_tensorboards(tmp_path, monkeypatch):
         data = rng.integers(0, 256, size, dtype=np.uint8).tobytes()
         assert report._masked_crc32c_c(data) == python_crc(data), size
     with SummaryWriter(str(tmp_path)) as writer:
+        TensorBoardReporter(writer)
+        assert record_writer.masked_crc32c is python_crc  # the reporter never changes it by itself
+        assert report.accelerate_event_checksums() is True  # the user opts in
         TensorBoardReporter(writer).log_png("repsim/x/heatmap", report.encode_png(np.zeros((5, 7, 3), np.uint8)), 3)
     assert record_writer.masked_crc32c is report._masked_crc32c_c
     (events,) = tmp_path.glob("events.out.tfevents.*")
@@ -975,7 +877,7 @@ def test_event_checksums_stay_in_python_without_the_c_extension(monkeypatch):
     from tensorboard.compat.tensorflow_stub.pywrap_tensorflow import masked_crc32c as python_crc
     from tensorboard.summary.writer import record_writer
 
-    from lightning_repsim import report
+    from lightning_repsim.report import tensorboard as report
 
     monkeypatch.setattr(record_writer, "masked_crc32c", python_crc)
     monkeypatch.setattr(google_crc32c, "implementation", "python")

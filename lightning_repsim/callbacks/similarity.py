@@ -35,7 +35,9 @@ from lightning_repsim.capture import LayerSelector, OutputSelector, Probe, _chec
 from lightning_repsim.errors import RepSimError, RepSimValueError, RepSimWarning
 from lightning_repsim.functional import Representations, similarity_matrix
 from lightning_repsim.functional._measures import gram_spec, resolve_measures
-from lightning_repsim.store import DEFAULT_MAX_BYTES, SnapshotStore, _occupied, default_store_dir, similarity_to_final
+from lightning_repsim.analysis import similarity_to_final, write_convergence_report
+from lightning_repsim.store import DEFAULT_MAX_BYTES, SnapshotStore, default_store_dir
+from lightning_repsim.store.format import occupied
 
 # jsonargparse (LightningCLI) tries a Union's members in order and str takes anything, so lists
 # and modules (YAML: class_path / init_args) come before str.
@@ -606,7 +608,7 @@ class RepresentationSimilarity(Callback):
                 # run is archived read-only: this fit keeps its own outputs beside its events, starting from
                 # copies of the recorded ones up to the checkpoint, which stay as they are.
                 self._seed_from = holders[0]
-        index = next(i for i in itertools.count() if not _occupied(default_store_dir(run_dir, i)))
+        index = next(i for i in itertools.count() if not occupied(default_store_dir(run_dir, i)))
         self._output_dir = default_store_dir(run_dir, index)
         if self._seed_from is not None:
             elsewhere = self._seed_from.parent.resolve() != run_dir.resolve()
@@ -780,30 +782,17 @@ class RepresentationSimilarity(Callback):
             values = similarity_to_final(self._store, self.options, progress=lambda layers: tqdm(
                 layers, desc="repsim: similarity to the final snapshot", leave=False,
                 disable=trainer.progress_bar_callback is None or len(steps) * len(layers) < 200))
-        folder = self._output_dir / "figures" / "final"
-        folder.mkdir(parents=True, exist_ok=True)
-        for measure, table in values.items():
-            data = table.numpy()
-            prefix = f"repsim/{measure}/final"
-            if self._tensorboard is not None:
+        if self._tensorboard is not None:
+            for measure, table in values.items():
                 for t, step in enumerate(steps):
-                    self._tensorboard.log_layer_scalars(prefix, dict(zip(self._layer_names, data[:, t])), step)
-                converged = self._tensorboard.log_convergence(prefix, data, self._layer_names, steps,
-                                                              measure=measure, threshold=self.threshold,
-                                                              png_dir=folder, png_stem=f"{measure}__")
-            else:
-                converged = report.convergence_steps(data, steps, self.threshold)
-                report.save_png(report.convergence_map_figure(data, self._layer_names, steps, measure=measure,
-                                                              threshold=self.threshold),
-                                folder / f"{measure}__convergence_map.png")
-                report.save_png(report.curves_figure(data, self._layer_names, steps, measure=measure,
-                                                     threshold=self.threshold), folder / f"{measure}__curves.png")
-            report.write_matrix_csv(folder / f"{measure}__final.csv", data, self._layer_names, steps, corner="layer")
-            table_text = report.summary_table(self._layer_names, converged, final_values=list(data[:, -1]),
-                                              fmt="text")
-            (folder / f"{measure}__convergence.txt").write_text(table_text + "\n")
+                    self._tensorboard.log_layer_scalars(f"repsim/{measure}/final",
+                                                        dict(zip(self._layer_names, table[:, t].tolist())), step)
+        reports = write_convergence_report({m: v.numpy() for m, v in values.items()}, self._layer_names, steps,
+                                           self._output_dir / "figures" / "final", threshold=self.threshold,
+                                           tensorboard=self._tensorboard)
+        for measure, written in reports.items():
             rank_zero_info(f"{measure}: step at which each layer reaches {self.threshold:.0%} of its similarity to "
-                           f"the final snapshot\n{table_text}")
+                           f"the final snapshot\n{written.table}")
 
 
 _STEP_FOLDER = "step-{:08d}"  # figures of one logging point, under <output dir>/figures

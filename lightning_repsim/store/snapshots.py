@@ -6,24 +6,10 @@ layer's reduced features or a Gram factor ``F`` with ``F @ F.T == X @ X.T`` (the
 and records the layer's ``kind``, e.g. ``"features"`` or ``"gram_factor"``). Nothing is centred
 here: tensors are stored exactly as given (cast to float32), and similarity measures centre
 them later. The store keeps them so that any two steps, or two runs, can be compared later
-without re-running a model (:func:`similarity_between`).
+without re-running a model (:func:`lightning_repsim.analysis.similarity_between`).
 
-Format (``format_version`` 1), one directory (by convention :func:`default_store_dir`)::
-
-    repsim/
-      manifest.json                      the index; the only file that says what is stored
-      step-0000000000.safetensors        one file per kept step
-      step-0000000500.safetensors
-
-``manifest.json`` holds ``format`` (``"lightning_repsim.store"``), ``format_version``,
-``library_version``, ``probe_hash``, ``n``, ``dtype`` (``"float32"``), ``layers`` (in capture
-order), ``kinds`` (layer -> kind), ``settings`` (free-form JSON from the caller),
-``max_bytes``, ``steps`` (a list of ``{"step", "file", "nbytes"}``, ascending), ``thinned``
-(``{"rule", "stride", "dropped_steps"}``) and ``lost_steps`` (steps found damaged when the store
-was reopened for appending). Each step file is a safetensors file whose tensor names are the
-layer names, each an ``(n, r)`` float32 tensor, with metadata ``format``, ``format_version``,
-``step`` and ``probe_hash``. Nothing is ever pickled, so opening someone else's run reads
-data and never executes code.
+The on-disk format is :mod:`lightning_repsim.store.format`; nothing is ever pickled, so opening someone
+else's run reads data and never executes code.
 
 Crash safety: every file is written to a temporary file in the same directory (a hidden name
 ending in ``.tmp``), flushed, ``os.fsync``-ed and moved into place with ``os.replace``; the
@@ -47,126 +33,44 @@ Example:
     ...     print(reader.steps, reader.layers, reader.kinds["fc"], reader.get("last", "fc").shape)
     [0, 50] ['conv1', 'fc'] features torch.Size([4, 2])
 """
-
 from __future__ import annotations
 
 import contextlib
-import fnmatch
 import json
 import operator
 import os
-import re
-import secrets
 import shutil
 import warnings
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import (
-    TYPE_CHECKING,
-    Any,
-    Callable,
-    Dict,
-    Iterable,
-    Iterator,
-    List,
-    Mapping,
-    Optional,
-    Sequence,
-    Tuple,
-    Union,
-)
+from typing import Any, Optional, Union
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import save as _safetensors_bytes
 
 import lightning_repsim
+from lightning_repsim._io import TMP_SUFFIX, PathLike, atomic_write
 from lightning_repsim.errors import RepSimError, RepSimValueError, RepSimWarning
-from lightning_repsim.functional import Representations, similarity_matrix
-from lightning_repsim.functional._measures import resolve_measures
-
-if TYPE_CHECKING:
-    from lightning_repsim.comparison import Comparison
-
-__all__ = [
-    "DEFAULT_MAX_BYTES",
-    "FORMAT_NAME",
-    "FORMAT_VERSION",
-    "MANIFEST_NAME",
-    "SnapshotStore",
-    "default_store_dir",
-    "open_store",
-    "run_store_dirs",
-    "similarity_between",
-]
-
-FORMAT_NAME = "lightning_repsim.store"
-FORMAT_VERSION = 1
-MANIFEST_NAME = "manifest.json"
-
-#: Default disk budget of a store: 1 GB (10**9 bytes), counting the step files (the manifest,
-#: a few kB, is not counted). It holds 20 layers x n=1024 examples x 30 snapshots at r <= 400
-#: float32 columns: 20 * 1024 * 400 * 4 B = 32,768,000 B per snapshot (+ ~2 kB safetensors
-#: header), x 30 = 983,040,000 B (+ ~60 kB) < 1,000,000,000 B.
-DEFAULT_MAX_BYTES = 1_000_000_000
-
-_THINNING_RULE = (
-    "keep the first snapshot, the newest, and every stride-th snapshot in logging order; "
-    "the stride doubles each time the budget is exceeded"
+from lightning_repsim.store.format import (
+    DEFAULT_MAX_BYTES,
+    FORMAT_NAME,
+    FORMAT_VERSION,
+    MANIFEST_NAME,
+    STEP_FILE_RE,
+    THINNING_RULE,
+    as_step,
+    encode_snapshot,
+    occupied,
+    one_line,
+    read_manifest,
+    read_step_file,
+    step_file_name,
+    write_manifest,
 )
-_STEP_FILE_RE = re.compile(r"^step-(\d+)\.safetensors$")
-_STORE_DIR_RE = re.compile(r"^repsim(?:-([1-9]\d*))?$")
-_TMP_SUFFIX = ".tmp"
-_STEPS_SHOWN = 20
 
-PathLike = Union[str, "os.PathLike[str]"]
+__all__ = ["SnapshotStore", "StepLike", "open_store"]
+
 StepLike = Union[int, str]
-
-
-def default_store_dir(log_dir: PathLike, index: int = 0) -> Path:
-    """Where a run's snapshot store lives: ``<log_dir>/repsim``.
-
-    The store sits inside the logger's run directory (e.g. ``lightning_logs/version_3``) so
-    that a run and its snapshots travel together when the directory is copied or shared. A
-    later fit into a run directory that already holds a store (a fixed logger version, a
-    re-run notebook cell) gets its own sibling, ``repsim-1``, ``repsim-2``, ... (``index``), so
-    that no fit overwrites or mixes with another's snapshots.
-
-    Args:
-        log_dir: the logger's run directory (``trainer.log_dir``).
-        index: 0 for the run directory's first store, k for the k-th further one.
-
-    Returns:
-        ``Path(log_dir) / "repsim"``, or ``Path(log_dir) / f"repsim-{index}"`` for ``index >= 1``.
-
-    Example:
-        >>> default_store_dir("lightning_logs/version_3").as_posix()
-        'lightning_logs/version_3/repsim'
-        >>> default_store_dir("lightning_logs/version_3", 2).as_posix()
-        'lightning_logs/version_3/repsim-2'
-    """
-    index = _as_step(index, "index", "an int")
-    return Path(log_dir) / ("repsim" if index == 0 else f"repsim-{index}")
-
-
-def run_store_dirs(log_dir: PathLike) -> List[Path]:
-    """The stores directly inside a run directory: ``repsim``, ``repsim-1``, ... holding a manifest.
-
-    Ordered by index, i.e. by the fit that made them (:func:`default_store_dir`).
-
-    Example:
-        >>> import tempfile
-        >>> with tempfile.TemporaryDirectory() as tmp:
-        ...     for index in (0, 2):
-        ...         _ = SnapshotStore.create(default_store_dir(tmp, index), probe_hash="3f2a", n=4)
-        ...     print([p.name for p in run_store_dirs(tmp)])
-        ['repsim', 'repsim-2']
-    """
-    found = []
-    for child in Path(log_dir).glob("repsim*"):
-        match = _STORE_DIR_RE.match(child.name)
-        if match and (child / MANIFEST_NAME).is_file():
-            found.append((int(match.group(1) or 0), child))
-    return [path for _, path in sorted(found)]
+_STEPS_SHOWN = 20
 
 
 def open_store(path: PathLike, *, probe_hash: Optional[str] = None) -> "SnapshotStore":
@@ -183,49 +87,6 @@ def open_store(path: PathLike, *, probe_hash: Optional[str] = None) -> "Snapshot
     return SnapshotStore.open(path, mode="r", probe_hash=probe_hash)
 
 
-def _step_file_name(step: int) -> str:
-    return f"step-{step:010d}.safetensors"
-
-
-def _fsync_dir(directory: Path) -> None:
-    """Persist a rename (POSIX); a no-op where directories cannot be opened (Windows)."""
-    if os.name == "nt":
-        return
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` so that readers see the old file or the whole new one.
-
-    Temporary file in the same directory (so ``os.replace`` is a rename on one file system),
-    flush, ``os.fsync``, ``os.replace``, then fsync the directory so the rename survives a
-    power loss. On an exception the temporary file is removed; after a kill it stays and is
-    ignored by readers and removed by the next writer.
-    """
-    tmp = path.parent / f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}{_TMP_SUFFIX}"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    _fsync_dir(path.parent)
-
-
-def _one_line(err: BaseException) -> str:
-    return " ".join(str(err).split())
-
 
 def _show_steps(steps: Sequence[int]) -> str:
     if len(steps) <= _STEPS_SHOWN:
@@ -236,32 +97,11 @@ def _show_steps(steps: Sequence[int]) -> str:
     return f"[{head}, ... ({len(steps) - 2 * half} more) ..., {tail}]"
 
 
-def _as_step(step: Any, what: str = "step", expected: str = "an int") -> int:
-    if isinstance(step, bool):
-        raise RepSimValueError(f"{what} must be {expected}, got {step!r}")
-    try:
-        value = operator.index(step)
-    except TypeError:
-        raise RepSimValueError(f"{what} must be {expected}, got {step!r}") from None
-    if value < 0:
-        raise RepSimValueError(f"{what} must be >= 0, got {value}")
-    return value
 
 
-def _encode_snapshot(step: int, probe_hash: str, tensors: Mapping[str, torch.Tensor]) -> bytes:
-    """The bytes of one step file: safetensors, float32 tensors named by layer, no pickle."""
-    metadata = {
-        "format": FORMAT_NAME,
-        "format_version": str(FORMAT_VERSION),
-        "step": str(step),
-        "probe_hash": probe_hash,
-    }
-    return _safetensors_bytes(dict(tensors), metadata=metadata)
-
-
-def _plan_thinning(
+def plan_thinning(
     indices: Sequence[int], sizes: Sequence[int], stride: int, max_bytes: int
-) -> Tuple[List[bool], int]:
+) -> tuple[list[bool], int]:
     """Which snapshots to keep once a new one (the last entry) is added; pure, for testing.
 
     ``indices`` are the snapshots' positions in logging order (0 for the first ever added),
@@ -276,7 +116,7 @@ def _plan_thinning(
     """
     last = len(indices) - 1
 
-    def mask_for(s: int) -> List[bool]:
+    def mask_for(s: int) -> list[bool]:
         return [j == 0 or j == last or indices[j] % s == 0 for j in range(len(indices))]
 
     mask = mask_for(stride)
@@ -291,6 +131,7 @@ def _plan_thinning(
         stride *= 2
         mask = mask_for(stride)
     return mask, stride
+
 
 
 class SnapshotStore:
@@ -324,20 +165,20 @@ class SnapshotStore:
         mode: ``"r"`` (read-only) or ``"a"`` (append).
     """
 
-    def __init__(self, path: Path, mode: str, manifest: Dict[str, Any]) -> None:
+    def __init__(self, path: Path, mode: str, manifest: dict[str, Any]) -> None:
         # Private: use create(), open() or open_store().
         self.path = path
         self.mode = mode
         self._probe_hash: str = manifest["probe_hash"]
         self._n: int = manifest["n"]
-        self._layers: List[str] = list(manifest["layers"])
-        self._kinds: Dict[str, str] = dict(manifest["kinds"])
-        self._settings: Dict[str, Any] = manifest["settings"]
+        self._layers: list[str] = list(manifest["layers"])
+        self._kinds: dict[str, str] = dict(manifest["kinds"])
+        self._settings: dict[str, Any] = manifest["settings"]
         self._max_bytes: int = manifest["max_bytes"]
-        self._entries: List[Dict[str, Any]] = [dict(e) for e in manifest["steps"]]
+        self._entries: list[dict[str, Any]] = [dict(e) for e in manifest["steps"]]
         self._stride: int = manifest["thinned"]["stride"]
-        self._dropped: List[int] = list(manifest["thinned"]["dropped_steps"])
-        self._lost: List[int] = list(manifest["lost_steps"])
+        self._dropped: list[int] = list(manifest["thinned"]["dropped_steps"])
+        self._lost: list[int] = list(manifest["lost_steps"])
 
     # ------------------------------------------------------------------ construction
 
@@ -384,7 +225,7 @@ class SnapshotStore:
         try:
             settings = json.loads(json.dumps(dict(settings), allow_nan=False))
         except (TypeError, ValueError) as err:
-            message = f"settings must be JSON-serialisable: {_one_line(err)}"
+            message = f"settings must be JSON-serialisable: {one_line(err)}"
             raise RepSimValueError(message) from None
 
         if (path / MANIFEST_NAME).exists():
@@ -451,7 +292,7 @@ class SnapshotStore:
         if max_bytes is not None and mode != "a":
             raise RepSimValueError("max_bytes can only be changed when opening with mode='a'")
         path = Path(path)
-        manifest = _read_manifest(path)
+        manifest = read_manifest(path)
         if probe_hash is not None and probe_hash != manifest["probe_hash"]:
             raise RepSimError(
                 f"{path / MANIFEST_NAME}: probe hash mismatch: the store was made with probe "
@@ -479,17 +320,17 @@ class SnapshotStore:
     # ------------------------------------------------------------------ reading
 
     @property
-    def steps(self) -> List[int]:
+    def steps(self) -> list[int]:
         """The stored steps, ascending."""
         return [e["step"] for e in self._entries]
 
     @property
-    def layers(self) -> List[str]:
+    def layers(self) -> list[str]:
         """Layer names in capture order (empty until the first :meth:`add`)."""
         return list(self._layers)
 
     @property
-    def kinds(self) -> Dict[str, str]:
+    def kinds(self) -> dict[str, str]:
         """Layer name -> what its columns are, e.g. ``"features"`` or ``"gram_factor"``."""
         return dict(self._kinds)
 
@@ -504,7 +345,7 @@ class SnapshotStore:
         return self._n
 
     @property
-    def settings(self) -> Dict[str, Any]:
+    def settings(self) -> dict[str, Any]:
         """The caller's free-form settings record (a copy)."""
         return json.loads(json.dumps(self._settings))
 
@@ -519,7 +360,7 @@ class SnapshotStore:
         return sum(e["nbytes"] for e in self._entries)
 
     @property
-    def thinned(self) -> Dict[str, Any]:
+    def thinned(self) -> dict[str, Any]:
         """``{"stride": int, "dropped_steps": list[int]}``: what budget thinning removed."""
         return {"stride": self._stride, "dropped_steps": list(self._dropped)}
 
@@ -541,7 +382,7 @@ class SnapshotStore:
 
     def get(
         self, step: StepLike, layer: Optional[str] = None
-    ) -> Union[Dict[str, torch.Tensor], torch.Tensor]:
+    ) -> Union[dict[str, torch.Tensor], torch.Tensor]:
         """Load one step's tensors.
 
         Args:
@@ -556,24 +397,49 @@ class SnapshotStore:
             RepSimValueError: an unknown step (the message lists the stored ones) or layer.
             RepSimError: the step file is missing or does not match the manifest.
         """
-        entry = self._entry(step)
         if layer is None:
-            names = list(self._layers)
-        elif layer in self._kinds:
-            names = [layer]
-        else:
+            return self.read(step)
+        if layer not in self._kinds:
             raise RepSimValueError(f"unknown layer {layer!r}; the store has layers {self._layers}")
-        tensors = self._read(entry, names)
-        return tensors if layer is None else tensors[layer]
+        return self.read(step, [layer])[layer]
 
-    def _entry(self, step: StepLike) -> Dict[str, Any]:
+    def read(self, step: StepLike, layers: Optional[Sequence[str]] = None) -> dict[str, torch.Tensor]:
+        """Load the tensors of ``layers`` (default: every layer, in capture order) at one step.
+
+        Raises:
+            RepSimValueError: an unknown step or layer.
+            RepSimError: the step file is missing or does not match the manifest.
+        """
+        entry = self._entry(step)
+        names = list(self._layers) if layers is None else list(layers)
+        unknown = [name for name in names if name not in self._kinds]
+        if unknown:
+            raise RepSimValueError(f"unknown layer(s) {unknown}; the store has layers {self._layers}")
+        file = self.path / entry["file"]
+        size = _file_size(file)
+        if size is None:
+            raise RepSimError(f"{file}: missing (thinned, truncated or deleted after the store was opened)")
+        if size != entry["nbytes"]:
+            raise RepSimError(f"{file}: {size} bytes, the manifest says {entry['nbytes']}")
+        return read_step_file(file, step=entry["step"], layers=self._layers, n=self._n, names=names)
+
+    def resolve_step(self, step: StepLike) -> int:
+        """The stored step that ``step`` (an int or ``"last"``) names.
+
+        Raises:
+            RepSimValueError: not an int or ``"last"``, an empty store, or a step that is not stored
+                (the message lists the stored ones and says when thinning dropped it).
+        """
+        return int(self._entry(step)["step"])
+
+    def _entry(self, step: StepLike) -> dict[str, Any]:
         if isinstance(step, str):
             if step != "last":
                 raise RepSimValueError(f"step must be an int or 'last', got {step!r}")
             if not self._entries:
                 raise RepSimValueError(f"{self.path}: the store holds no steps yet")
             return self._entries[-1]
-        value = _as_step(step, expected="an int or 'last'")
+        value = as_step(step, expected="an int or 'last'")
         for entry in self._entries:
             if entry["step"] == value:
                 return entry
@@ -582,74 +448,19 @@ class SnapshotStore:
             f"{self.path}: no step {value}{hint}; stored steps: {_show_steps(self.steps)}"
         )
 
-    def _read(self, entry: Dict[str, Any], names: Sequence[str]) -> Dict[str, torch.Tensor]:
-        file = self.path / entry["file"]
-        try:
-            size = file.stat().st_size
-        except FileNotFoundError:
-            raise RepSimError(
-                f"{file}: missing (thinned, truncated or deleted after the store was opened)"
-            ) from None
-        if size != entry["nbytes"]:
-            raise RepSimError(f"{file}: {size} bytes, the manifest says {entry['nbytes']}")
-        try:
-            with safe_open(str(file), framework="pt", device="cpu") as f:
-                self._check_header(f, file, entry["step"])
-                return {name: f.get_tensor(name) for name in names}
-        except RepSimError:
-            raise
-        except Exception as err:  # safetensors raises its own SafetensorError and others
-            raise RepSimError(
-                f"{file}: not a readable safetensors file: {_one_line(err)}"
-            ) from None
-
-    def _check_header(self, f: Any, file: Path, step: int) -> None:
-        keys = set(f.keys())
-        if keys != set(self._layers):
-            missing = sorted(set(self._layers) - keys)
-            extra = sorted(keys - set(self._layers))
-            raise RepSimError(
-                f"{file}: tensors do not match the manifest's layers "
-                f"(missing {missing}, unexpected {extra})"
-            )
-        meta = f.metadata() or {}
-        if meta.get("step") != str(step):
-            raise RepSimError(
-                f"{file}: holds step {meta.get('step')!r}, the manifest says step {step}"
-            )
-        for name in self._layers:
-            piece = f.get_slice(name)
-            shape, dtype = list(piece.get_shape()), piece.get_dtype()
-            if dtype != "F32" or len(shape) != 2 or shape[0] != self._n:
-                raise RepSimError(
-                    f"{file}: layer {name!r} is {dtype} of shape {tuple(shape)}, expected F32 of "
-                    f"shape ({self._n}, r)"
-                )
-
-    def _check_files(self) -> List[int]:
+    def _check_files(self) -> list[int]:
         """Drop manifest steps whose file is missing or truncated; check every header."""
         kept, lost = [], []
         for entry in self._entries:
             file = self.path / entry["file"]
-            try:
-                size = file.stat().st_size
-            except FileNotFoundError:
-                lost.append((entry["step"], "missing"))
-                continue
-            if size < entry["nbytes"]:
-                lost.append((entry["step"], f"truncated, {size} of {entry['nbytes']} bytes"))
+            size = _file_size(file)
+            if size is None or size < entry["nbytes"]:
+                lost.append((entry["step"], "missing" if size is None else
+                             f"truncated, {size} of {entry['nbytes']} bytes"))
                 continue
             if size > entry["nbytes"]:
                 raise RepSimError(f"{file}: {size} bytes, the manifest says {entry['nbytes']}")
-            try:
-                with safe_open(str(file), framework="pt", device="cpu") as f:
-                    self._check_header(f, file, entry["step"])
-            except RepSimError:
-                raise
-            except Exception as err:
-                raise RepSimError(
-                    f"{file}: not a readable safetensors file: {_one_line(err)}"
-                ) from None
+            read_step_file(file, step=entry["step"], layers=self._layers, n=self._n)
             kept.append(entry)
         if lost:
             what = ", ".join(f"step {s} ({why})" for s, why in lost)
@@ -700,7 +511,7 @@ class SnapshotStore:
                 before the call, or thinned when only the final write failed.
         """
         self._require_writable()
-        step = _as_step(step)
+        step = as_step(step)
         if not isinstance(tensors, Mapping) or not tensors:
             raise RepSimValueError(
                 f"step {step}: tensors must be a non-empty dict of layer name -> (n, r) tensor"
@@ -724,7 +535,7 @@ class SnapshotStore:
                     f"checkpoint, call truncate_after(<checkpoint step>) first, or pass "
                     f"overwrite=True to replace step {step} and drop the steps after it"
                 )
-        blob = _encode_snapshot(step, self._probe_hash, data)
+        blob = encode_snapshot(step, self._probe_hash, data)
 
         # Plan the thinning before touching the disk, so an impossible budget changes nothing.
         kept = [e for e in self._entries if e["step"] < step]
@@ -736,7 +547,7 @@ class SnapshotStore:
         position = {s: i for i, s in enumerate(history)}
         indices = [position[e["step"]] for e in kept] + [len(history)]
         sizes = [e["nbytes"] for e in kept] + [len(blob)]
-        mask, stride = _plan_thinning(indices, sizes, self._stride, self._max_bytes)
+        mask, stride = plan_thinning(indices, sizes, self._stride, self._max_bytes)
 
         if overwrite and last is not None and step <= last:
             self.truncate_after(step - 1)
@@ -761,8 +572,8 @@ class SnapshotStore:
                     stacklevel=2,
                 )
 
-        name = _step_file_name(step)
-        _atomic_write(self.path / name, blob)
+        name = step_file_name(step)
+        atomic_write(self.path / name, blob, durable=True)
         entry = {"step": step, "file": name, "nbytes": len(blob)}
         self._commit(
             entries=self._entries + [entry],
@@ -772,7 +583,7 @@ class SnapshotStore:
             lost=[s for s in self._lost if s < step],
         )
 
-    def truncate_after(self, step: int, *, move_to: Optional[PathLike] = None) -> List[int]:
+    def truncate_after(self, step: int, *, move_to: Optional[PathLike] = None) -> list[int]:
         """Drop every snapshot after ``step`` (used when resuming from an earlier checkpoint).
 
         The manifest is rewritten first, then the files are deleted (or moved into ``move_to``),
@@ -800,7 +611,7 @@ class SnapshotStore:
         except TypeError:
             raise RepSimValueError(f"step must be an int, got {step!r}") from None
         removed = [e for e in self._entries if e["step"] > step]
-        if removed and move_to is not None and _occupied(Path(move_to)):
+        if removed and move_to is not None and occupied(Path(move_to)):
             raise RepSimValueError(f"move_to={str(move_to)!r} is not empty; give a new directory for the "
                                    f"{len(removed)} snapshot(s) after step {step}.")
         dropped = [s for s in self._dropped if s <= step]
@@ -809,7 +620,7 @@ class SnapshotStore:
             if removed and move_to is not None:  # the moved steps stay a store of their own
                 aside = Path(move_to)
                 aside.mkdir(parents=True, exist_ok=True)
-                _write_manifest(aside, {**self._manifest(), "steps": [dict(e) for e in removed]})
+                write_manifest(aside, {**self._manifest(), "steps": [dict(e) for e in removed]})
             self._commit(
                 entries=[e for e in self._entries if e["step"] <= step],
                 dropped=dropped,
@@ -850,7 +661,7 @@ class SnapshotStore:
             ([0, 10, 20], [0, 10, 15])
         """
         dest = Path(path)
-        if _occupied(dest):
+        if occupied(dest):
             raise RepSimValueError(f"copy_until: {dest} is not empty; give a new directory.")
         dest.mkdir(parents=True, exist_ok=True)
         kept = [e for e in self._entries if e["step"] <= step]
@@ -863,7 +674,7 @@ class SnapshotStore:
         manifest["steps"] = [dict(e) for e in kept]
         manifest["thinned"]["dropped_steps"] = [s for s in self._dropped if s <= step]
         manifest["lost_steps"] = [s for s in self._lost if s <= step]
-        _write_manifest(dest, manifest)
+        write_manifest(dest, manifest)
         return SnapshotStore.open(dest, mode="a", probe_hash=self._probe_hash)
 
     # ------------------------------------------------------------------ helpers
@@ -884,7 +695,7 @@ class SnapshotStore:
 
     def _merge_kinds(
         self, step: int, layers: Sequence[str], kinds: Optional[Mapping[str, str]]
-    ) -> Dict[str, str]:
+    ) -> dict[str, str]:
         merged = {name: self._kinds.get(name, "features") for name in layers}
         for name, kind in (kinds or {}).items():
             if name not in merged:
@@ -920,7 +731,7 @@ class SnapshotStore:
         # A fresh contiguous CPU copy: safetensors refuses tensors sharing memory.
         return torch.empty(tuple(tensor.shape), dtype=torch.float32).copy_(tensor.detach())
 
-    def _manifest(self) -> Dict[str, Any]:
+    def _manifest(self) -> dict[str, Any]:
         return {
             "format": FORMAT_NAME,
             "format_version": FORMAT_VERSION,
@@ -934,7 +745,7 @@ class SnapshotStore:
             "max_bytes": self._max_bytes,
             "steps": [dict(e) for e in self._entries],
             "thinned": {
-                "rule": _THINNING_RULE,
+                "rule": THINNING_RULE,
                 "stride": self._stride,
                 "dropped_steps": list(self._dropped),
             },
@@ -947,7 +758,7 @@ class SnapshotStore:
         for key, value in changes.items():
             setattr(self, "_" + key, value)
         try:
-            _write_manifest(self.path, self._manifest())
+            write_manifest(self.path, self._manifest())
         except BaseException:
             for key, value in saved.items():
                 setattr(self, "_" + key, value)
@@ -963,294 +774,17 @@ class SnapshotStore:
         listed = {e["file"] for e in self._entries}
         for child in self.path.iterdir():
             name = child.name
-            debris = (name.startswith(".") and name.endswith(_TMP_SUFFIX)) or (
-                _STEP_FILE_RE.match(name) is not None and name not in listed
+            debris = (name.startswith(".") and name.endswith(TMP_SUFFIX)) or (
+                STEP_FILE_RE.match(name) is not None and name not in listed
             )
             if debris and child.is_file():
                 with contextlib.suppress(OSError):
                     child.unlink()
 
 
-def _write_manifest(directory: Path, manifest: Dict[str, Any]) -> None:
-    _atomic_write(directory / MANIFEST_NAME, json.dumps(manifest, indent=1).encode("utf-8"))
-
-
-def _occupied(path: Path) -> bool:
-    """Whether ``path`` is a file or a directory with something in it (where no new store may go)."""
-    return path.exists() and (not path.is_dir() or any(path.iterdir()))
-
-
-def _read_manifest(path: Path) -> Dict[str, Any]:
-    """Parse and validate ``manifest.json``; every failure is a one-line RepSimError."""
-    file = path / MANIFEST_NAME
+def _file_size(file: Path) -> Optional[int]:
+    """The size of ``file`` in bytes, or None when it is missing."""
     try:
-        raw = file.read_bytes()
+        return file.stat().st_size
     except FileNotFoundError:
-        raise RepSimError(
-            f"{file}: not found; {path} is not a snapshot store (make one with "
-            "SnapshotStore.create)"
-        ) from None
-    try:
-        manifest = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError) as err:
-        raise RepSimError(f"{file}: not valid JSON ({_one_line(err)})") from None
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT_NAME:
-        found = manifest.get("format") if isinstance(manifest, dict) else type(manifest).__name__
-        raise RepSimError(f"{file}: format is {found!r}, expected {FORMAT_NAME!r}")
-    version = manifest.get("format_version")
-    if isinstance(version, bool) or not isinstance(version, int) or version < 1:
-        raise RepSimError(f"{file}: invalid format_version {version!r}")
-    if version > FORMAT_VERSION:
-        raise RepSimError(
-            f"{file}: format_version {version} (written by lightning_repsim "
-            f"{manifest.get('library_version', '?')}) is newer than the {FORMAT_VERSION} this "
-            f"lightning_repsim {lightning_repsim.__version__} reads; upgrade lightning_repsim"
-        )
-
-    def bad(what: str) -> RepSimError:
-        return RepSimError(f"{file}: {what}")
-
-    def is_int(value: Any, low: int) -> bool:
-        return isinstance(value, int) and not isinstance(value, bool) and value >= low
-
-    if not isinstance(manifest.get("probe_hash"), str):
-        raise bad("probe_hash missing or not a string")
-    if not is_int(manifest.get("n"), 1):
-        raise bad(f"n must be an int >= 1, got {manifest.get('n')!r}")
-    if manifest.get("dtype", "float32") != "float32":
-        raise bad(f"dtype {manifest.get('dtype')!r} is not supported, expected 'float32'")
-    layers = manifest.get("layers")
-    if not isinstance(layers, list) or not all(isinstance(x, str) and x for x in layers):
-        raise bad("layers must be a list of non-empty strings")
-    if len(set(layers)) != len(layers):
-        raise bad("layers has duplicate names")
-    kinds = manifest.get("kinds")
-    if (
-        not isinstance(kinds, dict)
-        or set(kinds) != set(layers)
-        or not all(isinstance(v, str) for v in kinds.values())
-    ):
-        raise bad("kinds must map every layer (and only those) to a string")
-    settings = manifest.get("settings", {})
-    if not isinstance(settings, dict):
-        raise bad("settings must be a JSON object")
-    max_bytes = manifest.get("max_bytes", DEFAULT_MAX_BYTES)
-    if not is_int(max_bytes, 1):
-        raise bad(f"max_bytes must be an int >= 1, got {max_bytes!r}")
-    steps = manifest.get("steps")
-    if not isinstance(steps, list):
-        raise bad("steps must be a list")
-    previous = -1
-    for entry in steps:
-        if not isinstance(entry, dict) or not is_int(entry.get("step"), 0):
-            raise bad(f"invalid steps entry {entry!r}")
-        step = entry["step"]
-        if step <= previous:
-            raise bad(f"steps are not strictly increasing at step {step}")
-        previous = step
-        if entry.get("file") != _step_file_name(step):
-            expected = _step_file_name(step)
-            raise bad(f"step {step}: file must be {expected!r}, got {entry.get('file')!r}")
-        if not is_int(entry.get("nbytes"), 1):
-            raise bad(f"step {step}: nbytes must be a positive int, got {entry.get('nbytes')!r}")
-    if steps and not layers:
-        raise bad("steps are listed but layers is empty")
-    thinned = manifest.get("thinned", {"stride": 1, "dropped_steps": []})
-    if (
-        not isinstance(thinned, dict)
-        or not is_int(thinned.get("stride"), 1)
-        or not isinstance(thinned.get("dropped_steps"), list)
-        or not all(is_int(s, 0) for s in thinned["dropped_steps"])
-    ):
-        raise bad("thinned must be {'stride': int >= 1, 'dropped_steps': [int, ...]}")
-    lost = manifest.get("lost_steps", [])
-    if not isinstance(lost, list) or not all(is_int(s, 0) for s in lost):
-        raise bad("lost_steps must be a list of ints")
-    manifest["settings"], manifest["max_bytes"], manifest["lost_steps"] = settings, max_bytes, lost
-    manifest["thinned"] = thinned
-    return manifest
-
-
-def similarity_to_final(
-    store: "SnapshotStore",
-    measure_options: Mapping[str, Mapping[str, Any]],
-    *,
-    progress: Optional[Callable[[Iterable[str]], Iterable[str]]] = None,
-) -> Dict[str, torch.Tensor]:
-    """Every stored snapshot of each layer against that layer's last snapshot.
-
-    The convergence view of Raghu et al. (2017): ``{measure: (L, S) float64}``, rows the layers
-    in store order, columns the stored steps; the last column is 1 for a finite layer. One layer
-    at a time (memory: one layer's snapshots), one similarity call per layer and measure. PWCCA
-    needs the neurons, so it is NaN for layers stored as Gram factors (``kind="gram_factor"``).
-
-    Args:
-        store: an open store with at least one snapshot.
-        measure_options: ``{measure: options}``, e.g. ``{"linear_cka": {}, "svcca": {"keep": 0.99}}``.
-        progress: wraps the iteration over layers (e.g. a tqdm factory).
-    """
-    steps, layers = store.steps, store.layers
-    values = {m: torch.full((len(layers), len(steps)), float("nan"), dtype=torch.float64) for m in measure_options}
-    for i, name in enumerate(layers if progress is None else progress(layers)):
-        snapshots = [store.get(step, name) for step in steps]
-        series, final = Representations(snapshots), Representations(snapshots[-1:])  # shared by the measures
-        for measure, options in measure_options.items():
-            if measure == "pwcca" and store.kinds.get(name) != "features":
-                continue
-            values[measure][i] = similarity_matrix(series, final, measure, **options)[:, 0].cpu()
-    return values
-
-
-def _as_store(store: Any, what: str) -> "SnapshotStore":
-    if isinstance(store, SnapshotStore):
-        return store
-    if isinstance(store, (str, os.PathLike)):
-        return open_store(store)
-    raise RepSimValueError(
-        f"{what} must be a SnapshotStore or the path of a store directory (e.g. "
-        f"'lightning_logs/version_3/repsim'), got {type(store).__name__}"
-    )
-
-
-def _select_layers(
-    store: "SnapshotStore", selector: Union[str, Sequence[str], None], what: str
-) -> List[str]:
-    """The store's layers matching ``selector`` (names or fnmatch globs), in store order."""
-    if selector is None:
-        return store.layers
-    patterns = [selector] if isinstance(selector, str) else list(selector)
-    if not patterns or not all(isinstance(p, str) and p for p in patterns):
-        raise RepSimValueError(
-            f"{what} must be a layer name, a glob such as 'block.*', or a non-empty list of them "
-            f"(None: every layer), got {selector!r}"
-        )
-    keep = set()
-    for pattern in patterns:
-        glob = any(c in pattern for c in "*?[")
-        hits = {
-            n for n in store.layers if n == pattern or (glob and fnmatch.fnmatchcase(n, pattern))
-        }
-        if not hits:
-            raise RepSimValueError(
-                f"{what}: {pattern!r} matches no layer of {store.path}; its layers are "
-                f"{store.layers}"
-            )
-        keep |= hits
-    return [n for n in store.layers if n in keep]
-
-
-def _step_entry(store: "SnapshotStore", step: Optional[StepLike], what: str) -> Dict[str, Any]:
-    """The manifest entry of ``step`` (``None``: the last); errors name the argument."""
-    try:
-        return store._entry("last" if step is None else step)
-    except RepSimValueError as err:
-        raise RepSimValueError(f"{what}={step!r}: {err}") from None
-
-
-def similarity_between(
-    store_a: Union["SnapshotStore", PathLike],
-    store_b: Union["SnapshotStore", PathLike],
-    measures: Union[str, Sequence[str]] = ("linear_cka",),
-    *,
-    step_a: Optional[StepLike] = None,
-    step_b: Optional[StepLike] = None,
-    layers_a: Union[str, Sequence[str], None] = None,
-    layers_b: Union[str, Sequence[str], None] = None,
-    measure_options: Optional[Mapping[str, Mapping[str, Any]]] = None,
-    names: Tuple[str, str] = ("store A", "store B"),
-    progress: Optional[Callable[[Iterable[str]], Iterable[str]]] = None,
-) -> "Comparison":
-    """Every layer of one stored snapshot against every layer of another, from two stores.
-
-    The store counterpart of :func:`lightning_repsim.compare`: ``matrices[measure][i, j]`` is the
-    similarity of layer ``layers_a[i]`` of ``store_a`` at ``step_a`` with layer ``layers_b[j]`` of
-    ``store_b`` at ``step_b`` (float64, CPU), computed over the same ``n`` probe examples, so the
-    stores must share a probe hash. Both may be one store (two steps of one run). Centring is the
-    measure's own (see :mod:`lightning_repsim.functional.matrix`); the store keeps
-    tensors uncentred. A layer stored as a Gram factor (``kind="gram_factor"``, ``F Fᵀ = X Xᵀ``)
-    gives every Gram-based measure and SVCCA the values its features would; PWCCA needs the
-    neurons, so its cells are NaN wherever either layer is a Gram factor.
-
-    Args:
-        store_a: a :class:`SnapshotStore` or the path of a store directory (opened read-only).
-        store_b: the other store, on the same probe set.
-        measures: one measure name or several (see :data:`lightning_repsim.functional.MEASURES`).
-        step_a: a stored step of ``store_a``; ``None`` or ``"last"``: its last snapshot.
-        step_b: the same for ``store_b``.
-        layers_a: layer names or fnmatch globs (``"block.*"``) of ``store_a``, kept in store
-            order; ``None``: every layer.
-        layers_b: the same for ``store_b``.
-        measure_options: per-measure options, e.g. ``{"rbf_cka": {"sigma": 0.5}}``; others take
-            their defaults (the CLI passes the options each run was logged with).
-        names: labels of the two stores in figures.
-        progress: wraps the iteration over measures (e.g. a tqdm factory).
-
-    Returns:
-        A :class:`~lightning_repsim.comparison.Comparison` (``.plot()``, ``.to_csv()``) whose
-        ``steps`` are the two steps compared.
-
-    Raises:
-        RepSimValueError: the probe hashes differ, an unknown step, layer, measure or option.
-        RepSimError: a store that cannot be opened or read.
-
-    Example:
-        >>> import tempfile, torch
-        >>> g = torch.Generator().manual_seed(0)
-        >>> x = torch.randn(20, 5, generator=g)
-        >>> with tempfile.TemporaryDirectory() as tmp:
-        ...     a = SnapshotStore.create(tmp + "/a", probe_hash="3f2a", n=20)
-        ...     a.add(0, {"conv": x, "fc": torch.randn(20, 3, generator=g)})
-        ...     b = SnapshotStore.create(tmp + "/b", probe_hash="3f2a", n=20)
-        ...     b.add(7, {"conv": 2 * x + 1})
-        ...     result = similarity_between(a, tmp + "/b", ("linear_cka", "rv2"))
-        >>> result.layers_a, result.layers_b, result.steps
-        (['conv', 'fc'], ['conv'], (0, 7))
-        >>> round(float(result["linear_cka"][0, 0]), 6)  # the same features, scaled and shifted
-        1.0
-    """
-    # Imported here, so that reading a store does not import Matplotlib (comparison.py draws).
-    from lightning_repsim.comparison import Comparison
-
-    store_a, store_b = _as_store(store_a, "store_a"), _as_store(store_b, "store_b")
-    if store_a.probe_hash != store_b.probe_hash:
-        raise RepSimValueError(
-            f"probe hashes differ: {store_a.path} has {store_a.probe_hash!r}, {store_b.path} "
-            f"has {store_b.probe_hash!r}; similarities are meaningful only on the same probe set, "
-            "so compare stores of runs logged with the same probe (same examples, same order)"
-        )
-    options = resolve_measures(measures, measure_options)
-    measures = list(options)
-    entry_a, entry_b = _step_entry(store_a, step_a, "step_a"), _step_entry(store_b, step_b, "step_b")
-    names_a = _select_layers(store_a, layers_a, "layers_a")
-    names_b = _select_layers(store_b, layers_b, "layers_b")
-    # One snapshot against itself: read once and take the symmetric route (exact unit diagonal).
-    same = (
-        store_a.path.resolve() == store_b.path.resolve()
-        and entry_a["step"] == entry_b["step"]
-        and names_a == names_b
-    )
-    xs = store_a._read(entry_a, names_a)
-    ys = xs if same else store_b._read(entry_b, names_b)
-
-    series_a = Representations(xs)  # shared by the measures
-    series_b = series_a if same else Representations(ys)
-    matrices: Dict[str, torch.Tensor] = {}
-    for measure in measures if progress is None else progress(measures):
-        if measure != "pwcca":
-            values = similarity_matrix(series_a, series_b, measure, **options[measure])
-            matrices[measure] = values.cpu()
-            continue
-        # PWCCA weights by the neurons: only layers stored as features have them.
-        values = torch.full((len(names_a), len(names_b)), float("nan"), dtype=torch.float64)
-        rows = [i for i, name in enumerate(names_a) if store_a.kinds[name] == "features"]
-        cols = [j for j, name in enumerate(names_b) if store_b.kinds[name] == "features"]
-        if rows and cols:
-            sub_a = {names_a[i]: xs[names_a[i]] for i in rows}
-            sub_b = None if same else {names_b[j]: ys[names_b[j]] for j in cols}
-            sub = similarity_matrix(sub_a, sub_b, measure, **options[measure])
-            values[torch.tensor(rows)[:, None], torch.tensor(cols)[None, :]] = sub.cpu()
-        matrices[measure] = values
-    return Comparison(
-        names_a, names_b, matrices, store_a.probe_hash, store_a.n, tuple(names),
-        steps=(entry_a["step"], entry_b["step"]),
-    )
+        return None

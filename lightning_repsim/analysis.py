@@ -1,0 +1,479 @@
+"""Similarities between models, runs and steps, and the convergence of each layer.
+
+What the callbacks and the CLI compute, as functions:
+
+* :func:`compare` — every layer of one model against every layer of another, on a probe;
+* :func:`similarity_between` — the same between two stored snapshots (two runs, or two steps of
+  one run), from the snapshot stores, without re-running a model;
+* :func:`similarity_to_final` — every stored snapshot of each layer against its last one;
+* :func:`convergence_steps` — the step from which each layer stays near its final similarity;
+* :func:`write_convergence_report` — the one writer of the convergence report (map, curves,
+  table, CSV), used by the callback at the end of training and by ``lightning-repsim report``.
+
+Results of :func:`compare` and :func:`similarity_between` are :class:`Comparison` objects, which
+draw and write themselves through :mod:`lightning_repsim.report`.
+"""
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional, Union
+
+import numpy as np
+import torch
+from matplotlib.figure import Figure
+from torch import nn
+
+from lightning_repsim import report
+from lightning_repsim.report import _common as report_common
+from lightning_repsim._io import atomic_write
+from lightning_repsim.capture import LayerSelector, Probe, capture, select_names
+from lightning_repsim.errors import RepSimValueError
+from lightning_repsim.functional import Representations, similarity_matrix
+from lightning_repsim.functional._measures import resolve_measures
+from lightning_repsim.store import SnapshotStore, StepLike, open_store
+
+__all__ = [
+    "Comparison",
+    "compare",
+    "ConvergenceReport",
+    "convergence_steps",
+    "convergence_table",
+    "similarity_between",
+    "similarity_to_final",
+    "write_convergence_report",
+]
+
+PathLike = Union[str, "os.PathLike[str]"]
+Progress = Callable[[Iterable[str]], Iterable[str]]
+
+
+# --------------------------------------------------------------------------- comparisons
+
+
+@dataclass
+class Comparison:
+    """The result of :func:`compare` and :func:`similarity_between`: layer names of each side and one
+    matrix per measure.
+
+    ``matrices[measure][i, j]`` is the similarity of ``layers_a[i]`` and ``layers_b[j]`` (float64).
+    ``steps`` are the two stored steps compared (``similarity_between``; ``None`` for ``compare``).
+    """
+
+    layers_a: list[str]
+    layers_b: list[str]
+    matrices: dict[str, torch.Tensor]
+    probe_hash: str
+    n: int
+    names: tuple[str, str] = field(default=("model A", "model B"))
+    steps: Optional[tuple[int, int]] = None
+
+    def __getitem__(self, measure: str) -> torch.Tensor:
+        if measure not in self.matrices:
+            raise RepSimValueError(f"no {measure!r} in this comparison; it has {list(self.matrices)}.")
+        return self.matrices[measure]
+
+    def plot(self, measure: Optional[str] = None, path: Union[str, Path, None] = None) -> Figure:
+        """Heatmap of one measure (default: the first), saved as PNG when ``path`` is given."""
+        measure = measure or next(iter(self.matrices))
+        row_title, col_title = self.names if self.steps is None else (
+            f"{name} (step {step})" for name, step in zip(self.names, self.steps))
+        figure = report.heatmap_figure(self[measure].cpu().numpy(), self.layers_a, self.layers_b, measure=measure,
+                                       row_title=row_title, col_title=col_title,
+                                       title=f"{measure}: {self.names[0]} vs {self.names[1]} (n = {self.n})")
+        if path is not None:
+            report.save_png(figure, path)
+        return figure
+
+    def to_csv(self, directory: Union[str, Path]) -> list[Path]:
+        """One CSV per measure, ``<directory>/<measure>.csv``, rows layers_a, columns layers_b."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        return [report.write_matrix_csv(directory / f"{m}.csv", matrix.cpu().numpy(), self.layers_a, self.layers_b)
+                for m, matrix in self.matrices.items()]
+
+
+def compare(
+    model_a: nn.Module,
+    model_b: Optional[nn.Module] = None,
+    probe: Any = None,
+    measures: Sequence[str] = ("linear_cka",),
+    layers: LayerSelector = None,
+    layers_b: LayerSelector = None,
+    *,
+    measure_options: Optional[Mapping[str, Mapping[str, Any]]] = None,
+    batch_size: Optional[int] = 256,
+    max_features: int = 4096,
+    names: tuple[str, str] = ("model A", "model B"),
+    **capture_options: Any,
+) -> Comparison:
+    """Compare every layer of ``model_a`` with every layer of ``model_b`` on a fixed probe set.
+
+    Rows are probe examples; each layer's output is reduced to (n, p) by the rule of
+    :func:`lightning_repsim.capture.reduce_output` (conv maps average pooled to at most
+    ``max_features``). Architectures may differ. To compare checkpoints, load them first, e.g.
+    ``MyModule.load_from_checkpoint(path)``.
+
+    Args:
+        model_a: the first network.
+        model_b: the second network; ``None`` compares ``model_a`` with itself (one triangle).
+        probe: a tensor, an ``(x, y)`` tuple, a DataLoader or a :class:`~lightning_repsim.capture.Probe`.
+        measures: measure names (see :data:`lightning_repsim.functional.MEASURES`).
+        layers: layer selector for ``model_a`` (names, globs, module types; None: leaf modules
+            with parameters in execution order).
+        layers_b: the same for ``model_b`` (default: ``layers``).
+        measure_options: per-measure options, e.g. ``{"rbf_cka": {"sigma": 0.5}}``.
+        batch_size: probe examples per forward pass.
+        max_features: cap on p per conv layer. Offline comparisons keep spatial detail up to
+            4096 features per layer; the callback, which compares at every logging point,
+            defaults to 256.
+        names: labels of the two models in figures.
+        **capture_options: ``layout``, ``token_reduction``, ``output_selector``, ``forward``
+            (see :func:`lightning_repsim.capture.capture`).
+
+    Raises:
+        RepSimValueError: a model that is not an ``nn.Module`` (a checkpoint path: load it
+            first), no probe, or an unknown measure or option.
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> torch.manual_seed(0)  # doctest: +ELLIPSIS
+        <torch._C.Generator object at ...>
+        >>> net = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
+        >>> result = compare(net, probe=torch.randn(64, 8), measures=("linear_cka", "rv2"))
+        >>> result.layers_a, tuple(result["rv2"].shape)
+        (['0', '2'], (2, 2))
+    """
+    for what, model in (("model_a", model_a), ("model_b", model_b)):
+        if not isinstance(model, nn.Module) and (model is not None or what == "model_a"):
+            hint = (f"; to compare a checkpoint, load it first, e.g. MyModule.load_from_checkpoint({str(model)!r})"
+                    if isinstance(model, (str, os.PathLike)) else "")
+            raise RepSimValueError(f"compare() needs {what} as an nn.Module, got {type(model).__name__}{hint}.")
+    if probe is None:
+        raise RepSimValueError("compare() needs a probe: a tensor, an (x, y) tuple or a DataLoader of inputs.")
+    options = resolve_measures(measures, measure_options)
+    probe = probe if isinstance(probe, Probe) else Probe(probe)
+    features_a = capture(model_a, probe, layers, batch_size=batch_size, max_features=max_features, **capture_options)
+    features_b = None
+    if model_b is not None:
+        features_b = capture(model_b, probe, layers if layers_b is None else layers_b, batch_size=batch_size,
+                             max_features=max_features, **capture_options)
+        device = next(iter(features_a.values())).device
+        features_b = {k: v.to(device) for k, v in features_b.items()}
+    matrices = {m: similarity_matrix(features_a, features_b, m, **o) for m, o in options.items()}
+    return Comparison(list(features_a), list(features_a if features_b is None else features_b), matrices,
+                      probe.hash, len(probe), names)
+
+
+def _as_store(store: Any, what: str) -> SnapshotStore:
+    if isinstance(store, SnapshotStore):
+        return store
+    if isinstance(store, (str, os.PathLike)):
+        return open_store(store)
+    raise RepSimValueError(
+        f"{what} must be a SnapshotStore or the path of a store directory (e.g. "
+        f"'lightning_logs/version_3/repsim'), got {type(store).__name__}"
+    )
+
+
+def _stored_step(store: SnapshotStore, step: Optional[StepLike], what: str) -> int:
+    """A stored step of ``store`` (``None``: the last); errors name the argument."""
+    try:
+        return store.resolve_step("last" if step is None else step)
+    except RepSimValueError as err:
+        raise RepSimValueError(f"{what}={step!r}: {err}") from None
+
+
+def similarity_between(
+    store_a: Union[SnapshotStore, PathLike],
+    store_b: Union[SnapshotStore, PathLike],
+    measures: Union[str, Sequence[str]] = ("linear_cka",),
+    *,
+    step_a: Optional[StepLike] = None,
+    step_b: Optional[StepLike] = None,
+    layers_a: Union[str, Sequence[str], None] = None,
+    layers_b: Union[str, Sequence[str], None] = None,
+    measure_options: Optional[Mapping[str, Mapping[str, Any]]] = None,
+    names: tuple[str, str] = ("store A", "store B"),
+    progress: Optional[Progress] = None,
+) -> Comparison:
+    """Every layer of one stored snapshot against every layer of another, from two stores.
+
+    The store counterpart of :func:`compare`: ``matrices[measure][i, j]`` is the similarity of layer
+    ``layers_a[i]`` of ``store_a`` at ``step_a`` with layer ``layers_b[j]`` of ``store_b`` at
+    ``step_b`` (float64, CPU), computed over the same ``n`` probe examples, so the stores must share
+    a probe hash. Both may be one store (two steps of one run). Centring is the measure's own (see
+    :mod:`lightning_repsim.functional.matrix`); the store keeps tensors uncentred. A layer stored as
+    a Gram factor (``kind="gram_factor"``, ``F Fᵀ = X Xᵀ``) gives every Gram-based measure and SVCCA
+    the values its features would; PWCCA needs the neurons, so its cells are NaN wherever either
+    layer is a Gram factor.
+
+    Args:
+        store_a: a :class:`~lightning_repsim.store.SnapshotStore` or the path of a store directory
+            (opened read-only).
+        store_b: the other store, on the same probe set.
+        measures: one measure name or several (see :data:`lightning_repsim.functional.MEASURES`).
+        step_a: a stored step of ``store_a``; ``None`` or ``"last"``: its last snapshot.
+        step_b: the same for ``store_b``.
+        layers_a: layer names or fnmatch globs (``"block.*"``) of ``store_a``, kept in store
+            order; ``None``: every layer.
+        layers_b: the same for ``store_b``.
+        measure_options: per-measure options, e.g. ``{"rbf_cka": {"sigma": 0.5}}``; others take
+            their defaults (the CLI passes the options each run was logged with).
+        names: labels of the two stores in figures.
+        progress: wraps the iteration over measures (e.g. a tqdm factory).
+
+    Returns:
+        A :class:`Comparison` (``.plot()``, ``.to_csv()``) whose ``steps`` are the two steps compared.
+
+    Raises:
+        RepSimValueError: the probe hashes differ, an unknown step, layer, measure or option.
+        RepSimError: a store that cannot be opened or read.
+
+    Example:
+        >>> import tempfile, torch
+        >>> from lightning_repsim.store import SnapshotStore
+        >>> g = torch.Generator().manual_seed(0)
+        >>> x = torch.randn(20, 5, generator=g)
+        >>> with tempfile.TemporaryDirectory() as tmp:
+        ...     a = SnapshotStore.create(tmp + "/a", probe_hash="3f2a", n=20)
+        ...     a.add(0, {"conv": x, "fc": torch.randn(20, 3, generator=g)})
+        ...     b = SnapshotStore.create(tmp + "/b", probe_hash="3f2a", n=20)
+        ...     b.add(7, {"conv": 2 * x + 1})
+        ...     result = similarity_between(a, tmp + "/b", ("linear_cka", "rv2"))
+        >>> result.layers_a, result.layers_b, result.steps
+        (['conv', 'fc'], ['conv'], (0, 7))
+        >>> round(float(result["linear_cka"][0, 0]), 6)  # the same features, scaled and shifted
+        1.0
+    """
+    store_a, store_b = _as_store(store_a, "store_a"), _as_store(store_b, "store_b")
+    if store_a.probe_hash != store_b.probe_hash:
+        raise RepSimValueError(
+            f"probe hashes differ: {store_a.path} has {store_a.probe_hash!r}, {store_b.path} "
+            f"has {store_b.probe_hash!r}; similarities are meaningful only on the same probe set, "
+            "so compare stores of runs logged with the same probe (same examples, same order)"
+        )
+    options = resolve_measures(measures, measure_options)
+    at_a, at_b = _stored_step(store_a, step_a, "step_a"), _stored_step(store_b, step_b, "step_b")
+    names_a = select_names(store_a.layers, layers_a, "layers_a", str(store_a.path))
+    names_b = select_names(store_b.layers, layers_b, "layers_b", str(store_b.path))
+    # One snapshot against itself: read once and take the symmetric route (exact unit diagonal).
+    same = store_a.path.resolve() == store_b.path.resolve() and at_a == at_b and names_a == names_b
+    xs = store_a.read(at_a, names_a)
+    ys = xs if same else store_b.read(at_b, names_b)
+
+    series_a = Representations(xs)  # shared by the measures
+    series_b = series_a if same else Representations(ys)
+    matrices: dict[str, torch.Tensor] = {}
+    for measure in options if progress is None else progress(list(options)):
+        if measure != "pwcca":
+            matrices[measure] = similarity_matrix(series_a, series_b, measure, **options[measure]).cpu()
+            continue
+        # PWCCA weights by the neurons: only layers stored as features have them.
+        values = torch.full((len(names_a), len(names_b)), float("nan"), dtype=torch.float64)
+        rows = [i for i, name in enumerate(names_a) if store_a.kinds[name] == "features"]
+        cols = [j for j, name in enumerate(names_b) if store_b.kinds[name] == "features"]
+        if rows and cols:
+            sub_a = {names_a[i]: xs[names_a[i]] for i in rows}
+            sub_b = None if same else {names_b[j]: ys[names_b[j]] for j in cols}
+            sub = similarity_matrix(sub_a, sub_b, measure, **options[measure])
+            values[torch.tensor(rows)[:, None], torch.tensor(cols)[None, :]] = sub.cpu()
+        matrices[measure] = values
+    return Comparison(names_a, names_b, matrices, store_a.probe_hash, store_a.n, tuple(names),  # type: ignore[arg-type]
+                      steps=(at_a, at_b))
+
+
+# --------------------------------------------------------------------------- convergence
+
+
+def similarity_to_final(
+    store: SnapshotStore,
+    measure_options: Mapping[str, Mapping[str, Any]],
+    *,
+    progress: Optional[Progress] = None,
+) -> dict[str, torch.Tensor]:
+    """Every stored snapshot of each layer against that layer's last snapshot.
+
+    The convergence view of Raghu et al. (2017): ``{measure: (L, S) float64}``, rows the layers
+    in store order, columns the stored steps; the last column is 1 for a finite layer. One layer
+    at a time (memory: one layer's snapshots), one similarity call per layer and measure. PWCCA
+    needs the neurons, so it is NaN for layers stored as Gram factors (``kind="gram_factor"``).
+
+    Args:
+        store: an open store with at least one snapshot.
+        measure_options: ``{measure: options}``, e.g. ``{"linear_cka": {}, "svcca": {"keep": 0.99}}``.
+        progress: wraps the iteration over layers (e.g. a tqdm factory).
+    """
+    steps, layers = store.steps, store.layers
+    values = {m: torch.full((len(layers), len(steps)), float("nan"), dtype=torch.float64) for m in measure_options}
+    for i, name in enumerate(layers if progress is None else progress(layers)):
+        snapshots = [store.get(step, name) for step in steps]
+        series, final = Representations(snapshots), Representations(snapshots[-1:])  # shared by the measures
+        for measure, options in measure_options.items():
+            if measure == "pwcca" and store.kinds.get(name) != "features":
+                continue
+            values[measure][i] = similarity_matrix(series, final, measure, **options)[:, 0].cpu()
+    return values
+
+
+def convergence_steps(
+    values: Any,
+    steps: Sequence[int],
+    threshold: float = 0.95,
+    *,
+    sustained: bool = True,
+) -> list[Optional[int]]:
+    """Per layer, the step at which it converges: the bottom-up convergence summary.
+
+    A layer's level is ``threshold * final`` where ``final = values[layer, -1]`` (its value at
+    the last step; 1 when the values are similarities to the final snapshot). The layer has
+    converged at step ``steps[t]`` where ``t`` is
+
+    * ``sustained=True`` (default): the first index from which **every** later value is
+      ``>= level``, i.e. the layer reaches the level and stays there until the end. A transient
+      spike followed by a dip does not count, which is what "this layer had settled by step s"
+      means.
+    * ``sustained=False``: the first index whose value is ``>= level`` (first reach).
+
+    NaN values never satisfy the condition. The result is ``None`` for a layer whose final
+    value is not finite or not positive (a relative level is meaningless then), and never
+    ``None`` otherwise, since the last step always satisfies ``final >= threshold * final``.
+
+    Args:
+        values: ``(n_layers, n_steps)`` similarities in step order.
+        steps: strictly increasing global steps, one per column.
+        threshold: fraction of the final value, in ``(0, 1]``.
+        sustained: require the level to hold until the last step (default) or only to be
+            reached once.
+
+    Returns:
+        One entry per layer: a value from ``steps``, or ``None``.
+
+    Raises:
+        RepSimValueError: if ``threshold`` is outside ``(0, 1]`` or the shapes do not match.
+
+    Example:
+        >>> convergence_steps([[0.2, 0.97, 0.5, 0.98, 1.0],
+        ...                    [0.1, 0.3, 0.6, 0.9, 1.0]], [0, 10, 20, 30, 40], 0.95)
+        [30, 40]
+        >>> convergence_steps([[0.2, 0.97, 0.5, 0.98, 1.0]], [0, 10, 20, 30, 40], 0.95,
+        ...                   sustained=False)
+        [10]
+    """
+    if not (isinstance(threshold, (int, float)) and 0.0 < float(threshold) <= 1.0):
+        raise RepSimValueError(
+            f"`threshold` is a fraction of the final similarity in (0, 1], got {threshold!r}."
+        )
+    data = report_common.as_array(values, "values", 2)
+    step_list = report_common.check_steps(steps, data.shape[1])
+    result: list[Optional[int]] = []
+    for row in data:
+        final = row[-1]
+        if not (np.isfinite(final) and final > 0.0):
+            result.append(None)
+            continue
+        with np.errstate(invalid="ignore"):
+            ok = row >= float(threshold) * final  # NaN -> False
+        if sustained:
+            failing = np.flatnonzero(~ok)
+            index = int(failing[-1]) + 1 if failing.size else 0
+        else:
+            index = int(np.argmax(ok))  # ok[-1] is True, so argmax finds the first True
+        result.append(step_list[index] if index < len(step_list) else None)
+    return result
+
+
+@dataclass
+class ConvergenceReport:
+    """One measure's convergence report, as :func:`write_convergence_report` wrote it."""
+
+    measure: str
+    converged: list[Optional[int]]  # per layer, from convergence_steps
+    table: str  # the aligned text table of <measure>__convergence.txt
+    markdown: str  # the same table for TensorBoard's text plugin, with a one-line caption
+    files: list[Path]
+
+
+def convergence_table(layers: Sequence[str], converged: Sequence[Optional[int]], values: np.ndarray,
+                      steps: Sequence[int], *, fmt: str = "text") -> str:
+    """Each layer's convergence step and its first snapshot's similarity to the final one (how far it moved).
+
+    Example:
+        >>> import numpy as np
+        >>> print(convergence_table(["conv1", "fc"], [10, 20], np.array([[0.4, 1.0, 1.0], [0.1, 0.5, 1.0]]),
+        ...                         [0, 10, 20]))
+        #  layer  converged at step  at step 0
+        0  conv1                 10     0.4000
+        1  fc                    20     0.1000
+    """
+    return report.summary_table(layers, converged, final_values=list(values[:, 0]), fmt=fmt,  # type: ignore[arg-type]
+                                final_header=f"at step {steps[0]}")
+
+
+def write_convergence_report(
+    values: Mapping[str, Any],
+    layers: Sequence[str],
+    steps: Sequence[int],
+    out: PathLike,
+    *,
+    threshold: float = 0.95,
+    title: Optional[str] = None,
+    freeze_steps: Sequence[int] = (),
+    tensorboard: Optional[report.TensorBoardReporter] = None,
+) -> dict[str, ConvergenceReport]:
+    """Write the convergence report of each measure: the one writer of the callback and the CLI.
+
+    For every measure, from ``values[measure]`` (``(L, S)``: each stored step of each layer against
+    its last one, from :func:`similarity_to_final`), into the directory ``out``:
+    ``<measure>__convergence_map.png`` (the layer x step map with each layer's convergence step
+    marked), ``<measure>__curves.png`` (one curve per layer; dotted red lines at ``freeze_steps``),
+    ``<measure>__final.csv`` (the values, exactly) and ``<measure>__convergence.txt`` (the table of
+    :func:`convergence_table`). With ``tensorboard`` the two images and the table also go to
+    ``repsim/<measure>/final/{convergence_map,curves,convergence_summary}`` at the last step.
+
+    Args:
+        values: ``{measure: (L, S) similarities to the final snapshot}``.
+        layers: the L layer names, input first.
+        steps: the S stored steps, ascending.
+        out: the output directory (created).
+        threshold: the fraction of the final similarity that counts as converged
+            (:func:`convergence_steps`, sustained).
+        title: a title for the figures (e.g. the run's name).
+        freeze_steps: steps at which FreezeTraining froze a unit, marked on the curves.
+        tensorboard: where to log the images and the table as well.
+
+    Returns:
+        ``{measure: ConvergenceReport}``.
+    """
+    out = Path(out)
+    reports = {}
+    for measure, table in values.items():
+        data = report_common.as_array(table, f"values[{measure!r}]", 2)
+        converged = convergence_steps(data, steps, threshold)
+        figures = {
+            "convergence_map": report.convergence_map_figure(data, layers, steps, measure=measure, converged=converged,
+                                                             threshold=threshold, title=title),
+            "curves": report.curves_figure(data, layers, steps, measure=measure, threshold=threshold, title=title),
+        }
+        for step in freeze_steps:  # freeze events against convergence
+            figures["curves"].axes[0].axvline(step, color="tab:red", linestyle=":", linewidth=0.9, alpha=0.7)
+        files, prefix = [], f"repsim/{measure}/final"
+        for kind, figure in figures.items():
+            png = report.encode_png(report.figure_to_array(figure))
+            files.append(report.write_png_bytes(png, out / f"{measure}__{kind}.png"))
+            if tensorboard is not None:
+                tensorboard.log_png(f"{prefix}/{kind}", png, steps[-1])
+        files.append(report.write_matrix_csv(out / f"{measure}__final.csv", data, layers, steps, corner="layer"))
+        text = convergence_table(layers, converged, data, steps)
+        files.append(atomic_write(out / f"{measure}__convergence.txt", text + "\n"))
+        caption = (f"**{report_common.md_escape(report.MEASURE_LABELS.get(measure, measure))} to the final snapshot**: "
+                   f"the step at which each layer reaches {threshold:g} \u00d7 its final value and stays there until "
+                   "the end.")
+        markdown = caption + "\n\n" + convergence_table(layers, converged, data, steps, fmt="markdown")
+        if tensorboard is not None:
+            tensorboard.log_text(f"{prefix}/convergence_summary", markdown, steps[-1])
+        reports[measure] = ConvergenceReport(measure, converged, text, markdown, files)
+    return reports

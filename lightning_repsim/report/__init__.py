@@ -1,0 +1,60 @@
+"""Render similarity results: figures, files (PNG, CSV, JSON) and TensorBoard.
+
+Pure rendering: every function takes arrays (NumPy arrays, ``torch.Tensor`` or nested sequences),
+names and what the analysis computed (:mod:`lightning_repsim.analysis`), and knows nothing about
+capture, callbacks or the snapshot store.
+
+* :mod:`~lightning_repsim.report.figures` — heatmaps, convergence maps, per-layer curves;
+* :mod:`~lightning_repsim.report.files` — exact CSV, strict JSON, PNG, each written atomically;
+* :mod:`~lightning_repsim.report.tables` — per-layer tables in markdown or aligned text;
+* :mod:`~lightning_repsim.report.tensorboard` — tags and a reporter for images, scalars and text.
+"""
+from lightning_repsim.report._common import MEASURE_LABELS, MEASURE_RANGES, figure_to_array
+from lightning_repsim.report.figures import (
+    NAN_COLOR,
+    HeatmapFrames,
+    convergence_map_figure,
+    curves_figure,
+    heatmap_figure,
+)
+from lightning_repsim.report.files import (
+    PNG_COMPRESS_LEVEL,
+    encode_png,
+    save_image_png,
+    save_png,
+    write_json,
+    write_matrix_csv,
+    write_png_bytes,
+)
+from lightning_repsim.report.tables import summary_table
+from lightning_repsim.report.tensorboard import (
+    TensorBoardReporter,
+    accelerate_event_checksums,
+    make_tag,
+    sanitize_tag,
+    scalar_tags,
+)
+
+__all__ = [
+    "MEASURE_LABELS",
+    "MEASURE_RANGES",
+    "NAN_COLOR",
+    "PNG_COMPRESS_LEVEL",
+    "HeatmapFrames",
+    "TensorBoardReporter",
+    "accelerate_event_checksums",
+    "convergence_map_figure",
+    "curves_figure",
+    "encode_png",
+    "figure_to_array",
+    "heatmap_figure",
+    "make_tag",
+    "sanitize_tag",
+    "save_image_png",
+    "save_png",
+    "scalar_tags",
+    "summary_table",
+    "write_json",
+    "write_matrix_csv",
+    "write_png_bytes",
+]

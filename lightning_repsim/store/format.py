@@ -1,0 +1,296 @@
+"""The snapshot store's on-disk format: directory layout, manifest, step files.
+
+Format (``format_version`` 1), one directory (by convention :func:`default_store_dir`)::
+
+    repsim/
+      manifest.json                      the index; the only file that says what is stored
+      step-0000000000.safetensors        one file per kept step
+      step-0000000500.safetensors
+
+``manifest.json`` holds ``format`` (``"lightning_repsim.store"``), ``format_version``,
+``library_version``, ``probe_hash``, ``n``, ``dtype`` (``"float32"``), ``layers`` (in capture
+order), ``kinds`` (layer -> kind), ``settings`` (free-form JSON from the caller),
+``max_bytes``, ``steps`` (a list of ``{"step", "file", "nbytes"}``, ascending), ``thinned``
+(``{"rule", "stride", "dropped_steps"}``) and ``lost_steps`` (steps found damaged when the store
+was reopened for appending). Each step file is a safetensors file whose tensor names are the
+layer names, each an ``(n, r)`` float32 tensor, with metadata ``format``, ``format_version``,
+``step`` and ``probe_hash``. Nothing is ever pickled, so opening someone else's run reads
+data and never executes code.
+
+Crash safety: every file is written to a temporary file in the same directory (a hidden name
+ending in ``.tmp``), flushed, ``os.fsync``-ed and moved into place with ``os.replace``; the
+manifest is rewritten the same way after each step file lands. Whenever the process dies, the
+directory holds a valid store with every snapshot completed before the kill. On opening,
+temporary files and step files absent from the manifest are ignored (and deleted when opened
+for appending); a manifest step whose file is missing or truncated is dropped with a
+:class:`~lightning_repsim.errors.RepSimWarning`.
+
+Every function here reads or writes the format and nothing more; :class:`~lightning_repsim.store.SnapshotStore`
+keeps a store's state and its thinning rule on top of it.
+"""
+from __future__ import annotations
+
+import json
+import operator
+import re
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save as _safetensors_bytes
+
+import lightning_repsim
+from lightning_repsim._io import PathLike, atomic_write
+from lightning_repsim.errors import RepSimError, RepSimValueError
+
+__all__ = [
+    "DEFAULT_MAX_BYTES",
+    "FORMAT_NAME",
+    "FORMAT_VERSION",
+    "MANIFEST_NAME",
+    "default_store_dir",
+    "encode_snapshot",
+    "run_store_dirs",
+]
+
+FORMAT_NAME = "lightning_repsim.store"
+FORMAT_VERSION = 1
+MANIFEST_NAME = "manifest.json"
+
+#: Default disk budget of a store: 1 GB (10**9 bytes), counting the step files (the manifest,
+#: a few kB, is not counted). It holds 20 layers x n=1024 examples x 30 snapshots at r <= 400
+#: float32 columns: 20 * 1024 * 400 * 4 B = 32,768,000 B per snapshot (+ ~2 kB safetensors
+#: header), x 30 = 983,040,000 B (+ ~60 kB) < 1,000,000,000 B.
+DEFAULT_MAX_BYTES = 1_000_000_000
+
+THINNING_RULE = (
+    "keep the first snapshot, the newest, and every stride-th snapshot in logging order; "
+    "the stride doubles each time the budget is exceeded"
+)
+STEP_FILE_RE = re.compile(r"^step-(\d+)\.safetensors$")
+_STORE_DIR_RE = re.compile(r"^repsim(?:-([1-9]\d*))?$")
+
+
+def default_store_dir(log_dir: PathLike, index: int = 0) -> Path:
+    """Where a run's snapshot store lives: ``<log_dir>/repsim``.
+
+    The store sits inside the logger's run directory (e.g. ``lightning_logs/version_3``) so
+    that a run and its snapshots travel together when the directory is copied or shared. A
+    later fit into a run directory that already holds a store (a fixed logger version, a
+    re-run notebook cell) gets its own sibling, ``repsim-1``, ``repsim-2``, ... (``index``), so
+    that no fit overwrites or mixes with another's snapshots.
+
+    Args:
+        log_dir: the logger's run directory (``trainer.log_dir``).
+        index: 0 for the run directory's first store, k for the k-th further one.
+
+    Returns:
+        ``Path(log_dir) / "repsim"``, or ``Path(log_dir) / f"repsim-{index}"`` for ``index >= 1``.
+
+    Example:
+        >>> default_store_dir("lightning_logs/version_3").as_posix()
+        'lightning_logs/version_3/repsim'
+        >>> default_store_dir("lightning_logs/version_3", 2).as_posix()
+        'lightning_logs/version_3/repsim-2'
+    """
+    index = as_step(index, "index", "an int")
+    return Path(log_dir) / ("repsim" if index == 0 else f"repsim-{index}")
+
+
+def run_store_dirs(log_dir: PathLike) -> list[Path]:
+    """The stores directly inside a run directory: ``repsim``, ``repsim-1``, ... holding a manifest.
+
+    Ordered by index, i.e. by the fit that made them (:func:`default_store_dir`).
+
+    Example:
+        >>> import tempfile
+        >>> from lightning_repsim.store import SnapshotStore
+        >>> with tempfile.TemporaryDirectory() as tmp:
+        ...     for index in (0, 2):
+        ...         _ = SnapshotStore.create(default_store_dir(tmp, index), probe_hash="3f2a", n=4)
+        ...     print([p.name for p in run_store_dirs(tmp)])
+        ['repsim', 'repsim-2']
+    """
+    found = []
+    for child in Path(log_dir).glob("repsim*"):
+        match = _STORE_DIR_RE.match(child.name)
+        if match and (child / MANIFEST_NAME).is_file():
+            found.append((int(match.group(1) or 0), child))
+    return [path for _, path in sorted(found)]
+
+
+
+def step_file_name(step: int) -> str:
+    """The file of one step: ``step-<10 digits>.safetensors``."""
+    return f"step-{step:010d}.safetensors"
+
+
+def one_line(err: BaseException) -> str:
+    return " ".join(str(err).split())
+
+
+def as_step(step: Any, what: str = "step", expected: str = "an int") -> int:
+    if isinstance(step, bool):
+        raise RepSimValueError(f"{what} must be {expected}, got {step!r}")
+    try:
+        value = operator.index(step)
+    except TypeError:
+        raise RepSimValueError(f"{what} must be {expected}, got {step!r}") from None
+    if value < 0:
+        raise RepSimValueError(f"{what} must be >= 0, got {value}")
+    return value
+
+
+def encode_snapshot(step: int, probe_hash: str, tensors: Mapping[str, torch.Tensor]) -> bytes:
+    """The bytes of one step file: safetensors, float32 tensors named by layer, no pickle."""
+    metadata = {
+        "format": FORMAT_NAME,
+        "format_version": str(FORMAT_VERSION),
+        "step": str(step),
+        "probe_hash": probe_hash,
+    }
+    return _safetensors_bytes(dict(tensors), metadata=metadata)
+
+
+
+
+def read_step_file(file: Path, *, step: int, layers: Sequence[str], n: int,
+                   names: Sequence[str] = ()) -> dict[str, torch.Tensor]:
+    """Open one step file, check it holds ``step`` with exactly ``layers``, each an F32 ``(n, r)``
+    tensor, and read the tensors of ``names`` (none: only check). Every failure is one RepSimError
+    line naming the file."""
+    try:
+        with safe_open(str(file), framework="pt", device="cpu") as f:
+            _check_header(f, file, step, layers, n)
+            return {name: f.get_tensor(name) for name in names}
+    except RepSimError:
+        raise
+    except Exception as err:  # safetensors raises its own SafetensorError and others
+        raise RepSimError(f"{file}: not a readable safetensors file: {one_line(err)}") from None
+
+
+def _check_header(f: Any, file: Path, step: int, layers: Sequence[str], n: int) -> None:
+    keys = set(f.keys())
+    if keys != set(layers):
+        missing = sorted(set(layers) - keys)
+        extra = sorted(keys - set(layers))
+        raise RepSimError(
+            f"{file}: tensors do not match the manifest's layers "
+            f"(missing {missing}, unexpected {extra})"
+        )
+    meta = f.metadata() or {}
+    if meta.get("step") != str(step):
+        raise RepSimError(
+            f"{file}: holds step {meta.get('step')!r}, the manifest says step {step}"
+        )
+    for name in layers:
+        piece = f.get_slice(name)
+        shape, dtype = list(piece.get_shape()), piece.get_dtype()
+        if dtype != "F32" or len(shape) != 2 or shape[0] != n:
+            raise RepSimError(
+                f"{file}: layer {name!r} is {dtype} of shape {tuple(shape)}, expected F32 of "
+                f"shape ({n}, r)"
+            )
+
+
+def write_manifest(directory: Path, manifest: dict[str, Any]) -> None:
+    """Write ``manifest.json`` durably and atomically (the store's index: written after its step files)."""
+    atomic_write(directory / MANIFEST_NAME, json.dumps(manifest, indent=1).encode("utf-8"), durable=True)
+
+
+def occupied(path: Path) -> bool:
+    """Whether ``path`` is a file or a directory with something in it (where no new store may go)."""
+    return path.exists() and (not path.is_dir() or any(path.iterdir()))
+
+
+def read_manifest(path: Path) -> dict[str, Any]:
+    """Parse and validate ``manifest.json``; every failure is a one-line RepSimError."""
+    file = path / MANIFEST_NAME
+    try:
+        raw = file.read_bytes()
+    except FileNotFoundError:
+        raise RepSimError(
+            f"{file}: not found; {path} is not a snapshot store (make one with "
+            "SnapshotStore.create)"
+        ) from None
+    try:
+        manifest = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError) as err:
+        raise RepSimError(f"{file}: not valid JSON ({one_line(err)})") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT_NAME:
+        found = manifest.get("format") if isinstance(manifest, dict) else type(manifest).__name__
+        raise RepSimError(f"{file}: format is {found!r}, expected {FORMAT_NAME!r}")
+    version = manifest.get("format_version")
+    if isinstance(version, bool) or not isinstance(version, int) or version < 1:
+        raise RepSimError(f"{file}: invalid format_version {version!r}")
+    if version > FORMAT_VERSION:
+        raise RepSimError(
+            f"{file}: format_version {version} (written by lightning_repsim "
+            f"{manifest.get('library_version', '?')}) is newer than the {FORMAT_VERSION} this "
+            f"lightning_repsim {lightning_repsim.__version__} reads; upgrade lightning_repsim"
+        )
+
+    def bad(what: str) -> RepSimError:
+        return RepSimError(f"{file}: {what}")
+
+    def is_int(value: Any, low: int) -> bool:
+        return isinstance(value, int) and not isinstance(value, bool) and value >= low
+
+    if not isinstance(manifest.get("probe_hash"), str):
+        raise bad("probe_hash missing or not a string")
+    if not is_int(manifest.get("n"), 1):
+        raise bad(f"n must be an int >= 1, got {manifest.get('n')!r}")
+    if manifest.get("dtype", "float32") != "float32":
+        raise bad(f"dtype {manifest.get('dtype')!r} is not supported, expected 'float32'")
+    layers = manifest.get("layers")
+    if not isinstance(layers, list) or not all(isinstance(x, str) and x for x in layers):
+        raise bad("layers must be a list of non-empty strings")
+    if len(set(layers)) != len(layers):
+        raise bad("layers has duplicate names")
+    kinds = manifest.get("kinds")
+    if (
+        not isinstance(kinds, dict)
+        or set(kinds) != set(layers)
+        or not all(isinstance(v, str) for v in kinds.values())
+    ):
+        raise bad("kinds must map every layer (and only those) to a string")
+    settings = manifest.get("settings", {})
+    if not isinstance(settings, dict):
+        raise bad("settings must be a JSON object")
+    max_bytes = manifest.get("max_bytes", DEFAULT_MAX_BYTES)
+    if not is_int(max_bytes, 1):
+        raise bad(f"max_bytes must be an int >= 1, got {max_bytes!r}")
+    steps = manifest.get("steps")
+    if not isinstance(steps, list):
+        raise bad("steps must be a list")
+    previous = -1
+    for entry in steps:
+        if not isinstance(entry, dict) or not is_int(entry.get("step"), 0):
+            raise bad(f"invalid steps entry {entry!r}")
+        step = entry["step"]
+        if step <= previous:
+            raise bad(f"steps are not strictly increasing at step {step}")
+        previous = step
+        if entry.get("file") != step_file_name(step):
+            expected = step_file_name(step)
+            raise bad(f"step {step}: file must be {expected!r}, got {entry.get('file')!r}")
+        if not is_int(entry.get("nbytes"), 1):
+            raise bad(f"step {step}: nbytes must be a positive int, got {entry.get('nbytes')!r}")
+    if steps and not layers:
+        raise bad("steps are listed but layers is empty")
+    thinned = manifest.get("thinned", {"stride": 1, "dropped_steps": []})
+    if (
+        not isinstance(thinned, dict)
+        or not is_int(thinned.get("stride"), 1)
+        or not isinstance(thinned.get("dropped_steps"), list)
+        or not all(is_int(s, 0) for s in thinned["dropped_steps"])
+    ):
+        raise bad("thinned must be {'stride': int >= 1, 'dropped_steps': [int, ...]}")
+    lost = manifest.get("lost_steps", [])
+    if not isinstance(lost, list) or not all(is_int(s, 0) for s in lost):
+        raise bad("lost_steps must be a list of ints")
+    manifest["settings"], manifest["max_bytes"], manifest["lost_steps"] = settings, max_bytes, lost
+    manifest["thinned"] = thinned
+    return manifest
