@@ -10,7 +10,6 @@ saved, and the frozen set survives resume and DDP.
 
 from __future__ import annotations
 
-import fnmatch
 import math
 from collections.abc import Mapping
 from typing import Any, Optional, Union
@@ -25,7 +24,7 @@ from pytorch_lightning.callbacks.callback import Callback
 from pytorch_lightning.loggers import TensorBoardLogger
 from pytorch_lightning.utilities.rank_zero import rank_zero_info, rank_zero_warn
 
-from lightning_repsim.capture import Probe, capture, execution_order
+from lightning_repsim.capture import Probe, capture, eval_mode, execution_order, name_matches
 from lightning_repsim.errors import RepSimError, RepSimValueError
 from lightning_repsim.functional import cka, gram_linear
 
@@ -606,10 +605,8 @@ class FreezeTraining(Callback):
 
         root: nn.Module = pl_module
         prefix = ""
-        flags = [(m, m.training) for m in pl_module.modules()]
         try:
-            pl_module.eval()
-            with _isolated_rng(inputs.device):
+            with eval_mode(pl_module), _isolated_rng(inputs.device):
                 units = execution_order(pl_module, forward, top_level=True)
                 # look through a single wrapped network (self.net = Net())
                 while len(units) == 1 and _has_param_children(root.get_submodule(units[0])):
@@ -624,9 +621,6 @@ class FreezeTraining(Callback):
                 f"to find its units ({type(err).__name__}: {err}). Pass units=[...] explicitly, or override "
                 "FreezeTraining.batch_inputs / probe_forward."
             ) from err
-        finally:
-            for module, flag in flags:
-                module.training = flag
         units = [prefix + u for u in units]
         if not units:
             raise RepSimValueError(
@@ -675,7 +669,7 @@ class FreezeTraining(Callback):
     def _match_dict(self, units: list[str]) -> dict[str, _Trigger]:
         assert isinstance(self.schedule, dict)
         parsed = {key: _parse_trigger(key, value) for key, value in self.schedule.items()}
-        unmatched = [k for k in parsed if not any(k == u or fnmatch.fnmatchcase(u, k) for u in units)]
+        unmatched = [k for k in parsed if not any(name_matches(u, k) for u in units)]
         if unmatched:
             raise RepSimValueError(
                 f"FreezeTraining: schedule names {unmatched}, which match none of the units {units}. "
@@ -686,7 +680,7 @@ class FreezeTraining(Callback):
             if unit in parsed:
                 trigger = parsed[unit]
             else:
-                key = next((k for k in parsed if fnmatch.fnmatchcase(unit, k)), None)
+                key = next((k for k in parsed if name_matches(unit, k)), None)
                 trigger = None if key is None else parsed[key]
             if trigger is not None:
                 triggers[unit] = trigger

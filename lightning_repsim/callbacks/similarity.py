@@ -31,7 +31,8 @@ from tqdm.auto import tqdm
 
 from lightning_repsim import report
 from lightning_repsim.callbacks._background import Background
-from lightning_repsim.capture import LayerSelector, OutputSelector, Probe, _check_reduction, capture
+from lightning_repsim.capture import LayerSelector, OutputSelector, Probe, capture
+from lightning_repsim.capture.outputs import check_reduction
 from lightning_repsim.errors import RepSimError, RepSimValueError, RepSimWarning
 from lightning_repsim.functional import Representations, similarity_matrix
 from lightning_repsim.functional._measures import gram_spec, resolve_measures
@@ -204,7 +205,7 @@ class RepresentationSimilarity(Callback):
             raise RepSimValueError("set every_n_epochs or every_n_steps (both are None, so nothing would be logged).")
         if not 0.0 < threshold <= 1.0:
             raise RepSimValueError(f"threshold is a fraction of the final similarity in (0, 1]; got {threshold}.")
-        _check_reduction(max_features, layout, token_reduction)
+        check_reduction(max_features, layout, token_reduction)
         if not (output_selector is None or callable(output_selector) or isinstance(output_selector, str)
                 or (isinstance(output_selector, int) and not isinstance(output_selector, bool))):
             raise RepSimValueError(f"output_selector must be None, an int index, a str key or a callable; got "
