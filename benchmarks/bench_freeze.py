@@ -31,7 +31,7 @@ from torch.utils.data import DataLoader, TensorDataset
 import pytorch_lightning as pl
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from lightning_repsim.callbacks import FreezeTraining  # noqa: E402
+from lightning_repsim.callbacks import FreezeTraining, LinearSchedule, SimilaritySchedule  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "freeze.md"
 GPU = torch.cuda.is_available()
@@ -218,10 +218,10 @@ def workload(kind: str, cfg: dict, train, test) -> tuple[list[dict], list[dict]]
     configs = [
         ("standard", None),
         ("linear (start=0, end=1)", FreezeTraining(schedule="linear", verbose=False)),
-        ("linear (start=0.5, end=1)", FreezeTraining(schedule="linear", start=0.5, verbose=False)),
+        ("linear (start=0.5, end=1)", FreezeTraining(schedule=LinearSchedule(start=0.5), verbose=False)),
         (f"similarity (CKA>=0.99 x2, every {check} steps)",
-         FreezeTraining(schedule="similarity", threshold=0.99, patience=2, check_every_n_steps=check,
-                        probe_size=256, verbose=False)),
+         FreezeTraining(schedule=SimilaritySchedule(threshold=0.99, patience=2, check_every_n_steps=check,
+                                                    probe_size=256), verbose=False)),
         ("standard (again, last)", None),
     ]
     runs = []

@@ -1,9 +1,21 @@
-"""Lightning callbacks of lightning_repsim, one module per callback."""
+"""Lightning callbacks of lightning_repsim, one module per callback (and the freeze schedules beside them)."""
 
 from lightning_repsim.callbacks.freeze import FreezeTraining
+from lightning_repsim.callbacks.freeze_schedules import (
+    CubicSchedule,
+    FreezeSchedule,
+    LinearSchedule,
+    SimilaritySchedule,
+    TimesSchedule,
+)
 from lightning_repsim.callbacks.similarity import RepresentationSimilarity
 
 __all__ = [
+    "CubicSchedule",
+    "FreezeSchedule",
     "FreezeTraining",
+    "LinearSchedule",
     "RepresentationSimilarity",
+    "SimilaritySchedule",
+    "TimesSchedule",
 ]

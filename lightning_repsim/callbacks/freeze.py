@@ -5,93 +5,39 @@ Freeze training
 Progressive freezing by depth (Raghu et al. 2017; FreezeOut, Brock et al. 2017; used by
 Thompson et al. 2019): during training the network's units are frozen one by one from the input
 side until only the top trains. A frozen unit really stops changing, its backward compute is
-saved, and the frozen set survives resume and DDP.
+saved, and the frozen set survives resume and DDP. When each unit freezes is the schedule's
+business (:mod:`lightning_repsim.callbacks.freeze_schedules`).
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 from typing import Any, Optional, Union
 
+import pytorch_lightning as pl
 import torch
+from pytorch_lightning.callbacks.callback import Callback
+from pytorch_lightning.loggers import TensorBoardLogger
+from pytorch_lightning.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from typing_extensions import override
 
-import pytorch_lightning as pl
-from pytorch_lightning.callbacks.callback import Callback
-from pytorch_lightning.loggers import TensorBoardLogger
-from pytorch_lightning.utilities.rank_zero import rank_zero_info, rank_zero_warn
-
-from lightning_repsim.capture import Probe, capture, eval_mode, execution_order, name_matches
+from lightning_repsim.callbacks._strategy import ddp_finds_unused_parameters, refuse_sharded
+from lightning_repsim.callbacks.freeze_schedules import (
+    FreezeSchedule,
+    ScheduleValue,
+    SimilaritySchedule,
+    as_schedule,
+    bounded,
+    isolated_rng,
+)
+from lightning_repsim.capture import Probe, eval_mode, execution_order
 from lightning_repsim.errors import RepSimError, RepSimValueError
-from lightning_repsim.functional import cka, gram_linear
 
 __all__ = ["FreezeTraining"]
 
-_SCHEDULES = ("linear", "cubic", "similarity")
-_SOURCES = ("probe", "external")
 _STATE_VERSION = 1
-_PROBE_CHUNK = 256  # examples per probe forward; fixed so that results do not depend on the batch size
-
-ScheduleValue = Union[int, float, str, None]
-
-
-class _Trigger:
-    """When one unit freezes: ``kind`` is ``"step"``, ``"epoch"`` or ``"fraction"``."""
-
-    __slots__ = ("kind", "value")
-
-    def __init__(self, kind: str, value: Union[int, float]) -> None:
-        self.kind = kind
-        self.value = value
-
-    def __repr__(self) -> str:
-        return f"{self.kind}:{self.value}"
-
-
-def _parse_trigger(key: str, value: ScheduleValue) -> Optional[_Trigger]:
-    """One value of a dict schedule: int = step, float in [0, 1] = fraction, "epoch:N" / "step:N" / "fraction:F"."""
-    if value is None:
-        return None
-    if isinstance(value, bool):
-        raise RepSimValueError(f"schedule[{key!r}] = {value!r}: a bool is not a freeze time; {_DICT_HELP}")
-    if isinstance(value, int):
-        if value < 0:
-            raise RepSimValueError(f"schedule[{key!r}] = {value}: a step must be >= 0.")
-        return _Trigger("step", value)
-    if isinstance(value, float):
-        if not 0.0 <= value <= 1.0:
-            raise RepSimValueError(
-                f"schedule[{key!r}] = {value}: a float is a fraction of training and must lie in [0, 1]; "
-                f"write an int ({int(value)}) for a step or 'epoch:{int(value)}' for an epoch."
-            )
-        return _Trigger("fraction", value)
-    if isinstance(value, str):
-        kind, sep, number = value.partition(":")
-        kind = kind.strip().lower()
-        if sep and kind in ("step", "epoch"):
-            try:
-                parsed = int(number)
-            except ValueError:
-                parsed = -1
-            if parsed >= 0:
-                return _Trigger(kind, parsed)
-        if sep and kind in ("fraction", "frac"):
-            try:
-                fraction = float(number)
-            except ValueError:
-                fraction = -1.0
-            if 0.0 <= fraction <= 1.0:
-                return _Trigger("fraction", fraction)
-    raise RepSimValueError(f"schedule[{key!r}] = {value!r} is not a freeze time; {_DICT_HELP}")
-
-
-_DICT_HELP = (
-    "use an int for a global step (100), a float in [0, 1] for a fraction of "
-    "trainer.estimated_stepping_batches (0.5), or a string 'step:100', 'epoch:3' or 'fraction:0.5'."
-)
 
 
 class FreezeTraining(Callback):
@@ -106,35 +52,22 @@ class FreezeTraining(Callback):
     (``self.net = Net()``) is looked through: the units are then ``Net``'s top-level blocks.
     The last unit never freezes unless ``freeze_last=True``.
 
-    Schedules (:math:`i = 1, \dots, L` counts the units from the input side, :math:`T` is
-    ``trainer.estimated_stepping_batches``; a unit freezes once ``trainer.global_step`` reaches its
-    time):
+    Schedules (:mod:`lightning_repsim.callbacks.freeze_schedules`): a schedule object, or a shorthand:
 
-    * ``"linear"`` (Raghu et al. 2017): unit :math:`i` freezes at
-      :math:`\lfloor T\,(s + (e - s)\, i / L)\rfloor` with ``s = start``, ``e = end``; with the
-      defaults, unit 1 of 4 at 25 % of training, unit 2 at 50 %, unit 3 at 75 %.
-    * ``"cubic"`` (FreezeOut, Brock et al. 2017): the linear position cubed,
-      :math:`T\,(s + (e - s)\, i / L)^3`; with ``end=1`` this is FreezeOut's
-      :math:`t_i = (t_0 + (1 - t_0)\, i / L)^3` with :math:`t_0` = ``start``.
-    * a dict ``{unit name or glob: time}``: an ``int`` is a global (optimizer) step, a ``float``
-      in [0, 1] a fraction of :math:`T`, a string ``"step:N"``, ``"epoch:N"`` (frozen from the
-      start of 0-based epoch N) or ``"fraction:F"`` says it explicitly (YAML: ``1`` is step 1,
-      ``1.0`` is the end of training). An exact unit name wins over a glob; otherwise the first
-      matching key in the dict's order wins. Units not matched never freeze. Keys matching no
-      unit raise :class:`~lightning_repsim.errors.RepSimValueError`.
-    * ``"similarity"``: freeze the lowest still-trainable unit once its representation has
-      stopped changing: the linear CKA of its output on a fixed probe set between consecutive
-      checks stays ``>= threshold`` for ``patience`` consecutive checks. At most one unit
-      freezes per check; the frozen set is always a contiguous prefix. The probe is ``probe``
-      or the inputs of the first ``probe_size`` training examples (collected from the first
-      training batches, no extra data loading). Every ``check_every_n_steps`` optimizer steps
-      (every epoch when ``None``) the probe runs through the model in eval mode without
-      gradients; each unit's output becomes ``(n, p)`` features
-      (:func:`lightning_repsim.capture.reduce_output`: conv maps average-pooled to at most
-      ``max_features`` columns, then flattened), and its Gram matrix is compared with the one
-      of the previous check by linear CKA in float64
-      (:func:`lightning_repsim.functional.cka`). With ``similarity_source="external"`` no probe
-      runs; another callback feeds the values through :meth:`update_similarity`.
+    * ``"linear"`` or :class:`LinearSchedule` ``(start, end)`` (Raghu et al. 2017): unit :math:`i` of
+      :math:`L` freezes at :math:`\lfloor T\,(s + (e - s)\, i / L)\rfloor`, :math:`T` =
+      ``trainer.estimated_stepping_batches``; with the defaults, unit 1 of 4 at 25 % of training,
+      unit 2 at 50 %, unit 3 at 75 %.
+    * ``"cubic"`` or :class:`CubicSchedule` ``(start, end)`` (FreezeOut, Brock et al. 2017): the
+      linear position cubed.
+    * a dict ``{unit name or glob: time}`` (a :class:`TimesSchedule`): an ``int`` is a global step,
+      a ``float`` in [0, 1] a fraction of :math:`T`, a string ``"step:N"``, ``"epoch:N"`` or
+      ``"fraction:F"`` says it explicitly.
+    * ``"similarity"`` or :class:`SimilaritySchedule` ``(threshold, patience, check_every_n_steps,
+      probe, probe_size, source, max_features)``: the lowest trainable unit freezes once the
+      linear CKA of its output on a fixed probe, between consecutive checks, stays above
+      ``threshold`` for ``patience`` checks; with ``source="external"`` another callback feeds the
+      values through :meth:`update_similarity`.
 
     What "frozen" means here, for every parameter and buffer of a frozen unit:
 
@@ -175,25 +108,14 @@ class FreezeTraining(Callback):
     per freeze. Works without a logger.
 
     Args:
-        schedule: ``"linear"``, ``"cubic"``, ``"similarity"`` or a dict ``{unit or glob: time}``
-            (see above).
-        start: fraction of training where the linear / cubic schedule begins.
-        end: fraction of training where it ends (where unit ``L`` would freeze).
+        schedule: a :class:`~lightning_repsim.callbacks.freeze_schedules.FreezeSchedule`, or
+            ``"linear"``, ``"cubic"``, ``"similarity"`` (each with its defaults) or a dict
+            ``{unit or glob: time}`` (see above). In LightningCLI YAML a schedule object is a
+            ``class_path`` / ``init_args`` entry.
         units: depth-ordered module paths; ``None`` discovers them (see above).
         train_bn: keep the BatchNorm layers of frozen units in training mode (their affine
             parameters are still frozen, their running statistics keep updating).
         freeze_last: allow the last unit to freeze too, i.e. the whole network.
-        threshold: similarity schedule: CKA at or above which a unit counts as unchanged.
-        patience: similarity schedule: consecutive checks above ``threshold`` before freezing.
-        check_every_n_steps: similarity schedule: optimizer steps between checks; ``None``
-            checks at the end of every training epoch.
-        probe: similarity schedule: a fixed tensor of model inputs (rows are examples).
-        probe_size: similarity schedule: examples collected from the first training batches
-            when ``probe`` is ``None``.
-        similarity_source: ``"probe"`` (internal probe pass) or ``"external"``
-            (:meth:`update_similarity` only).
-        max_features: cap on the columns of a conv unit's features (see
-            :func:`~lightning_repsim.capture.reduce_output`).
         verbose: print one ``rank_zero_info`` line per freeze.
 
     Raises:
@@ -234,41 +156,14 @@ class FreezeTraining(Callback):
 
     def __init__(
         self,
-        schedule: Union[str, dict[str, ScheduleValue]] = "linear",
-        start: float = 0.0,
-        end: float = 1.0,
+        schedule: Union[FreezeSchedule, dict[str, ScheduleValue], str] = "linear",
         units: Optional[list[str]] = None,
         train_bn: bool = False,
         freeze_last: bool = False,
-        threshold: float = 0.99,
-        patience: int = 3,
-        check_every_n_steps: Optional[int] = 50,
-        probe: Optional[torch.Tensor] = None,
-        probe_size: int = 256,
-        similarity_source: str = "probe",
-        max_features: int = 4096,
         verbose: bool = True,
     ) -> None:
         super().__init__()
-        if isinstance(schedule, str):
-            if schedule not in _SCHEDULES:
-                raise RepSimValueError(
-                    f"schedule={schedule!r} is not known; use one of {list(_SCHEDULES)} or a dict {{unit: time}}."
-                )
-        elif isinstance(schedule, Mapping):
-            if not schedule:
-                raise RepSimValueError("schedule is an empty dict; name at least one unit (or glob) to freeze.")
-            for key, value in schedule.items():
-                if not isinstance(key, str):
-                    raise RepSimValueError(f"schedule keys are unit names or globs; got {key!r}.")
-                _parse_trigger(key, value)
-            schedule = dict(schedule)
-        else:
-            raise RepSimValueError(
-                f"schedule must be 'linear', 'cubic', 'similarity' or a dict; got {type(schedule).__name__}."
-            )
-        if not (0.0 <= start <= end <= 1.0):
-            raise RepSimValueError(f"Need 0 <= start <= end <= 1 (fractions of training); got start={start}, end={end}.")
+        self.schedule = as_schedule(schedule)
         if units is not None:
             if isinstance(units, str) or not all(isinstance(u, str) for u in units):
                 raise RepSimValueError(f"units must be a list of module paths; got {units!r}.")
@@ -277,55 +172,20 @@ class FreezeTraining(Callback):
             if not units:
                 raise RepSimValueError("units is empty; pass None to discover the top-level blocks.")
             units = list(units)
-        if not 0.0 < threshold <= 1.0:
-            raise RepSimValueError(f"threshold must lie in (0, 1] (a CKA value); got {threshold}.")
-        if isinstance(patience, bool) or not isinstance(patience, int) or patience < 1:
-            raise RepSimValueError(f"patience must be a positive int; got {patience!r}.")
-        if check_every_n_steps is not None and (
-            isinstance(check_every_n_steps, bool) or not isinstance(check_every_n_steps, int) or check_every_n_steps < 1
-        ):
-            raise RepSimValueError(f"check_every_n_steps must be a positive int or None; got {check_every_n_steps!r}.")
-        if isinstance(probe_size, bool) or not isinstance(probe_size, int) or probe_size < 2:
-            raise RepSimValueError(f"probe_size must be an int >= 2 (CKA needs examples); got {probe_size!r}.")
-        if probe is not None and (not isinstance(probe, torch.Tensor) or probe.ndim == 0 or probe.shape[0] < 2):
-            raise RepSimValueError("probe must be a tensor of model inputs with at least 2 rows (examples).")
-        if similarity_source not in _SOURCES:
-            raise RepSimValueError(f"similarity_source must be one of {list(_SOURCES)}; got {similarity_source!r}.")
-
-        self.schedule = schedule
-        self.start = float(start)
-        self.end = float(end)
         self.train_bn = train_bn
         self.freeze_last = freeze_last
-        self.threshold = float(threshold)
-        self.patience = patience
-        self.check_every_n_steps = check_every_n_steps
-        self.probe_size = probe_size
-        self.similarity_source = similarity_source
-        self.max_features = max_features
         self.verbose = verbose
         self._requested_units = units
 
-        # state that travels in checkpoints
+        # state that travels in checkpoints (with the schedule's own)
         self._units: Optional[list[str]] = units
         self._frozen: list[str] = []
         self._events: list[dict[str, Any]] = []
-        self._streaks: dict[str, int] = {}
-        self._history: list[dict[str, Any]] = []
-        self._last_check: Optional[int] = None  # step (or epoch) of the last similarity check
-        self._probe: Optional[torch.Tensor] = None if probe is None else probe.detach().cpu().clone()
-        self._probe_given = probe is not None
-        self._reference: dict[str, torch.Tensor] = {}
 
         # per-fit runtime
         self._module: Optional[pl.LightningModule] = None
-        self._trainer: Optional[pl.Trainer] = None
-        self._triggers: dict[str, _Trigger] = {}
-        self._steps: dict[str, Optional[int]] = {}
         self._frozen_params: list[nn.Parameter] = []
         self._frozen_bn: list[_BatchNorm] = []
-        self._probe_chunks: list[torch.Tensor] = []
-        self._feeds: list[tuple[int, dict[str, float]]] = []
 
     # ------------------------------------------------------------------ public read-only views
 
@@ -346,8 +206,8 @@ class FreezeTraining(Callback):
 
     @property
     def history(self) -> list[dict[str, Any]]:
-        """Similarity schedule: one ``{"step": int, "values": {unit: cka}}`` per check."""
-        return [{"step": h["step"], "values": dict(h["values"])} for h in self._history]
+        """Similarity schedule: one ``{"step": int, "values": {unit: cka}}`` per check (else empty)."""
+        return self.schedule.history if isinstance(self.schedule, SimilaritySchedule) else []
 
     # ------------------------------------------------------------------ external similarity feed
 
@@ -369,74 +229,67 @@ class FreezeTraining(Callback):
             values: ``{layer or unit name: similarity}``.
 
         Raises:
-            RepSimValueError: when the schedule is not ``"similarity"`` with
-                ``similarity_source="external"``.
+            RepSimValueError: when the schedule is not ``SimilaritySchedule(source="external")``.
 
         Example:
-            >>> freeze = FreezeTraining(schedule="similarity", similarity_source="external", patience=2)
+            >>> from lightning_repsim.callbacks import SimilaritySchedule
+            >>> freeze = FreezeTraining(schedule=SimilaritySchedule(source="external", patience=2))
             >>> freeze.update_similarity(100, {"features.0": 0.995, "features.3": 0.91})
         """
-        if self.schedule != "similarity" or self.similarity_source != "external":
+        if not (isinstance(self.schedule, SimilaritySchedule) and self.schedule.source == "external"):
             raise RepSimValueError(
                 "update_similarity() feeds the similarity schedule from outside; create the callback with "
-                f"schedule='similarity', similarity_source='external' (got schedule={self.schedule!r}, "
-                f"similarity_source={self.similarity_source!r})."
+                f"schedule=SimilaritySchedule(source='external') (got schedule={self.schedule!r})."
             )
-        self._feeds.append((int(step), {str(k): float(v) for k, v in values.items()}))
+        self.schedule.feed(step, values)
 
     # ------------------------------------------------------------------ Lightning hooks
 
     @override
-    def setup(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
-        self._trainer, self._module = trainer, pl_module
-        self._check_strategy(trainer)
-        if self._uses_fractions():
+        self._module = pl_module
+        self._check_strategy(trainer.strategy)
+        if self.schedule.uses_fractions:
             total = trainer.estimated_stepping_batches
-            if not self._bounded(total):
+            if not bounded(total):
                 raise RepSimValueError(
-                    f"FreezeTraining(schedule={self._schedule_label()}) places freezes at fractions of training, but "
-                    f"the training length is unbounded (trainer.estimated_stepping_batches = {total}, max_epochs="
+                    f"FreezeTraining(schedule={self.schedule!r}) places freezes at fractions of training, but the "
+                    f"training length is unbounded (trainer.estimated_stepping_batches = {total}, max_epochs="
                     f"{trainer.max_epochs}, max_steps={trainer.max_steps}). Set max_steps (or max_epochs with a "
                     "sized dataloader), or give the schedule in steps: a dict {unit: step} or {unit: 'epoch:N'}."
                 )
         if self._units is not None:
             self._validate_units(pl_module, self._units)
-            if isinstance(self.schedule, dict):
-                self._match_dict(self._units)
+            self.schedule.check(self._units, self.freeze_last)
 
     @override
-    def on_fit_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
-        self._trainer, self._module = trainer, pl_module
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._module = pl_module
+        self._check_strategy(trainer.strategy)  # the wrapped model now says what DDP was given
         if self._units is not None:
             # BatchNorm eval mode waits for on_train_start: Lightning warns about modules in eval mode
             # between the two hooks (a resume re-freezing units is intentional, not a user mistake)
             self._apply(pl_module, modes=False)
 
     @override
-    def on_train_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
-        self._trainer, self._module = trainer, pl_module
-        self._probe_chunks = []
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._module = pl_module
         if self._units is not None:
-            self._resolve(trainer)
+            self.schedule.start(trainer, self._units, self.freeze_last)
             self._apply(pl_module)
             self._log_metrics(trainer)
 
     @override
-    def on_train_batch_start(
-        self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", batch: Any, batch_idx: int
-    ) -> None:
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
+                             batch_idx: int) -> None:
         if self._units is None:
-            self._discover(trainer, pl_module, batch)
-            self._resolve(trainer)
+            self._discover(pl_module, batch)
+            self.schedule.start(trainer, self.units or [], self.freeze_last)
             self._log_metrics(trainer)
-        if self.schedule == "similarity" and self.similarity_source == "probe":
-            self._collect_probe(trainer, batch)
-            if self._check_due(trainer, at_epoch_end=False):
-                self._probe_check(trainer, pl_module, at_epoch_end=False)
-        self._consume_feeds(trainer)
-        self._advance(trainer, pl_module, epoch=trainer.current_epoch)
+        self.schedule.collect(self, trainer, batch)
+        self._advance(trainer, pl_module, "batch_start")
         self._apply(pl_module)
         if self._frozen and not any(p.requires_grad for p in pl_module.parameters()):
             raise RepSimError(
@@ -446,37 +299,25 @@ class FreezeTraining(Callback):
             )
 
     @override
-    def on_train_batch_end(
-        self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", outputs: Any, batch: Any, batch_idx: int
-    ) -> None:
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
         # Freezes due after this step take effect before the next batch; deciding here lets
         # ModelCheckpoint (which runs after us) save them and lets `should_stop` end training in time.
-        if self._units is None:
-            return
-        if self.schedule == "similarity" and self.similarity_source == "probe":
-            if self._check_due(trainer, at_epoch_end=False):
-                self._probe_check(trainer, pl_module, at_epoch_end=False)
-        self._consume_feeds(trainer)
-        self._advance(trainer, pl_module, epoch=trainer.current_epoch)
+        if self._units is not None:
+            self._advance(trainer, pl_module, "batch_end")
 
     @override
-    def on_train_epoch_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
-        if self._units is None:
-            return
-        if self.schedule == "similarity" and self.similarity_source == "probe":
-            if self._check_due(trainer, at_epoch_end=True):
-                self._probe_check(trainer, pl_module, at_epoch_end=True)
-        self._consume_feeds(trainer)
-        self._advance(trainer, pl_module, epoch=trainer.current_epoch + 1)
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._units is not None:
+            self._advance(trainer, pl_module, "epoch_end")
 
     @override
-    def on_validation_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._apply_modes()
 
     @override
-    def on_before_optimizer_step(
-        self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", optimizer: torch.optim.Optimizer
-    ) -> None:
+    def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
+                                 optimizer: torch.optim.Optimizer) -> None:
         for param in self._frozen_params:
             param.grad = None
 
@@ -487,11 +328,7 @@ class FreezeTraining(Callback):
             "units": self._units,
             "frozen": list(self._frozen),
             "events": [dict(e) for e in self._events],
-            "streaks": dict(self._streaks),
-            "history": self.history,
-            "last_check": self._last_check,
-            "probe": self._probe,
-            "reference": dict(self._reference),
+            **self.schedule.state_dict(),
         }
 
     @override
@@ -513,12 +350,7 @@ class FreezeTraining(Callback):
         self._units = None if units is None else list(units)
         self._frozen = frozen
         self._events = [dict(e) for e in state_dict.get("events", [])]
-        self._streaks = dict(state_dict.get("streaks", {}))
-        self._history = [{"step": h["step"], "values": dict(h["values"])} for h in state_dict.get("history", [])]
-        self._last_check = state_dict.get("last_check")
-        if not self._probe_given and state_dict.get("probe") is not None:
-            self._probe = state_dict["probe"].cpu()
-        self._reference = {k: v for k, v in state_dict.get("reference", {}).items()}
+        self.schedule.load_state_dict(state_dict)
 
     # ------------------------------------------------------------------ overridable pieces
 
@@ -528,58 +360,26 @@ class FreezeTraining(Callback):
         mapping. Override for other batch layouts."""
         return Probe._batch_inputs(batch)
 
-    def probe_forward(self, pl_module: "pl.LightningModule", inputs: torch.Tensor) -> Any:
+    def probe_forward(self, pl_module: pl.LightningModule, inputs: torch.Tensor) -> Any:
         """Run the model on ``inputs`` (unit discovery and similarity probe); default ``pl_module(inputs)``."""
         return pl_module(inputs)
 
     # ------------------------------------------------------------------ configuration checks
 
-    def _schedule_label(self) -> str:
-        return repr(self.schedule) if isinstance(self.schedule, str) else "{...}"
-
-    def _uses_fractions(self) -> bool:
-        if self.schedule in ("linear", "cubic"):
-            return True
-        if isinstance(self.schedule, dict):
-            return any(
-                (t := _parse_trigger(k, v)) is not None and t.kind == "fraction" for k, v in self.schedule.items()
-            )
-        return False
-
-    @staticmethod
-    def _bounded(total: Union[int, float]) -> bool:
-        return isinstance(total, (int, float)) and math.isfinite(total) and total > 0
-
-    def _check_strategy(self, trainer: "pl.Trainer") -> None:
-        from pytorch_lightning.strategies import DDPStrategy, DeepSpeedStrategy, FSDPStrategy
-
-        sharded: tuple[type, ...] = (DeepSpeedStrategy, FSDPStrategy)
-        try:
-            from pytorch_lightning.strategies import ModelParallelStrategy
-
-            sharded += (ModelParallelStrategy,)
-        except ImportError:  # pragma: no cover - older Lightning
-            pass
-        strategy = trainer.strategy
-        if isinstance(strategy, sharded):
+    def _check_strategy(self, strategy: Any) -> None:
+        refuse_sharded(strategy, "FreezeTraining freezes units one by one, and sharded parameters are flattened "
+                                 "and spread across ranks")
+        is_ddp, finds_unused = ddp_finds_unused_parameters(strategy)
+        if is_ddp and not finds_unused:
             raise RepSimValueError(
-                f"FreezeTraining does not support the sharded strategy {type(strategy).__name__}: parameters are "
-                "flattened and sharded across ranks, so units cannot be frozen one by one. Use strategy='ddp_find_"
-                "unused_parameters_true' (or a single device), or remove the callback."
+                "FreezeTraining freezes units after DDP has wrapped the model; DDP then waits for gradients of "
+                "the frozen parameters that never come and Lightning stops with 'parameters that were not used "
+                "in producing the loss'. Create the Trainer with strategy='ddp_find_unused_parameters_true' (or "
+                "'ddp_spawn_find_unused_parameters_true'), or strategy=DDPStrategy(find_unused_parameters=True), "
+                "without static_graph=True."
             )
-        if isinstance(strategy, DDPStrategy):
-            kwargs = getattr(strategy, "_ddp_kwargs", {}) or {}
-            if not kwargs.get("find_unused_parameters", False) or kwargs.get("static_graph", False):
-                raise RepSimValueError(
-                    "FreezeTraining freezes units after DDP has wrapped the model; DDP then waits for gradients of "
-                    "the frozen parameters that never come and Lightning stops with 'parameters that were not used "
-                    "in producing the loss'. Create the Trainer with strategy='ddp_find_unused_parameters_true' (or "
-                    "'ddp_spawn_find_unused_parameters_true'), or strategy=DDPStrategy(find_unused_parameters=True)"
-                    + (" and without static_graph=True" if kwargs.get("static_graph", False) else "")
-                    + "."
-                )
 
-    def _validate_units(self, pl_module: "pl.LightningModule", units: list[str]) -> None:
+    def _validate_units(self, pl_module: pl.LightningModule, units: list[str]) -> None:
         modules = dict(pl_module.named_modules())
         missing = [u for u in units if u not in modules or u == ""]
         if missing:
@@ -595,9 +395,9 @@ class FreezeTraining(Callback):
         if empty:
             rank_zero_warn(f"FreezeTraining: units {empty} hold no parameters; freezing them changes nothing.")
 
-    # ------------------------------------------------------------------ discovery and schedule
+    # ------------------------------------------------------------------ discovery and freezing
 
-    def _discover(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", batch: Any) -> None:
+    def _discover(self, pl_module: pl.LightningModule, batch: Any) -> None:
         inputs = self.batch_inputs(batch)[:2]
 
         def forward() -> Any:
@@ -606,7 +406,7 @@ class FreezeTraining(Callback):
         root: nn.Module = pl_module
         prefix = ""
         try:
-            with eval_mode(pl_module), _isolated_rng(inputs.device):
+            with eval_mode(pl_module), isolated_rng(inputs.device):
                 units = execution_order(pl_module, forward, top_level=True)
                 # look through a single wrapped network (self.net = Net())
                 while len(units) == 1 and _has_param_children(root.get_submodule(units[0])):
@@ -626,228 +426,36 @@ class FreezeTraining(Callback):
             raise RepSimValueError(
                 f"FreezeTraining found no block with parameters in {type(pl_module).__name__}; pass units=[...]."
             )
-        self._units = units
         self._validate_units(pl_module, units)
+        self.schedule.check(units, self.freeze_last)
+        self._units = units
 
-    def _eligible(self) -> list[str]:
+    def _advance(self, trainer: pl.Trainer, pl_module: pl.LightningModule, point: str) -> None:
         assert self._units is not None
-        return list(self._units) if self.freeze_last else list(self._units[:-1])
-
-    def _resolve(self, trainer: "pl.Trainer") -> None:
-        """Turn the schedule into per-unit triggers and freeze steps for this fit."""
-        units = self._units
-        assert units is not None
-        triggers: dict[str, _Trigger] = {}
-        if self.schedule in ("linear", "cubic"):
-            count = len(units)
-            for i, unit in enumerate(units, start=1):
-                position = self.start + (self.end - self.start) * i / count
-                triggers[unit] = _Trigger("fraction", position**3 if self.schedule == "cubic" else position)
-            if not self.freeze_last:
-                triggers.pop(units[-1])
-            if not triggers:
-                rank_zero_warn(
-                    f"FreezeTraining: only one unit ({units}) and freeze_last=False, so nothing will freeze; "
-                    "pass units=[...] with several depth-ordered blocks."
-                )
-        elif isinstance(self.schedule, dict):
-            triggers = self._match_dict(units)
-        self._triggers = triggers
-        total = trainer.estimated_stepping_batches if any(t.kind == "fraction" for t in triggers.values()) else None
-        steps: dict[str, Optional[int]] = {}
-        for unit, trigger in triggers.items():
-            if trigger.kind == "step":
-                steps[unit] = int(trigger.value)
-            elif trigger.kind == "fraction":
-                if not self._bounded(total):  # pragma: no cover - caught in setup
-                    raise RepSimValueError(f"FreezeTraining: cannot place fractions in unbounded training ({total}).")
-                steps[unit] = int(math.floor(trigger.value * total + 1e-9))
-            else:
-                steps[unit] = None  # epoch trigger
-        self._steps = steps
-
-    def _match_dict(self, units: list[str]) -> dict[str, _Trigger]:
-        assert isinstance(self.schedule, dict)
-        parsed = {key: _parse_trigger(key, value) for key, value in self.schedule.items()}
-        unmatched = [k for k in parsed if not any(name_matches(u, k) for u in units)]
-        if unmatched:
-            raise RepSimValueError(
-                f"FreezeTraining: schedule names {unmatched}, which match none of the units {units}. "
-                "Use these names (or globs over them), or pass units=[...]."
-            )
-        triggers: dict[str, _Trigger] = {}
-        for unit in units:
-            if unit in parsed:
-                trigger = parsed[unit]
-            else:
-                key = next((k for k in parsed if name_matches(unit, k)), None)
-                trigger = None if key is None else parsed[key]
-            if trigger is not None:
-                triggers[unit] = trigger
-        if len(triggers) == len(units) and not self.freeze_last:
-            raise RepSimValueError(
-                f"FreezeTraining: the schedule would freeze every unit ({units}), i.e. the whole network. "
-                "Pass freeze_last=True if that is what you want."
-            )
-        order = [u for u in units if u in triggers]
-        if order != units[: len(order)]:
-            rank_zero_warn(
-                f"FreezeTraining: the schedule freezes {order}, which is not a prefix of the units {units}; "
-                "frozen units stop changing, but backward compute is saved only for a contiguous frozen prefix."
-            )
-        return triggers
-
-    def _due(self, unit: str, step: int, epoch: int) -> bool:
-        trigger = self._triggers.get(unit)
-        if trigger is None:
-            return False
-        if trigger.kind == "epoch":
-            return epoch >= trigger.value
-        target = self._steps.get(unit)
-        return target is not None and step >= target
-
-    def _advance(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", epoch: int) -> None:
-        if self.schedule == "similarity" or self._units is None:
-            return
-        step = trainer.global_step
-        new = [u for u in self._units if u not in self._frozen and self._due(u, step, epoch)]
+        eligible = list(self._units) if self.freeze_last else list(self._units[:-1])
+        new = self.schedule.due(point, self, trainer, pl_module, list(self._frozen), eligible)
         if new:
-            reason = f"{self.schedule} schedule" if isinstance(self.schedule, str) else "dict schedule"
-            details = {u: f"{reason} ({self._triggers[u]!r}, step {self._steps.get(u)})" for u in new}
-            self._freeze(trainer, pl_module, new, details)
+            self._freeze(trainer, pl_module, new)
 
-    # ------------------------------------------------------------------ similarity schedule
-
-    def _collect_probe(self, trainer: "pl.Trainer", batch: Any) -> None:
-        if self._probe is not None:
-            return
-        # every rank collects (so all agree when the probe is complete); only rank 0 measures
-        inputs = self.batch_inputs(batch).detach()
-        have = sum(c.shape[0] for c in self._probe_chunks)
-        self._probe_chunks.append(inputs[: self.probe_size - have].cpu().clone())
-        if have + self._probe_chunks[-1].shape[0] >= self.probe_size:
-            self._probe = torch.cat(self._probe_chunks)
-            self._probe_chunks = []
-
-    def _check_due(self, trainer: "pl.Trainer", at_epoch_end: bool) -> bool:
-        if self._probe is None:
-            return False
-        if self.check_every_n_steps is None:  # a reference before training, then every epoch end
-            if at_epoch_end:
-                return self._last_check is None or self._last_check < trainer.current_epoch
-            return self._last_check is None
-        step = trainer.global_step
-        return not at_epoch_end and step % self.check_every_n_steps == 0 and step != self._last_check
-
-    def _probe_check(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", at_epoch_end: bool) -> None:
-        """One similarity check: rank 0 runs the probe; its values are broadcast; every rank decides alike."""
-        candidates = [u for u in self._eligible() if u not in self._frozen]
-        values: dict[str, float] = {}
-        if trainer.is_global_zero:
-            values = self._measure(pl_module, candidates)
-        if trainer.world_size > 1:
-            values = trainer.strategy.broadcast(values, src=0)
-        if self.check_every_n_steps is None:
-            self._last_check = trainer.current_epoch if at_epoch_end else trainer.current_epoch - 1
-        else:
-            self._last_check = trainer.global_step
-        if values:  # the first check only sets the reference
-            self._record(trainer, pl_module, trainer.global_step, values)
-
-    def _measure(self, pl_module: "pl.LightningModule", candidates: list[str]) -> dict[str, float]:
-        """CKA of each candidate unit's probe Gram with the previous check's; {} on the first check."""
-        assert self._probe is not None
-        if not candidates:
-            return {}
-        probe = self._probe
-        device = _module_device(pl_module)
-        with _isolated_rng(device):
-            feats = capture(
-                pl_module,
-                probe,
-                layers=candidates,
-                batch_size=_PROBE_CHUNK,
-                max_features=self.max_features,
-                forward=lambda model, x: self.probe_forward(model, x),
-            )
-        values: dict[str, float] = {}
-        for unit in candidates:
-            if unit not in feats:
-                values[unit] = float("nan")
-                continue
-            gram = gram_linear(feats[unit]).cpu()
-            previous = self._reference.get(unit)
-            self._reference[unit] = gram
-            if previous is not None:
-                values[unit] = float(cka(previous, gram))
-        for unit in list(self._reference):
-            if unit not in candidates:
-                del self._reference[unit]
-        return values
-
-    def _consume_feeds(self, trainer: "pl.Trainer") -> None:
-        if self.similarity_source != "external" or self._units is None:
-            return
-        if not self._feeds:
-            return
-        feeds = self._feeds
-        self._feeds = []
-        if trainer.world_size > 1:  # every rank was fed at the same point (a callback hook), so all get here
-            feeds = trainer.strategy.broadcast(feeds, src=0)
-        pl_module = self._module
-        assert pl_module is not None
-        for step, raw in feeds:
-            values: dict[str, float] = {}
-            for unit in self._units:
-                if unit in self._frozen:
-                    continue
-                hits = [v for k, v in raw.items() if k == unit or k.startswith(unit + ".")]
-                if hits:
-                    values[unit] = float("nan") if any(math.isnan(v) for v in hits) else min(hits)
-            self._record(trainer, pl_module, step, values)
-
-    def _record(
-        self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", step: int, values: dict[str, float]
-    ) -> None:
-        """Update patience counters with one check and freeze the lowest trainable unit if it is stable."""
-        self._history.append({"step": int(step), "values": dict(values)})
-        for unit, value in values.items():
-            stable = not math.isnan(value) and value >= self.threshold
-            self._streaks[unit] = self._streaks.get(unit, 0) + 1 if stable else 0
-        lowest = next((u for u in self._eligible() if u not in self._frozen), None)
-        if lowest is not None and self._streaks.get(lowest, 0) >= self.patience:
-            value = values.get(lowest, float("nan"))
-            why = (
-                f"similarity schedule: linear CKA with the previous check >= {self.threshold} for "
-                f"{self._streaks[lowest]} consecutive checks (last {value:.5f})"
-            )
-            self._streaks.pop(lowest, None)
-            self._reference.pop(lowest, None)
-            self._freeze(trainer, pl_module, [lowest], {lowest: why})
-
-    # ------------------------------------------------------------------ freezing
-
-    def _freeze(
-        self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", new: list[str], reasons: dict[str, str]
-    ) -> None:
+    def _freeze(self, trainer: pl.Trainer, pl_module: pl.LightningModule, reasons: dict[str, str]) -> None:
         step, epoch = trainer.global_step, trainer.current_epoch
-        for unit in new:
+        for unit, reason in reasons.items():
             self._frozen.append(unit)
-            self._events.append({"unit": unit, "step": step, "epoch": epoch, "reason": reasons[unit]})
+            self._events.append({"unit": unit, "step": step, "epoch": epoch, "reason": reason})
         self._apply(pl_module)
         fraction = self._frozen_fraction(pl_module)
         if self.verbose:
-            for unit in new:
+            for unit, reason in reasons.items():
                 rank_zero_info(
-                    f"FreezeTraining: froze {unit!r} at step {step} (epoch {epoch}): {reasons[unit]}; "
+                    f"FreezeTraining: froze {unit!r} at step {step} (epoch {epoch}): {reason}; "
                     f"{len(self._frozen)} unit(s), {100 * fraction:.1f}% of parameters frozen."
                 )
-        self._log_metrics(trainer, [(unit, reasons[unit]) for unit in new])
+        self._log_metrics(trainer, list(reasons.items()))
         if not any(p.requires_grad for p in pl_module.parameters()):
             rank_zero_info("FreezeTraining: every parameter is frozen; asking the Trainer to stop.")
             trainer.should_stop = True
 
-    def _apply(self, pl_module: "pl.LightningModule", *, modes: bool = True) -> None:
+    def _apply(self, pl_module: pl.LightningModule, *, modes: bool = True) -> None:
         """(Re-)apply the frozen set: requires_grad=False, and BatchNorm eval mode unless ``modes=False``."""
         params: dict[int, nn.Parameter] = {}
         bns: list[_BatchNorm] = []
@@ -868,18 +476,11 @@ class FreezeTraining(Callback):
         for bn in self._frozen_bn:
             bn.eval()
 
-    @staticmethod
-    def _count(params: Any) -> int:
-        seen: dict[int, int] = {}
-        for p in params:
-            seen[id(p)] = p.numel()
-        return sum(seen.values())
+    def _frozen_fraction(self, pl_module: pl.LightningModule) -> float:
+        total = _count(pl_module.parameters())
+        return _count(self._frozen_params) / total if total else 0.0
 
-    def _frozen_fraction(self, pl_module: "pl.LightningModule") -> float:
-        total = self._count(pl_module.parameters())
-        return self._count(self._frozen_params) / total if total else 0.0
-
-    def _log_metrics(self, trainer: "pl.Trainer", events: Optional[list[tuple[str, str]]] = None) -> None:
+    def _log_metrics(self, trainer: pl.Trainer, events: Optional[list[tuple[str, str]]] = None) -> None:
         if not trainer.is_global_zero or self._module is None:
             return
         step = trainer.global_step
@@ -900,12 +501,8 @@ def _has_param_children(module: nn.Module) -> bool:
     return any(next(child.parameters(), None) is not None for child in module.children())
 
 
-def _module_device(module: nn.Module) -> torch.device:
-    for tensor in module.parameters():
-        return tensor.device
-    return torch.device("cpu")
-
-
-def _isolated_rng(device: torch.device) -> Any:
-    """Run a side pass (discovery, probe) without consuming the training run's random numbers."""
-    return torch.random.fork_rng(devices=[device.index or 0] if device.type == "cuda" else [])
+def _count(params: Any) -> int:
+    seen: dict[int, int] = {}
+    for p in params:
+        seen[id(p)] = p.numel()
+    return sum(seen.values())

@@ -16,7 +16,13 @@ from pytorch_lightning.callbacks import Callback, ModelCheckpoint
 from pytorch_lightning.loggers import TensorBoardLogger
 from pytorch_lightning.strategies import DDPStrategy, FSDPStrategy
 
-from lightning_repsim.callbacks import FreezeTraining
+from lightning_repsim.callbacks import (
+    CubicSchedule,
+    FreezeTraining,
+    LinearSchedule,
+    SimilaritySchedule,
+    TimesSchedule,
+)
 from lightning_repsim.errors import RepSimError, RepSimValueError
 
 UNITS = ["block1", "block2", "head"]
@@ -178,7 +184,7 @@ class Feeder(Callback):
 @pytest.mark.parametrize("optimizer", ["sgd", "adamw"])
 def test_freeze_in_the_middle_of_gradient_accumulation(optimizer, accumulate):
     pl.seed_everything(2)
-    freeze = FreezeTraining(schedule="similarity", similarity_source="external", patience=1, units=UNITS, verbose=False)
+    freeze = FreezeTraining(schedule=SimilaritySchedule(source="external", patience=1), units=UNITS, verbose=False)
     recorder = FreezeRecorder(freeze)
     at = 3 * accumulate  # fed after the first batch of window 4, applied before its second batch
     model = Net(optimizer)
@@ -273,7 +279,8 @@ def test_backward_stops_at_the_frozen_prefix():
 def test_linear_and_cubic_schedules_and_default_units():
     for schedule, steps in [("linear", [8, 16]), ("cubic", [0, 7])]:  # T=24, L=3: 24*(i/3) and 24*(0.5+0.5 i/3)^3
         start = 0.5 if schedule == "cubic" else 0.0
-        freeze = FreezeTraining(schedule=schedule, start=start, verbose=False)
+        schedule_object = {"linear": LinearSchedule, "cubic": CubicSchedule}[schedule](start=start)
+        freeze = FreezeTraining(schedule=schedule_object, verbose=False)
         make_trainer([freeze]).fit(Net(), loader())
         assert freeze.units == ["block1", "block2", "head"]  # execution order, not declaration order
         expected = {"linear": [8, 16], "cubic": [int(24 * (0.5 + 0.5 / 3) ** 3), int(24 * (0.5 + 1 / 3) ** 3)]}
@@ -334,7 +341,7 @@ def test_freezing_everything_needs_freeze_last_and_then_stops_training():
     trainer = make_trainer([freeze])
     trainer.fit(Net(), loader())
     assert freeze.frozen_units == UNITS and trainer.global_step == 6
-    freeze = FreezeTraining(schedule="linear", units=UNITS, freeze_last=True, end=0.5, verbose=False)
+    freeze = FreezeTraining(schedule=LinearSchedule(end=0.5), units=UNITS, freeze_last=True, verbose=False)
     trainer = make_trainer([freeze])
     trainer.fit(Net(), loader())
     assert [e["step"] for e in freeze.events] == [4, 8, 12] and trainer.global_step == 12
@@ -343,7 +350,7 @@ def test_freezing_everything_needs_freeze_last_and_then_stops_training():
 def test_similarity_schedule_internal_probe_epoch_checks():
     pl.seed_everything(4)
     freeze = FreezeTraining(
-        schedule="similarity", threshold=1e-6, patience=1, check_every_n_steps=None, probe_size=20, verbose=False
+        schedule=SimilaritySchedule(threshold=1e-6, patience=1, check_every_n_steps=None, probe_size=20), verbose=False
     )
     make_trainer([freeze], max_steps=-1, max_epochs=3).fit(Net(), loader())
     # reference before training, then one check per epoch end; one unit per check, lowest first
@@ -354,7 +361,7 @@ def test_similarity_schedule_internal_probe_epoch_checks():
 
 
 def test_similarity_schedule_waits_for_the_lowest_unit():
-    freeze = FreezeTraining(schedule="similarity", similarity_source="external", patience=2, units=UNITS, verbose=False)
+    freeze = FreezeTraining(schedule=SimilaritySchedule(source="external", patience=2), units=UNITS, verbose=False)
 
     class Feed(Callback):
         values = [{"block1": 0.5, "block2": 1.0}, {"block1": 0.995, "block2": 1.0}, {"block1": 0.999, "block2": 1.0},
@@ -390,11 +397,10 @@ class StepDataNet(Net):
 @pytest.mark.parametrize("schedule", ["linear", "similarity"])
 @pytest.mark.filterwarnings("error:Found .* in eval mode at the start of training")  # re-freezing is not a mistake
 def test_resume_ends_with_the_same_parameters(tmp_path, schedule):
-    kwargs = dict(check_every_n_steps=2, threshold=0.9, patience=2, probe_size=12) if schedule == "similarity" else {}
-
     def run(max_steps, ckpt_path=None, save=False):
         pl.seed_everything(5)
-        freeze = FreezeTraining(schedule=schedule, verbose=False, **kwargs)
+        freeze = FreezeTraining(schedule=SimilaritySchedule(check_every_n_steps=2, threshold=0.9, patience=2, probe_size=12)
+                                if schedule == "similarity" else schedule, verbose=False)
         callbacks = [freeze]
         if save:
             callbacks.append(ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=3, save_top_k=-1, filename="{step}"))
@@ -453,11 +459,7 @@ def test_logging_to_tensorboard(tmp_path):
         (dict(schedule={"block1": "epoch:x"}), "'epoch:x' is not a freeze time.*'epoch:3'"),
         (dict(schedule={"block1": -3}), "a step must be >= 0"),
         (dict(schedule={}), "empty dict"),
-        (dict(start=0.6, end=0.4), "0 <= start <= end <= 1"),
         (dict(units="block1"), "units must be a list"),
-        (dict(patience=0), "patience must be a positive int"),
-        (dict(threshold=1.5), "threshold must lie in"),
-        (dict(similarity_source="tensorboard"), "similarity_source must be one of"),
     ],
 )
 def test_bad_arguments(kwargs, match):
@@ -465,8 +467,23 @@ def test_bad_arguments(kwargs, match):
         FreezeTraining(**kwargs)
 
 
+@pytest.mark.parametrize(
+    ("schedule", "kwargs", "match"),
+    [
+        (LinearSchedule, dict(start=0.6, end=0.4), "0 <= start <= end <= 1"),
+        (SimilaritySchedule, dict(patience=0), "patience must be a positive int"),
+        (SimilaritySchedule, dict(threshold=1.5), "threshold must lie in"),
+        (SimilaritySchedule, dict(source="tensorboard"), "source must be one of"),
+        (TimesSchedule, dict(times={}), "empty dict"),
+    ],
+)
+def test_bad_schedule_arguments(schedule, kwargs, match):
+    with pytest.raises(RepSimValueError, match=match):
+        schedule(**kwargs)
+
+
 def test_update_similarity_needs_the_external_similarity_schedule():
-    with pytest.raises(RepSimValueError, match="similarity_source='external'"):
+    with pytest.raises(RepSimValueError, match=r"SimilaritySchedule\(source='external'\)"):
         FreezeTraining().update_similarity(0, {"block1": 1.0})
 
 
@@ -562,7 +579,7 @@ class DDPChecks(Callback):
 
 def test_ddp_spawn_two_processes():
     freeze = FreezeTraining(
-        schedule="similarity", check_every_n_steps=2, threshold=0.8, patience=1, probe_size=16, verbose=False
+        schedule=SimilaritySchedule(check_every_n_steps=2, threshold=0.8, patience=1, probe_size=16), verbose=False
     )
     trainer = make_trainer(
         [freeze, DDPChecks(freeze)],

@@ -1,0 +1,514 @@
+r"""When each unit freezes: the schedules of :class:`~lightning_repsim.callbacks.FreezeTraining`.
+
+A schedule is a small object holding its own options. :math:`i = 1, \dots, L` counts the units
+from the input side and :math:`T` is ``trainer.estimated_stepping_batches``; a unit freezes once
+``trainer.global_step`` reaches its time.
+
+* :class:`LinearSchedule` (Raghu et al. 2017): unit :math:`i` at :math:`\lfloor T\,(s + (e - s)\, i / L)\rfloor`.
+* :class:`CubicSchedule` (FreezeOut, Brock et al. 2017): the linear position cubed.
+* :class:`TimesSchedule`: a time per unit name or glob (steps, epochs, fractions of training).
+* :class:`SimilaritySchedule`: the lowest trainable unit freezes once its representation has
+  stopped changing.
+
+``FreezeTraining(schedule=...)`` also takes the shorthands ``"linear"``, ``"cubic"``,
+``"similarity"`` (each with its defaults) and a dict (a :class:`TimesSchedule`); see :func:`as_schedule`.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any, Optional, Union
+
+import torch
+
+from lightning_repsim.capture import capture, name_matches
+from lightning_repsim.errors import RepSimValueError
+from lightning_repsim.functional import cka, gram_linear
+
+if TYPE_CHECKING:
+    import pytorch_lightning as pl
+
+    from lightning_repsim.callbacks.freeze import FreezeTraining
+
+__all__ = ["CubicSchedule", "FreezeSchedule", "LinearSchedule", "SimilaritySchedule", "TimesSchedule", "as_schedule"]
+
+ScheduleValue = Union[int, float, str, None]
+_PROBE_CHUNK = 256  # examples per probe forward; fixed so that results do not depend on the batch size
+_DICT_HELP = (
+    "use an int for a global step (100), a float in [0, 1] for a fraction of "
+    "trainer.estimated_stepping_batches (0.5), or a string 'step:100', 'epoch:3' or 'fraction:0.5'."
+)
+
+
+class Trigger:
+    """When one unit freezes: ``kind`` is ``"step"``, ``"epoch"`` or ``"fraction"``."""
+
+    __slots__ = ("kind", "value")
+
+    def __init__(self, kind: str, value: Union[int, float]) -> None:
+        self.kind = kind
+        self.value = value
+
+    def __repr__(self) -> str:
+        return f"{self.kind}:{self.value:g}" if self.kind == "fraction" else f"{self.kind}:{self.value}"
+
+
+def parse_trigger(key: str, value: ScheduleValue) -> Optional[Trigger]:
+    """One value of a dict schedule: int = step, float in [0, 1] = fraction, "epoch:N" / "step:N" / "fraction:F"."""
+    if value is None:
+        return None
+    if isinstance(value, bool):
+        raise RepSimValueError(f"schedule[{key!r}] = {value!r}: a bool is not a freeze time; {_DICT_HELP}")
+    if isinstance(value, int):
+        if value < 0:
+            raise RepSimValueError(f"schedule[{key!r}] = {value}: a step must be >= 0.")
+        return Trigger("step", value)
+    if isinstance(value, float):
+        if not 0.0 <= value <= 1.0:
+            raise RepSimValueError(
+                f"schedule[{key!r}] = {value}: a float is a fraction of training and must lie in [0, 1]; "
+                f"write an int ({int(value)}) for a step or 'epoch:{int(value)}' for an epoch."
+            )
+        return Trigger("fraction", value)
+    if isinstance(value, str):
+        kind, sep, number = value.partition(":")
+        kind = kind.strip().lower()
+        if sep and kind in ("step", "epoch"):
+            try:
+                parsed = int(number)
+            except ValueError:
+                parsed = -1
+            if parsed >= 0:
+                return Trigger(kind, parsed)
+        if sep and kind in ("fraction", "frac"):
+            try:
+                fraction = float(number)
+            except ValueError:
+                fraction = -1.0
+            if 0.0 <= fraction <= 1.0:
+                return Trigger("fraction", fraction)
+    raise RepSimValueError(f"schedule[{key!r}] = {value!r} is not a freeze time; {_DICT_HELP}")
+
+
+class FreezeSchedule:
+    """Decides when units freeze. :class:`FreezeTraining` calls, in this order: :meth:`check` once
+    the units are known, :meth:`start` at each fit, :meth:`collect` before every training batch and
+    :meth:`due` at each decision point; :meth:`state_dict` travels in checkpoints.
+
+    ``due`` returns ``{unit: reason}`` for the units to freeze now, in freezing order; ``frozen`` and
+    ``eligible`` (the units allowed to freeze, depth-ordered) describe the current state.
+    """
+
+    #: shown in reasons and messages
+    label = "schedule"
+    #: whether freeze times are fractions of training (then training must be bounded)
+    uses_fractions = False
+
+    def check(self, units: list[str], freeze_last: bool) -> None:
+        """Refuse a schedule that cannot work with these units (a configuration error)."""
+
+    def start(self, trainer: pl.Trainer, units: list[str], freeze_last: bool) -> None:
+        """Resolve the schedule for this fit."""
+
+    def collect(self, callback: FreezeTraining, trainer: pl.Trainer, batch: Any) -> None:
+        """See a training batch before it runs (the similarity schedule gathers its probe here)."""
+
+    def due(self, point: str, callback: FreezeTraining, trainer: pl.Trainer, pl_module: pl.LightningModule,
+            frozen: list[str], eligible: list[str]) -> dict[str, str]:
+        """The units to freeze now, with why; ``point`` is ``"batch_start"``, ``"batch_end"`` or ``"epoch_end"``."""
+        raise NotImplementedError
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
+        pass
+
+
+class _TimedSchedule(FreezeSchedule):
+    """A schedule of fixed times per unit, resolved into global steps (or epochs) at each fit."""
+
+    def __init__(self) -> None:
+        self._triggers: dict[str, Trigger] = {}
+        self._steps: dict[str, Optional[int]] = {}
+
+    def triggers(self, units: list[str], freeze_last: bool) -> dict[str, Trigger]:
+        raise NotImplementedError
+
+    def start(self, trainer: pl.Trainer, units: list[str], freeze_last: bool) -> None:
+        self._triggers = self.triggers(units, freeze_last)
+        fractions = any(t.kind == "fraction" for t in self._triggers.values())
+        total = trainer.estimated_stepping_batches if fractions else None
+        self._steps = {}
+        for unit, trigger in self._triggers.items():
+            if trigger.kind == "step":
+                self._steps[unit] = int(trigger.value)
+            elif trigger.kind == "fraction":
+                if not bounded(total):  # pragma: no cover - refused in FreezeTraining.setup
+                    raise RepSimValueError(f"FreezeTraining: cannot place fractions in unbounded training ({total}).")
+                assert total is not None
+                self._steps[unit] = int(math.floor(trigger.value * total + 1e-9))
+            else:
+                self._steps[unit] = None  # epoch trigger
+
+    def due(self, point: str, callback: FreezeTraining, trainer: pl.Trainer, pl_module: pl.LightningModule,
+            frozen: list[str], eligible: list[str]) -> dict[str, str]:
+        step = trainer.global_step
+        epoch = trainer.current_epoch + (1 if point == "epoch_end" else 0)
+        new = {}
+        for unit, trigger in self._triggers.items():
+            if unit in frozen:
+                continue
+            target = self._steps.get(unit)
+            if (epoch >= trigger.value) if trigger.kind == "epoch" else (target is not None and step >= target):
+                new[unit] = f"{self.label} ({trigger!r}, step {target})"
+        order = {unit: i for i, unit in enumerate(self._triggers)}
+        return dict(sorted(new.items(), key=lambda item: order[item[0]]))
+
+
+class LinearSchedule(_TimedSchedule):
+    r"""Unit :math:`i` of :math:`L` freezes at :math:`\lfloor T\,(s + (e - s)\, i / L)\rfloor` (Raghu et al. 2017).
+
+    With the defaults, unit 1 of 4 freezes at 25 % of training, unit 2 at 50 %, unit 3 at 75 %; the
+    last unit only with ``FreezeTraining(freeze_last=True)``, at ``end``.
+
+    Args:
+        start: fraction of training where the schedule begins.
+        end: fraction of training where it ends (where unit ``L`` would freeze).
+
+    Example:
+        >>> LinearSchedule(start=0.5)
+        LinearSchedule(start=0.5, end=1.0)
+    """
+
+    label = "linear schedule"
+    uses_fractions = True
+
+    def __init__(self, start: float = 0.0, end: float = 1.0) -> None:
+        super().__init__()
+        if not (0.0 <= start <= end <= 1.0):
+            raise RepSimValueError(f"Need 0 <= start <= end <= 1 (fractions of training); got start={start}, end={end}.")
+        self.start_fraction, self.end_fraction = float(start), float(end)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(start={self.start_fraction}, end={self.end_fraction})"
+
+    def position(self, fraction: float) -> float:
+        return fraction
+
+    def triggers(self, units: list[str], freeze_last: bool) -> dict[str, Trigger]:
+        count = len(units)
+        spread = self.end_fraction - self.start_fraction
+        triggers = {unit: Trigger("fraction", self.position(self.start_fraction + spread * i / count))
+                    for i, unit in enumerate(units, start=1)}
+        if not freeze_last:
+            triggers.pop(units[-1])
+        return triggers
+
+    def check(self, units: list[str], freeze_last: bool) -> None:
+        if len(units) == 1 and not freeze_last:
+            from pytorch_lightning.utilities.rank_zero import rank_zero_warn
+
+            rank_zero_warn(f"FreezeTraining: only one unit ({units}) and freeze_last=False, so nothing will freeze; "
+                           "pass units=[...] with several depth-ordered blocks.")
+
+
+class CubicSchedule(LinearSchedule):
+    r"""FreezeOut (Brock et al. 2017): the linear schedule's position cubed, :math:`T\,(s + (e - s)\, i / L)^3`.
+
+    With ``end=1`` this is FreezeOut's :math:`t_i = (t_0 + (1 - t_0)\, i / L)^3` with :math:`t_0` = ``start``.
+    """
+
+    label = "cubic schedule"
+
+    def position(self, fraction: float) -> float:
+        return fraction**3
+
+
+class TimesSchedule(_TimedSchedule):
+    """A freeze time per unit name or glob: ``{unit or glob: time}``.
+
+    An ``int`` is a global (optimizer) step, a ``float`` in [0, 1] a fraction of
+    ``trainer.estimated_stepping_batches``, a string ``"step:N"``, ``"epoch:N"`` (frozen from the
+    start of 0-based epoch N) or ``"fraction:F"`` says it explicitly (YAML: ``1`` is step 1,
+    ``1.0`` is the end of training). An exact unit name wins over a glob; otherwise the first
+    matching key in the dict's order wins. Units not matched never freeze. Keys matching no unit
+    are refused once the units are known.
+
+    Example:
+        >>> TimesSchedule({"features.*": "epoch:2", "classifier.0": 0.75}).times
+        {'features.*': 'epoch:2', 'classifier.0': 0.75}
+    """
+
+    label = "dict schedule"
+
+    def __init__(self, times: Mapping[str, ScheduleValue]) -> None:
+        super().__init__()
+        if not isinstance(times, Mapping):
+            raise RepSimValueError(f"a dict schedule maps unit names or globs to times; got {type(times).__name__}.")
+        if not times:
+            raise RepSimValueError("schedule is an empty dict; name at least one unit (or glob) to freeze.")
+        for key, value in times.items():
+            if not isinstance(key, str):
+                raise RepSimValueError(f"schedule keys are unit names or globs; got {key!r}.")
+        self._parsed = {key: parse_trigger(key, value) for key, value in times.items()}
+        self.times = dict(times)
+        self.uses_fractions = any(t is not None and t.kind == "fraction" for t in self._parsed.values())
+
+    def __repr__(self) -> str:
+        return f"TimesSchedule({self.times!r})"
+
+    def check(self, units: list[str], freeze_last: bool) -> None:
+        self.triggers(units, freeze_last)
+
+    def triggers(self, units: list[str], freeze_last: bool) -> dict[str, Trigger]:
+        unmatched = [k for k in self._parsed if not any(name_matches(u, k) for u in units)]
+        if unmatched:
+            raise RepSimValueError(
+                f"FreezeTraining: schedule names {unmatched}, which match none of the units {units}. "
+                "Use these names (or globs over them), or pass units=[...]."
+            )
+        triggers: dict[str, Trigger] = {}
+        for unit in units:
+            key = unit if unit in self._parsed else next((k for k in self._parsed if name_matches(unit, k)), None)
+            trigger = None if key is None else self._parsed[key]
+            if trigger is not None:
+                triggers[unit] = trigger
+        if len(triggers) == len(units) and not freeze_last:
+            raise RepSimValueError(
+                f"FreezeTraining: the schedule would freeze every unit ({units}), i.e. the whole network. "
+                "Pass freeze_last=True if that is what you want."
+            )
+        order = [u for u in units if u in triggers]
+        if order != units[: len(order)]:
+            from pytorch_lightning.utilities.rank_zero import rank_zero_warn
+
+            rank_zero_warn(
+                f"FreezeTraining: the schedule freezes {order}, which is not a prefix of the units {units}; "
+                "frozen units stop changing, but backward compute is saved only for a contiguous frozen prefix."
+            )
+        return triggers
+
+
+class SimilaritySchedule(FreezeSchedule):
+    """Freeze the lowest still-trainable unit once its representation has stopped changing.
+
+    The linear CKA of its output on a fixed probe set between consecutive checks stays
+    ``>= threshold`` for ``patience`` consecutive checks. At most one unit freezes per check; the
+    frozen set is always a contiguous prefix. The probe is ``probe`` or the inputs of the first
+    ``probe_size`` training examples (collected from the first training batches, no extra data
+    loading). Every ``check_every_n_steps`` optimizer steps (every epoch when ``None``) the probe
+    runs through the model in eval mode without gradients; each unit's output becomes ``(n, p)``
+    features (:func:`lightning_repsim.capture.reduce_output`: conv maps average-pooled to at most
+    ``max_features`` columns, then flattened), and its Gram matrix is compared with the one of the
+    previous check by linear CKA in float64 (:func:`lightning_repsim.functional.cka`). With
+    ``source="external"`` no probe runs; another callback feeds the values through
+    :meth:`FreezeTraining.update_similarity`. Decisions are taken on global rank 0 and broadcast,
+    so every rank freezes the same units at the same step.
+
+    Args:
+        threshold: CKA at or above which a unit counts as unchanged.
+        patience: consecutive checks above ``threshold`` before freezing.
+        check_every_n_steps: optimizer steps between checks; ``None`` checks at the end of every
+            training epoch.
+        probe: a fixed tensor of model inputs (rows are examples).
+        probe_size: examples collected from the first training batches when ``probe`` is ``None``.
+        source: ``"probe"`` (the internal probe pass) or ``"external"`` (fed values only).
+        max_features: cap on the columns of a conv unit's features (the callbacks, which measure
+            during training, default to 256; offline analyses to 4096).
+
+    Example:
+        >>> SimilaritySchedule(threshold=0.995, patience=2).patience
+        2
+    """
+
+    label = "similarity schedule"
+
+    def __init__(self, threshold: float = 0.99, patience: int = 3, check_every_n_steps: Optional[int] = 50,
+                 probe: Optional[torch.Tensor] = None, probe_size: int = 256, source: str = "probe",
+                 max_features: int = 256) -> None:
+        if not 0.0 < threshold <= 1.0:
+            raise RepSimValueError(f"threshold must lie in (0, 1] (a CKA value); got {threshold}.")
+        if isinstance(patience, bool) or not isinstance(patience, int) or patience < 1:
+            raise RepSimValueError(f"patience must be a positive int; got {patience!r}.")
+        if check_every_n_steps is not None and (
+            isinstance(check_every_n_steps, bool) or not isinstance(check_every_n_steps, int) or check_every_n_steps < 1
+        ):
+            raise RepSimValueError(f"check_every_n_steps must be a positive int or None; got {check_every_n_steps!r}.")
+        if isinstance(probe_size, bool) or not isinstance(probe_size, int) or probe_size < 2:
+            raise RepSimValueError(f"probe_size must be an int >= 2 (CKA needs examples); got {probe_size!r}.")
+        if probe is not None and (not isinstance(probe, torch.Tensor) or probe.ndim == 0 or probe.shape[0] < 2):
+            raise RepSimValueError("probe must be a tensor of model inputs with at least 2 rows (examples).")
+        if source not in ("probe", "external"):
+            raise RepSimValueError(f"source must be one of ['probe', 'external']; got {source!r}.")
+        if isinstance(max_features, bool) or not isinstance(max_features, int) or max_features < 1:
+            raise RepSimValueError(f"max_features must be a positive int; got {max_features!r}.")
+        self.threshold = float(threshold)
+        self.patience = patience
+        self.check_every_n_steps = check_every_n_steps
+        self.probe_size = probe_size
+        self.source = source
+        self.max_features = max_features
+        # state that travels in checkpoints
+        self._streaks: dict[str, int] = {}
+        self._history: list[dict[str, Any]] = []
+        self._last_check: Optional[int] = None  # step (or epoch) of the last check
+        self._probe: Optional[torch.Tensor] = None if probe is None else probe.detach().cpu().clone()
+        self._probe_given = probe is not None
+        self._reference: dict[str, torch.Tensor] = {}
+        # per-fit runtime
+        self._probe_chunks: list[torch.Tensor] = []
+        self._feeds: list[tuple[int, dict[str, float]]] = []
+
+    def __repr__(self) -> str:
+        return (f"SimilaritySchedule(threshold={self.threshold}, patience={self.patience}, check_every_n_steps="
+                f"{self.check_every_n_steps}, probe_size={self.probe_size}, source={self.source!r})")
+
+    @property
+    def history(self) -> list[dict[str, Any]]:
+        """One ``{"step": int, "values": {unit: cka}}`` per check."""
+        return [{"step": h["step"], "values": dict(h["values"])} for h in self._history]
+
+    def feed(self, step: int, values: Mapping[str, float]) -> None:
+        """Queue one externally computed check (see :meth:`FreezeTraining.update_similarity`)."""
+        self._feeds.append((int(step), {str(k): float(v) for k, v in values.items()}))
+
+    def start(self, trainer: pl.Trainer, units: list[str], freeze_last: bool) -> None:
+        self._probe_chunks = []
+
+    def collect(self, callback: FreezeTraining, trainer: pl.Trainer, batch: Any) -> None:
+        if self.source != "probe" or self._probe is not None:
+            return
+        # every rank collects (so all agree when the probe is complete); only rank 0 measures
+        inputs = callback.batch_inputs(batch).detach()
+        have = sum(c.shape[0] for c in self._probe_chunks)
+        self._probe_chunks.append(inputs[: self.probe_size - have].cpu().clone())
+        if have + self._probe_chunks[-1].shape[0] >= self.probe_size:
+            self._probe = torch.cat(self._probe_chunks)
+            self._probe_chunks = []
+
+    def due(self, point: str, callback: FreezeTraining, trainer: pl.Trainer, pl_module: pl.LightningModule,
+            frozen: list[str], eligible: list[str]) -> dict[str, str]:
+        new: dict[str, str] = {}
+        frozen = list(frozen)
+        if self.source == "probe" and self._check_due(trainer, at_epoch_end=point == "epoch_end"):
+            candidates = [u for u in eligible if u not in frozen]
+            values = self._measure(callback, pl_module, candidates) if trainer.is_global_zero else {}
+            if trainer.world_size > 1:
+                values = trainer.strategy.broadcast(values, src=0)
+            if self.check_every_n_steps is None:
+                epoch_end = point == "epoch_end"
+                self._last_check = trainer.current_epoch if epoch_end else trainer.current_epoch - 1
+            else:
+                self._last_check = trainer.global_step
+            if values:  # the first check only sets the reference
+                new.update(self._record(trainer.global_step, values, frozen + list(new), eligible))
+        if self._feeds:
+            feeds, self._feeds = self._feeds, []
+            if trainer.world_size > 1:  # every rank was fed at the same point (a callback hook), so all get here
+                feeds = trainer.strategy.broadcast(feeds, src=0)
+            for step, raw in feeds:
+                done = frozen + list(new)
+                values = {}
+                for unit in eligible + [u for u in callback.units or [] if u not in eligible]:
+                    if unit in done:
+                        continue
+                    hits = [v for k, v in raw.items() if k == unit or k.startswith(unit + ".")]
+                    if hits:
+                        values[unit] = float("nan") if any(math.isnan(v) for v in hits) else min(hits)
+                new.update(self._record(step, values, done, eligible))
+        return new
+
+    def _check_due(self, trainer: pl.Trainer, at_epoch_end: bool) -> bool:
+        if self._probe is None:
+            return False
+        if self.check_every_n_steps is None:  # a reference before training, then every epoch end
+            if at_epoch_end:
+                return self._last_check is None or self._last_check < trainer.current_epoch
+            return self._last_check is None
+        step = trainer.global_step
+        return not at_epoch_end and step % self.check_every_n_steps == 0 and step != self._last_check
+
+    def _measure(self, callback: FreezeTraining, pl_module: pl.LightningModule,
+                 candidates: list[str]) -> dict[str, float]:
+        """CKA of each candidate unit's probe Gram with the previous check's; {} on the first check."""
+        assert self._probe is not None
+        if not candidates:
+            return {}
+        device = next((p.device for p in pl_module.parameters()), torch.device("cpu"))
+        with isolated_rng(device):
+            feats = capture(pl_module, self._probe, layers=candidates, batch_size=_PROBE_CHUNK,
+                            max_features=self.max_features, forward=callback.probe_forward)
+        values: dict[str, float] = {}
+        for unit in candidates:
+            if unit not in feats:
+                values[unit] = float("nan")
+                continue
+            gram = gram_linear(feats[unit]).cpu()
+            previous = self._reference.get(unit)
+            self._reference[unit] = gram
+            if previous is not None:
+                values[unit] = float(cka(previous, gram))
+        for unit in list(self._reference):
+            if unit not in candidates:
+                del self._reference[unit]
+        return values
+
+    def _record(self, step: int, values: dict[str, float], frozen: list[str], eligible: list[str]) -> dict[str, str]:
+        """Update the patience counters with one check; the lowest trainable unit, if stable, with why."""
+        self._history.append({"step": int(step), "values": dict(values)})
+        for unit, value in values.items():
+            stable = not math.isnan(value) and value >= self.threshold
+            self._streaks[unit] = self._streaks.get(unit, 0) + 1 if stable else 0
+        lowest = next((u for u in eligible if u not in frozen), None)
+        if lowest is None or self._streaks.get(lowest, 0) < self.patience:
+            return {}
+        value = values.get(lowest, float("nan"))
+        why = (f"similarity schedule: linear CKA with the previous check >= {self.threshold} for "
+               f"{self._streaks[lowest]} consecutive checks (last {value:.5f})")
+        self._streaks.pop(lowest, None)
+        self._reference.pop(lowest, None)
+        return {lowest: why}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"streaks": dict(self._streaks), "history": self.history, "last_check": self._last_check,
+                "probe": self._probe, "reference": dict(self._reference)}
+
+    def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
+        self._streaks = dict(state_dict.get("streaks", {}))
+        self._history = [{"step": h["step"], "values": dict(h["values"])} for h in state_dict.get("history", [])]
+        self._last_check = state_dict.get("last_check")
+        if not self._probe_given and state_dict.get("probe") is not None:
+            self._probe = state_dict["probe"].cpu()
+        self._reference = dict(state_dict.get("reference", {}))
+
+
+def as_schedule(schedule: Union[FreezeSchedule, str, Mapping[str, ScheduleValue]]) -> FreezeSchedule:
+    """A schedule object from what ``FreezeTraining(schedule=...)`` accepts.
+
+    Example:
+        >>> as_schedule("cubic"), as_schedule({"block1": 100})
+        (CubicSchedule(start=0.0, end=1.0), TimesSchedule({'block1': 100}))
+    """
+    if isinstance(schedule, FreezeSchedule):
+        return schedule
+    if isinstance(schedule, str):
+        named = {"linear": LinearSchedule, "cubic": CubicSchedule, "similarity": SimilaritySchedule}
+        if schedule not in named:
+            raise RepSimValueError(f"schedule={schedule!r} is not known; use one of {list(named)}, a dict "
+                                   "{unit: time} or a schedule object (LinearSchedule(start=...), SimilaritySchedule(...)).")
+        return named[schedule]()
+    if isinstance(schedule, Mapping):
+        return TimesSchedule(schedule)
+    raise RepSimValueError(
+        f"schedule must be 'linear', 'cubic', 'similarity', a dict or a FreezeSchedule; got {type(schedule).__name__}."
+    )
+
+
+def bounded(total: Union[int, float, None]) -> bool:
+    return isinstance(total, (int, float)) and math.isfinite(total) and total > 0
+
+
+def isolated_rng(device: torch.device) -> Any:
+    """Run a side pass (discovery, probe) without consuming the training run's random numbers."""
+    return torch.random.fork_rng(devices=[device.index or 0] if device.type == "cuda" else [])
