@@ -5,79 +5,59 @@ optimizer steps, and at the end of training. Against what: ``"init"`` (the netwo
 first optimisation step), ``"previous"`` (the previous logging point), another ``nn.Module`` or a
 Lightning checkpoint (its weights in a copy of the trained module), and ``"final"``: at the end of
 training, every stored snapshot against the last one, from the snapshot store on disk.
+
+The callback decides *when* and *against what*; beside it, :mod:`._probing` runs the probe and the
+references, :mod:`._outputs` places the store and figures (resume included), :mod:`._reporting`
+draws and writes each logging point, :mod:`._guard` keeps failures from stopping the fit, and
+:mod:`._background` runs the comparing and writing on a worker thread.
 """
 from __future__ import annotations
 
-import copy
 import functools
-import itertools
 import os
-import re
-import secrets
-import shutil
-import traceback
 import warnings
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Callable, Mapping, Optional, Sequence, Union
+from typing import Any, Callable, Optional, Union
 
 import pytorch_lightning as pl
 import torch
 from pytorch_lightning.callbacks import Callback
 from pytorch_lightning.loggers import TensorBoardLogger
-from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
+from pytorch_lightning.utilities import rank_zero_info
 from torch import nn
 from tqdm.auto import tqdm
 
 from lightning_repsim import report
+from lightning_repsim.analysis import similarity_to_final, write_convergence_report
 from lightning_repsim.callbacks._background import Background
-from lightning_repsim.capture import LayerSelector, OutputSelector, Probe, capture
+from lightning_repsim.callbacks._guard import Guard
+from lightning_repsim.callbacks._outputs import Checkpointed, RunOutputs, open_run_outputs
+from lightning_repsim.callbacks._probing import (
+    KEYWORDS,
+    ProbeRunner,
+    Reference,
+    check_probe_spec,
+    materialise_probe,
+    parse_references,
+)
+from lightning_repsim.callbacks._reporting import MatrixReporter
+from lightning_repsim.callbacks._strategy import refuse_sharded
+from lightning_repsim.capture import LayerSelector, OutputSelector, Probe
 from lightning_repsim.capture.outputs import check_reduction
 from lightning_repsim.errors import RepSimError, RepSimValueError, RepSimWarning
 from lightning_repsim.functional import Representations, similarity_matrix
 from lightning_repsim.functional._measures import gram_spec, resolve_measures
-from lightning_repsim.analysis import similarity_to_final, write_convergence_report
-from lightning_repsim.store import DEFAULT_MAX_BYTES, SnapshotStore, default_store_dir
-from lightning_repsim.store.format import occupied
+from lightning_repsim.store import DEFAULT_MAX_BYTES, SnapshotStore, compact_features
 
 # jsonargparse (LightningCLI) tries a Union's members in order and str takes anything, so lists
 # and modules (YAML: class_path / init_args) come before str.
 ReferenceLike = Union[nn.Module, str, "os.PathLike[str]"]
 References = Union[Sequence[ReferenceLike], ReferenceLike]
-_KEYWORDS = ("init", "previous", "final")
-_PROBE_SPEC = re.compile(r"^(val|train):(\d+)$")
 # Each side of a comparison keeps its n x n Grams between measures and logging points (a fixed
 # reference is prepared once for the whole run) within this much memory; past it they are recomputed.
 _GRAM_CACHE_BYTES = 128 << 20
-
-
-@dataclass
-class _Reference:
-    """One thing the layers are compared with; ``label`` is its name in tags and file names."""
-
-    label: str
-    kind: str  # "init" | "previous" | "final" | "module"
-    source: Any = None  # the nn.Module or checkpoint path
-    features: Optional[dict[str, torch.Tensor]] = None
-
-
-def store_tensors(features: Mapping[str, torch.Tensor], n: int) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """What the store keeps per layer: the features when p <= n, else a Gram factor F = Rᵀ.
-
-    With Xᵀ = QR, X Xᵀ = Rᵀ R exactly, so the n x n factor Rᵀ gives every Gram-based measure and
-    SVCCA as the features would, in at most n columns; PWCCA needs the neurons themselves and is
-    unavailable for such layers. A layer with NaN/Inf is stored as one NaN column.
-    """
-    tensors, kinds = {}, {}
-    for name, x in features.items():
-        x = x.detach().to("cpu", torch.float64)
-        if x.shape[1] <= n:
-            tensors[name], kinds[name] = x.float(), "features"
-        elif not bool(torch.isfinite(x).all()):
-            tensors[name], kinds[name] = torch.full((x.shape[0], 1), float("nan"), dtype=torch.float32), "gram_factor"
-        else:
-            tensors[name], kinds[name] = torch.linalg.qr(x.T, mode="r").R.T.float(), "gram_factor"
-    return tensors, kinds
+_STATE_VERSION = 2
 
 
 class RepresentationSimilarity(Callback):
@@ -193,9 +173,10 @@ class RepresentationSimilarity(Callback):
         output_selector: OutputSelector = None,
         forward: Optional[Callable[[nn.Module, torch.Tensor], Any]] = None,
     ) -> None:
+        super().__init__()
         self.options = resolve_measures(measures, measure_options)
         self.measures = tuple(self.options)
-        self._references = self._parse_references(reference)
+        self._references = parse_references(reference)
         if any(r.kind == "final" for r in self._references) and not store:
             raise RepSimValueError("reference='final' is computed from the snapshot store; keep store=True.")
         for name, value in (("every_n_epochs", every_n_epochs), ("every_n_steps", every_n_steps)):
@@ -212,9 +193,7 @@ class RepresentationSimilarity(Callback):
                                    f"{output_selector!r}.")
         if forward is not None and not callable(forward):
             raise RepSimValueError(f"forward must be None or a callable forward(model, batch); got {forward!r}.")
-        if isinstance(probe, str) and (not _PROBE_SPEC.match(probe) or int(probe.split(":")[1]) < 1):
-            raise RepSimValueError(f"probe string must look like 'val:512' or 'train:512' (a split and a positive "
-                                   f"number of examples); got {probe!r}.")
+        check_probe_spec(probe)
         self.probe_source = probe
         self.layers = layers
         self.reference_layers = reference_layers
@@ -233,50 +212,22 @@ class RepresentationSimilarity(Callback):
         self.output_selector = output_selector
         self.forward = forward
 
-        self._probe: Optional[Probe] = None
+        self._runner: Optional[ProbeRunner] = None
         self._layer_names: list[str] = []
-        self._store: Optional[SnapshotStore] = None
-        self._run_dir: Optional[Path] = None
+        self._outputs: Optional[RunOutputs] = None
         self._tensorboard: Optional[report.TensorBoardReporter] = None
+        self._reporter: Optional[MatrixReporter] = None
+        self._guard = Guard(strict)
+        self._checkpointed: Optional[Checkpointed] = None  # set by load_state_dict when the fit resumes
         self._previous: Optional[dict[str, torch.Tensor]] = None
         self._previous_step: Optional[int] = None
         self._last_logged_step: Optional[int] = None
         self._attempted_step: Optional[int] = None
         self._unlogged_start: Optional[dict[str, torch.Tensor]] = None
-        self._warned: set[str] = set()
-        self._resumed = False
-        self._frames: dict[tuple, report.HeatmapFrames] = {}
         self._prepared: dict[str, tuple[Mapping[str, torch.Tensor], Representations]] = {}
         self._worker: Optional[Background] = None
-        self._output_dir: Optional[Path] = None  # the store and figures: <run dir>/repsim, or repsim-1, ...
-        self._recorded_output: Optional[str] = None  # where the checkpoint says they are
-        self._seed_from: Optional[Path] = None  # a resume elsewhere copies the checkpointed outputs from here
-        self._run_id: Optional[str] = None  # names the fit (and its resumptions) in the store's settings
 
     # ------------------------------------------------------------------ configuration
-
-    @staticmethod
-    def _parse_references(reference: Any) -> list[_Reference]:
-        items = list(reference) if isinstance(reference, (list, tuple)) else [reference]
-        if not items:
-            raise RepSimValueError("reference is empty: use 'final', 'init', 'previous', a module or a checkpoint.")
-        parsed, modules = [], 0
-        for item in items:
-            if isinstance(item, str) and item in _KEYWORDS:
-                parsed.append(_Reference(item, item))
-            elif isinstance(item, nn.Module):
-                modules += 1
-                parsed.append(_Reference(f"model{modules}" if modules > 1 else "model", "module", item))
-            elif isinstance(item, (str, os.PathLike)):
-                label = re.sub(r"[^\w.\-]", "_", Path(item).stem) or "checkpoint"
-                parsed.append(_Reference(label, "module", Path(item)))
-            else:
-                raise RepSimValueError(f"reference {item!r} is not one of {_KEYWORDS}, an nn.Module or a checkpoint "
-                                       "path.")
-        labels = [r.label for r in parsed]
-        if len(set(labels)) != len(labels):
-            raise RepSimValueError(f"references repeat: {labels}; give each once.")
-        return parsed
 
     @property
     def references(self) -> list[str]:
@@ -295,6 +246,23 @@ class RepresentationSimilarity(Callback):
     def layer_names(self) -> list[str]:
         return list(self._layer_names)
 
+    @property
+    def probe(self) -> Optional[Probe]:
+        """The probe set, materialised once at fit start (its ``hash`` identifies it across runs)."""
+        return self._probe
+
+    @property
+    def _probe(self) -> Optional[Probe]:
+        return None if self._runner is None else self._runner.probe
+
+    @property
+    def _store(self) -> Optional[SnapshotStore]:
+        return None if self._outputs is None else self._outputs.store
+
+    @property
+    def _output_dir(self) -> Optional[Path]:
+        return None if self._outputs is None else self._outputs.directory
+
     # ------------------------------------------------------------------ Lightning hooks
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -303,33 +271,36 @@ class RepresentationSimilarity(Callback):
         for ref in self._references:
             if ref.kind == "module" and isinstance(ref.source, Path) and not ref.source.is_file():
                 raise RepSimValueError(f"reference checkpoint {str(ref.source)!r} does not exist. A reference is one "
-                                       f"of {', '.join(map(repr, _KEYWORDS))} (lower case), an nn.Module or the path "
+                                       f"of {', '.join(map(repr, KEYWORDS))} (lower case), an nn.Module or the path "
                                        "of a Lightning checkpoint.")
-        strategy = type(trainer.strategy).__name__
-        if "FSDP" in strategy or "DeepSpeed" in strategy:
-            raise RepSimValueError(f"RepresentationSimilarity captures whole-layer outputs and does not support "
-                                   f"sharded strategies ({strategy}); use 'ddp' or 'ddp_spawn'.")
+        refuse_sharded(trainer.strategy, "RepresentationSimilarity captures whole-layer outputs")
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         background = self.background if self.background is not None else pl_module.device.type != "cpu"
         self._worker = Background(initializer=_one_cpu_thread) if background and not self.strict else None
-        self._probe = self._materialise_probe(trainer)
-        n = len(self._probe)
+        probe = materialise_probe(self.probe_source, trainer)
+        expected = None if self._checkpointed is None else self._checkpointed.probe_hash
+        if expected and expected != probe.hash:
+            raise RepSimError(f"the probe set changed since the checkpoint (hash {expected} then, {probe.hash} now); "
+                              "resume with the same probe so the store stays comparable.")
+        n = len(probe)
         needs_four = [m for m in self.measures if m != "svcca" and m != "pwcca"
                       and gram_spec(m, **self.options[m]).min_examples > 2]
         minimum = 4 if needs_four else 2
         if n < minimum:
             raise RepSimValueError(f"the probe has {n} example(s); {', '.join(needs_four) or 'the measures'} need at "
                                    f"least {minimum}. Use a larger probe.")
-        features = self._capture_trained(trainer, pl_module)
+        self._runner = ProbeRunner(probe, self.layers, self.reference_layers, self.batch_size, self.max_features,
+                                   self.layout, self.token_reduction, self.output_selector, self.forward)
+        features = self._runner.trained(trainer, pl_module)
         self._layer_names = list(features)
         for ref in self._references:
             if ref.kind == "module":
-                ref.features = self._capture_reference(ref, trainer, pl_module)
+                ref.features = self._runner.reference(ref, trainer, pl_module)
         run_dir = trainer.log_dir  # a broadcast from rank 0 under DDP: every rank must call it
         if trainer.is_global_zero:
             self._open_outputs(trainer, run_dir)
-        if not self._resumed:
+        if self._checkpointed is None:
             self._unlogged_start = features  # the step-0 snapshot: weights cannot change before on_train_start
             init = self._reference("init")
             if init is not None:
@@ -337,52 +308,59 @@ class RepresentationSimilarity(Callback):
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.global_step == 0 and self._last_logged_step is None:
-            self._guarded(trainer, pl_module, self._log_point, "the step-0 snapshot")
+            self._log_point_guarded(trainer, pl_module, "the step-0 snapshot")
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
         step = trainer.global_step
         if self.every_n_steps and step > 0 and step % self.every_n_steps == 0 and step != self._last_logged_step:
-            self._guarded(trainer, pl_module, self._log_point, f"step {step}")
+            self._log_point_guarded(trainer, pl_module, f"step {step}")
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.every_n_steps is None and (trainer.current_epoch + 1) % self.every_n_epochs == 0 \
                 and trainer.global_step != self._last_logged_step:
-            self._guarded(trainer, pl_module, self._log_point, f"epoch {trainer.current_epoch}")
+            self._log_point_guarded(trainer, pl_module, f"epoch {trainer.current_epoch}")
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.global_step not in (self._last_logged_step, self._attempted_step):  # a failed step is not retried
-            self._guarded(trainer, pl_module, self._log_point, "the last step")
-        self._finish_background(trainer)
+            self._log_point_guarded(trainer, pl_module, "the last step")
+        self._finish_background()
         if any(r.kind == "final" for r in self._references) and trainer.is_global_zero:
-            self._guarded(trainer, pl_module, lambda t, m: self._log_final(t), "the final-snapshot comparison")
+            self._guard.run(lambda: self._log_final(trainer), "the final-snapshot comparison", trainer.global_step)
         if self._tensorboard is not None:
             self._tensorboard.flush()
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
-        self._finish_background(trainer)  # keep every snapshot already taken
+        self._finish_background()  # keep every snapshot already taken
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        self._finish_background(trainer)
+        self._finish_background()
 
-    def _finish_background(self, trainer: pl.Trainer) -> None:
+    def _log_point_guarded(self, trainer: pl.Trainer, pl_module: pl.LightningModule, what: str) -> None:
+        self._guard.run(lambda: self._log_point(trainer, pl_module), what, trainer.global_step)
+        self._report_background_failures()
+
+    def _finish_background(self) -> None:
         if self._worker is not None:
             self._worker.close()
-            self._report_background_failures(trainer)
+            self._report_background_failures()
+
+    def _report_background_failures(self) -> None:
+        if self._worker is not None:
+            for failure in self._worker.failures():
+                self._guard.report(failure.label, failure.error, failure.traceback, failure.context)
 
     def _forget_previous_fit(self) -> None:
         """Start each fit afresh, also with a callback object that monitored an earlier fit (a re-run notebook cell).
 
         Runs in ``setup``, before Lightning loads a checkpoint's state into the callback on resume.
         """
-        self._resumed = False
-        self._expected_probe_hash = None
-        self._recorded_output = self._run_id = None
-        self._store = self._tensorboard = self._output_dir = self._run_dir = None
+        self._checkpointed = None
+        self._outputs = self._tensorboard = self._reporter = None
         self._previous = self._previous_step = self._last_logged_step = self._attempted_step = None
         self._unlogged_start = None
-        self._warned = set()
-        self._frames, self._prepared = {}, {}
+        self._guard = Guard(self.strict)
+        self._prepared = {}
         for ref in self._references:  # "init" is set and modules are captured again at fit start
             ref.features = None
 
@@ -393,319 +371,76 @@ class RepresentationSimilarity(Callback):
             self._worker.wait_milestones()  # the checkpoint's last_logged_step must be in the store
         init = self._reference("init")
         return {
-            "version": 2,
-            "probe_hash": None if self._probe is None else self._probe.hash,
+            "version": _STATE_VERSION,
+            "probe_hash": None if self._runner is None else self._runner.probe.hash,
             "output_dir": None if self._output_dir is None else str(self._output_dir.resolve()),
-            "run_id": self._run_id,
+            "run_id": None if self._outputs is None else self._outputs.run_id,
             "layer_names": self._layer_names,
             "last_logged_step": self._last_logged_step,
             "previous_step": self._previous_step,
             "previous": _to_cpu(self._previous),
             "init": _to_cpu(init.features) if init is not None else None,
-            "warned": sorted(self._warned),
+            "warned": sorted(self._guard.warned),
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self._resumed = True
-        self._expected_probe_hash = state_dict.get("probe_hash")
+        self._checkpointed = Checkpointed(last_logged_step=state_dict.get("last_logged_step"),
+                                          output_dir=state_dict.get("output_dir"), run_id=state_dict.get("run_id"),
+                                          probe_hash=state_dict.get("probe_hash"))
         self._last_logged_step = state_dict.get("last_logged_step")
-        self._recorded_output = state_dict.get("output_dir")  # absent from checkpoints of version 1
-        self._run_id = state_dict.get("run_id")
         self._previous_step = state_dict.get("previous_step")
         self._previous = state_dict.get("previous")
-        self._warned = set(state_dict.get("warned", []))
+        self._guard.warned = set(state_dict.get("warned", []))
         init = self._reference("init")
         if init is not None:
             init.features = state_dict.get("init")
 
     # ------------------------------------------------------------------ the work
 
-    def _reference(self, kind: str) -> Optional[_Reference]:
+    def _reference(self, kind: str) -> Optional[Reference]:
         return next((r for r in self._references if r.kind == kind), None)
 
-    def _materialise_probe(self, trainer: pl.Trainer) -> Probe:
-        source = self.probe_source
-        if source is None or isinstance(source, str):
-            split, count = ("val", 512) if source is None else (source.split(":")[0], int(source.split(":")[1]))
-            loader = _dataloader(trainer, split)
-            if loader is None and source is None:
-                split, loader = "train", _dataloader(trainer, "train")
-            if loader is None:
-                raise RepSimValueError(f"probe={source or 'val:512'!r} needs a {split} dataloader, and the Trainer has "
-                                       "none; pass probe= a tensor, an (x, y) tuple or a DataLoader.")
-            probe = Probe(loader, max_examples=count)
-        else:
-            probe = Probe(source)
-        expected = getattr(self, "_expected_probe_hash", None)
-        if self._resumed and expected and expected != probe.hash:
-            raise RepSimError(f"the probe set changed since the checkpoint (hash {expected} then, {probe.hash} now); "
-                              "resume with the same probe so the store stays comparable.")
-        return probe
-
-    def _capture(self, module: nn.Module, layers: LayerSelector = None,
-                 trainer: Optional[pl.Trainer] = None) -> dict[str, torch.Tensor]:
-        """The probe's features; with ``trainer``, the pass runs as its validation steps do: inputs converted
-        and the forward wrapped by its precision plugin (autocast for "16-mixed"/"bf16-mixed", the module's
-        dtype for "bf16-true"/"16-true"). Features are upcast to float32 by capture()."""
-        assert self._probe is not None
-        forward = self.forward  # forward(model, batch), or None for model(batch)
-        if trainer is not None:
-            precision, user_forward = trainer.precision_plugin, self.forward
-
-            def forward_with_precision(model: nn.Module, batch: torch.Tensor) -> Any:
-                with precision.val_step_context():
-                    batch = precision.convert_input(batch)
-                    return model(batch) if user_forward is None else user_forward(model, batch)
-
-            forward = forward_with_precision
-
-        return capture(module, self._probe, self.layers if layers is None else layers, batch_size=self.batch_size,
-                       max_features=self.max_features, layout=self.layout, token_reduction=self.token_reduction,
-                       output_selector=self.output_selector, forward=forward)
-
-    def _capture_trained(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, torch.Tensor]:
-        """The trained module's features; a probe it cannot run is reported as such, with its shape."""
-        try:
-            return self._capture(pl_module, trainer=trainer)
-        except RepSimValueError:
-            raise
-        except Exception as err:  # the user's model, the user's probe: say which pairing failed
-            raise self._probe_failure(type(pl_module).__name__, err) from err
-
-    def _probe_failure(self, who: str, err: Exception) -> RepSimValueError:
-        """The error for a model that cannot run the probe: which model, the probe's shape and dtype, the cause."""
-        assert self._probe is not None
-        return RepSimValueError(f"{who} cannot run the probe of shape {tuple(self._probe.inputs.shape)} "
-                                f"({self._probe.inputs.dtype}): {type(err).__name__}: {err}. Pass probe= inputs "
-                                "that the module's forward accepts (its first tensor is what is fed to forward).")
-
-    def _capture_reference(self, ref: _Reference, trainer: pl.Trainer,
-                           pl_module: pl.LightningModule) -> dict[str, torch.Tensor]:
-        """A reference's features. A checkpoint, loaded into a copy of the trained module, runs under the
-        Trainer's precision like it; an ``nn.Module`` runs as given (its own dtype, no autocast)."""
-        if isinstance(ref.source, Path):
-            checkpoint = torch.load(ref.source, map_location="cpu", weights_only=True)
-            model = copy.deepcopy(pl_module)
-            try:
-                model.load_state_dict(checkpoint["state_dict"])
-            except (KeyError, RuntimeError) as err:
-                raise RepSimValueError(f"reference checkpoint {str(ref.source)!r} does not fit "
-                                       f"{type(pl_module).__name__}: {err}") from None
-        else:
-            model = ref.source
-        try:
-            model.to(pl_module.device)
-            return self._capture(model, self.reference_layers, trainer if isinstance(ref.source, Path) else None)
-        except RepSimValueError:
-            raise
-        except Exception as err:  # the user's model, the user's probe: say which pairing failed
-            raise self._probe_failure(f"reference {ref.label!r} ({type(model).__name__})", err) from err
-
     def _open_outputs(self, trainer: pl.Trainer, log_dir: Optional[str]) -> None:
-        assert self._probe is not None
+        assert self._runner is not None
+        probe = self._runner.probe
         logger = next((lg for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)), None)
         if logger is not None:
-            self._run_dir = Path(logger.log_dir)
+            run_dir = Path(logger.log_dir)
             self._tensorboard = report.TensorBoardReporter(logger.experiment)
+            self._guard.log_text = lambda text, step: self._tensorboard.log_text("repsim/errors", text, step)
         else:
-            self._run_dir = Path(log_dir or trainer.default_root_dir)
-        continued = self._place_outputs(self._run_dir)
-        if logger is None:
-            self._warn_once("no-tensorboard", "RepresentationSimilarity found no TensorBoardLogger: heatmaps and curves "
-                            f"go to PNG/CSV files under {self._output_dir} only.")
+            run_dir = Path(log_dir or trainer.default_root_dir)
         settings = {"measures": list(self.measures), "options": self.options, "references": self.references,
                     "max_features": self.max_features, "layout": self.layout, "token_reduction": self.token_reduction,
                     "output_selector": _describe(self.output_selector), "forward": _describe(self.forward),
                     "layers": self._layer_names, "layer_selector": repr(self.layers)}
-        if self._seed_from is not None and self._last_logged_step is not None:
-            self._seed_outputs(self._seed_from, self._last_logged_step)  # sets _store when it keeps one
-        if self.keep_store and self._store is None:
-            if continued:
-                self._store = SnapshotStore.open(self._output_dir, mode="a", probe_hash=self._probe.hash)
-                self._run_id = self._store.settings.get("run_id")
-            else:
-                self._store = SnapshotStore.create(self._output_dir, probe_hash=self._probe.hash, n=len(self._probe),
-                                                   settings={**settings, "run_id": self._run_id},
-                                                   max_bytes=self.max_store_bytes)
-        if self._last_logged_step is not None and continued:
-            self._set_aside_after(self._last_logged_step)
+        self._outputs = open_run_outputs(run_dir, probe_hash=probe.hash, n=len(probe), keep_store=self.keep_store,
+                                         write_files=self.write_files, max_store_bytes=self.max_store_bytes,
+                                         settings=settings, resumed=self._checkpointed, warn=self._guard.warn_once)
+        if logger is None:
+            self._guard.warn_once("no-tensorboard", "RepresentationSimilarity found no TensorBoardLogger: heatmaps "
+                                  f"and curves go to PNG/CSV files under {self._output_dir} only.")
+        figures = self._outputs.directory / "figures" if self.write_files else None
+        self._reporter = MatrixReporter(self._layer_names, self._tensorboard, figures)
         if self._tensorboard is not None:
-            rows = "\n".join(f"| {k} | `{v}` |" for k, v in {"examples": len(self._probe), "hash": self._probe.hash,
+            rows = "\n".join(f"| {k} | `{v}` |" for k, v in {"examples": len(probe), "hash": probe.hash,
                                                             **settings}.items())
             self._tensorboard.log_text("repsim/probe", "| setting | value |\n|---|---|\n" + rows, 0)
 
-    def _seed_outputs(self, source: Path, step: int) -> None:
-        """A resume writing to a new place starts from copies of the snapshots (with their thinning record) and
-        figures up to ``step`` that ``source`` holds, so that "final" covers the whole run. A copy that fails
-        (a full disk, say) leaves this fit with a store of its own steps only, and a warning: never a failed fit."""
-        assert self._output_dir is not None and self._probe is not None
-        try:
-            if self.keep_store:
-                with warnings.catch_warnings():
-                    warnings.simplefilter("ignore", RepSimWarning)  # damage there is that store's own business
-                    earlier = SnapshotStore.open(source, mode="r", probe_hash=self._probe.hash)
-                    self._store = earlier.copy_until(self._output_dir, step)
-            for folder_step, folder in _step_folders(source / "figures").items():
-                if folder_step <= step:
-                    shutil.copytree(folder, self._output_dir / "figures" / folder.name, dirs_exist_ok=True)
-        except Exception as err:  # only copies were written: start this fit's outputs afresh
-            self._store = None
-            shutil.rmtree(self._output_dir, ignore_errors=True)
-            self._warn_once(f"seed-failed:{self._output_dir}", (
-                f"RepresentationSimilarity could not copy the snapshots and figures up to step {step} from {source} "
-                f"to {self._output_dir} ({type(err).__name__}: {err}); this fit's store starts without them, and "
-                "reference 'final' covers only the steps from here on."))
-
-    def _set_aside_after(self, step: int) -> None:
-        """Resuming at ``step``: what the interrupted fit stored and drew after it leaves the store and figures
-        for ``superseded/after-step-<step>/`` (nothing stored is deleted), so the resumed fit has every step once."""
-        assert self._output_dir is not None
-        figures = self._output_dir / "figures"
-        later = [folder for folder_step, folder in _step_folders(figures).items() if folder_step > step]
-        later += [figures / "final"] if (figures / "final").exists() else []
-        stored_later = self._store is not None and any(s > step for s in self._store.steps)
-        if not later and not stored_later:
-            return
-        base = aside = self._output_dir / "superseded" / f"after-step-{step:08d}"
-        for k in itertools.count(1):  # a second resume at the same step keeps the first one's
-            if not aside.exists():
-                break
-            aside = base.with_name(f"{base.name}-{k}")
-        moved = self._store.truncate_after(step, move_to=aside / "store") if self._store is not None else []
-        for folder in later:
-            (aside / "figures").mkdir(parents=True, exist_ok=True)
-            os.replace(folder, aside / "figures" / folder.name)
-        if moved:  # a finished fit trained further only has its old final-snapshot figures moved: no news
-            self._warn_once("superseded", f"RepresentationSimilarity resumes at step {step}; what the interrupted fit "
-                            f"stored after it (steps {moved}) and its figures were moved to {aside}, so the store "
-                            "holds every step once.")
-
-    def _place_outputs(self, run_dir: Path) -> bool:
-        """Choose ``_output_dir``, the directory of the store and the figures; True to continue the store there.
-
-        A resumed fit continues its own store when it is in ``run_dir`` and writable (found where the
-        checkpoint says, else by its run id in ``run_dir``); when it is elsewhere or read-only, the
-        fit starts a new store seeded from it (``_seed_from``). Otherwise the fit never writes into
-        another fit's outputs: when ``<run_dir>/repsim`` holds anything, it takes the first free
-        ``repsim-1``, ``repsim-2``, ...
-        """
-        default = default_store_dir(run_dir)
-        self._seed_from = None
-        if not (self.keep_store or self.write_files):  # nothing goes to disk
-            self._output_dir = default
-            return False
-        recorded = Path(self._recorded_output) if self._recorded_output else None
-        if self._resumed:
-            # the recorded place, else the default one (the run directory was moved since), where a store tells
-            # by its run id whether it is this run's; figures alone cannot tell, so then only the recorded place
-            candidates = [recorded, default] if recorded is None or self.keep_store else [recorded]
-            holders = [c for c in dict.fromkeys(p for p in candidates if p is not None) if self._holds_this_run(c)]
-            for candidate in holders:
-                if candidate.parent.resolve() == run_dir.resolve() and _writable(candidate):
-                    self._output_dir = candidate
-                    return True
-            if holders and self._last_logged_step is not None:
-                # The logger moved on (a new version), several fits resume one checkpoint (a sweep), or the
-                # run is archived read-only: this fit keeps its own outputs beside its events, starting from
-                # copies of the recorded ones up to the checkpoint, which stay as they are.
-                self._seed_from = holders[0]
-        index = next(i for i in itertools.count() if not occupied(default_store_dir(run_dir, i)))
-        self._output_dir = default_store_dir(run_dir, index)
-        if self._seed_from is not None:
-            elsewhere = self._seed_from.parent.resolve() != run_dir.resolve()
-            why = (f"outside this fit's run directory {run_dir} (a logger with a new version, or several fits "
-                   "resuming one checkpoint)" if elsewhere else "and cannot be written to (read-only)")
-            tip = (" To continue in one directory, resume with the first fit's logger version, e.g. TensorBoardLogger("
-                   f"<same save_dir and name>, version={self._seed_from.parent.name!r})." if elsewhere else "")
-            self._warn_once(f"seeded:{self._seed_from}:{self._output_dir}", (
-                f"RepresentationSimilarity: the checkpointed fit's snapshot store and figures are in "
-                f"{self._seed_from}, {why}: this fit writes its own to {self._output_dir}, starting from copies of "
-                f"those up to step {self._last_logged_step}, and {self._seed_from} stays as it is.{tip}"))
-        elif self._resumed and self.keep_store and self._last_logged_step is not None:
-            where = (f"the checkpoint's snapshot store {recorded} is gone or another run's" if recorded else
-                     f"the checkpoint does not say where its snapshot store is (it was saved by an older "
-                     f"lightning_repsim) and {default} holds none of this run")
-            self._warn_once(f"lost:{recorded or default}:{self._output_dir}", (
-                f"RepresentationSimilarity: {where}; a new store starts at {self._output_dir}, without the snapshots "
-                f"up to step {self._last_logged_step}: reference 'final' and its convergence map cover only the "
-                "steps from here on."))
-        elif index and not self._resumed:
-            self._warn_once(f"occupied:{default}", (
-                f"RepresentationSimilarity: {default} already holds the snapshot store or figures of an earlier fit, "
-                f"which stay as they are; this fit writes its own to {self._output_dir}. To keep fits apart, give "
-                "each its own run directory (a new logger version, e.g. TensorBoardLogger(..., version=None), or "
-                "another default_root_dir); to continue the earlier fit, pass its checkpoint to fit(ckpt_path=...)."))
-        self._run_id = self._run_id or secrets.token_hex(8)
-        return False
-
-    def _holds_this_run(self, directory: Path) -> bool:
-        """Whether ``directory`` holds the checkpointed fit's outputs: its store (same run id and probe), or figures."""
-        if not self.keep_store:
-            return directory.is_dir()
-        assert self._probe is not None
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", RepSimWarning)  # damage is reported once it is opened for appending
-                store = SnapshotStore.open(directory, mode="r")
-        except RepSimError:
-            return False
-        # a checkpoint without a run id (state version 1) takes the store by its probe alone, as it did then
-        return store.probe_hash == self._probe.hash and self._run_id in (None, store.settings.get("run_id"))
-
-    def _guarded(self, trainer: pl.Trainer, pl_module: pl.LightningModule, work: Any, what: str) -> None:
-        """Run monitor work; an exception never kills fit unless ``strict`` (then it re-raises)."""
-        caught: list[warnings.WarningMessage] = []
-        try:
-            with warnings.catch_warnings(record=True) as caught:
-                warnings.simplefilter("always", RepSimWarning)
-                work(trainer, pl_module)
-        except Exception as err:
-            self._replay(caught)  # warnings issued before the failure (their keys are marked as warned)
-            if self.strict:
-                raise
-            self._report_failure(trainer, f"{what} (global step {trainer.global_step})", err,
-                                 traceback.format_exc(limit=3), trainer.global_step)
-        else:
-            self._replay(caught)
-        self._report_background_failures(trainer)
-
-    def _report_failure(self, trainer: pl.Trainer, where: str, err: BaseException, trace: str, step: int) -> None:
-        rank_zero_warn(f"RepresentationSimilarity failed at {where} and is skipping it; training continues. "
-                       f"{type(err).__name__}: {err}\n{trace}", category=RepSimWarning)
-        if self._tensorboard is not None and trainer.is_global_zero:
-            self._tensorboard.log_text("repsim/errors", f"`{type(err).__name__}: {err}` at {where}", step)
-
-    def _report_background_failures(self, trainer: pl.Trainer) -> None:
-        if self._worker is None:
-            return
-        for failure in self._worker.failures():
-            self._report_failure(trainer, failure.label, failure.error, failure.traceback, failure.context)
-
-    def _replay(self, caught: list[warnings.WarningMessage]) -> None:
-        for w in caught:
-            if issubclass(w.category, RepSimWarning):
-                self._warn_once(str(w.message), str(w.message))
-            else:
-                warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
-
-    def _warn_once(self, key: str, message: str) -> None:
-        if key not in self._warned:
-            self._warned.add(key)
-            rank_zero_warn(message, category=RepSimWarning)
-
     def _log_point(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        assert self._runner is not None
         step = trainer.global_step
         features = self._unlogged_start if step == 0 and self._unlogged_start is not None \
-            else self._capture_trained(trainer, pl_module)
+            else self._runner.trained(trainer, pl_module)
         self._unlogged_start = None
         self._attempted_step = step
         for name, x in features.items():
             if not bool(torch.isfinite(x).all()):
-                self._warn_once(f"nonfinite:{name}", f"layer {name!r} produced NaN/Inf activations at step {step}: "
-                                "its similarities are NaN; training continues.")
+                self._guard.warn_once(f"nonfinite:{name}", f"layer {name!r} produced NaN/Inf activations at step "
+                                      f"{step}: its similarities are NaN; training continues.")
             elif _is_constant(x):
-                self._warn_once(f"constant:{name}", f"layer {name!r} is constant over the probe at step {step} (a dead "
-                                "layer?): its centred similarities are NaN; training continues.")
+                self._guard.warn_once(f"constant:{name}", f"layer {name!r} is constant over the probe at step {step} "
+                                      "(a dead layer?): its centred similarities are NaN; training continues.")
         if trainer.is_global_zero:  # the other ranks hold the same numbers and write nothing
             work = functools.partial(self._compare_and_write, features, self._previous, step)
             if self._worker is None:
@@ -720,9 +455,10 @@ class RepresentationSimilarity(Callback):
 
         Runs on the worker thread when ``background``: it reads nothing that the training loop changes.
         """
+        assert self._reporter is not None
         if self._store is not None:
-            tensors, kinds = store_tensors(features, len(features[self._layer_names[0]]))
-            self._store.add(step, tensors, kinds, overwrite=self._resumed)
+            tensors, kinds = compact_features(features)
+            self._store.add(step, tensors, kinds, overwrite=self._checkpointed is not None)
         stored()
         current = Representations(features, max_cache_bytes=_GRAM_CACHE_BYTES)  # shared by every measure
         for ref in self._references:
@@ -734,50 +470,35 @@ class RepresentationSimilarity(Callback):
             for measure in self.measures:
                 # warn=False: NaN layers were reported by name at capture time, once
                 matrix = similarity_matrix(current, other, measure, warn=False, **self.options[measure])
-                self._report_matrix(measure, ref.label, matrix, other.names, step)
+                self._reporter.matrix(measure, ref.label, matrix, other.names, step)
         if self._reference("previous") is not None:
             self._prepared["previous"] = (features, current)  # its Grams serve the next point's "previous"
 
-    def _prepared_reference(self, ref: _Reference, features: Optional[Mapping[str, torch.Tensor]],
+    def _prepared_reference(self, ref: Reference, features: Optional[Mapping[str, torch.Tensor]],
                             like: Mapping[str, torch.Tensor]) -> Optional[Representations]:
         """The reference's layers on the current device, prepared once and reused while they stay the same."""
         if features is None:
             return None
         cached = self._prepared.get(ref.label)
         if cached is None or cached[0] is not features:
-            cached = (features, Representations(_on(features, like), max_cache_bytes=_GRAM_CACHE_BYTES))
+            device = next(iter(like.values())).device
+            cached = (features, Representations({k: x.to(device) for k, x in features.items()},
+                                                max_cache_bytes=_GRAM_CACHE_BYTES))
             self._prepared[ref.label] = cached
         return cached[1]
-
-    def _report_matrix(self, measure: str, label: str, matrix: torch.Tensor, ref_names: list[str], step: int) -> None:
-        names = self._layer_names
-        values = matrix.cpu().numpy()
-        key = (measure, label, tuple(ref_names))
-        if key not in self._frames:  # labels and colour bar are drawn once; each step repaints the cells
-            self._frames[key] = report.HeatmapFrames(names, ref_names, measure=measure, title=f"{measure} vs {label}",
-                                                     row_title="layers", col_title=label)
-        png = report.encode_png(self._frames[key].render(values))  # once, for TensorBoard and the file
-        if self._tensorboard is not None:
-            prefix = f"repsim/{measure}/{label}"
-            self._tensorboard.log_png(f"{prefix}/heatmap", png, step)
-            self._tensorboard.log_layer_scalars(prefix, _matched_diagonal(values, names, ref_names), step)
-        if self.write_files and self._output_dir is not None:
-            folder = self._output_dir / "figures" / _STEP_FOLDER.format(step)
-            report.write_matrix_csv(folder / f"{measure}__{label}.csv", values, names, ref_names)
-            report.write_png_bytes(png, folder / f"{measure}__{label}.png")
 
     def _log_final(self, trainer: pl.Trainer) -> None:
         """Every stored snapshot of every layer against the last snapshot (Raghu et al. 2017)."""
         assert self._store is not None and self._output_dir is not None
         steps = self._store.steps
         if len(steps) < 2:
-            self._warn_once("final-too-short", "reference='final' needs at least two snapshots; training was too "
-                            "short for a convergence map.")
+            self._guard.warn_once("final-too-short", "reference='final' needs at least two snapshots; training was "
+                                  "too short for a convergence map.")
             return
         for name in self._layer_names:
             if "pwcca" in self.measures and self._store.kinds.get(name) != "features":
-                self._warn_once(f"pwcca-factor:{name}", f"pwcca against the final snapshot is NaN for layer "
-                                f"{name!r}: it was stored as a Gram factor (p > n), without its neurons.")
+                self._guard.warn_once(f"pwcca-factor:{name}", f"pwcca against the final snapshot is NaN for layer "
+                                      f"{name!r}: it was stored as a Gram factor (p > n), without its neurons.")
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", RepSimWarning)  # NaN layers were reported by name at capture time
             values = similarity_to_final(self._store, self.options, progress=lambda layers: tqdm(
@@ -796,27 +517,12 @@ class RepresentationSimilarity(Callback):
                            f"the final snapshot\n{written.table}")
 
 
-_STEP_FOLDER = "step-{:08d}"  # figures of one logging point, under <output dir>/figures
-
-
-def _step_folders(figures: Path) -> dict[int, Path]:
-    """The per-step figure folders under ``figures``, by step, ascending."""
-    found = {int(f.name[5:]): f for f in figures.glob("step-*") if f.name[5:].isdigit() and f.is_dir()}
-    return dict(sorted(found.items()))
-
-
 def _describe(value: Any) -> Any:
     """A setting as JSON: a callable by its qualified name, anything else as it is."""
     if callable(value):
         name = getattr(value, "__qualname__", None) or type(value).__qualname__
         return f"{getattr(value, '__module__', None) or type(value).__module__}.{name}"
     return value
-
-
-def _writable(directory: Path) -> bool:
-    """Whether the files of ``directory`` (a store and its figures) can be replaced and added to."""
-    return os.access(directory, os.W_OK | os.X_OK) and all(
-        os.access(path, os.W_OK) for path in (directory / "figures", directory / "superseded") if path.exists())
 
 
 def _one_cpu_thread() -> None:
@@ -833,35 +539,5 @@ def _is_constant(x: torch.Tensor) -> bool:
     return float((x - x.mean(0)).square().sum()) <= 1e-20 * float(x.square().sum())
 
 
-def _matched_diagonal(values: Any, names: list[str], ref_names: list[str]) -> dict[str, float]:
-    """Layer i against the reference layer of the same name, or of the same index as a fallback."""
-    index = {name: j for j, name in enumerate(ref_names)}
-    if any(name in index for name in names):
-        return {name: float(values[i, index[name]]) for i, name in enumerate(names) if name in index}
-    if len(names) == len(ref_names):
-        return {name: float(values[i, i]) for i, name in enumerate(names)}
-    return {}
-
-
-def _on(reference: Mapping[str, torch.Tensor], like: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    device = next(iter(like.values())).device
-    return {name: x.to(device) for name, x in reference.items()}
-
-
 def _to_cpu(features: Optional[Mapping[str, torch.Tensor]]) -> Optional[dict[str, torch.Tensor]]:
     return None if features is None else {k: v.detach().cpu() for k, v in features.items()}
-
-
-def _dataloader(trainer: pl.Trainer, split: str) -> Any:
-    """The Trainer's train or val dataloader (the first one when there are several), or None."""
-    loop = trainer.fit_loop if split == "train" else trainer.fit_loop.epoch_loop.val_loop
-    source = getattr(loop, "_data_source", None)
-    try:
-        loader = source.dataloader() if source is not None and source.is_defined() else None
-    except Exception:  # a LightningModule without the hook
-        loader = None
-    if isinstance(loader, (list, tuple)):
-        loader = loader[0] if loader else None
-    if isinstance(loader, Mapping):
-        loader = next(iter(loader.values()), None)
-    return loader

@@ -13,6 +13,7 @@ from lightning_repsim.store.format import (
     FORMAT_NAME,
     FORMAT_VERSION,
     MANIFEST_NAME,
+    compact_features,
     default_store_dir,
     run_store_dirs,
 )
@@ -25,6 +26,7 @@ __all__ = [
     "MANIFEST_NAME",
     "SnapshotStore",
     "StepLike",
+    "compact_features",
     "default_store_dir",
     "open_store",
     "run_store_dirs",

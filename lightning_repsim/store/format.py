@@ -50,6 +50,7 @@ __all__ = [
     "FORMAT_NAME",
     "FORMAT_VERSION",
     "MANIFEST_NAME",
+    "compact_features",
     "default_store_dir",
     "encode_snapshot",
     "run_store_dirs",
@@ -294,3 +295,29 @@ def read_manifest(path: Path) -> dict[str, Any]:
     manifest["settings"], manifest["max_bytes"], manifest["lost_steps"] = settings, max_bytes, lost
     manifest["thinned"] = thinned
     return manifest
+
+
+def compact_features(features: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """What the store keeps of each ``(n, p)`` layer, and its kind: the features when p <= n, else a Gram factor.
+
+    With Xᵀ = QR, X Xᵀ = Rᵀ R exactly, so the n x n factor Rᵀ gives every Gram-based measure and
+    SVCCA as the features would, in at most n columns; PWCCA needs the neurons themselves and is
+    unavailable for such layers. A layer with NaN/Inf is stored as one NaN column.
+
+    Example:
+        >>> import torch
+        >>> tensors, kinds = compact_features({"conv": torch.randn(8, 100), "fc": torch.randn(8, 3)})
+        >>> tuple(tensors["conv"].shape), kinds
+        ((8, 8), {'conv': 'gram_factor', 'fc': 'features'})
+    """
+    tensors, kinds = {}, {}
+    for name, x in features.items():
+        x = x.detach().to("cpu", torch.float64)
+        n = x.shape[0]
+        if x.shape[1] <= n:
+            tensors[name], kinds[name] = x.float(), "features"
+        elif not bool(torch.isfinite(x).all()):
+            tensors[name], kinds[name] = torch.full((n, 1), float("nan"), dtype=torch.float32), "gram_factor"
+        else:
+            tensors[name], kinds[name] = torch.linalg.qr(x.T, mode="r").R.T.float(), "gram_factor"
+    return tensors, kinds

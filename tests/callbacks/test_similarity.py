@@ -553,7 +553,7 @@ def test_resume_with_a_read_only_recorded_store_leaves_it_and_starts_a_whole_new
     first = monitor(reference=["init", "final"], write_files=True)
     fit([first, ModelCheckpoint(dirpath=str(tmp_path / "ckpt"), save_last=True)], max_epochs=2)
     before = _files(first.store_path)
-    from lightning_repsim.callbacks import similarity as similarity_module
+    from lightning_repsim.callbacks import _outputs as similarity_module
 
     real = similarity_module._writable  # an archived run: the tests run as root, where chmod cannot tell
     monkeypatch.setattr(similarity_module, "_writable", lambda d: d != first.store_path and real(d))

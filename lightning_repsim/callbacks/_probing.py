@@ -1,0 +1,172 @@
+"""What RepresentationSimilarity runs through the model: the probe set, the references, and the pass.
+
+The probe is a tensor, an ``(x, y)`` tuple, a DataLoader, or ``"val:N"`` / ``"train:N"`` (the first
+N examples of the Trainer's loader). References are keywords (``"init"``, ``"previous"``,
+``"final"``), modules, or Lightning checkpoints loaded into a copy of the trained module. Every pass
+over the trained module (and a checkpoint reference) runs under the Trainer's precision, as its
+validation steps do.
+"""
+from __future__ import annotations
+
+import copy
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import pytorch_lightning as pl
+import torch
+from torch import nn
+
+from lightning_repsim.capture import LayerSelector, OutputSelector, Probe, capture
+from lightning_repsim.errors import RepSimValueError
+
+KEYWORDS = ("init", "previous", "final")
+PROBE_SPEC = re.compile(r"^(val|train):(\d+)$")
+
+
+@dataclass
+class Reference:
+    """One thing the layers are compared with; ``label`` is its name in tags and file names."""
+
+    label: str
+    kind: str  # "init" | "previous" | "final" | "module"
+    source: Any = None  # the nn.Module or checkpoint path
+    features: Optional[dict[str, torch.Tensor]] = None
+
+
+def parse_references(reference: Any) -> list[Reference]:
+    """The references of ``RepresentationSimilarity(reference=...)``, each with a unique label."""
+    items = list(reference) if isinstance(reference, (list, tuple)) else [reference]
+    if not items:
+        raise RepSimValueError("reference is empty: use 'final', 'init', 'previous', a module or a checkpoint.")
+    parsed, modules = [], 0
+    for item in items:
+        if isinstance(item, str) and item in KEYWORDS:
+            parsed.append(Reference(item, item))
+        elif isinstance(item, nn.Module):
+            modules += 1
+            parsed.append(Reference(f"model{modules}" if modules > 1 else "model", "module", item))
+        elif isinstance(item, (str, os.PathLike)):
+            label = re.sub(r"[^\w.\-]", "_", Path(item).stem) or "checkpoint"
+            parsed.append(Reference(label, "module", Path(item)))
+        else:
+            raise RepSimValueError(f"reference {item!r} is not one of {KEYWORDS}, an nn.Module or a checkpoint path.")
+    labels = [r.label for r in parsed]
+    if len(set(labels)) != len(labels):
+        raise RepSimValueError(f"references repeat: {labels}; give each once.")
+    return parsed
+
+
+def check_probe_spec(probe: Any) -> None:
+    """Refuse a malformed probe string at construction."""
+    if isinstance(probe, str) and (not PROBE_SPEC.match(probe) or int(probe.split(":")[1]) < 1):
+        raise RepSimValueError(f"probe string must look like 'val:512' or 'train:512' (a split and a positive "
+                               f"number of examples); got {probe!r}.")
+
+
+def materialise_probe(source: Any, trainer: pl.Trainer) -> Probe:
+    """The probe set of ``source`` (``None``: ``"val:512"``, else ``"train:512"``), materialised once."""
+    if source is not None and not isinstance(source, str):
+        return Probe(source)
+    split, count = ("val", 512) if source is None else (source.split(":")[0], int(source.split(":")[1]))
+    loader = _dataloader(trainer, split)
+    if loader is None and source is None:
+        split, loader = "train", _dataloader(trainer, "train")
+    if loader is None:
+        raise RepSimValueError(f"probe={source or 'val:512'!r} needs a {split} dataloader, and the Trainer has "
+                               "none; pass probe= a tensor, an (x, y) tuple or a DataLoader.")
+    return Probe(loader, max_examples=count)
+
+
+def _dataloader(trainer: pl.Trainer, split: str) -> Any:
+    """The Trainer's train or val dataloader (the first one when there are several), or None.
+
+    At ``on_fit_start`` Lightning has not loaded the dataloaders yet and offers no public view of
+    their source (a datamodule, the module's hooks, or loaders passed to ``fit``); its data
+    source objects are asked for the loader.
+    """
+    loop = trainer.fit_loop if split == "train" else trainer.fit_loop.epoch_loop.val_loop
+    source = getattr(loop, "_data_source", None)
+    try:
+        loader = source.dataloader() if source is not None and source.is_defined() else None
+    except Exception:  # a LightningModule without the hook
+        loader = None
+    if isinstance(loader, (list, tuple)):
+        loader = loader[0] if loader else None
+    if isinstance(loader, Mapping):
+        loader = next(iter(loader.values()), None)
+    return loader
+
+
+@dataclass
+class ProbeRunner:
+    """Runs the probe through a model and returns each selected layer's ``(n, p)`` features
+    (:func:`lightning_repsim.capture.capture` with the callback's settings)."""
+
+    probe: Probe
+    layers: LayerSelector
+    reference_layers: LayerSelector
+    batch_size: int
+    max_features: int
+    layout: Any
+    token_reduction: str
+    output_selector: OutputSelector
+    forward: Optional[Callable[[nn.Module, torch.Tensor], Any]]
+
+    def features(self, module: nn.Module, layers: LayerSelector = None,
+                 trainer: Optional[pl.Trainer] = None) -> dict[str, torch.Tensor]:
+        """The probe's features; with ``trainer``, the pass runs as its validation steps do: inputs converted
+        and the forward wrapped by its precision plugin (autocast for "16-mixed"/"bf16-mixed", the module's
+        dtype for "bf16-true"/"16-true"). Features are upcast to float32 by capture()."""
+        forward = self.forward  # forward(model, batch), or None for model(batch)
+        if trainer is not None:
+            precision, user_forward = trainer.precision_plugin, self.forward
+
+            def forward_with_precision(model: nn.Module, batch: torch.Tensor) -> Any:
+                with precision.val_step_context():
+                    batch = precision.convert_input(batch)
+                    return model(batch) if user_forward is None else user_forward(model, batch)
+
+            forward = forward_with_precision
+        return capture(module, self.probe, self.layers if layers is None else layers, batch_size=self.batch_size,
+                       max_features=self.max_features, layout=self.layout, token_reduction=self.token_reduction,
+                       output_selector=self.output_selector, forward=forward)
+
+    def trained(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, torch.Tensor]:
+        """The trained module's features; a probe it cannot run is reported as such, with its shape."""
+        try:
+            return self.features(pl_module, trainer=trainer)
+        except RepSimValueError:
+            raise
+        except Exception as err:  # the user's model, the user's probe: say which pairing failed
+            raise self.failure(type(pl_module).__name__, err) from err
+
+    def reference(self, ref: Reference, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, torch.Tensor]:
+        """A reference's features. A checkpoint, loaded into a copy of the trained module, runs under the
+        Trainer's precision like it; an ``nn.Module`` runs as given (its own dtype, no autocast)."""
+        if isinstance(ref.source, Path):
+            checkpoint = torch.load(ref.source, map_location="cpu", weights_only=True)
+            model = copy.deepcopy(pl_module)
+            try:
+                model.load_state_dict(checkpoint["state_dict"])
+            except (KeyError, RuntimeError) as err:
+                raise RepSimValueError(f"reference checkpoint {str(ref.source)!r} does not fit "
+                                       f"{type(pl_module).__name__}: {err}") from None
+        else:
+            model = ref.source
+        try:
+            model.to(pl_module.device)
+            return self.features(model, self.reference_layers, trainer if isinstance(ref.source, Path) else None)
+        except RepSimValueError:
+            raise
+        except Exception as err:  # the user's model, the user's probe: say which pairing failed
+            raise self.failure(f"reference {ref.label!r} ({type(model).__name__})", err) from err
+
+    def failure(self, who: str, err: Exception) -> RepSimValueError:
+        """The error for a model that cannot run the probe: which model, the probe's shape and dtype, the cause."""
+        return RepSimValueError(f"{who} cannot run the probe of shape {tuple(self.probe.inputs.shape)} "
+                                f"({self.probe.inputs.dtype}): {type(err).__name__}: {err}. Pass probe= inputs "
+                                "that the module's forward accepts (its first tensor is what is fed to forward).")
