@@ -26,7 +26,6 @@ import argparse
 import ctypes
 import gc
 import json
-import math
 import os
 import statistics
 import subprocess

@@ -91,7 +91,7 @@ def main() -> None:
     print(f"Independent N(0, 1) matrices X, Y of shape ({n}, p); mean (sd) over {args.reps} pairs per p.")
     print("RV = uncentred RV, RVc = centred RV, RV2c / RV2u = centred / uncentred RV2, CKA = linear CKA, "
           "dCKA = debiased CKA;")
-    print(f"theory: E[RV] ~ p/(p+n-1), E[RV2c] ~ p/(p+(n-1)^2+1) (large-n approximations).\n")
+    print("theory: E[RV] ~ p/(p+n-1), E[RV2c] ~ p/(p+(n-1)^2+1) (large-n approximations).\n")
     header = f"{'p':>5} {'p/n':>6} " + " ".join(f"{s:>15}" for s in SHORT) + f" {'RV theory':>10} {'RV2c theory':>11}"
     print(header)
     rows = []

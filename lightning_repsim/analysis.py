@@ -30,18 +30,25 @@ from lightning_repsim import report
 from lightning_repsim.report import _common as report_common
 from lightning_repsim._io import atomic_write
 from lightning_repsim.capture import LayerSelector, Probe, capture, select_names
-from lightning_repsim.errors import RepSimValueError
+from lightning_repsim.errors import RepSimError, RepSimValueError
 from lightning_repsim.functional import Representations, similarity_matrix
-from lightning_repsim.functional._measures import resolve_measures
+from lightning_repsim.functional._measures import MEASURES, resolve_measures, resolve_options
 from lightning_repsim.store import SnapshotStore, StepLike, open_store
 
 __all__ = [
     "Comparison",
-    "compare",
     "ConvergenceReport",
+    "FreezeLog",
+    "REFERENCES",
+    "ROW_COLUMNS",
+    "compare",
     "convergence_steps",
     "convergence_table",
+    "logged_measures",
+    "logged_options",
+    "read_freeze_log",
     "similarity_between",
+    "similarity_rows",
     "similarity_to_final",
     "write_convergence_report",
 ]
@@ -477,3 +484,141 @@ def write_convergence_report(
             tensorboard.log_text(f"{prefix}/convergence_summary", markdown, steps[-1])
         reports[measure] = ConvergenceReport(measure, converged, text, markdown, files)
     return reports
+
+
+# --------------------------------------------------------------------------- runs, read back
+
+
+def logged_measures(store: SnapshotStore) -> list[str]:
+    """The measures a run was logged with (its store's ``settings["measures"]``), else ``["linear_cka"]``."""
+    logged = store.settings.get("measures")
+    if isinstance(logged, list) and logged and all(m in MEASURES for m in logged):
+        return list(dict.fromkeys(logged))
+    return ["linear_cka"]
+
+
+def logged_options(store: SnapshotStore, measures: Sequence[str]) -> dict[str, dict[str, Any]]:
+    """Each measure's options as the run logged them (its store's ``settings["options"]``), else the defaults."""
+    logged = store.settings.get("options")
+    options = {}
+    for measure in measures:
+        given = logged.get(measure) if isinstance(logged, dict) else None
+        try:
+            options[measure] = resolve_options(measure, given if isinstance(given, dict) else {})
+        except RepSimError:
+            options[measure] = resolve_options(measure, {})
+    return options
+
+
+#: What :func:`similarity_rows` compares each step with.
+REFERENCES = ("final", "previous", "init")
+#: The columns of :func:`similarity_rows`.
+ROW_COLUMNS = ("run", "step", "measure", "reference", "layer_a", "layer_b", "value")
+
+
+def similarity_rows(store: SnapshotStore, measures: Sequence[str], references: Sequence[str] = REFERENCES, *,
+                    run: str = "", measure_options: Optional[Mapping[str, Mapping[str, Any]]] = None,
+                    progress: Optional[Callable[..., Iterable[Any]]] = None) -> list[tuple[Any, ...]]:
+    """Every similarity a store gives, as tidy rows ``(run, step, measure, reference, layer_a, layer_b, value)``.
+
+    ``final``: each step of each layer against the same layer at the last step (``layer_a ==
+    layer_b``). ``previous``: each step but the first against the step before (all pairs,
+    ``layer_a`` at ``step``, ``layer_b`` at the previous step). ``init``: each step against the
+    first stored step (all pairs, the first step included). Rows are ordered by reference, measure
+    and step, layers in store order.
+
+    Args:
+        store: an open store.
+        measures: measure names.
+        references: any of :data:`REFERENCES`.
+        run: the run's name, the first column.
+        measure_options: per-measure options (default: each measure's defaults).
+        progress: ``progress(iterable, desc=..., unit=...)`` wraps the loops (e.g. tqdm).
+    """
+    options = resolve_measures(measures, measure_options)
+    measures = list(options)
+    wrap = progress or (lambda iterable, **_: iterable)
+    steps, layers = store.steps, store.layers
+    rows: list[tuple[Any, ...]] = []
+    if "final" in references:
+        values = similarity_to_final(store, options, progress=lambda names: wrap(
+            names, desc="layers vs final snapshot", unit="layer"))
+        for measure in measures:
+            data = values[measure]
+            rows += [(run, step, measure, "final", name, name, float(data[i, t]))
+                     for t, step in enumerate(steps) for i, name in enumerate(layers)]
+    pairwise = [r for r in references if r in ("previous", "init")]
+    if pairwise:
+        first = Representations(store.read(steps[0]))  # "init" meets every step: its statistics are kept
+        earlier: Optional[Representations] = None
+        for t, step in enumerate(wrap(steps, desc="steps vs previous / first", unit="step")):
+            current = first if t == 0 else Representations(store.read(step))
+            for reference in pairwise:
+                if reference == "previous" and t == 0:
+                    continue
+                other = earlier if reference == "previous" else first
+                for measure in measures:
+                    data = _stored_matrix(store, current, other, measure, options[measure])
+                    rows += [(run, step, measure, reference, a, b, float(data[i, j]))
+                             for i, a in enumerate(layers) for j, b in enumerate(layers)]
+            earlier = current
+    order = {r: k for k, r in enumerate(REFERENCES)}
+    rows.sort(key=lambda r: (order[r[3]], measures.index(r[2]), r[1]))  # stable: layer order kept
+    return rows
+
+
+def _stored_matrix(store: SnapshotStore, xs: Representations, ys: Optional[Representations], measure: str,
+                   options: Mapping[str, Any]) -> torch.Tensor:
+    """All pairs of stored layers; PWCCA is NaN where a layer is stored as a Gram factor (no neurons)."""
+    if measure != "pwcca":
+        return similarity_matrix(xs, ys, measure, **options).cpu()
+    layers = store.layers
+    values = torch.full((len(layers), len(layers)), float("nan"), dtype=torch.float64)
+    keep = [i for i, name in enumerate(layers) if store.kinds[name] == "features"]
+    if keep:
+        sub_x = {layers[i]: xs.matrices[i] for i in keep}
+        sub_y = None if ys is None or ys is xs else {layers[i]: ys.matrices[i] for i in keep}
+        index = torch.tensor(keep)
+        values[index[:, None], index[None, :]] = similarity_matrix(sub_x, sub_y, measure, **options).cpu()
+    return values
+
+
+@dataclass
+class FreezeLog:
+    """What FreezeTraining wrote to a run's TensorBoard files."""
+
+    fraction: list[tuple[int, float]] = field(default_factory=list)  # freeze/frozen_fraction
+    units: list[tuple[int, float]] = field(default_factory=list)  # freeze/frozen_units
+    events: list[tuple[int, str]] = field(default_factory=list)  # freeze/events text, one line each
+    why_none: str = ""
+
+
+def read_freeze_log(run_dir: PathLike) -> FreezeLog:
+    """Read ``freeze/frozen_fraction``, ``freeze/frozen_units`` and ``freeze/events`` from the
+    TensorBoard event files directly in ``run_dir`` (where the Lightning logger wrote them)."""
+    run_dir = Path(run_dir)
+    log = FreezeLog()
+    if not any(run_dir.glob("events.out.tfevents.*")):
+        log.why_none = f"no TensorBoard event files in {run_dir}"
+        return log
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    guidance = {"scalars": 0, "tensors": 0, "images": 1, "histograms": 1, "audio": 1, "compressedHistograms": 1}
+    acc = EventAccumulator(str(run_dir), size_guidance=guidance)
+    acc.Reload()
+    tags = acc.Tags()
+    for tag, target in (("freeze/frozen_fraction", log.fraction), ("freeze/frozen_units", log.units)):
+        if tag in tags.get("scalars", []):
+            last = {e.step: e.value for e in acc.Scalars(tag)}  # the last write of a step wins (resume)
+            target.extend(sorted(last.items()))
+    for tag in ("freeze/events/text_summary", "freeze/events"):
+        if tag in tags.get("tensors", []):
+            for event in acc.Tensors(tag):
+                for raw in event.tensor_proto.string_val:
+                    for line in raw.decode("utf-8", "replace").splitlines():
+                        if line.strip():
+                            log.events.append((event.step, line.strip()))
+            break
+    if not (log.fraction or log.units or log.events):
+        log.why_none = f"no freeze/* tags in the TensorBoard event files of {run_dir}"
+    return log

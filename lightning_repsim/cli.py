@@ -48,33 +48,36 @@ Example:
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import math
 import sys
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Optional, Sequence, TextIO
+from typing import Any, Callable, Iterable, Optional, Sequence
 
-import numpy as np
-import torch
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
 from tqdm import tqdm
 
 import lightning_repsim
 from lightning_repsim import report
 from lightning_repsim.errors import RepSimError, RepSimWarning
-from lightning_repsim.functional._measures import MEASURES, resolve_measures, resolve_options
-from lightning_repsim.analysis import similarity_between, similarity_to_final, write_convergence_report
+from lightning_repsim.functional._measures import MEASURES, resolve_measures
+from lightning_repsim.analysis import (
+    REFERENCES,
+    ROW_COLUMNS,
+    logged_measures,
+    logged_options,
+    read_freeze_log,
+    similarity_between,
+    similarity_rows,
+    similarity_to_final,
+    write_convergence_report,
+)
 from lightning_repsim.store import MANIFEST_NAME, SnapshotStore, open_store, run_store_dirs
 
 __all__ = ["main"]
 
 PROG = "lightning-repsim"
-REFERENCES = ("final", "previous", "init")
-EXPORT_COLUMNS = ("run", "step", "measure", "reference", "layer_a", "layer_b", "value")
 _SHOWN_CANDIDATES = 5
 
 
@@ -173,26 +176,6 @@ def _measures(values: Optional[Sequence[str]], default: Sequence[str]) -> list[s
     return list(resolve_measures(names or list(default)))
 
 
-def _store_measures(store: SnapshotStore) -> list[str]:
-    """The measures the run was logged with (``settings["measures"]``), else ``["linear_cka"]``."""
-    logged = store.settings.get("measures")
-    if isinstance(logged, list) and logged and all(m in MEASURES for m in logged):
-        return list(dict.fromkeys(logged))
-    return ["linear_cka"]
-
-
-def _options(store: SnapshotStore, measure: str) -> dict[str, Any]:
-    """The measure's options as logged in the store's settings (validated), else the defaults."""
-    logged = store.settings.get("options")
-    given = logged.get(measure) if isinstance(logged, dict) else None
-    if isinstance(given, dict):
-        try:
-            return resolve_options(measure, given)
-        except RepSimError:
-            pass
-    return resolve_options(measure, {})
-
-
 def _has_neurons(store: SnapshotStore, layer: str) -> bool:
     return store.kinds.get(layer) == "features"
 
@@ -205,14 +188,6 @@ def _pwcca_note(run: Run, layers: Iterable[str]) -> Optional[str]:
             "without the neurons pwcca needs")
 
 
-def _final_series(run: Run, measures: Sequence[str], progress: Callable[..., Iterable]) -> dict[str, torch.Tensor]:
-    """``{measure: (L, S)}``: every stored step of each layer against its last step, as the
-    callback computes it at the end of training (:func:`lightning_repsim.store.similarity_to_final`)."""
-    options = {m: _options(run.store, m) for m in measures}
-    return similarity_to_final(run.store, options,
-                               progress=lambda layers: progress(layers, desc="layers vs final snapshot", unit="layer"))
-
-
 # --------------------------------------------------------------------------- output helpers
 
 
@@ -223,21 +198,6 @@ def _progress_factory(quiet: bool) -> Callable[..., Iterable]:
         return tqdm(iterable, disable=disable, leave=False, file=sys.stderr, dynamic_ncols=True, **kwargs)
 
     return progress
-
-
-def _fmt(value: float, width: int = 0) -> str:
-    text = "nan" if not math.isfinite(value) else f"{value:.4f}"
-    return text.rjust(width)
-
-
-def _table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
-    """Aligned plain-text columns: the first left-aligned, the others right-aligned."""
-    widths = [max(len(str(r[c])) for r in [headers, *rows]) for c in range(len(headers))]
-    lines = []
-    for row in [headers, *rows]:
-        cells = [str(cell).ljust(w) if c == 0 else str(cell).rjust(w) for c, (cell, w) in enumerate(zip(row, widths))]
-        lines.append("  ".join(cells).rstrip())
-    return "\n".join(lines)
 
 
 def _mkdir(path: Path) -> Path:
@@ -258,7 +218,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     run_b = open_run(args.run_b, allow_damaged=args.allow_damaged)
     if run_a.name == run_b.name:
         run_a.name, run_b.name = f"{run_a.name} [A]", f"{run_b.name} [B]"
-    options = {m: _options(run_a.store, m) for m in measures}
+    options = logged_options(run_a.store, measures)
     step = None if args.step == "last" else int(args.step)
     result = similarity_between(run_a.store, run_b.store, measures, step_a=step, step_b=step, measure_options=options,
                                 names=(run_a.name, run_b.name),
@@ -269,7 +229,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
     notes = [*run_a.notes, *run_b.notes]
     for measure in measures:
-        if options[measure] != _options(run_b.store, measure):
+        if options[measure] != logged_options(run_b.store, [measure])[measure]:
             notes.append(f"{measure}: the runs were logged with different options; using {run_a.name}'s "
                          f"{options[measure]}")
     if "pwcca" in measures:
@@ -292,13 +252,15 @@ def cmd_compare(args: argparse.Namespace) -> int:
         "notes": notes, "library_version": lightning_repsim.__version__,
     }))
     if args.tensorboard:
-        written.append(_compare_tensorboard(out / "tensorboard", run_a, run_b, step_a, matrices))
+        report.log_comparison(out / "tensorboard", matrices, layers_a, layers_b, names=(run_a.name, run_b.name),
+                              step=step_a, probe_hash=run_a.store.probe_hash, n=run_a.store.n)
+        written.append(out / "tensorboard")
 
     print(f"A: {run_a.name} at step {step_a}  ({run_a.store.path})")
     print(f"B: {run_b.name} at step {step_b}  ({run_b.store.path})")
     print(f"probe hash {run_a.store.probe_hash}, n = {run_a.store.n}; "
           f"{len(layers_a)} x {len(layers_b)} layers")
-    print(_compare_summary(layers_a, layers_b, matrices))
+    print(report.comparison_summary(layers_a, layers_b, matrices))
     for note in notes:
         print(f"note: {note}")
     if not args.quiet:
@@ -306,111 +268,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     return 0
 
 
-def _compare_summary(layers_a: list[str], layers_b: list[str], matrices: dict[str, np.ndarray]) -> str:
-    """Diagonal values (same layer name in both runs), else the best match in B of each layer of A."""
-    index_b = {name: j for j, name in enumerate(layers_b)}
-    shared = [(i, name) for i, name in enumerate(layers_a) if name in index_b]
-    if shared:
-        rows = [[name, *(_fmt(float(m[i, index_b[name]])) for m in matrices.values())] for i, name in shared]
-        return "same layer in both runs:\n" + _table(["layer", *matrices], rows)
-    first, values = next(iter(matrices.items()))
-    rows = []
-    for i, name in enumerate(layers_a):
-        row = values[i]
-        if np.isfinite(row).any():
-            j = int(np.nanargmax(row))
-            rows.append([name, layers_b[j], _fmt(float(row[j]))])
-        else:
-            rows.append([name, "-", "nan"])
-    return f"layer names differ; best {first} match in B of each layer of A:\n" + _table(["layer A", "layer B",
-                                                                                           first], rows)
-
-
-def _compare_tensorboard(log_dir: Path, run_a: Run, run_b: Run, step: int, matrices: dict[str, np.ndarray]) -> Path:
-    from torch.utils.tensorboard import SummaryWriter
-
-    label = report.sanitize_tag(run_b.name)
-    layers_a, layers_b = run_a.store.layers, run_b.store.layers
-    index_b = {name: j for j, name in enumerate(layers_b)}
-    with SummaryWriter(log_dir=str(log_dir)) as writer:
-        tb = report.TensorBoardReporter(writer)
-        for measure, values in matrices.items():
-            prefix = f"repsim/{measure}/{label}"
-            tb.log_heatmap(f"{prefix}/heatmap", values, layers_a, layers_b, measure=measure, step=step,
-                           row_title=run_a.name, col_title=run_b.name)
-            diagonal = {name: float(values[i, index_b[name]]) for i, name in enumerate(layers_a) if name in index_b}
-            if diagonal:
-                tb.log_layer_scalars(prefix, diagonal, step)
-        tb.log_text("repsim/compare", f"`{run_a.name}` (rows) vs `{run_b.name}` (columns), probe hash "
-                    f"`{run_a.store.probe_hash}`, n = {run_a.store.n}", step)
-    return log_dir
-
-
 # --------------------------------------------------------------------------- report
-
-
-@dataclass
-class FreezeLog:
-    """What FreezeTraining wrote to the run's TensorBoard files."""
-
-    fraction: list[tuple[int, float]] = field(default_factory=list)  # freeze/frozen_fraction
-    units: list[tuple[int, float]] = field(default_factory=list)  # freeze/frozen_units
-    events: list[tuple[int, str]] = field(default_factory=list)  # freeze/events text, one line each
-    why_none: str = ""
-
-
-def read_freeze_log(run_dir: Path) -> FreezeLog:
-    """Read ``freeze/frozen_fraction``, ``freeze/frozen_units`` and ``freeze/events`` from the
-    TensorBoard event files directly in ``run_dir`` (where the Lightning logger wrote them)."""
-    log = FreezeLog()
-    if not any(run_dir.glob("events.out.tfevents.*")):
-        log.why_none = f"no TensorBoard event files in {run_dir}"
-        return log
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    guidance = {"scalars": 0, "tensors": 0, "images": 1, "histograms": 1, "audio": 1, "compressedHistograms": 1}
-    acc = EventAccumulator(str(run_dir), size_guidance=guidance)
-    acc.Reload()
-    tags = acc.Tags()
-    for tag, target in (("freeze/frozen_fraction", log.fraction), ("freeze/frozen_units", log.units)):
-        if tag in tags.get("scalars", []):
-            last = {e.step: e.value for e in acc.Scalars(tag)}  # the last write of a step wins (resume)
-            target.extend(sorted(last.items()))
-    for tag in ("freeze/events/text_summary", "freeze/events"):
-        if tag in tags.get("tensors", []):
-            for event in acc.Tensors(tag):
-                for raw in event.tensor_proto.string_val:
-                    for line in raw.decode("utf-8", "replace").splitlines():
-                        if line.strip():
-                            log.events.append((event.step, line.strip()))
-            break
-    if not (log.fraction or log.units or log.events):
-        log.why_none = f"no freeze/* tags in the TensorBoard event files of {run_dir}"
-    return log
-
-
-def _freeze_figure(log: FreezeLog) -> Figure:
-    fig = Figure(figsize=(7.0, 3.6), dpi=100, layout="constrained")
-    FigureCanvasAgg(fig)
-    ax = fig.add_subplot()
-    if log.fraction:
-        steps, values = zip(*log.fraction)
-        ax.step(steps, values, where="post", color="tab:blue", marker="o", markersize=3,
-                label="fraction of parameters frozen")
-    if log.units:
-        twin = ax.twinx()
-        steps, values = zip(*log.units)
-        twin.step(steps, values, where="post", color="tab:orange", linestyle="--", label="frozen units")
-        twin.set_ylabel("frozen units")
-        twin.yaxis.get_major_locator().set_params(integer=True)
-    for step in sorted({s for s, _ in log.events}):
-        ax.axvline(step, color="0.5", linestyle=":", linewidth=0.8)
-    ax.set_ylim(-0.03, 1.03)
-    ax.set_xlabel("step")
-    ax.set_ylabel("fraction of parameters frozen")
-    ax.set_title(f"freeze training: {len(log.events)} event(s)", fontsize=10)
-    ax.grid(True, linewidth=0.4, alpha=0.5)
-    return fig
 
 
 def cmd_report(args: argparse.Namespace) -> int:
@@ -418,7 +276,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     if not 0.0 < args.threshold <= 1.0:
         raise CliError(f"--threshold is a fraction of the final similarity in (0, 1], got {args.threshold:g}")
     run = open_run(args.run, allow_damaged=args.allow_damaged)
-    measures = _measures(args.measure, _store_measures(run.store))
+    measures = _measures(args.measure, logged_measures(run.store))
     store = run.store
     steps, layers = store.steps, store.layers
     if len(steps) < 2:
@@ -428,7 +286,8 @@ def cmd_report(args: argparse.Namespace) -> int:
     notes = list(run.notes)
     if "pwcca" in measures and (note := _pwcca_note(run, layers)):
         notes.append(note)
-    values = _final_series(run, measures, progress)
+    values = similarity_to_final(store, logged_options(store, measures), progress=lambda layers: progress(
+        layers, desc="layers vs final snapshot", unit="layer"))
     freeze = read_freeze_log(run.run_dir)
     freeze_steps = sorted({s for s, _ in freeze.events})
 
@@ -445,7 +304,8 @@ def cmd_report(args: argparse.Namespace) -> int:
 
     print()
     if freeze.events or freeze.fraction:
-        written.append(report.save_png(_freeze_figure(freeze), out / "freeze.png"))
+        written.append(report.save_png(report.freeze_figure(freeze.fraction, freeze.units,
+                                                            [s for s, _ in freeze.events]), out / "freeze.png"))
         lines = [f"step {step}: {text}" if not text.startswith("step ") else text for step, text in freeze.events]
         written.append(out / "freeze_events.txt")
         written[-1].write_text("".join(line + "\n" for line in lines), encoding="utf-8")
@@ -465,41 +325,6 @@ def cmd_report(args: argparse.Namespace) -> int:
 # --------------------------------------------------------------------------- export
 
 
-def export_rows(run: Run, measures: Sequence[str], references: Sequence[str],
-                progress: Callable[..., Iterable] = lambda it, **_: it) -> list[tuple]:
-    """Tidy rows ``(run, step, measure, reference, layer_a, layer_b, value)``.
-
-    ``final``: each step of each layer against the same layer at the last step (``layer_a ==
-    layer_b``). ``previous``: each step but the first against the step before (all pairs,
-    ``layer_a`` at ``step``, ``layer_b`` at the previous step). ``init``: each step against the
-    first stored step (all pairs, the first step included).
-    """
-    store = run.store
-    steps, layers = store.steps, store.layers
-    rows: list[tuple] = []
-    if "final" in references:
-        values = _final_series(run, measures, progress)
-        for measure in measures:
-            data = values[measure]
-            rows += [(run.name, step, measure, "final", name, name, float(data[i, t]))
-                     for t, step in enumerate(steps) for i, name in enumerate(layers)]
-    pairwise = [r for r in references if r in ("previous", "init")]
-    if pairwise:
-        options = {m: _options(store, m) for m in measures}
-        for t, step in enumerate(progress(steps, desc="steps vs previous / first", unit="step")):
-            for reference in pairwise:
-                if reference == "previous" and t == 0:
-                    continue
-                other = steps[t - 1] if reference == "previous" else steps[0]
-                result = similarity_between(store, store, measures, step_a=step, step_b=other, measure_options=options)
-                for measure, data in result.matrices.items():
-                    rows += [(run.name, step, measure, reference, a, b, float(data[i, j]))
-                             for i, a in enumerate(layers) for j, b in enumerate(layers)]
-    order = {r: k for k, r in enumerate(REFERENCES)}
-    rows.sort(key=lambda r: (order[r[3]], measures.index(r[2]), r[1]))  # stable: layer order kept
-    return rows
-
-
 def _references(values: Optional[Sequence[str]]) -> list[str]:
     names = [part.strip() for value in (values or []) for part in value.split(",") if part.strip()]
     unknown = [r for r in names if r not in REFERENCES]
@@ -508,23 +333,17 @@ def _references(values: Optional[Sequence[str]]) -> list[str]:
     return list(dict.fromkeys(names)) or list(REFERENCES)
 
 
-def _write_csv(handle: TextIO, rows: Sequence[tuple]) -> None:
-    writer = csv.writer(handle)
-    writer.writerow(EXPORT_COLUMNS)
-    for row in rows:
-        writer.writerow([*row[:-1], repr(row[-1])])  # repr: exact round trip, NaN as "nan"
-
-
 def cmd_export(args: argparse.Namespace) -> int:
     progress = _progress_factory(args.quiet)
     to_stdout = args.out in (None, "-")
     fmt = args.format or ("json" if not to_stdout and args.out.lower().endswith(".json") else "csv")
     references = _references(args.reference)
     run = open_run(args.run, allow_damaged=args.allow_damaged)
-    measures = _measures(args.measure, _store_measures(run.store))
-    rows = export_rows(run, measures, references, progress)
+    measures = _measures(args.measure, logged_measures(run.store))
+    rows = similarity_rows(run.store, measures, references, run=run.name,
+                           measure_options=logged_options(run.store, measures), progress=progress)
     if fmt == "json":
-        records = [dict(zip(EXPORT_COLUMNS, row)) for row in rows]
+        records = [dict(zip(ROW_COLUMNS, row)) for row in rows]
         if to_stdout:
             for record in records:
                 record["value"] = record["value"] if math.isfinite(record["value"]) else None
@@ -532,12 +351,10 @@ def cmd_export(args: argparse.Namespace) -> int:
         else:
             report.write_json(args.out, records)  # NaN -> null
     elif to_stdout:
-        _write_csv(sys.stdout, rows)
+        report.write_rows_csv(sys.stdout, ROW_COLUMNS, rows)
     else:
-        path = Path(args.out)
-        _mkdir(path.parent)
-        with open(path, "w", newline="", encoding="utf-8") as handle:
-            _write_csv(handle, rows)
+        _mkdir(Path(args.out).parent)
+        report.write_rows_csv(args.out, ROW_COLUMNS, rows)
     for note in run.notes + ([n] if "pwcca" in measures and (n := _pwcca_note(run, run.store.layers)) else []):
         print(f"{PROG}: note: {note}", file=sys.stderr)
     if not (args.quiet or to_stdout):

@@ -5,7 +5,6 @@ Conventions used everywhere: rows are examples (n), columns are neurons/features
 from __future__ import annotations
 
 import contextlib
-import math
 import warnings
 from typing import Iterator, Mapping, Optional, Sequence, Union
 

@@ -15,6 +15,7 @@ from lightning_repsim.report.figures import (
     HeatmapFrames,
     convergence_map_figure,
     curves_figure,
+    freeze_figure,
     heatmap_figure,
 )
 from lightning_repsim.report.files import (
@@ -25,11 +26,13 @@ from lightning_repsim.report.files import (
     write_json,
     write_matrix_csv,
     write_png_bytes,
+    write_rows_csv,
 )
-from lightning_repsim.report.tables import summary_table
+from lightning_repsim.report.tables import comparison_summary, summary_table, text_table
 from lightning_repsim.report.tensorboard import (
     TensorBoardReporter,
     accelerate_event_checksums,
+    log_comparison,
     make_tag,
     sanitize_tag,
     scalar_tags,
@@ -43,18 +46,23 @@ __all__ = [
     "HeatmapFrames",
     "TensorBoardReporter",
     "accelerate_event_checksums",
+    "comparison_summary",
     "convergence_map_figure",
     "curves_figure",
     "encode_png",
     "figure_to_array",
+    "freeze_figure",
     "heatmap_figure",
+    "log_comparison",
     "make_tag",
     "sanitize_tag",
     "save_image_png",
     "save_png",
     "scalar_tags",
     "summary_table",
+    "text_table",
     "write_json",
     "write_matrix_csv",
     "write_png_bytes",
+    "write_rows_csv",
 ]

@@ -43,7 +43,7 @@ from lightning_repsim.report._common import (
     colour_range,
 )
 
-__all__ = ["NAN_COLOR", "HeatmapFrames", "convergence_map_figure", "curves_figure", "heatmap_figure"]
+__all__ = ["NAN_COLOR", "HeatmapFrames", "convergence_map_figure", "curves_figure", "freeze_figure", "heatmap_figure"]
 
 #: Colour of NaN / non-finite cells in heatmaps and convergence maps.
 NAN_COLOR = "#d3d3d3"  # light grey: outside viridis, readable on white paper
@@ -611,3 +611,40 @@ def _set_step_scale(ax: Any, steps: list[int], xscale: str) -> None:
             ax.set_xscale("log")
 
 
+def freeze_figure(fraction: Sequence[tuple[int, float]], units: Sequence[tuple[int, float]],
+                  event_steps: Sequence[int], *, dpi: int = _DEFAULT_DPI) -> Figure:
+    """Freeze training over time: the fraction of parameters frozen (a step plot), the number of
+    frozen units (dashed, right axis) and a dotted line at each freeze event.
+
+    Args:
+        fraction: ``(step, fraction of parameters frozen)`` pairs, ascending.
+        units: ``(step, frozen units)`` pairs, ascending.
+        event_steps: the step of each freeze event (one per unit frozen).
+        dpi: resolution of the figure.
+
+    Example:
+        >>> fig = freeze_figure([(0, 0.0), (5, 0.4)], [(0, 0), (5, 1)], [5])
+        >>> fig.axes[0].get_title()
+        'freeze training: 1 event(s)'
+    """
+    fig = Figure(figsize=(7.0, 3.6), dpi=dpi, layout="constrained")
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    if fraction:
+        steps, values = zip(*fraction)
+        ax.step(steps, values, where="post", color="tab:blue", marker="o", markersize=3,
+                label="fraction of parameters frozen")
+    if units:
+        twin = ax.twinx()
+        steps, values = zip(*units)
+        twin.step(steps, values, where="post", color="tab:orange", linestyle="--", label="frozen units")
+        twin.set_ylabel("frozen units")
+        twin.yaxis.get_major_locator().set_params(integer=True)
+    for step in sorted(set(event_steps)):
+        ax.axvline(step, color="0.5", linestyle=":", linewidth=0.8)
+    ax.set_ylim(-0.03, 1.03)
+    ax.set_xlabel("step")
+    ax.set_ylabel("fraction of parameters frozen")
+    ax.set_title(f"freeze training: {len(event_steps)} event(s)", fontsize=10)
+    ax.grid(True, linewidth=0.4, alpha=0.5)
+    return fig

@@ -34,6 +34,7 @@ __all__ = [
     "write_json",
     "write_matrix_csv",
     "write_png_bytes",
+    "write_rows_csv",
 ]
 
 
@@ -261,3 +262,20 @@ def save_image_png(image: Any, path: PathLike) -> Path:
     return write_png_bytes(encode_png(image), path)
 
 
+def write_rows_csv(target: Any, columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
+    """Write tidy rows as CSV to a path (atomically) or an open text handle (``sys.stdout``).
+
+    The header is ``columns``; the last column of every row is a float written with ``repr``, so
+    ``float(cell)`` gives it back exactly (NaN as ``nan``).
+    """
+    def write(handle: Any) -> None:
+        writer = csv.writer(handle)
+        writer.writerow(columns)
+        for row in rows:
+            writer.writerow([*row[:-1], repr(float(row[-1]))])
+
+    if hasattr(target, "write"):
+        write(target)
+        return
+    with atomic_open(target, "w", newline="", encoding="utf-8") as handle:
+        write(handle)

@@ -1,13 +1,16 @@
 """Tables of per-layer results: markdown for TensorBoard's text plugin, aligned text for terminals."""
 from __future__ import annotations
 
-from collections.abc import Sequence
+import math
+from collections.abc import Mapping, Sequence
 from typing import Any, Literal, Optional
+
+import numpy as np
 
 from lightning_repsim.errors import RepSimValueError
 from lightning_repsim.report._common import md_escape
 
-__all__ = ["summary_table"]
+__all__ = ["comparison_summary", "summary_table", "text_table"]
 
 
 def summary_table(
@@ -75,13 +78,54 @@ def summary_table(
             cells = [row[0], f"`{md_escape(row[1])}`", *row[2:]]
             lines.append("| " + " | ".join(cells) + " |")
         return "\n".join(lines)
-    widths = [max(len(r[c]) for r in [headers, *rows]) for c in range(len(headers))]
+    return text_table(headers, rows, left=2)  # '#' and layer left-aligned, numbers right-aligned
 
-    def line(cells: list[str]) -> str:  # '#' and layer left-aligned, numbers right-aligned
-        parts = [cell.rjust(w) if c >= 2 else cell.ljust(w)
-                 for c, (cell, w) in enumerate(zip(cells, widths))]
-        return "  ".join(parts).rstrip()
 
-    return "\n".join(line(r) for r in [headers, *rows])
+def text_table(headers: Sequence[str], rows: Sequence[Sequence[Any]], *, left: int = 1) -> str:
+    """Aligned plain-text columns: the first ``left`` columns left-aligned, the others right-aligned.
+
+    Example:
+        >>> print(text_table(["layer", "rv2"], [["conv1", "0.9500"], ["fc", "nan"]]))
+        layer     rv2
+        conv1  0.9500
+        fc        nan
+    """
+    cells = [[str(c) for c in row] for row in [headers, *rows]]
+    widths = [max(len(r[c]) for r in cells) for c in range(len(headers))]
+    return "\n".join("  ".join(cell.ljust(w) if c < left else cell.rjust(w)
+                               for c, (cell, w) in enumerate(zip(row, widths))).rstrip() for row in cells)
+
+
+def comparison_summary(layers_a: Sequence[str], layers_b: Sequence[str], matrices: Mapping[str, Any]) -> str:
+    """The values of same-named layers in both runs, else the best match in B of each layer of A.
+
+    Example:
+        >>> import numpy as np
+        >>> print(comparison_summary(["conv", "fc"], ["conv", "fc"], {"rv2": np.array([[0.9, 0.1], [0.2, 0.8]])}))
+        same layer in both runs:
+        layer     rv2
+        conv   0.9000
+        fc     0.8000
+    """
+    index_b = {name: j for j, name in enumerate(layers_b)}
+    shared = [(i, name) for i, name in enumerate(layers_a) if name in index_b]
+    if shared:
+        rows = [[name, *(_number(float(m[i, index_b[name]])) for m in matrices.values())] for i, name in shared]
+        return "same layer in both runs:\n" + text_table(["layer", *matrices], rows)
+    first, values = next(iter(matrices.items()))
+    rows = []
+    for i, name in enumerate(layers_a):
+        row = np.asarray(values[i], dtype=np.float64)
+        if np.isfinite(row).any():
+            j = int(np.nanargmax(row))
+            rows.append([name, layers_b[j], _number(float(row[j]))])
+        else:
+            rows.append([name, "-", "nan"])
+    return f"layer names differ; best {first} match in B of each layer of A:\n" + text_table(
+        ["layer A", "layer B", first], rows)
+
+
+def _number(value: float) -> str:
+    return "nan" if not math.isfinite(value) else f"{value:.4f}"
 
 

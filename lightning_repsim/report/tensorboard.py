@@ -37,7 +37,14 @@ from lightning_repsim.report._common import figure_to_array
 from lightning_repsim.report.figures import heatmap_figure
 from lightning_repsim.report.files import _png_header, encode_png
 
-__all__ = ["TensorBoardReporter", "accelerate_event_checksums", "make_tag", "sanitize_tag", "scalar_tags"]
+__all__ = [
+    "TensorBoardReporter",
+    "accelerate_event_checksums",
+    "log_comparison",
+    "make_tag",
+    "sanitize_tag",
+    "scalar_tags",
+]
 
 _TAG_INVALID = re.compile(r"[^\w.\-]")
 _DEFAULT_DPI = 100
@@ -287,3 +294,28 @@ class TensorBoardReporter:
         """Flush the underlying writer to disk."""
         if hasattr(self.writer, "flush"):
             self.writer.flush()
+
+
+def log_comparison(log_dir: Any, matrices: Mapping[str, Any], layers_a: Sequence[str], layers_b: Sequence[str], *,
+                   names: tuple[str, str], step: int, probe_hash: str, n: int) -> None:
+    """Write a comparison of two runs as a TensorBoard run in ``log_dir``, to open beside the training runs.
+
+    Per measure: the heatmap ``repsim/<measure>/<run B>/heatmap`` and, for layers named alike in both
+    runs, the scalars ``repsim/<measure>/<run B>/<layer>``; the text ``repsim/compare`` says which runs
+    and probe.
+    """
+    from torch.utils.tensorboard import SummaryWriter
+
+    label = sanitize_tag(names[1])
+    index_b = {name: j for j, name in enumerate(layers_b)}
+    with SummaryWriter(log_dir=str(log_dir)) as writer:
+        tb = TensorBoardReporter(writer)
+        for measure, values in matrices.items():
+            prefix = f"repsim/{measure}/{label}"
+            tb.log_heatmap(f"{prefix}/heatmap", values, layers_a, layers_b, measure=measure, step=step,
+                           row_title=names[0], col_title=names[1])
+            diagonal = {name: float(values[i, index_b[name]]) for i, name in enumerate(layers_a) if name in index_b}
+            if diagonal:
+                tb.log_layer_scalars(prefix, diagonal, step)
+        tb.log_text("repsim/compare", f"`{names[0]}` (rows) vs `{names[1]}` (columns), probe hash `{probe_hash}`, "
+                    f"n = {n}", step)

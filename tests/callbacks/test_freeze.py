@@ -3,7 +3,6 @@
 Every "frozen" claim is checked bit-exactly (``torch.equal``) against a snapshot taken the moment
 the unit froze, with controls showing that the same tensors did change while trainable.
 """
-import copy
 import types
 
 import pytest
@@ -23,7 +22,7 @@ from lightning_repsim.callbacks import (
     SimilaritySchedule,
     TimesSchedule,
 )
-from lightning_repsim.errors import RepSimError, RepSimValueError
+from lightning_repsim.errors import RepSimValueError
 
 UNITS = ["block1", "block2", "head"]
 
