@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 TORCH_PIN ?= 2.13.0
 
-.PHONY: test demo env bench clean
+.PHONY: test lint demo env bench clean
 
 $(BIN)/activate:
 	$(PYTHON) -m venv $(VENV)
@@ -16,13 +16,19 @@ $(VENV)/.installed: $(BIN)/activate setup.cfg pyproject.toml
 	$(BIN)/python -m pip install --quiet "torch==$(TORCH_PIN)" 2>/dev/null \
 	  || $(BIN)/python -m pip install --quiet "torch==$(TORCH_PIN)+cpu" 2>/dev/null \
 	  || $(BIN)/python -m pip install --quiet torch
-	$(BIN)/python -m pip install --quiet -e ".[test]"
+	$(BIN)/python -m pip install --quiet -e ".[test,lint]"
 	touch $@
 
 env: $(VENV)/.installed
 
 test: env
 	$(BIN)/python -m pytest -q
+
+# ruff (lint and format) on everything, mypy on the package; configured in pyproject.toml
+lint: env
+	$(BIN)/ruff check lightning_repsim tests examples benchmarks
+	$(BIN)/ruff format --check lightning_repsim tests examples benchmarks
+	$(BIN)/mypy
 
 demo: env
 	$(BIN)/python examples/quickstart.py

@@ -8,12 +8,12 @@ Import it from a benchmark script (``benchmarks/`` is the script's own directory
 
 Run it directly to print the same block: ``python benchmarks/_machine.py``.
 """
+
 from __future__ import annotations
 
 import datetime as _dt
 import os
 import platform
-from typing import Optional
 
 
 def _cpu_model() -> str:
@@ -34,7 +34,7 @@ def _usable_cores() -> int:
         return os.cpu_count() or 1
 
 
-def _ram_gib() -> Optional[float]:
+def _ram_gib() -> float | None:
     try:
         with open("/proc/meminfo", encoding="utf-8") as f:
             for line in f:
@@ -48,7 +48,7 @@ def _ram_gib() -> Optional[float]:
         return None
 
 
-def load_average() -> Optional[str]:
+def load_average() -> str | None:
     """The 1, 5 and 15 minute load averages ("0.12 / 0.30 / 0.25"): a busy machine makes slow numbers."""
     try:
         return " / ".join(f"{v:.2f}" for v in os.getloadavg())
@@ -78,18 +78,23 @@ def machine_info() -> dict[str, object]:
     }
 
 
-def markdown(info: Optional[dict[str, object]] = None) -> str:
+def markdown(info: dict[str, object] | None = None) -> str:
     """The machine as a short markdown bullet list."""
     info = machine_info() if info is None else info
     ram = "unknown" if info["ram_gib"] is None else f"{info['ram_gib']} GiB"
-    gpu = (f"{info['cuda_device']} (CUDA {info['cuda_version']})" if info["cuda_device"]
-           else "none (torch.cuda.is_available() is False)")
-    return "\n".join([
-        f"- Date: {info['date']}",
-        f"- CPU: {info['cpu']}, {info['cores']} usable cores, torch threads {info['torch_threads']}, RAM {ram}",
-        f"- GPU: {gpu}",
-        f"- Python {info['python']}, torch {info['torch']}, numpy {info['numpy']}",
-    ])
+    gpu = (
+        f"{info['cuda_device']} (CUDA {info['cuda_version']})"
+        if info["cuda_device"]
+        else "none (torch.cuda.is_available() is False)"
+    )
+    return "\n".join(
+        [
+            f"- Date: {info['date']}",
+            f"- CPU: {info['cpu']}, {info['cores']} usable cores, torch threads {info['torch_threads']}, RAM {ram}",
+            f"- GPU: {gpu}",
+            f"- Python {info['python']}, torch {info['torch']}, numpy {info['numpy']}",
+        ]
+    )
 
 
 if __name__ == "__main__":

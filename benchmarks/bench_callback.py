@@ -14,6 +14,7 @@ training loop. Writes ``benchmarks/results/callback.md``.
 
 Run: python benchmarks/bench_callback.py [--quick] [--repeats 3]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -23,8 +24,8 @@ import statistics
 import sys
 import time
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import pytorch_lightning as pl
 import torch
@@ -34,11 +35,11 @@ from torch.utils.data import DataLoader, TensorDataset
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "examples"))
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from _machine import markdown as machine_markdown  # noqa: E402
-from bench_freeze import Classifier, cifar_like_data  # noqa: E402  (the same ResNet-18 layout and data)
-from digits import DigitsCNN, digits_dataloaders  # noqa: E402
+from _machine import markdown as machine_markdown
+from bench_freeze import Classifier, cifar_like_data
+from digits import DigitsCNN, digits_dataloaders
 
-from lightning_repsim import RepresentationSimilarity, report  # noqa: E402
+from lightning_repsim import RepresentationSimilarity, report
 
 
 class Clock:
@@ -54,7 +55,7 @@ class Clock:
     """
 
     def __init__(self) -> None:
-        self.parts = {k: 0.0 for k in ("setup", "probe", "work", "templates", "final", "hooks", "loop")}
+        self.parts = dict.fromkeys(("setup", "probe", "work", "templates", "final", "hooks", "loop"), 0.0)
         self.points = 0
 
     def add(self, part: str, seconds: float) -> None:
@@ -135,13 +136,26 @@ def fit_once(workload: dict, mode: str, out: Path) -> tuple[float, Clock]:
     model, train, val = workload["make"]()
     callbacks: list[pl.Callback] = [LoopClock()]
     if mode != "plain":
-        callbacks.append(TimedSimilarity(probe=workload["probe"], reference=["init", "final"],
-                                         measures=("linear_cka", "rv2"),
-                                         background={"default": None, "worker": True, "in-loop": False}[mode]))
-    trainer = pl.Trainer(max_epochs=workload["epochs"], callbacks=callbacks, logger=TensorBoardLogger(out),
-                         enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
-                         accelerator=workload["accelerator"], devices=1, log_every_n_steps=10,
-                         num_sanity_val_steps=0)
+        callbacks.append(
+            TimedSimilarity(
+                probe=workload["probe"],
+                reference=["init", "final"],
+                measures=("linear_cka", "rv2"),
+                background={"default": None, "worker": True, "in-loop": False}[mode],
+            )
+        )
+    trainer = pl.Trainer(
+        max_epochs=workload["epochs"],
+        callbacks=callbacks,
+        logger=TensorBoardLogger(out),
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        accelerator=workload["accelerator"],
+        devices=1,
+        log_every_n_steps=10,
+        num_sanity_val_steps=0,
+    )
     start = time.perf_counter()
     trainer.fit(model, train, val)
     if workload["accelerator"] == "gpu":
@@ -165,10 +179,13 @@ def measure(name: str, workload: dict, repeats: int, out: Path) -> dict:
             elif mode == "default":
                 clocks.append(clock)
         parts = clocks[-1].parts
-        print(f"[{name}] repeat {r}: " + ", ".join(f"{m} {t[-1]:.2f} s" for m, t in times.items())
-              + f" (default: hooks {parts['hooks']:.2f} s, probe passes {parts['probe']:.2f} s, comparing/storing/"
-              f"drawing {parts['work']:.2f} s, templates {parts['templates']:.2f} s, final {parts['final']:.2f} s)",
-              flush=True)
+        print(
+            f"[{name}] repeat {r}: "
+            + ", ".join(f"{m} {t[-1]:.2f} s" for m, t in times.items())
+            + f" (default: hooks {parts['hooks']:.2f} s, probe passes {parts['probe']:.2f} s, comparing/storing/"
+            f"drawing {parts['work']:.2f} s, templates {parts['templates']:.2f} s, final {parts['final']:.2f} s)",
+            flush=True,
+        )
     med = {m: statistics.median(t) for m, t in times.items()}
     part = {k: statistics.median(c.parts[k] for c in clocks) for k in clocks[0].parts}
     points = clocks[0].points
@@ -178,38 +195,86 @@ def measure(name: str, workload: dict, repeats: int, out: Path) -> dict:
     # What the training loop waits for: with the worker thread, only the probe passes and the final snapshot.
     per_point = (part["probe"] + (0.0 if background else part["work"])) / points
     once = part["setup"] + (0.0 if background else part["templates"]) + part["final"]
-    return {"name": name, "plain": med["plain"], "monitored": med["default"], "other_mode": other,
-            "other": med[other], "hooks": part["hooks"], "work": part["work"] + part["templates"],
-            "wall_overhead": med["default"] / med["plain"] - 1, "other_overhead": med[other] / med["plain"] - 1,
-            "target": workload["target"], "device": workload["device"], "epochs": epochs,
-            "probe": workload["probe_label"], "background": background,
-            "points": points, "epoch": epoch, "probe_pass": part["probe"] / points,
-            "point_work": part["work"] / points, "per_point": per_point, "setup": part["setup"],
-            "templates": part["templates"], "final": part["final"], "once": once,
-            "per_epoch_share": per_point / epoch}
+    return {
+        "name": name,
+        "plain": med["plain"],
+        "monitored": med["default"],
+        "other_mode": other,
+        "other": med[other],
+        "hooks": part["hooks"],
+        "work": part["work"] + part["templates"],
+        "wall_overhead": med["default"] / med["plain"] - 1,
+        "other_overhead": med[other] / med["plain"] - 1,
+        "target": workload["target"],
+        "device": workload["device"],
+        "epochs": epochs,
+        "probe": workload["probe_label"],
+        "background": background,
+        "points": points,
+        "epoch": epoch,
+        "probe_pass": part["probe"] / points,
+        "point_work": part["work"] / points,
+        "per_point": per_point,
+        "setup": part["setup"],
+        "templates": part["templates"],
+        "final": part["final"],
+        "once": once,
+        "per_epoch_share": per_point / epoch,
+    }
 
 
 def workloads(quick: bool) -> dict:
     digits_epochs = 2 if quick else 12
-    found = {"digits CNN (CPU)": {
-        "make": lambda: (DigitsCNN(), *digits_dataloaders()), "probe": "val:256", "probe_label": "val:256",
-        "epochs": digits_epochs, "accelerator": "cpu", "device": "cpu", "target": 0.10}}
+    found = {
+        "digits CNN (CPU)": {
+            "make": lambda: (DigitsCNN(), *digits_dataloaders()),
+            "probe": "val:256",
+            "probe_label": "val:256",
+            "epochs": digits_epochs,
+            "accelerator": "cpu",
+            "device": "cpu",
+            "target": 0.10,
+        }
+    }
     if torch.cuda.is_available():
-        resnet = {"width": 64, "n_train": 2048 if quick else 50_000, "batch": 256, "probe": 512,
-                  "epochs": 2 if quick else 3, "accelerator": "gpu", "device": torch.cuda.get_device_name(0),
-                  "target": 0.02, "name": "ResNet-18-like, CIFAR-shaped (GPU)"}
+        resnet = {
+            "width": 64,
+            "n_train": 2048 if quick else 50_000,
+            "batch": 256,
+            "probe": 512,
+            "epochs": 2 if quick else 3,
+            "accelerator": "gpu",
+            "device": torch.cuda.get_device_name(0),
+            "target": 0.02,
+            "name": "ResNet-18-like, CIFAR-shaped (GPU)",
+        }
     else:
-        resnet = {"width": 16, "n_train": 512, "batch": 64, "probe": 128, "epochs": 2 if quick else 4,
-                  "accelerator": "cpu", "device": "cpu", "target": None,
-                  "name": "ResNet-18-like width 16, CIFAR-shaped (CPU, reduced)"}
+        resnet = {
+            "width": 16,
+            "n_train": 512,
+            "batch": 64,
+            "probe": 128,
+            "epochs": 2 if quick else 4,
+            "accelerator": "cpu",
+            "device": "cpu",
+            "target": None,
+            "name": "ResNet-18-like width 16, CIFAR-shaped (CPU, reduced)",
+        }
     (train_x, train_y), (test_x, _) = cifar_like_data(resnet["n_train"], resnet["probe"])
     steps_per_epoch = -(-resnet["n_train"] // resnet["batch"])
     found[resnet["name"]] = {
-        "make": lambda: (Classifier("cifar", resnet["width"], 0.05, resnet["epochs"], steps_per_epoch),
-                         DataLoader(TensorDataset(train_x, train_y), batch_size=resnet["batch"], shuffle=True),
-                         None),
-        "probe": test_x, "probe_label": f"{resnet['probe']} held-out images", "epochs": resnet["epochs"],
-        "accelerator": resnet["accelerator"], "device": resnet["device"], "target": resnet["target"]}
+        "make": lambda: (
+            Classifier("cifar", resnet["width"], 0.05, resnet["epochs"], steps_per_epoch),
+            DataLoader(TensorDataset(train_x, train_y), batch_size=resnet["batch"], shuffle=True),
+            None,
+        ),
+        "probe": test_x,
+        "probe_label": f"{resnet['probe']} held-out images",
+        "epochs": resnet["epochs"],
+        "accelerator": resnet["accelerator"],
+        "device": resnet["device"],
+        "target": resnet["target"],
+    }
     return found
 
 
@@ -234,48 +299,65 @@ def main() -> None:
     report.HeatmapFrames = TimedHeatmapFrames  # the callback draws its templates through report.HeatmapFrames
     rows = [measure(name, w, 1 if args.quick else args.repeats, scratch) for name, w in workloads(args.quick).items()]
 
-    lines = ["## RepresentationSimilarity overhead", "",
-             "`python benchmarks/bench_callback.py` — training wall time without the callback (*plain*) and with it "
-             "at its default cadence (every epoch; references init + final; linear CKA + RV2) and default settings "
-             "(*monitored*). By default the comparing, storing and drawing run in the training loop on CPU and on a "
-             "worker thread on accelerators (`background=None`); the *other mode* column is the same run with the "
-             "setting the default did not pick (`background=True` on CPU, `False` on GPU). Medians of "
-             f"{1 if args.quick else args.repeats} alternating runs. *Hooks* is the time the training loop spends "
-             "inside the callback's hooks (probe passes, the work itself when in the loop, the end-of-training "
-             "convergence map); *work* is the time spent comparing, storing and drawing snapshots, wherever it ran. "
-             "*Overhead* is (monitored − plain) / plain.", "",
-             machine_markdown(), "",
-             "| workload | device | epochs | probe | plain (s) | monitored (s) | hooks (s) | work (s) | "
-             "overhead | other mode | other mode (s) | its overhead | target |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "## RepresentationSimilarity overhead",
+        "",
+        "`python benchmarks/bench_callback.py` — training wall time without the callback (*plain*) and with it "
+        "at its default cadence (every epoch; references init + final; linear CKA + RV2) and default settings "
+        "(*monitored*). By default the comparing, storing and drawing run in the training loop on CPU and on a "
+        "worker thread on accelerators (`background=None`); the *other mode* column is the same run with the "
+        "setting the default did not pick (`background=True` on CPU, `False` on GPU). Medians of "
+        f"{1 if args.quick else args.repeats} alternating runs. *Hooks* is the time the training loop spends "
+        "inside the callback's hooks (probe passes, the work itself when in the loop, the end-of-training "
+        "convergence map); *work* is the time spent comparing, storing and drawing snapshots, wherever it ran. "
+        "*Overhead* is (monitored − plain) / plain.",
+        "",
+        machine_markdown(),
+        "",
+        "| workload | device | epochs | probe | plain (s) | monitored (s) | hooks (s) | work (s) | "
+        "overhead | other mode | other mode (s) | its overhead | target |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in rows:
         target = "—" if r["target"] is None else f"≤ {r['target']:.0%}"
         other = "`background=True`" if r["other_mode"] == "worker" else "`background=False`"
-        lines.append(f"| {r['name']} | {r['device']} | {r['epochs']} | {r['probe']} | {r['plain']:.2f} | "
-                     f"{r['monitored']:.2f} | {r['hooks']:.2f} | {r['work']:.2f} | {r['wall_overhead']:+.1%} | "
-                     f"{other} | {r['other']:.2f} | {r['other_overhead']:+.1%} | {target} |")
-    lines += ["", "### Where the monitor's time goes", "",
-              "The same default-mode runs, split by part (medians). *Per point* is paid at every logging point "
-              "(here one per epoch, plus step 0): the probe pass, then comparing with the references, storing the "
-              "snapshot and drawing its heatmaps, PNG and CSV files. *Once* is paid per run: setup (the probe "
-              "materialised and hashed, outputs opened), the Matplotlib templates of the heatmaps (labels and "
-              "colour bar, drawn once per measure and reference) and the end-of-training comparison with the final "
-              "snapshot, with its convergence maps, curves and tables. Where the default runs the work on a worker "
-              "thread (accelerators), *per point* and *once* count only what the training loop waits for. *Per point "
-              "/ epoch* is the floor of the overhead at one point per epoch, however long the run; *runs ≤ target "
-              "from* is how many epochs a run needs before its overhead, (once + (epochs + 1) × per point) / "
-              "(epochs × epoch), falls to the target.", "",
-              "| workload | plain epoch (s) | points | probe pass (ms) | compare, store, draw (ms) | per point (ms) | "
-              "per point / epoch | setup (s) | templates (s) | final snapshot (s) | once (s) | runs ≤ target from |",
-              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+        lines.append(
+            f"| {r['name']} | {r['device']} | {r['epochs']} | {r['probe']} | {r['plain']:.2f} | "
+            f"{r['monitored']:.2f} | {r['hooks']:.2f} | {r['work']:.2f} | {r['wall_overhead']:+.1%} | "
+            f"{other} | {r['other']:.2f} | {r['other_overhead']:+.1%} | {target} |"
+        )
+    lines += [
+        "",
+        "### Where the monitor's time goes",
+        "",
+        "The same default-mode runs, split by part (medians). *Per point* is paid at every logging point "
+        "(here one per epoch, plus step 0): the probe pass, then comparing with the references, storing the "
+        "snapshot and drawing its heatmaps, PNG and CSV files. *Once* is paid per run: setup (the probe "
+        "materialised and hashed, outputs opened), the Matplotlib templates of the heatmaps (labels and "
+        "colour bar, drawn once per measure and reference) and the end-of-training comparison with the final "
+        "snapshot, with its convergence maps, curves and tables. Where the default runs the work on a worker "
+        "thread (accelerators), *per point* and *once* count only what the training loop waits for. *Per point "
+        "/ epoch* is the floor of the overhead at one point per epoch, however long the run; *runs ≤ target "
+        "from* is how many epochs a run needs before its overhead, (once + (epochs + 1) × per point) / "
+        "(epochs × epoch), falls to the target.",
+        "",
+        "| workload | plain epoch (s) | points | probe pass (ms) | compare, store, draw (ms) | per point (ms) | "
+        "per point / epoch | setup (s) | templates (s) | final snapshot (s) | once (s) | runs ≤ target from |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in rows:
-        lines.append(f"| {r['name']} | {r['epoch']:.3f} | {r['points']} | {1e3 * r['probe_pass']:.1f} | "
-                     f"{1e3 * r['point_work']:.1f} | {1e3 * r['per_point']:.1f} | {r['per_epoch_share']:.1%} | "
-                     f"{r['setup']:.2f} | {r['templates']:.2f} | {r['final']:.2f} | {r['once']:.2f} | "
-                     f"{epochs_to_target(r)} |")
+        lines.append(
+            f"| {r['name']} | {r['epoch']:.3f} | {r['points']} | {1e3 * r['probe_pass']:.1f} | "
+            f"{1e3 * r['point_work']:.1f} | {1e3 * r['per_point']:.1f} | {r['per_epoch_share']:.1%} | "
+            f"{r['setup']:.2f} | {r['templates']:.2f} | {r['final']:.2f} | {r['once']:.2f} | "
+            f"{epochs_to_target(r)} |"
+        )
     if not torch.cuda.is_available():
-        lines += ["", "GPU figure pending: no GPU was available to this run (the ≤ 2 % target is for the "
-                      "ResNet-18-like network on an H100/H200)."]
+        lines += [
+            "",
+            "GPU figure pending: no GPU was available to this run (the ≤ 2 % target is for the "
+            "ResNet-18-like network on an H100/H200).",
+        ]
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text("\n".join(lines) + "\n")
     print("\n".join(lines))

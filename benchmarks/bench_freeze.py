@@ -24,14 +24,13 @@ import sys
 import time
 from pathlib import Path
 
+import pytorch_lightning as pl
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-import pytorch_lightning as pl
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from lightning_repsim.callbacks import FreezeTraining, LinearSchedule, SimilaritySchedule  # noqa: E402
+from lightning_repsim.callbacks import FreezeTraining, LinearSchedule, SimilaritySchedule
 
 RESULTS = Path(__file__).resolve().parent / "results" / "freeze.md"
 GPU = torch.cuda.is_available()
@@ -82,8 +81,9 @@ class Classifier(pl.LightningModule):
         self.lr, self.total = lr, epochs * steps_per_epoch
         if kind == "digits":
             self.stem = ConvBlock(1, width)
-            self.blocks = nn.Sequential(ConvBlock(width, width), ConvBlock(width, 2 * width, pool=True),
-                                        ConvBlock(2 * width, 2 * width))
+            self.blocks = nn.Sequential(
+                ConvBlock(width, width), ConvBlock(width, 2 * width, pool=True), ConvBlock(2 * width, 2 * width)
+            )
             self.head = Head(2 * width, 10)
         else:  # ResNet-18 layout: stem, 4 stages x 2 BasicBlocks, head
             self.stem = ConvBlock(3, width)
@@ -153,12 +153,22 @@ def accuracy(model: nn.Module, data) -> float:
 
 def fit(kind: str, label: str, freeze: FreezeTraining | None, train, test, cfg: dict) -> dict:
     pl.seed_everything(0, verbose=False)
-    loader = DataLoader(TensorDataset(*train), batch_size=cfg["batch"], shuffle=True, drop_last=True,
-                        generator=torch.Generator().manual_seed(0))
+    loader = DataLoader(
+        TensorDataset(*train),
+        batch_size=cfg["batch"],
+        shuffle=True,
+        drop_last=True,
+        generator=torch.Generator().manual_seed(0),
+    )
     model = Classifier(kind, cfg["width"], cfg["lr"], cfg["epochs"], len(loader))
     trainer = pl.Trainer(
-        accelerator="gpu" if GPU else "cpu", devices=1, max_epochs=cfg["epochs"], logger=False,
-        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+        accelerator="gpu" if GPU else "cpu",
+        devices=1,
+        max_epochs=cfg["epochs"],
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
         callbacks=[freeze] if freeze else [],
     )
     if GPU:
@@ -172,8 +182,15 @@ def fit(kind: str, label: str, freeze: FreezeTraining | None, train, test, cfg: 
     frozen = ""
     if freeze is not None:
         frozen = ", ".join(f"{e['unit']}@{e['step']}" for e in freeze.events) or "none"
-    return dict(label=label, wall=wall, throughput=samples / wall, acc=accuracy(model, test), frozen=frozen,
-                steps=trainer.global_step, units=len(freeze.units) if freeze and freeze.units else None)
+    return dict(
+        label=label,
+        wall=wall,
+        throughput=samples / wall,
+        acc=accuracy(model, test),
+        frozen=frozen,
+        steps=trainer.global_step,
+        units=len(freeze.units) if freeze and freeze.units else None,
+    )
 
 
 def step_times(kind: str, cfg: dict, x: torch.Tensor, y: torch.Tensor, repeats: int) -> list[dict]:
@@ -206,8 +223,15 @@ def step_times(kind: str, cfg: dict, x: torch.Tensor, y: torch.Tensor, repeats: 
                 fwd.append(t1 - t0)
                 bwd.append(t2 - t1)
         frozen = sum(p.numel() for u in units[:k] for p in model.get_submodule(u).parameters())
-        rows.append(dict(k=k, unit=units[k - 1] if k else "-", frac=frozen / total,
-                         fwd=1e3 * sorted(fwd)[len(fwd) // 2], bwd=1e3 * sorted(bwd)[len(bwd) // 2]))
+        rows.append(
+            dict(
+                k=k,
+                unit=units[k - 1] if k else "-",
+                frac=frozen / total,
+                fwd=1e3 * sorted(fwd)[len(fwd) // 2],
+                bwd=1e3 * sorted(bwd)[len(bwd) // 2],
+            )
+        )
     return rows
 
 
@@ -219,16 +243,23 @@ def workload(kind: str, cfg: dict, train, test) -> tuple[list[dict], list[dict]]
         ("standard", None),
         ("linear (start=0, end=1)", FreezeTraining(schedule="linear", verbose=False)),
         ("linear (start=0.5, end=1)", FreezeTraining(schedule=LinearSchedule(start=0.5), verbose=False)),
-        (f"similarity (CKA>=0.99 x2, every {check} steps)",
-         FreezeTraining(schedule=SimilaritySchedule(threshold=0.99, patience=2, check_every_n_steps=check,
-                                                    probe_size=256), verbose=False)),
+        (
+            f"similarity (CKA>=0.99 x2, every {check} steps)",
+            FreezeTraining(
+                schedule=SimilaritySchedule(threshold=0.99, patience=2, check_every_n_steps=check, probe_size=256),
+                verbose=False,
+            ),
+        ),
         ("standard (again, last)", None),
     ]
     runs = []
     for label, freeze in configs:
         run = fit(kind, label, freeze, train, test, cfg)
-        print(f"  {kind:7s} {label:40s} {run['wall']:7.1f} s  {run['throughput']:8.0f} samples/s  "
-              f"acc {100 * run['acc']:.2f}%  frozen: {run['frozen']}", flush=True)
+        print(
+            f"  {kind:7s} {label:40s} {run['wall']:7.1f} s  {run['throughput']:8.0f} samples/s  "
+            f"acc {100 * run['acc']:.2f}%  frozen: {run['frozen']}",
+            flush=True,
+        )
         runs.append(run)
     xb, yb = train[0][: cfg["batch"]], train[1][: cfg["batch"]]
     return runs, step_times(kind, cfg, xb, yb, cfg["repeats"])
@@ -244,38 +275,58 @@ def machine() -> str:
     except OSError:
         pass
     device = torch.cuda.get_device_name(0) if GPU else "CPU"
-    return (f"CPU {cpu} ({os.cpu_count()} logical cores visible, torch threads {torch.get_num_threads()}); "
-            f"device {device}; torch {torch.__version__}; pytorch-lightning {pl.__version__}; "
-            f"Python {platform.python_version()}; load average at the end {os.getloadavg()[0]:.1f}")
+    return (
+        f"CPU {cpu} ({os.cpu_count()} logical cores visible, torch threads {torch.get_num_threads()}); "
+        f"device {device}; torch {torch.__version__}; pytorch-lightning {pl.__version__}; "
+        f"Python {platform.python_version()}; load average at the end {os.getloadavg()[0]:.1f}"
+    )
 
 
 def render(sections: list[tuple[str, dict, list[dict], list[dict]]], elapsed: float) -> str:
-    out = ["## FreezeTraining", "", f"Machine: {machine()}.", "",
-           "Produced by `python benchmarks/bench_freeze.py` "
-           f"(total {elapsed:.0f} s). Same seed, data order and optimizer (SGD + Nesterov momentum, "
-           "weight decay 5e-4, one-cycle LR) in every run; wall time is `trainer.fit` alone; throughput is "
-           "training samples / wall second over the whole run; speed-up and Δ acc. are relative to the mean of the "
-           "two standard runs (run first and last, after an untimed warm-up fit, to expose drift from machine load).",
-           ""]
+    out = [
+        "## FreezeTraining",
+        "",
+        f"Machine: {machine()}.",
+        "",
+        "Produced by `python benchmarks/bench_freeze.py` "
+        f"(total {elapsed:.0f} s). Same seed, data order and optimizer (SGD + Nesterov momentum, "
+        "weight decay 5e-4, one-cycle LR) in every run; wall time is `trainer.fit` alone; throughput is "
+        "training samples / wall second over the whole run; speed-up and Δ acc. are relative to the mean of the "
+        "two standard runs (run first and last, after an untimed warm-up fit, to expose drift from machine load).",
+        "",
+    ]
     for title, cfg, runs, steps in sections:
-        base = dict(throughput=(runs[0]["throughput"] + runs[-1]["throughput"]) / 2,
-                    acc=(runs[0]["acc"] + runs[-1]["acc"]) / 2)
-        out += [f"### {title}", "", f"Config: {cfg['desc']}", "",
-                "| run | wall (s) | samples/s | speed-up | test acc. | Δ acc. (points) | frozen (unit@step) |",
-                "|---|---:|---:|---:|---:|---:|---|"]
+        base = dict(
+            throughput=(runs[0]["throughput"] + runs[-1]["throughput"]) / 2, acc=(runs[0]["acc"] + runs[-1]["acc"]) / 2
+        )
+        out += [
+            f"### {title}",
+            "",
+            f"Config: {cfg['desc']}",
+            "",
+            "| run | wall (s) | samples/s | speed-up | test acc. | Δ acc. (points) | frozen (unit@step) |",
+            "|---|---:|---:|---:|---:|---:|---|",
+        ]
         for r in runs:
             out.append(
-                f"| {r['label']} | {r['wall']:.1f} | {r['throughput']:.0f} | {r['throughput'] / base['throughput']:.2f}x "
+                f"| {r['label']} | {r['wall']:.1f} | {r['throughput']:.0f} "
+                f"| {r['throughput'] / base['throughput']:.2f}x "
                 f"| {100 * r['acc']:.2f}% | {100 * (r['acc'] - base['acc']):+.2f} | {r['frozen'] or '-'} |"
             )
-        out += ["", f"One training step (batch {cfg['batch']}, median of {cfg['repeats']}) with the first k units "
-                "frozen (`requires_grad=False`, as FreezeTraining does):", "",
-                "| k | last frozen unit | params frozen | forward (ms) | backward (ms) | fwd+bwd (ms) | backward saved |",
-                "|---:|---|---:|---:|---:|---:|---:|"]
+        out += [
+            "",
+            f"One training step (batch {cfg['batch']}, median of {cfg['repeats']}) with the first k units "
+            "frozen (`requires_grad=False`, as FreezeTraining does):",
+            "",
+            "| k | last frozen unit | params frozen | forward (ms) | backward (ms) | fwd+bwd (ms) | backward saved |",
+            "|---:|---|---:|---:|---:|---:|---:|",
+        ]
         b0 = steps[0]["bwd"]
         for s in steps:
-            out.append(f"| {s['k']} | {s['unit']} | {100 * s['frac']:.1f}% | {s['fwd']:.2f} | {s['bwd']:.2f} | "
-                       f"{s['fwd'] + s['bwd']:.2f} | {100 * (1 - s['bwd'] / b0):.0f}% |")
+            out.append(
+                f"| {s['k']} | {s['unit']} | {100 * s['frac']:.1f}% | {s['fwd']:.2f} | {s['bwd']:.2f} | "
+                f"{s['fwd'] + s['bwd']:.2f} | {100 * (1 - s['bwd'] / b0):.0f}% |"
+            )
         out.append("")
     return "\n".join(out)
 
@@ -288,9 +339,15 @@ def main() -> None:
     start = time.perf_counter()
     sections = []
     train, test = digits_data()
-    cfg = dict(width=32, lr=0.1, epochs=12, batch=64, repeats=20,
-               desc="digits CNN (stem + 3 conv blocks + linear head, 5 units, width 32), 1437 train / 360 test, "
-                    "batch 64, 12 epochs")
+    cfg = dict(
+        width=32,
+        lr=0.1,
+        epochs=12,
+        batch=64,
+        repeats=20,
+        desc="digits CNN (stem + 3 conv blocks + linear head, 5 units, width 32), 1437 train / 360 test, "
+        "batch 64, 12 epochs",
+    )
     print("digits CNN", flush=True)
     runs, steps = workload("digits", cfg, train, test)
     sections.append(("Digits CNN (CPU)" if not GPU else "Digits CNN", cfg, runs, steps))
@@ -299,9 +356,11 @@ def main() -> None:
         cfg = dict(width=64, lr=0.2, epochs=10, batch=256, repeats=20, n_train=20000, n_test=2000)
     else:  # reduced CPU run
         cfg = dict(width=16, lr=0.2, epochs=4, batch=64, repeats=8, n_train=1024, n_test=512)
-    cfg["desc"] = (f"ResNet-18 layout (stem + 8 BasicBlocks + head = 10 units) at width {cfg['width']}"
-                   f"{'' if cfg['width'] == 64 else ' (reduced from 64 for the CPU)'}, CIFAR-shaped synthetic data "
-                   f"{cfg['n_train']} train / {cfg['n_test']} test, batch {cfg['batch']}, {cfg['epochs']} epochs")
+    cfg["desc"] = (
+        f"ResNet-18 layout (stem + 8 BasicBlocks + head = 10 units) at width {cfg['width']}"
+        f"{'' if cfg['width'] == 64 else ' (reduced from 64 for the CPU)'}, CIFAR-shaped synthetic data "
+        f"{cfg['n_train']} train / {cfg['n_test']} test, batch {cfg['batch']}, {cfg['epochs']} epochs"
+    )
     train, test = cifar_like_data(cfg["n_train"], cfg["n_test"])
     print("ResNet-18-like", flush=True)
     runs, steps = workload("resnet", cfg, train, test)

@@ -20,6 +20,7 @@ Usage::
     python benchmarks/bench_similarity.py            # full run, writes results/similarity.md
     python benchmarks/bench_similarity.py --quick    # smoke test, writes to a temporary file
 """
+
 from __future__ import annotations
 
 import argparse
@@ -33,21 +34,21 @@ import sys
 import tempfile
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path[:0] = [str(HERE), str(ROOT)]
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
+import _machine
+import numpy as np
+import torch
 
-import _machine  # noqa: E402
-from lightning_repsim import functional as F  # noqa: E402
-from lightning_repsim.capture import reduce_output  # noqa: E402
-from lightning_repsim.functional._engine import _feature_space_is_cheaper  # noqa: E402
+from lightning_repsim import functional as F
+from lightning_repsim.capture import reduce_output
+from lightning_repsim.functional._engine import _feature_space_is_cheaper
 
 try:
     from tests import reference as ref  # independent float64 transcriptions of the papers
@@ -64,6 +65,7 @@ QUICK_NS = (32, 64)
 # The two layer stacks
 # --------------------------------------------------------------------------------------------------
 
+
 @dataclass(frozen=True)
 class Layer:
     name: str
@@ -73,8 +75,9 @@ class Layer:
 
 def _layer(name: str, shape: tuple[int, ...], max_features: int) -> Layer:
     """A layer whose width is what our capture rule (``reduce_output``) makes of ``shape``."""
-    p = reduce_output(torch.zeros(1, *shape), layout="conv" if len(shape) > 1 else "auto",
-                      max_features=max_features).shape[1]
+    p = reduce_output(
+        torch.zeros(1, *shape), layout="conv" if len(shape) > 1 else "auto", max_features=max_features
+    ).shape[1]
     return Layer(name, shape, int(p))
 
 
@@ -133,6 +136,7 @@ def make_features(stack: str, n: int) -> list[torch.Tensor]:
 # Timing and memory
 # --------------------------------------------------------------------------------------------------
 
+
 def _status_kib(field: str) -> int:
     with open("/proc/self/status", encoding="utf-8") as f:
         for line in f:
@@ -150,10 +154,10 @@ def _can_reset_rss_peak() -> bool:
         return False
 
 
-def _libc() -> Optional[ctypes.CDLL]:
+def _libc() -> ctypes.CDLL | None:
     try:
         libc = ctypes.CDLL("libc.so.6")
-        libc.mallopt, libc.malloc_trim  # glibc only
+        _ = (libc.mallopt, libc.malloc_trim)  # glibc only: AttributeError elsewhere
         return libc
     except (OSError, AttributeError):
         return None
@@ -193,7 +197,7 @@ class PeakMemory:
     def __init__(self, device: str, cpu_ok: bool):
         self.device, self.cpu_ok, self.base = device, cpu_ok, 0
 
-    def __enter__(self) -> "PeakMemory":
+    def __enter__(self) -> PeakMemory:
         gc.collect()
         if self.device == "cuda":
             torch.cuda.synchronize()
@@ -203,7 +207,7 @@ class PeakMemory:
             _allocator("measure")
             _can_reset_rss_peak()
             self.base = _status_kib("VmRSS") * 1024
-        self.peak_mib: Optional[float] = None
+        self.peak_mib: float | None = None
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -219,17 +223,17 @@ class PeakMemory:
 class Timing:
     ms: float
     runs: int  # timed runs after the warm-up; 0: the (cold) warm-up run is the measurement
-    peak_mib: Optional[float]
+    peak_mib: float | None
     value: object
 
 
-def timed(fn: Callable[[], object], device: str, cpu_mem: bool, slow_s: float = 10.0,
-          max_repeats: int = 5) -> Timing:
+def timed(fn: Callable[[], object], device: str, cpu_mem: bool, slow_s: float = 10.0, max_repeats: int = 5) -> Timing:
     """Warm-up call (which also gives the peak memory), then the median of up to ``max_repeats`` repeats.
 
     The number of repeats shrinks with the warm-up's duration (5 below 1.5 s, 3 below 5 s, 1 below
     ``slow_s``); a warm-up longer than ``slow_s`` is reported on its own as a single cold run.
     """
+
     def once() -> tuple[float, object]:
         start = time.perf_counter()
         out = fn()
@@ -262,6 +266,7 @@ def gemm_rate(device: str, n: int) -> float:
 # --------------------------------------------------------------------------------------------------
 # The three implementations
 # --------------------------------------------------------------------------------------------------
+
 
 def ours(feats: list[torch.Tensor], measure: str = MEASURE, **kwargs: object) -> torch.Tensor:
     return F.similarity_matrix(feats, measure=measure, **kwargs)
@@ -331,8 +336,9 @@ class FeatureStack(torch.nn.Module):
             tap(getattr(self, f"features{k}")[idx])
 
 
-def torch_cka_runner(feats: list[torch.Tensor], rows: list[int], cols: list[int],
-                     device: str) -> Callable[[], torch.Tensor]:
+def torch_cka_runner(
+    feats: list[torch.Tensor], rows: list[int], cols: list[int], device: str
+) -> Callable[[], torch.Tensor]:
     """A closure running torch-cka's ``CKA.compare`` on layers ``rows`` x ``cols``, full batch."""
     import torch_cka.cka as tcka_module
 
@@ -340,9 +346,15 @@ def torch_cka_runner(feats: list[torch.Tensor], rows: list[int], cols: list[int]
     model1 = FeatureStack([feats[i] for i in rows])
     model2 = FeatureStack([feats[j] for j in cols])
     # Name the hooked layers explicitly: by default torch-cka hooks every named module, root included.
-    cka = tcka_module.CKA(model1, model2, model1_name="stack", model2_name="stack (same features)",
-                          model1_layers=[f"taps.{k}" for k in range(len(rows))],
-                          model2_layers=[f"taps.{k}" for k in range(len(cols))], device=device)
+    cka = tcka_module.CKA(
+        model1,
+        model2,
+        model1_name="stack",
+        model2_name="stack (same features)",
+        model1_layers=[f"taps.{k}" for k in range(len(rows))],
+        model2_layers=[f"taps.{k}" for k in range(len(cols))],
+        device=device,
+    )
     n = feats[0].shape[0]
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.arange(n)), batch_size=n)
 
@@ -361,6 +373,7 @@ def torch_cka_flops(n: int, rows: list[int], cols: list[int]) -> float:
 # --------------------------------------------------------------------------------------------------
 # Worker: one (stack, n) in its own process
 # --------------------------------------------------------------------------------------------------
+
 
 def _max_dev(a: object, b: np.ndarray) -> float:
     a = np.asarray(a.detach().cpu().double().numpy() if isinstance(a, torch.Tensor) else a, dtype=np.float64)
@@ -386,8 +399,9 @@ def run_config(stack: str, n: int, quick: bool, with_measures: bool) -> dict[str
     out["ref"] = {"ms": r.ms, "runs": r.runs, "peak_mib": r.peak_mib}
     if ref is not None and n <= 1024:  # the reference's shortcut against Song et al.'s eq. (5) as written
         pairs = [(0, count - 1), (count // 2, count // 2 + 1)]
-        out["ref_selfcheck"] = max(abs(ref.linear_cka(feats[i], feats[j], debiased=True) - reference[i, j])
-                                   for i, j in pairs)
+        out["ref_selfcheck"] = max(
+            abs(ref.linear_cka(feats[i], feats[j], debiased=True) - reference[i, j]) for i, j in pairs
+        )
     if n <= 1024:
         biased = reference_matrix(feats, debiased=False)
 
@@ -397,7 +411,7 @@ def run_config(stack: str, n: int, quick: bool, with_measures: bool) -> dict[str
         res: dict[str, object] = {"route": auto_route(MEASURE, n, widths)}
         for key, dtype in (("ours", torch.float64), ("ours32", torch.float32)):
             _log(f"{stack} n={n} {device}: ours, {dtype} products ({res['route']} route)")
-            t = timed(lambda: ours(dev_feats, product_dtype=dtype), device, cpu_mem, **policy)
+            t = timed(lambda feats=dev_feats, dtype=dtype: ours(feats, product_dtype=dtype), device, cpu_mem, **policy)
             res[key] = {"ms": t.ms, "runs": t.runs, "peak_mib": t.peak_mib, "dev": _max_dev(t.value, reference)}
 
         # torch-cka: the whole L x L matrix when its cost model says it fits the budget, else one row
@@ -409,18 +423,25 @@ def run_config(stack: str, n: int, quick: bool, with_measures: bool) -> dict[str
         rows, cols = every, every
         if full_flops / rate > budget:
             rows = [count // 2]
-            b = max([b for b in range(1, count + 1)
-                     if torch_cka_flops(n, rows, _spaced(count, b)) / rate <= block_budget] or [1])
+            b = max(
+                [b for b in range(1, count + 1) if torch_cka_flops(n, rows, _spaced(count, b)) / rate <= block_budget]
+                or [1]
+            )
             cols = _spaced(count, b)
         block_flops = torch_cka_flops(n, rows, cols)
-        _log(f"{stack} n={n} {device}: torch-cka on {len(rows)}x{len(cols)} of {count}x{count} layer pairs "
-             f"(predicted {block_flops / rate:.1f} s)")
+        _log(
+            f"{stack} n={n} {device}: torch-cka on {len(rows)}x{len(cols)} of {count}x{count} layer pairs "
+            f"(predicted {block_flops / rate:.1f} s)"
+        )
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             t = timed(torch_cka_runner(dev_feats, rows, cols, device), device, cpu_mem, **policy)
         scale = full_flops / block_flops
         res["tcka"] = {
-            "ms": t.ms * scale, "measured_ms": t.ms, "runs": t.runs, "peak_mib": t.peak_mib,
+            "ms": t.ms * scale,
+            "measured_ms": t.ms,
+            "runs": t.runs,
+            "peak_mib": t.peak_mib,
             "block": None if (rows, cols) == (every, every) else [len(rows), len(cols)],
             "dev": _max_dev(t.value, reference[np.ix_(rows, cols)]),
         }
@@ -429,7 +450,7 @@ def run_config(stack: str, n: int, quick: bool, with_measures: bool) -> dict[str
         if device == "cpu" and stack == "thompson" and n == min(QUICK_NS if quick else FULL_NS):
             res["routes"] = {}
             for method in ("features", "gram"):
-                t = timed(lambda: ours(dev_feats, method=method), device, cpu_mem, **policy)
+                t = timed(lambda feats=dev_feats, method=method: ours(feats, method=method), device, cpu_mem, **policy)
                 res["routes"][method] = {"ms": t.ms, "dev": _max_dev(t.value, reference)}
         if with_measures:
             res["measures"] = {}
@@ -437,9 +458,13 @@ def run_config(stack: str, n: int, quick: bool, with_measures: bool) -> dict[str
                 _log(f"{stack} n={n} {device}: {measure}")
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore")
-                    t = timed(lambda: ours(dev_feats, measure), device, cpu_mem, **policy)
-                res["measures"][measure] = {"ms": t.ms, "runs": t.runs, "route": auto_route(measure, n, widths),
-                                            "nan": int(torch.isnan(t.value).sum())}
+                    t = timed(lambda feats=dev_feats, measure=measure: ours(feats, measure), device, cpu_mem, **policy)
+                res["measures"][measure] = {
+                    "ms": t.ms,
+                    "runs": t.runs,
+                    "route": auto_route(measure, n, widths),
+                    "nan": int(torch.isnan(t.value).sum()),
+                }
         out["devices"][device] = res
         del dev_feats
     return out
@@ -453,11 +478,12 @@ def _spaced(count: int, b: int) -> list[int]:
 # Report
 # --------------------------------------------------------------------------------------------------
 
+
 def _ms(value: float) -> str:
     return f"{value:,.1f}" if value < 100 else f"{value:,.0f}"
 
 
-def _mib(value: Optional[float]) -> str:
+def _mib(value: float | None) -> str:
     return "n/a" if value is None else f"{value:,.0f}"
 
 
@@ -468,24 +494,36 @@ def _cell(entry: dict[str, object]) -> str:
     return text + (" †" if entry["runs"] == 0 else "")
 
 
-def render(results: list[dict[str, object]], info: dict[str, object], command: str, threads: Optional[int],
-           load_before: Optional[str], wall_s: float) -> str:
+def render(
+    results: list[dict[str, object]],
+    info: dict[str, object],
+    command: str,
+    threads: int | None,
+    load_before: str | None,
+    wall_s: float,
+) -> str:
     quick = "--quick" in command
     cuda = bool(info["cuda_device"])
     lines = ["## Similarity matrices: lightning_repsim vs torch-cka vs float64 NumPy", ""]
     if quick:
         lines += ["> **Quick smoke run (`--quick`): tiny sizes, not for citing.**", ""]
     if not cuda:
-        lines += ["> **GPU figures pending:** no CUDA device was available for this run "
-                  "(`torch.cuda.is_available()` is False), so only CPU rows appear. Rerun `make bench` "
-                  "on a GPU machine to add the CUDA rows.", ""]
-    lines += [_machine.markdown(info),
-              f"- Threads (torch and BLAS, every implementation): {threads or 'library default'}; "
-              f"load average (1/5/15 min) before the run {load_before}, after {info['load_average']}", ""]
+        lines += [
+            "> **GPU figures pending:** no CUDA device was available for this run "
+            "(`torch.cuda.is_available()` is False), so only CPU rows appear. Rerun `make bench` "
+            "on a GPU machine to add the CUDA rows.",
+            "",
+        ]
+    lines += [
+        _machine.markdown(info),
+        f"- Threads (torch and BLAS, every implementation): {threads or 'library default'}; "
+        f"load average (1/5/15 min) before the run {load_before}, after {info['load_average']}",
+        "",
+    ]
     lines += [
         "**What is timed.** The all-pairs L x L matrix of one stack's layers against themselves, on the "
         "same float32 features (rows are examples), by: *ours* — `similarity_matrix(feats, "
-        f"measure=\"{MEASURE}\", product_dtype=...)` (method `auto`), once with float64 products (the CPU "
+        f'measure="{MEASURE}", product_dtype=...)` (method `auto`), once with float64 products (the CPU '
         "default) and once with float32 products (the CUDA default, TF32 off; centring and every sum "
         "still in float64); *torch-cka* 0.21 — `CKA.compare` with "
         "model1 and model2 two wrappers emitting the same features through `nn.Identity` taps, "
@@ -520,10 +558,12 @@ def render(results: list[dict[str, object]], info: dict[str, object], command: s
         title, build = STACKS[stack]
         layers = build()
         lines += [f"### {title}: L = {len(layers)} layers", "", _shapes(layers), ""]
-        lines += ["| n | device | route | ours f64 (ms) | ours f32 (ms) | torch-cka (ms) | NumPy f64 (ms) | "
-                  "torch-cka / ours f64 | torch-cka / ours f32 | max abs dev. ours f64 / f32 | "
-                  "max abs dev. torch-cka | peak MiB ours f64 / f32 / torch-cka / NumPy |",
-                  "|---:|---|---|---:|---:|---:|---:|---:|---:|---|---:|---|"]
+        lines += [
+            "| n | device | route | ours f64 (ms) | ours f32 (ms) | torch-cka (ms) | NumPy f64 (ms) | "
+            "torch-cka / ours f64 | torch-cka / ours f32 | max abs dev. ours f64 / f32 | "
+            "max abs dev. torch-cka | peak MiB ours f64 / f32 / torch-cka / NumPy |",
+            "|---:|---|---|---:|---:|---:|---:|---:|---:|---|---:|---|",
+        ]
         for res in rows:
             for device, d in res["devices"].items():  # type: ignore[union-attr]
                 o, o32, t, r = d["ours"], d["ours32"], d["tcka"], res["ref"]
@@ -535,26 +575,39 @@ def render(results: list[dict[str, object]], info: dict[str, object], command: s
                     f"| {res['n']} | {device} | {d['route']} | {_cell(o)} | {_cell(o32)} | {_cell(t)} | {ref_cell} | "
                     f"{approx}{t['ms'] / o['ms']:,.1f}× | {approx}{t['ms'] / o32['ms']:,.1f}× | "
                     f"{o['dev']:.1e} / {o32['dev']:.1e} | {t['dev']:.1e} | "
-                    f"{_mib(o['peak_mib'])} / {_mib(o32['peak_mib'])} / {_mib(t['peak_mib'])} / {ref_mib} |")
-        blocks = [f"n={res['n']} {dev}: {d['tcka']['block'][0]}x{d['tcka']['block'][1]} pairs measured in "
-                  f"{_ms(d['tcka']['measured_ms'])} ms"
-                  for res in rows for dev, d in res["devices"].items() if d["tcka"]["block"]]
+                    f"{_mib(o['peak_mib'])} / {_mib(o32['peak_mib'])} / {_mib(t['peak_mib'])} / {ref_mib} |"
+                )
+        blocks = [
+            f"n={res['n']} {dev}: {d['tcka']['block'][0]}x{d['tcka']['block'][1]} pairs measured in "
+            f"{_ms(d['tcka']['measured_ms'])} ms"
+            for res in rows
+            for dev, d in res["devices"].items()
+            if d["tcka"]["block"]
+        ]
         if blocks:
             lines += ["", "‡ torch-cka sub-blocks: " + "; ".join(blocks) + "."]
         lines.append("")
-        routes = sorted({f"n={res['n']}: {d['route']}" for res in rows for d in res["devices"].values()},
-                        key=lambda s: int(s.split(":")[0][2:]))
-        lines += [f"Route chosen by `method=\"auto\"`: {', '.join(routes)} (features: "
-                  "n·(Σp)²/2 flops vs Gram: n²·(Σp + L²)).", ""]
+        routes = sorted(
+            {f"n={res['n']}: {d['route']}" for res in rows for d in res["devices"].values()},
+            key=lambda s: int(s.split(":")[0][2:]),
+        )
+        lines += [
+            f'Route chosen by `method="auto"`: {", ".join(routes)} (features: n·(Σp)²/2 flops vs Gram: n²·(Σp + L²)).',
+            "",
+        ]
 
     lines += _verdict(results)
     lines += _identification(results)
     lines += _route_check(results)
     lines += _measures(results)
-    verdict = ("within" if worst_ours <= 1e-10 else "**ABOVE**")
-    lines += [f"**Accuracy of ours on CPU:** largest deviation from the float64 reference over every table "
-              f"above is {worst_ours:.1e}, {verdict} the 1e-10 tolerance.", "",
-              f"Whole run: {wall_s / 60:.1f} min wall time (`{command}`).", ""]
+    verdict = "within" if worst_ours <= 1e-10 else "**ABOVE**"
+    lines += [
+        f"**Accuracy of ours on CPU:** largest deviation from the float64 reference over every table "
+        f"above is {worst_ours:.1e}, {verdict} the 1e-10 tolerance.",
+        "",
+        f"Whole run: {wall_s / 60:.1f} min wall time (`{command}`).",
+        "",
+    ]
     return "\n".join(lines)
 
 
@@ -569,7 +622,7 @@ def _shapes(layers: list[Layer]) -> str:
     for names, shape, p in groups:
         label = names[0] if len(names) == 1 else f"{names[0]}…{names[-1]} ({len(names)})"
         parts.append(f"{label} {'x'.join(map(str, shape))}→{p}")
-    return "Layers (output → features p): " + "; ".join(parts) + f". Σp = {sum(l.p for l in layers):,}."
+    return "Layers (output → features p): " + "; ".join(parts) + f". Σp = {sum(layer.p for layer in layers):,}."
 
 
 def _verdict(results: list[dict[str, object]]) -> list[str]:
@@ -582,28 +635,39 @@ def _verdict(results: list[dict[str, object]]) -> list[str]:
             accurate = all(d[key]["dev"] <= d["tcka"]["dev"] for _, d in cells)
             worst = min(range(len(ratios)), key=ratios.__getitem__)
             res = cells[worst][0]
-            out.append(f"- {device}, ours with {label}: smallest ratio {ratios[worst]:,.1f}× ({res['stack']}, "
-                       f"n = {res['n']}); {'at least' if ratios[worst] >= 20 else '**below**'} the 20× target; "
-                       f"accuracy {'equal to or better than' if accurate else '**worse than**'} torch-cka's "
-                       "on every row.")
+            out.append(
+                f"- {device}, ours with {label}: smallest ratio {ratios[worst]:,.1f}× ({res['stack']}, "
+                f"n = {res['n']}); {'at least' if ratios[worst] >= 20 else '**below**'} the 20× target; "
+                f"accuracy {'equal to or better than' if accurate else '**worse than**'} torch-cka's "
+                "on every row."
+            )
     return ["**Target (≥ 20× torch-cka at equal accuracy):**", ""] + out + [""]
 
 
 def _identification(results: list[dict[str, object]]) -> list[str]:
-    pairs = [(res["n"], d["tcka"]["dev"], d["tcka_vs_biased"]) for res in results
-             for d in res["devices"].values() if "tcka_vs_biased" in d]
+    pairs = [
+        (res["n"], d["tcka"]["dev"], d["tcka_vs_biased"])
+        for res in results
+        for d in res["devices"].values()
+        if "tcka_vs_biased" in d
+    ]
     out = []
     if pairs:
         dev = max(p[1] for p in pairs)
         biased = min(p[2] for p in pairs)
-        out += [f"**Which measure torch-cka computes (checked):** at n ≤ 1024 its matrix is within {dev:.1e} of "
-                f"the float64 debiased CKA, but at least {biased:.1e} away from biased linear CKA: it is "
-                "`debiased_cka`."]
+        out += [
+            f"**Which measure torch-cka computes (checked):** at n ≤ 1024 its matrix is within {dev:.1e} of "
+            f"the float64 debiased CKA, but at least {biased:.1e} away from biased linear CKA: it is "
+            "`debiased_cka`."
+        ]
     checks = [res["ref_selfcheck"] for res in results if "ref_selfcheck" in res]
     if checks:
-        out += ["", f"Reference self-check: the Gram-inner-product reference agrees with "
-                f"`tests/reference.py`'s `linear_cka(x, y, debiased=True)` (Song et al.'s eq. 5 as written) "
-                f"within {max(checks):.1e} on sample pairs at n ≤ 1024."]
+        out += [
+            "",
+            f"Reference self-check: the Gram-inner-product reference agrees with "
+            f"`tests/reference.py`'s `linear_cka(x, y, debiased=True)` (Song et al.'s eq. 5 as written) "
+            f"within {max(checks):.1e} on sample pairs at n ≤ 1024.",
+        ]
     return out + ([""] if out else [])
 
 
@@ -612,8 +676,11 @@ def _route_check(results: list[dict[str, object]]) -> list[str]:
         d = res["devices"].get("cpu", {})
         if "routes" in d:
             f, g = d["routes"]["features"], d["routes"]["gram"]
-            return [f"Both routes, forced (Thompson stack, n={res['n']}, CPU): features {_ms(f['ms'])} ms, "
-                    f"max dev. {f['dev']:.1e}; gram {_ms(g['ms'])} ms, max dev. {g['dev']:.1e}.", ""]
+            return [
+                f"Both routes, forced (Thompson stack, n={res['n']}, CPU): features {_ms(f['ms'])} ms, "
+                f"max dev. {f['dev']:.1e}; gram {_ms(g['ms'])} ms, max dev. {g['dev']:.1e}.",
+                "",
+            ]
     return []
 
 
@@ -623,14 +690,21 @@ def _measures(results: list[dict[str, object]]) -> list[str]:
         for device, d in res["devices"].items():
             if "measures" not in d:
                 continue
-            out += [f"### Every measure, {STACKS[res['stack']][0]}, n = {res['n']}, {device} (ours only)", "",
-                    "| measure | route | ours (ms) | NaN entries of L² |", "|---|---|---:|---:|"]
+            out += [
+                f"### Every measure, {STACKS[res['stack']][0]}, n = {res['n']}, {device} (ours only)",
+                "",
+                "| measure | route | ours (ms) | NaN entries of L² |",
+                "|---|---|---:|---:|",
+            ]
             for measure, m in d["measures"].items():
                 out.append(f"| {measure} | {m['route']} | {_cell(m)} | {m['nan']} of {res['layers'] ** 2} |")
             nan_cca = [m for m, v in d["measures"].items() if v["nan"] and m in ("svcca", "pwcca")]
             if nan_cca:
-                out += ["", f"{', '.join(nan_cca)}: NaN pairs are the degenerate CCAs (kept dimensions kx + ky ≥ "
-                        "n − 1, reported with a warning); their time is mostly the per-layer SVDs."]
+                out += [
+                    "",
+                    f"{', '.join(nan_cca)}: NaN pairs are the degenerate CCAs (kept dimensions kx + ky ≥ "
+                    "n − 1, reported with a warning); their time is mostly the per-layer SVDs.",
+                ]
             out.append("")
     return out
 
@@ -639,7 +713,8 @@ def _measures(results: list[dict[str, object]]) -> list[str]:
 # Driver
 # --------------------------------------------------------------------------------------------------
 
-def _worker_env(threads: Optional[int]) -> dict[str, str]:
+
+def _worker_env(threads: int | None) -> dict[str, str]:
     env = dict(os.environ)
     if threads:
         for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
@@ -647,14 +722,22 @@ def _worker_env(threads: Optional[int]) -> dict[str, str]:
     return env
 
 
-def main(argv: Optional[list[str]] = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="tiny sizes for a smoke test (< 30 s)")
-    parser.add_argument("--out", type=Path, default=None,
-                        help=f"markdown output (default {RESULTS.relative_to(ROOT)}; --quick: a temporary file)")
-    parser.add_argument("--threads", type=int, default=None,
-                        help="threads for torch and BLAS in every implementation (default: the libraries' own); "
-                             "1 is far more stable on a machine shared with other jobs")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help=f"markdown output (default {RESULTS.relative_to(ROOT)}; --quick: a temporary file)",
+    )
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="threads for torch and BLAS in every implementation (default: the libraries' own); "
+        "1 is far more stable on a machine shared with other jobs",
+    )
     parser.add_argument("--worker", nargs=3, metavar=("STACK", "NS", "JSON"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
 
@@ -677,20 +760,32 @@ def main(argv: Optional[list[str]] = None) -> int:
     if args.quick:  # in-process: a smoke test of every code path, not a measurement
         if args.threads:
             torch.set_num_threads(args.threads)
-        results = [run_config(stack, n, True, with_measures=stack == "resnet18" and n == min(QUICK_NS))
-                   for stack in STACKS for n in ns]
+        results = [
+            run_config(stack, n, True, with_measures=stack == "resnet18" and n == min(QUICK_NS))
+            for stack in STACKS
+            for n in ns
+        ]
         jobs = []
     with tempfile.TemporaryDirectory() as tmp:
         for k, (stack, job_ns) in enumerate(jobs):
             path = Path(tmp) / f"{k}.json"
-            cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", stack,
-                   ",".join(map(str, job_ns)), str(path)] + (["--quick"] if args.quick else [])
+            cmd = [
+                sys.executable,
+                str(Path(__file__).resolve()),
+                "--worker",
+                stack,
+                ",".join(map(str, job_ns)),
+                str(path),
+            ] + (["--quick"] if args.quick else [])
             cmd += ["--threads", str(args.threads)] if args.threads else []
             subprocess.run(cmd, check=True, env=_worker_env(args.threads))
             results += json.loads(path.read_text())
     info = _machine.machine_info()
-    command = "python benchmarks/bench_similarity.py" + (" --quick" if args.quick else "") + (
-        f" --threads {args.threads}" if args.threads else "")
+    command = (
+        "python benchmarks/bench_similarity.py"
+        + (" --quick" if args.quick else "")
+        + (f" --threads {args.threads}" if args.threads else "")
+    )
     text = render(results, info, command, args.threads, load_before, time.perf_counter() - start)
     out = args.out or (Path(tempfile.gettempdir()) / "similarity-quick.md" if args.quick else RESULTS)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -11,6 +11,7 @@ Usage::
     python benchmarks/run_all.py --assemble-only # rebuild BENCHMARKS.md from the existing results
     python benchmarks/run_all.py --only similarity
 """
+
 from __future__ import annotations
 
 import argparse
@@ -18,7 +19,6 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Optional
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -39,7 +39,7 @@ To rerun everything: `make bench` (installs the `bench` extra, e.g. torch-cka, t
 """
 
 
-def scripts(only: Optional[list[str]] = None) -> list[Path]:
+def scripts(only: list[str] | None = None) -> list[Path]:
     found = sorted(HERE.glob("bench_*.py"))
     if only:
         found = [p for p in found if p.stem.removeprefix("bench_") in only or p.stem in only]
@@ -64,7 +64,7 @@ def assemble() -> Path:
     return OUTPUT
 
 
-def main(argv: Optional[list[str]] = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="pass --quick to every benchmark (smoke test)")
     parser.add_argument("--only", nargs="+", metavar="NAME", help="run only these benchmarks (e.g. similarity)")

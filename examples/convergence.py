@@ -17,6 +17,7 @@ store, figures) and convergence_vs_depth.png, a compact summary. Numbers go to s
 
 Run: python examples/convergence.py [--epochs 15] [--every 5] [--out examples/output/convergence] [--quick]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -32,19 +33,19 @@ from pathlib import Path
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import pytorch_lightning as pl  # noqa: E402
-import torch  # noqa: E402
-from pytorch_lightning.loggers import TensorBoardLogger  # noqa: E402
-from scipy.stats import spearmanr  # noqa: E402
-from torch import nn  # noqa: E402
+import matplotlib.pyplot as plt
+import numpy as np
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.loggers import TensorBoardLogger
+from scipy.stats import spearmanr
+from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from digits import DigitsCNN, digits_dataloaders  # noqa: E402
+from digits import DigitsCNN, digits_dataloaders
 
-from lightning_repsim import RepresentationSimilarity  # noqa: E402
-from lightning_repsim.analysis import convergence_steps  # noqa: E402
+from lightning_repsim import RepresentationSimilarity
+from lightning_repsim.analysis import convergence_steps
 
 
 class PlainCNN(DigitsCNN):
@@ -54,17 +55,27 @@ class PlainCNN(DigitsCNN):
         super().__init__(lr=lr, width=width)
         w = width
         blocks: list[tuple[str, nn.Module]] = []
-        for i, (c_in, c_out, stride) in enumerate([(1, w, 1), (w, w, 1), (w, 2 * w, 2), (2 * w, 2 * w, 1),
-                                                   (2 * w, 4 * w, 2), (4 * w, 4 * w, 1)], start=1):
-            blocks += [(f"conv{i}", nn.Conv2d(c_in, c_out, 3, stride=stride, padding=1, bias=False)),
-                       (f"bn{i}", nn.BatchNorm2d(c_out)), (f"relu{i}", nn.ReLU())]
+        for i, (c_in, c_out, stride) in enumerate(
+            [(1, w, 1), (w, w, 1), (w, 2 * w, 2), (2 * w, 2 * w, 1), (2 * w, 4 * w, 2), (4 * w, 4 * w, 1)], start=1
+        ):
+            blocks += [
+                (f"conv{i}", nn.Conv2d(c_in, c_out, 3, stride=stride, padding=1, bias=False)),
+                (f"bn{i}", nn.BatchNorm2d(c_out)),
+                (f"relu{i}", nn.ReLU()),
+            ]
         self.features = nn.Sequential(OrderedDict(blocks))  # 8x8 -> 4x4 (conv3) -> 2x2 (conv5)
-        self.classifier = nn.Sequential(OrderedDict([
-            ("flatten", nn.Flatten()),
-            ("fc7", nn.Linear(4 * w * 2 * 2, 128)), ("relu7", nn.ReLU()),
-            ("fc8", nn.Linear(128, 64)), ("relu8", nn.ReLU()),
-            ("logits", nn.Linear(64, 10)),
-        ]))
+        self.classifier = nn.Sequential(
+            OrderedDict(
+                [
+                    ("flatten", nn.Flatten()),
+                    ("fc7", nn.Linear(4 * w * 2 * 2, 128)),
+                    ("relu7", nn.ReLU()),
+                    ("fc8", nn.Linear(128, 64)),
+                    ("relu8", nn.ReLU()),
+                    ("logits", nn.Linear(64, 10)),
+                ]
+            )
+        )
 
 
 def read_final_csv(path: Path) -> tuple[list[str], list[int], np.ndarray]:
@@ -83,8 +94,9 @@ def main() -> None:
     parser.add_argument("--every", type=int, default=5, help="snapshot every n optimizer steps (22 steps/epoch)")
     parser.add_argument("--threshold", type=float, default=0.95)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--svcca", action=argparse.BooleanOptionalAction, default=True,
-                        help="also track SVCCA (keep 0.99)")
+    parser.add_argument(
+        "--svcca", action=argparse.BooleanOptionalAction, default=True, help="also track SVCCA (keep 0.99)"
+    )
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     parser.add_argument("--out", default="examples/output/convergence")
     parser.add_argument("--quick", action="store_true", help="4 epochs, a snapshot every 4 steps")
@@ -106,24 +118,34 @@ def main() -> None:
     pl.seed_everything(args.seed, workers=False)
     train, val = digits_dataloaders(seed=args.seed)
     monitor = RepresentationSimilarity(
-        probe="val:397",                                # all validation images, fixed and hashed
+        probe="val:397",  # all validation images, fixed and hashed
         reference="final",
         measures=measures,
-        layers=[nn.ReLU, "classifier.logits"],         # post-activation outputs, then the logits
+        layers=[nn.ReLU, "classifier.logits"],  # post-activation outputs, then the logits
         every_n_steps=args.every,
-        max_features=256,                               # < n = 397: SVCCA stays defined
+        max_features=256,  # < n = 397: SVCCA stays defined
         threshold=args.threshold,
     )
     logger = TensorBoardLogger(str(out), name="run", version=0)
-    trainer = pl.Trainer(max_epochs=args.epochs, callbacks=[monitor], logger=logger, enable_model_summary=False,
-                         enable_progress_bar=False, enable_checkpointing=False, log_every_n_steps=10,
-                         accelerator="cpu", devices=1)
+    trainer = pl.Trainer(
+        max_epochs=args.epochs,
+        callbacks=[monitor],
+        logger=logger,
+        enable_model_summary=False,
+        enable_progress_bar=False,
+        enable_checkpointing=False,
+        log_every_n_steps=10,
+        accelerator="cpu",
+        devices=1,
+    )
     trainer.fit(PlainCNN(), train, val)
     fit_seconds = time.perf_counter() - start
     folder = monitor.store_path / "figures" / "final"
 
-    print(f"\nval_acc = {float(trainer.callback_metrics['val_acc']):.3f} after {args.epochs} epochs "
-          f"({trainer.global_step} steps); snapshot every {args.every} steps; fit incl. monitor {fit_seconds:.1f} s")
+    print(
+        f"\nval_acc = {float(trainer.callback_metrics['val_acc']):.3f} after {args.epochs} epochs "
+        f"({trainer.global_step} steps); snapshot every {args.every} steps; fit incl. monitor {fit_seconds:.1f} s"
+    )
     summary: dict[str, tuple[list[str], list[int], np.ndarray, list]] = {}
     for measure in measures:
         layers, steps, values = read_final_csv(folder / f"{measure}__final.csv")
@@ -135,27 +157,47 @@ def main() -> None:
         ok = [i for i, c in enumerate(converged) if c is not None]
         rho, p_value = spearmanr(depth[ok], [converged[i] for i in ok])
         early = steps.index(min(steps, key=lambda s: abs(s - steps[-1] // 10)))
-        print(f"\n{measure}: similarity of each layer to the final snapshot; converged = first step from which it "
-              f"stays >= {args.threshold:.2f} x final")
-        print(f"{'depth':>5} {'layer':<8} {'at step ' + str(steps[1]):>12} {'at step ' + str(steps[early]):>12} "
-              f"{'converged':>10} {'first reach':>12}")
+        print(
+            f"\n{measure}: similarity of each layer to the final snapshot; converged = first step from which it "
+            f"stays >= {args.threshold:.2f} x final"
+        )
+        print(
+            f"{'depth':>5} {'layer':<8} {'at step ' + str(steps[1]):>12} {'at step ' + str(steps[early]):>12} "
+            f"{'converged':>10} {'first reach':>12}"
+        )
         for i, name in enumerate(short):
-            print(f"{i + 1:>5} {name:<8} {values[i, 1]:>12.3f} {values[i, early]:>12.3f} "
-                  f"{str(converged[i]):>10} {str(first_reach[i]):>12}")
-        print(f"Spearman(depth, convergence step) = {rho:+.2f} (p = {p_value:.3f}, {len(ok)} layers); "
-              + ("lower layers converge earlier" if rho > 0.5 and p_value < 0.05 else
-                 "no clear bottom-up order" if abs(rho) <= 0.5 or p_value >= 0.05 else "higher layers converge earlier"))
+            print(
+                f"{i + 1:>5} {name:<8} {values[i, 1]:>12.3f} {values[i, early]:>12.3f} "
+                f"{str(converged[i]):>10} {str(first_reach[i]):>12}"
+            )
+        print(
+            f"Spearman(depth, convergence step) = {rho:+.2f} (p = {p_value:.3f}, {len(ok)} layers); "
+            + (
+                "lower layers converge earlier"
+                if rho > 0.5 and p_value < 0.05
+                else "no clear bottom-up order"
+                if abs(rho) <= 0.5 or p_value >= 0.05
+                else "higher layers converge earlier"
+            )
+        )
         conv_layers = [c for i, c in enumerate(converged) if short[i].startswith("relu") and i < 6]
         fc_layers = [c for i, c in enumerate(converged) if i >= 6]
-        print(f"median convergence step: conv layers {np.median(conv_layers):.0f}, fc layers and logits "
-              f"{np.median(fc_layers):.0f}")
+        print(
+            f"median convergence step: conv layers {np.median(conv_layers):.0f}, fc layers and logits "
+            f"{np.median(fc_layers):.0f}"
+        )
 
     # compact summary figure: convergence step against depth, one line per measure, and the curves
     figure, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
-    for k, (measure, (layers, steps, values, converged)) in enumerate(summary.items()):
+    for k, (measure, (layers, _steps, _values, converged)) in enumerate(summary.items()):
         short = [name.split(".")[-1] for name in layers]
-        left.plot(range(1, len(layers) + 1), [np.nan if c is None else c for c in converged], marker="o",
-                  color=f"C{k}", label=measure)
+        left.plot(
+            range(1, len(layers) + 1),
+            [np.nan if c is None else c for c in converged],
+            marker="o",
+            color=f"C{k}",
+            label=measure,
+        )
         left.set_xticks(range(1, len(layers) + 1), short, rotation=45, fontsize=8)
     left.set_xlabel("layer (depth order)")
     left.set_ylabel(f"step reaching {args.threshold:.0%} of final for good")
@@ -176,8 +218,10 @@ def main() -> None:
     figure.savefig(out / "convergence_vs_depth.png", dpi=130)
     plt.close(figure)
 
-    print(f"\nfigures: {out / 'convergence_vs_depth.png'}; the callback's own: "
-          + ", ".join(str(p) for p in sorted(folder.glob("*.png"))))
+    print(
+        f"\nfigures: {out / 'convergence_vs_depth.png'}; the callback's own: "
+        + ", ".join(str(p) for p in sorted(folder.glob("*.png")))
+    )
     print(f"CSV: {', '.join(str(p) for p in sorted(folder.glob('*.csv')))}")
     print(f"runtime: {time.perf_counter() - start:.1f} s")
 

@@ -1,4 +1,5 @@
 """Shared by the examples and benchmarks: sklearn's digits (ships offline) and a small CNN on them."""
+
 from __future__ import annotations
 
 import pytorch_lightning as pl
@@ -23,8 +24,10 @@ def digits_dataloaders(batch_size: int = 64, seed: int = 0) -> tuple[DataLoader,
     train = TensorDataset(images[:N_TRAIN], labels[:N_TRAIN])
     val = TensorDataset(images[N_TRAIN:], labels[N_TRAIN:])
     generator = torch.Generator().manual_seed(seed)
-    return (DataLoader(train, batch_size=batch_size, shuffle=True, generator=generator),
-            DataLoader(val, batch_size=256))
+    return (
+        DataLoader(train, batch_size=batch_size, shuffle=True, generator=generator),
+        DataLoader(val, batch_size=256),
+    )
 
 
 class DigitsCNN(pl.LightningModule):
@@ -34,9 +37,17 @@ class DigitsCNN(pl.LightningModule):
         super().__init__()
         self.save_hyperparameters()
         self.features = nn.Sequential(
-            nn.Conv2d(1, width, 3, padding=1), nn.BatchNorm2d(width), nn.ReLU(),
-            nn.Conv2d(width, width, 3, padding=1), nn.BatchNorm2d(width), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Conv2d(width, 2 * width, 3, padding=1), nn.BatchNorm2d(2 * width), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(1, width, 3, padding=1),
+            nn.BatchNorm2d(width),
+            nn.ReLU(),
+            nn.Conv2d(width, width, 3, padding=1),
+            nn.BatchNorm2d(width),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Conv2d(width, 2 * width, 3, padding=1),
+            nn.BatchNorm2d(2 * width),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
         )
         self.classifier = nn.Sequential(nn.Flatten(), nn.Linear(2 * width * 4, 64), nn.ReLU(), nn.Linear(64, 10))
 

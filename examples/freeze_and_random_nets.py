@@ -39,6 +39,7 @@ using the five block outputs. Output (default ``examples/output/freeze_and_rando
 
 Run: python examples/freeze_and_random_nets.py [--quick] [--epochs 20] [--random-n 1,2,3,4] [--out DIR]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -57,11 +58,11 @@ from matplotlib.figure import Figure
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from digits import N_TRAIN, DigitsCNN, digits_dataloaders, digits_tensors  # noqa: E402
+from digits import N_TRAIN, DigitsCNN, digits_dataloaders, digits_tensors
 
-from lightning_repsim import compare  # noqa: E402
-from lightning_repsim.callbacks.freeze import FreezeTraining  # noqa: E402
-from lightning_repsim.report import heatmap_figure, save_png  # noqa: E402
+from lightning_repsim import compare
+from lightning_repsim.callbacks.freeze import FreezeTraining
+from lightning_repsim.report import heatmap_figure, save_png
 
 UNITS = ["features.0", "features.1", "features.2", "classifier.1", "classifier.2"]
 LABELS = ["conv1", "conv2", "conv3", "fc1", "fc2"]
@@ -121,8 +122,9 @@ class StepTimer(pl.Callback):
         self.times.append(time.perf_counter() - self._t0)
 
 
-def step_time_by_frozen_prefix(init_state: dict, args: argparse.Namespace, repeats: int,
-                               steps: int = 12) -> list[float]:
+def step_time_by_frozen_prefix(
+    init_state: dict, args: argparse.Namespace, repeats: int, steps: int = 12
+) -> list[float]:
     """Seconds per plain-PyTorch training step (forward, backward, Adam) with the first k units frozen, k = 0..L-1.
 
     Frozen as FreezeTraining freezes (``requires_grad=False``, BatchNorm in eval mode, the optimizer
@@ -170,17 +172,32 @@ def train(init_state: dict, args: argparse.Namespace, freeze: FreezeTraining | N
     model.load_state_dict(init_state)
     loader, _ = digits_dataloaders(batch_size=args.batch_size, seed=data_seed)
     timer = StepTimer()  # first, so that its interval includes FreezeTraining's own per-batch hook
-    trainer = pl.Trainer(max_epochs=args.epochs, callbacks=[timer, freeze] if freeze else [timer], logger=False,
-                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                         num_sanity_val_steps=0, accelerator="cpu", devices=1)
+    trainer = pl.Trainer(
+        max_epochs=args.epochs,
+        callbacks=[timer, freeze] if freeze else [timer],
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        accelerator="cpu",
+        devices=1,
+    )
     wall, cpu = time.perf_counter(), time.process_time()
     trainer.fit(model, loader)
     wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
     steps = trainer.global_step
     frozen = freeze.frozen_units if freeze else []
-    return {"model": model.eval(), "wall_s": wall, "cpu_s": cpu, "steps": steps,
-            "examples_per_s": steps * args.batch_size / wall, "frozen_units": frozen, "step_s": timer.times,
-            "events": [{"unit": e["unit"], "step": e["step"]} for e in (freeze.events if freeze else [])]}
+    return {
+        "model": model.eval(),
+        "wall_s": wall,
+        "cpu_s": cpu,
+        "steps": steps,
+        "examples_per_s": steps * args.batch_size / wall,
+        "frozen_units": frozen,
+        "step_s": timer.times,
+        "events": [{"unit": e["unit"], "step": e["step"]} for e in (freeze.events if freeze else [])],
+    }
 
 
 def unchanged_units(model: nn.Module, init_state: dict) -> list[str]:
@@ -209,13 +226,26 @@ def grid_figure(pairs: list[tuple[str, str]], comparisons: dict, measure: str, n
                 continue
             a, b = row[c]
             values = comparisons[(a, b)][measure].cpu().numpy()
-            image = ax.imshow(np.ma.masked_invalid(values), cmap="viridis", vmin=0.0, vmax=1.0,
-                              origin="upper", interpolation="nearest")
+            image = ax.imshow(
+                np.ma.masked_invalid(values),
+                cmap="viridis",
+                vmin=0.0,
+                vmax=1.0,
+                origin="upper",
+                interpolation="nearest",
+            )
             for i in range(values.shape[0]):
                 for j in range(values.shape[1]):
                     v = values[i, j]
-                    ax.text(j, i, "NaN" if np.isnan(v) else f"{v:.2f}".lstrip("0") if v >= 0 else f"{v:.1f}",
-                            ha="center", va="center", fontsize=6, color="black" if v > 0.6 else "white")
+                    ax.text(
+                        j,
+                        i,
+                        "NaN" if np.isnan(v) else f"{v:.2f}".lstrip("0") if v >= 0 else f"{v:.1f}",
+                        ha="center",
+                        va="center",
+                        fontsize=6,
+                        color="black" if v > 0.6 else "white",
+                    )
             ax.set_xticks(range(len(LABELS)), LABELS, rotation=90, fontsize=7)
             ax.set_yticks(range(len(LABELS)), LABELS, fontsize=7)
             ax.set_title(f"{names[a]} vs {names[b]}", fontsize=8)
@@ -258,9 +288,13 @@ def main() -> None:
     parser.add_argument("--width", type=int, default=32)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
-    parser.add_argument("--threads", type=int, default=1,
-                        help="torch CPU threads (1: this small CNN is fastest and its timings steadiest "
-                             "single-threaded, above all on a CPU shared with other processes)")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch CPU threads (1: this small CNN is fastest and its timings steadiest "
+        "single-threaded, above all on a CPU shared with other processes)",
+    )
     parser.add_argument("--timing-repeats", type=int, default=5, help="rounds of the step-time micro-benchmark")
     parser.add_argument("--quick", action="store_true", help="3 epochs, random nets 1 and 3 (a smoke test)")
     args = parser.parse_args()
@@ -285,36 +319,51 @@ def main() -> None:
     x_val, y_val = images[N_TRAIN:], labels[N_TRAIN:]
 
     runs: dict[str, dict] = {}
-    print(f"training on {N_TRAIN} digits, {args.epochs} epochs, batch {args.batch_size}, "
-          f"{torch.get_num_threads()} CPU threads, load average {load_start[0]:.1f} on {os.cpu_count()} cores")
+    print(
+        f"training on {N_TRAIN} digits, {args.epochs} epochs, batch {args.batch_size}, "
+        f"{torch.get_num_threads()} CPU threads, load average {load_start[0]:.1f} on {os.cpu_count()} cores"
+    )
     runs["standard"] = train(init_state, args, None, data_seed=args.seed)
-    runs["freeze"] = train(init_state, args, FreezeTraining(schedule="linear", units=UNITS, verbose=False),
-                           data_seed=args.seed)
+    runs["freeze"] = train(
+        init_state, args, FreezeTraining(schedule="linear", units=UNITS, verbose=False), data_seed=args.seed
+    )
     for n in random_ns:
-        schedule = {unit: 0 for unit in UNITS[:n]}  # frozen from step 0: left at the random init
-        runs[f"random_{n}"] = train(init_state, args, FreezeTraining(schedule=schedule, units=UNITS, verbose=False),
-                                    data_seed=args.seed)
+        schedule = dict.fromkeys(UNITS[:n], 0)  # frozen from step 0: left at the random init
+        runs[f"random_{n}"] = train(
+            init_state, args, FreezeTraining(schedule=schedule, units=UNITS, verbose=False), data_seed=args.seed
+        )
     runs["standard_reshuffled"] = train(init_state, args, None, data_seed=args.seed + 1)
     train_s = time.perf_counter() - start
 
-    names = {"standard": "standard", "freeze": "freeze-trained", "standard_reshuffled": "standard'",
-             "init": "init", **{f"random_{n}": f"random net {n}" for n in random_ns}}
+    names = {
+        "standard": "standard",
+        "freeze": "freeze-trained",
+        "standard_reshuffled": "standard'",
+        "init": "init",
+        **{f"random_{n}": f"random net {n}" for n in random_ns},
+    }
     acc = {"init": accuracy(init_model, x_val, y_val)}
     print("\nnetwork            val acc   fit wall s  fit CPU s  examples/s  frozen at init (bit-identical units)")
     for key, run in runs.items():
         acc[key] = accuracy(run["model"], x_val, y_val)
         same = [LABELS[UNITS.index(u)] for u in unchanged_units(run["model"], init_state)]
         run["unchanged_from_init"] = same
-        print(f"{names[key]:<18} {acc[key]:7.3f}   {run['wall_s']:9.1f}  {run['cpu_s']:9.1f}  "
-              f"{run['examples_per_s']:10.0f}  {', '.join(same) or '-'}")
+        print(
+            f"{names[key]:<18} {acc[key]:7.3f}   {run['wall_s']:9.1f}  {run['cpu_s']:9.1f}  "
+            f"{run['examples_per_s']:10.0f}  {', '.join(same) or '-'}"
+        )
     print(f"{'init':<18} {acc['init']:7.3f}")
     events = runs["freeze"]["events"]
-    print("freeze-training events: " + ", ".join(
-        f"{LABELS[UNITS.index(e['unit'])]}@step {e['step']}" for e in events)
-        + f" (of {runs['freeze']['steps']} steps)")
+    print(
+        "freeze-training events: "
+        + ", ".join(f"{LABELS[UNITS.index(e['unit'])]}@step {e['step']}" for e in events)
+        + f" (of {runs['freeze']['steps']} steps)"
+    )
     speed = runs["standard"]["wall_s"] / runs["freeze"]["wall_s"]
-    print(f"freeze vs standard fit time: {runs['freeze']['wall_s']:.1f} s vs {runs['standard']['wall_s']:.1f} s "
-          f"(x{speed:.2f} throughput; CPU time {runs['freeze']['cpu_s']:.1f} s vs {runs['standard']['cpu_s']:.1f} s)")
+    print(
+        f"freeze vs standard fit time: {runs['freeze']['wall_s']:.1f} s vs {runs['standard']['wall_s']:.1f} s "
+        f"(x{speed:.2f} throughput; CPU time {runs['freeze']['cpu_s']:.1f} s vs {runs['standard']['cpu_s']:.1f} s)"
+    )
     # per-phase median step time: robust to the other processes sharing the CPU
     bounds = [0, *[e["step"] for e in events], runs["freeze"]["steps"]]
     phases = []
@@ -331,9 +380,11 @@ def main() -> None:
         print(f"  k={k} ({','.join(LABELS[:k]) or 'none'} frozen): {1e3 * t:6.2f} ms/step  x{micro[0] / t:.2f}")
     for n in random_ns:
         r = runs[f"random_{n}"]
-        print(f"  random net {n} (conv/fc up to {LABELS[n - 1]} frozen throughout): "
-              f"{1e3 * float(np.median(r['step_s'])):.2f} ms/step vs standard "
-              f"{1e3 * float(np.median(runs['standard']['step_s'])):.2f}")
+        print(
+            f"  random net {n} (conv/fc up to {LABELS[n - 1]} frozen throughout): "
+            f"{1e3 * float(np.median(r['step_s'])):.2f} ms/step vs standard "
+            f"{1e3 * float(np.median(runs['standard']['step_s'])):.2f}"
+        )
 
     # comparisons, on the validation images, block outputs only
     models = {key: run["model"] for key, run in runs.items()}
@@ -343,15 +394,21 @@ def main() -> None:
     comparisons = {}
     out: Path = args.out
     for a, b in pairs:
-        result = compare(models[a], models[b], probe=x_val, measures=MEASURES, layers=UNITS,
-                         names=(names[a], names[b]))
+        result = compare(models[a], models[b], probe=x_val, measures=MEASURES, layers=UNITS, names=(names[a], names[b]))
         assert result.layers_a == UNITS and result.layers_b == UNITS, (result.layers_a, result.layers_b)
         comparisons[(a, b)] = result
         result.to_csv(out / "csv" / f"{a}_vs_{b}")
         for measure in MEASURES:  # (Comparison.plot would use RV2's default range -0.1..1 and module paths)
-            figure = heatmap_figure(result[measure].cpu().numpy(), LABELS, LABELS, measure=measure,
-                                    title=f"{measure}: {names[a]} vs {names[b]} (n = {result.n})",
-                                    row_title=names[a], col_title=names[b], value_range=(0.0, 1.0))
+            figure = heatmap_figure(
+                result[measure].cpu().numpy(),
+                LABELS,
+                LABELS,
+                measure=measure,
+                title=f"{measure}: {names[a]} vs {names[b]} (n = {result.n})",
+                row_title=names[a],
+                col_title=names[b],
+                value_range=(0.0, 1.0),
+            )
             save_png(figure, out / "heatmaps" / f"{a}_vs_{b}_{measure}.png")
 
     for measure in MEASURES:
@@ -369,10 +426,16 @@ def main() -> None:
         "layers": dict(zip(LABELS, UNITS)),
         "probe": {"n": len(x_val), "hash": next(iter(comparisons.values())).probe_hash},
         "accuracy": acc,
-        "fit": {k: {f: r[f] for f in ("wall_s", "cpu_s", "steps", "examples_per_s", "frozen_units", "events",
-                                      "unchanged_from_init")} for k, r in runs.items()},
-        "diagonal": {m: {f"{a}_vs_{b}": comparisons[(a, b)][m].diagonal().tolist() for a, b in pairs}
-                     for m in MEASURES},
+        "fit": {
+            k: {
+                f: r[f]
+                for f in ("wall_s", "cpu_s", "steps", "examples_per_s", "frozen_units", "events", "unchanged_from_init")
+            }
+            for k, r in runs.items()
+        },
+        "diagonal": {
+            m: {f"{a}_vs_{b}": comparisons[(a, b)][m].diagonal().tolist() for a, b in pairs} for m in MEASURES
+        },
         "matrices": {m: {f"{a}_vs_{b}": comparisons[(a, b)][m].tolist() for a, b in pairs} for m in MEASURES},
         "step_time_phases": phases,
         "plain_torch_step_ms_by_frozen_prefix": [1e3 * t for t in micro],
@@ -382,8 +445,10 @@ def main() -> None:
         "total_s": time.perf_counter() - start,
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
-    print(f"\nfigures: {out}/grid_rv2.png, grid_linear_cka.png, diagonal_rv2.png, diagonal_linear_cka.png, "
-          f"heatmaps/, csv/, summary.json")
+    print(
+        f"\nfigures: {out}/grid_rv2.png, grid_linear_cka.png, diagonal_rv2.png, diagonal_linear_cka.png, "
+        f"heatmaps/, csv/, summary.json"
+    )
     print(f"total {summary['total_s']:.0f} s (training {train_s:.0f} s)")
 
 

@@ -7,6 +7,7 @@ conventions can be seen side by side (e.g. RV's upward bias against debiased CKA
 
 Run: python examples/measures_on_digits.py
 """
+
 import torch
 from sklearn.datasets import load_digits
 
@@ -21,8 +22,7 @@ def digit_representations() -> dict[str, torch.Tensor]:
     generator = torch.Generator().manual_seed(0)
     relu = torch.relu(centred @ torch.randn(64, 512, generator=generator, dtype=torch.float64))
     labels = torch.nn.functional.one_hot(torch.from_numpy(digits.target)).double()
-    return {"pixels": pixels, "pca10": centred @ v[:10].T, "relu512": relu, "relu256": relu[:, :256],
-            "labels": labels}
+    return {"pixels": pixels, "pca10": centred @ v[:10].T, "relu512": relu, "relu256": relu[:, :256], "labels": labels}
 
 
 def main() -> None:

@@ -12,6 +12,7 @@ written as PNG and CSV under runs/digits_cnn/version_N/repsim/figures.
 
 Run: python examples/quickstart.py [--epochs 12] [--out runs]
 """
+
 import argparse
 import sys
 from pathlib import Path
@@ -20,9 +21,9 @@ import pytorch_lightning as pl
 from pytorch_lightning.loggers import TensorBoardLogger
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from digits import DigitsCNN, digits_dataloaders  # noqa: E402
+from digits import DigitsCNN, digits_dataloaders
 
-from lightning_repsim import RepresentationSimilarity  # noqa: E402
+from lightning_repsim import RepresentationSimilarity
 
 
 def main() -> None:
@@ -35,14 +36,15 @@ def main() -> None:
     pl.seed_everything(args.seed)
     train, val = digits_dataloaders(seed=args.seed)
     monitor = RepresentationSimilarity(
-        probe="val:256",                  # the first 256 validation images, fixed and hashed
+        probe="val:256",  # the first 256 validation images, fixed and hashed
         reference=["init", "final"],
         measures=("linear_cka", "rv2"),
         every_n_epochs=1,
     )
     logger = TensorBoardLogger(args.out, name="digits_cnn")
-    trainer = pl.Trainer(max_epochs=args.epochs, callbacks=[monitor], logger=logger, enable_model_summary=False,
-                         log_every_n_steps=10)
+    trainer = pl.Trainer(
+        max_epochs=args.epochs, callbacks=[monitor], logger=logger, enable_model_summary=False, log_every_n_steps=10
+    )
     trainer.fit(DigitsCNN(), train, val)
     print(f"\nval_acc = {trainer.callback_metrics['val_acc']:.3f}")
     print(f"layers (execution order): {monitor.layer_names}")

@@ -21,6 +21,7 @@ Writes <out>/rv_vs_rv2.png (mean +- sd against p/n, log x) and <out>/rv_vs_rv2.c
 
 Run: python examples/rv_vs_rv2.py [--n 50] [--reps 20] [--out examples/output/rv_vs_rv2] [--quick]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -31,11 +32,11 @@ from pathlib import Path
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
+import matplotlib.pyplot as plt
+import numpy as np
+import torch
 
-from lightning_repsim import functional as F  # noqa: E402
+from lightning_repsim import functional as F
 
 MEASURES = {
     "RV (uncentred)": lambda x, y: F.rv(x, y, center=False),
@@ -89,18 +90,26 @@ def main() -> None:
     theory_rv2c = [p / (p + (n - 1) ** 2 + 1) for p in ps]
 
     print(f"Independent N(0, 1) matrices X, Y of shape ({n}, p); mean (sd) over {args.reps} pairs per p.")
-    print("RV = uncentred RV, RVc = centred RV, RV2c / RV2u = centred / uncentred RV2, CKA = linear CKA, "
-          "dCKA = debiased CKA;")
+    print(
+        "RV = uncentred RV, RVc = centred RV, RV2c / RV2u = centred / uncentred RV2, CKA = linear CKA, "
+        "dCKA = debiased CKA;"
+    )
     print("theory: E[RV] ~ p/(p+n-1), E[RV2c] ~ p/(p+(n-1)^2+1) (large-n approximations).\n")
     header = f"{'p':>5} {'p/n':>6} " + " ".join(f"{s:>15}" for s in SHORT) + f" {'RV theory':>10} {'RV2c theory':>11}"
     print(header)
     rows = []
     for i, p in enumerate(ps):
         cells = [f"{values[m][i].mean():+.3f} ({values[m][i].std(ddof=1):.3f})" for m in MEASURES]
-        print(f"{p:>5} {p / n:>6.2f} " + " ".join(f"{c:>15}" for c in cells)
-              + f" {theory_rv[i]:>10.3f} {theory_rv2c[i]:>11.3f}")
-        rows.append([p, p / n] + [v for m in MEASURES for v in (values[m][i].mean(), values[m][i].std(ddof=1))]
-                    + [theory_rv[i], theory_rv2c[i]])
+        print(
+            f"{p:>5} {p / n:>6.2f} "
+            + " ".join(f"{c:>15}" for c in cells)
+            + f" {theory_rv[i]:>10.3f} {theory_rv2c[i]:>11.3f}"
+        )
+        rows.append(
+            [p, p / n]
+            + [v for m in MEASURES for v in (values[m][i].mean(), values[m][i].std(ddof=1))]
+            + [theory_rv[i], theory_rv2c[i]]
+        )
     same = max(float(np.abs(values["linear CKA"] - values["RV (centred) = linear CKA"]).max()), 0.0)
     print(f"\nmax |linear CKA - centred RV| over all draws: {same:.1e}")
 
@@ -108,15 +117,22 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     with open(out / "rv_vs_rv2.csv", "w", newline="") as handle:
         writer = csv.writer(handle)
-        writer.writerow(["p", "p_over_n"] + [f"{s}_{k}" for s in SHORT for k in ("mean", "sd")]
-                        + ["rv_theory", "rv2_centred_theory"])
+        writer.writerow(
+            ["p", "p_over_n"]
+            + [f"{s}_{k}" for s in SHORT for k in ("mean", "sd")]
+            + ["rv_theory", "rv2_centred_theory"]
+        )
         writer.writerows(rows)
 
     ratio = np.array(ps) / n
     figure, axis = plt.subplots(figsize=(7.5, 4.8))
-    styles = {"RV (uncentred)": ("C0", "o", "-"), "RV (centred) = linear CKA": ("C1", "s", "-"),
-              "RV2 (centred)": ("C2", "^", "-"), "RV2 (uncentred)": ("C3", "v", "-"),
-              "debiased CKA": ("C4", "D", "-")}
+    styles = {
+        "RV (uncentred)": ("C0", "o", "-"),
+        "RV (centred) = linear CKA": ("C1", "s", "-"),
+        "RV2 (centred)": ("C2", "^", "-"),
+        "RV2 (uncentred)": ("C3", "v", "-"),
+        "debiased CKA": ("C4", "D", "-"),
+    }
     for name, (colour, marker, line) in styles.items():
         mean, sd = values[name].mean(1), values[name].std(1, ddof=1)
         axis.plot(ratio, mean, color=colour, marker=marker, linestyle=line, markersize=4, label=name)
@@ -127,8 +143,11 @@ def main() -> None:
     axis.set_xscale("log")
     axis.set_xlabel(f"p / n   (n = {n})")
     axis.set_ylabel(f"similarity of independent X, Y  (mean ± sd, {args.reps} pairs)")
-    axis.set_title("Unrelated random matrices: RV tends to 1; uncentred RV2 and debiased CKA stay at 0;\n"
-                   "centred RV2 drifts up once p approaches n²", fontsize=10)
+    axis.set_title(
+        "Unrelated random matrices: RV tends to 1; uncentred RV2 and debiased CKA stay at 0;\n"
+        "centred RV2 drifts up once p approaches n²",
+        fontsize=10,
+    )
     axis.legend(fontsize=8, loc="upper left")
     figure.tight_layout()
     figure.savefig(out / "rv_vs_rv2.png", dpi=130)

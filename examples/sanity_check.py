@@ -33,6 +33,7 @@ linear CKA and SVCCA for that pair (``compare``, ``Comparison.plot``) with their
 Run: python examples/sanity_check.py [--seeds 5] [--epochs 10] [--max-features 512] [--cca-max-features 192]
      [--quick]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -47,47 +48,72 @@ from pathlib import Path
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import pytorch_lightning as pl  # noqa: E402
-import torch  # noqa: E402
-from torch import nn  # noqa: E402
+import matplotlib.pyplot as plt
+import numpy as np
+import pytorch_lightning as pl
+import torch
+from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from digits import N_TRAIN, DigitsCNN, digits_dataloaders, digits_tensors  # noqa: E402
+from digits import N_TRAIN, DigitsCNN, digits_dataloaders, digits_tensors
 
-from lightning_repsim import RepSimWarning, compare  # noqa: E402
-from lightning_repsim.capture import capture  # noqa: E402
-from lightning_repsim.functional import Representations, similarity_matrix  # noqa: E402
+from lightning_repsim import RepSimWarning, compare
+from lightning_repsim.capture import capture
+from lightning_repsim.functional import Representations, similarity_matrix
 
 # measure label -> (library measure, options)
-MEASURES = OrderedDict([
-    ("CKA (linear)", ("linear_cka", {})),
-    ("CKA (RBF 0.8)", ("rbf_cka", {"sigma": 0.8})),
-    ("CKA (RBF 0.4)", ("rbf_cka", {"sigma": 0.4})),
-    ("debiased CKA", ("debiased_cka", {})),
-    ("RV2", ("rv2", {})),
-    ("RV (= linear CKA)", ("rv", {})),
-    ("SVCCA (ρ̄, keep 0.99)", ("svcca", {"keep": 0.99})),
-    ("PWCCA", ("pwcca", {})),
-])
+MEASURES = OrderedDict(
+    [
+        ("CKA (linear)", ("linear_cka", {})),
+        ("CKA (RBF 0.8)", ("rbf_cka", {"sigma": 0.8})),
+        ("CKA (RBF 0.4)", ("rbf_cka", {"sigma": 0.4})),
+        ("debiased CKA", ("debiased_cka", {})),
+        ("RV2", ("rv2", {})),
+        ("RV (= linear CKA)", ("rv", {})),
+        ("SVCCA (ρ̄, keep 0.99)", ("svcca", {"keep": 0.99})),
+        ("PWCCA", ("pwcca", {})),
+    ]
+)
 
 #: Kornblith et al. 2019, Table 2 (10 Tiny-10 CNNs on CIFAR-10, logits excluded), in percent.
-PAPER = OrderedDict([
-    ("CCA (ρ̄)", 1.4), ("CCA (R²)", 10.6), ("SVCCA (ρ̄)", 9.9), ("SVCCA (R²)", 15.1), ("PWCCA", 11.1),
-    ("Linear Reg.", 45.4), ("Linear HSIC", 22.2), ("CKA (Linear)", 99.3), ("CKA (RBF 0.2)", 80.6),
-    ("CKA (RBF 0.4)", 99.1), ("CKA (RBF 0.8)", 99.3),
-])
+PAPER = OrderedDict(
+    [
+        ("CCA (ρ̄)", 1.4),
+        ("CCA (R²)", 10.6),
+        ("SVCCA (ρ̄)", 9.9),
+        ("SVCCA (R²)", 15.1),
+        ("PWCCA", 11.1),
+        ("Linear Reg.", 45.4),
+        ("Linear HSIC", 22.2),
+        ("CKA (Linear)", 99.3),
+        ("CKA (RBF 0.2)", 80.6),
+        ("CKA (RBF 0.4)", 99.1),
+        ("CKA (RBF 0.8)", 99.3),
+    ]
+)
 #: measured on layers pooled to --cca-max-features, the others to --max-features
 CCA = ("SVCCA (ρ̄, keep 0.99)", "PWCCA")
-PAPER_FOR = {"CKA (linear)": "CKA (Linear)", "CKA (RBF 0.8)": "CKA (RBF 0.8)", "CKA (RBF 0.4)": "CKA (RBF 0.4)",
-             "SVCCA (ρ̄, keep 0.99)": "SVCCA (ρ̄)", "PWCCA": "PWCCA"}
+PAPER_FOR = {
+    "CKA (linear)": "CKA (Linear)",
+    "CKA (RBF 0.8)": "CKA (RBF 0.8)",
+    "CKA (RBF 0.4)": "CKA (RBF 0.4)",
+    "SVCCA (ρ̄, keep 0.99)": "SVCCA (ρ̄)",
+    "PWCCA": "PWCCA",
+}
 
 
 def tiny10_convs(w: int) -> list[tuple[int, int, int, int, int]]:
     """Tiny-10's eight convs as (c_in, c_out, kernel, stride, padding) for width ``w``."""
-    return [(1, w, 3, 1, 1), (w, w, 3, 1, 1), (w, 2 * w, 3, 2, 1), (2 * w, 2 * w, 3, 1, 1), (2 * w, 2 * w, 3, 1, 1),
-            (2 * w, 4 * w, 3, 2, 1), (4 * w, 4 * w, 3, 1, 0), (4 * w, 4 * w, 1, 1, 0)]
+    return [
+        (1, w, 3, 1, 1),
+        (w, w, 3, 1, 1),
+        (w, 2 * w, 3, 2, 1),
+        (2 * w, 2 * w, 3, 1, 1),
+        (2 * w, 2 * w, 3, 1, 1),
+        (2 * w, 4 * w, 3, 2, 1),
+        (4 * w, 4 * w, 3, 1, 0),
+        (4 * w, 4 * w, 1, 1, 0),
+    ]
 
 
 class Tiny10(DigitsCNN):
@@ -97,12 +123,21 @@ class Tiny10(DigitsCNN):
         super().__init__(lr=lr, width=width)
         blocks: list[tuple[str, nn.Module]] = []
         for i, (c_in, c_out, kernel, stride, padding) in enumerate(tiny10_convs(width), start=1):
-            blocks += [(f"conv{i}", nn.Conv2d(c_in, c_out, kernel, stride, padding, bias=False)),
-                       (f"bn{i}", nn.BatchNorm2d(c_out)), (f"relu{i}", nn.ReLU())]
+            blocks += [
+                (f"conv{i}", nn.Conv2d(c_in, c_out, kernel, stride, padding, bias=False)),
+                (f"bn{i}", nn.BatchNorm2d(c_out)),
+                (f"relu{i}", nn.ReLU()),
+            ]
         self.features = nn.Sequential(OrderedDict(blocks))  # 16x16 -> 8x8 (conv3) -> 4x4 (conv6) -> 2x2 (conv7)
-        self.classifier = nn.Sequential(OrderedDict([
-            ("pool", nn.AdaptiveAvgPool2d(1)), ("flatten", nn.Flatten()), ("logits", nn.Linear(4 * width, 10)),
-        ]))
+        self.classifier = nn.Sequential(
+            OrderedDict(
+                [
+                    ("pool", nn.AdaptiveAvgPool2d(1)),
+                    ("flatten", nn.Flatten()),
+                    ("logits", nn.Linear(4 * width, 10)),
+                ]
+            )
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = nn.functional.interpolate(x, size=(16, 16), mode="bilinear", align_corners=False)
@@ -110,8 +145,9 @@ class Tiny10(DigitsCNN):
 
     def configure_optimizers(self):
         optimizer = torch.optim.Adam(self.parameters(), lr=self.hparams.lr)
-        schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=self.hparams.lr,
-                                                       total_steps=self.trainer.estimated_stepping_batches)
+        schedule = torch.optim.lr_scheduler.OneCycleLR(
+            optimizer, max_lr=self.hparams.lr, total_steps=self.trainer.estimated_stepping_batches
+        )
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 
 
@@ -119,8 +155,15 @@ def train(seed: int, epochs: int) -> tuple[Tiny10, float]:
     pl.seed_everything(seed, workers=False)
     model = Tiny10()
     train_loader, val_loader = digits_dataloaders(seed=seed)
-    trainer = pl.Trainer(max_epochs=epochs, enable_progress_bar=False, logger=False, enable_checkpointing=False,
-                         enable_model_summary=False, accelerator="cpu", devices=1)
+    trainer = pl.Trainer(
+        max_epochs=epochs,
+        enable_progress_bar=False,
+        logger=False,
+        enable_checkpointing=False,
+        enable_model_summary=False,
+        accelerator="cpu",
+        devices=1,
+    )
     trainer.fit(model, train_loader, val_loader)
     return model.eval(), float(trainer.callback_metrics["val_acc"])
 
@@ -130,18 +173,31 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=5)
     parser.add_argument("--first-seed", type=int, default=0, help="the seeds are first-seed, first-seed + 1, ...")
     parser.add_argument("--epochs", type=int, default=10)
-    parser.add_argument("--max-features", type=int, default=512,
-                        help="cap on features per conv layer (average pooling) for the CKA and RV measures")
-    parser.add_argument("--cca-max-features", type=int, default=192,
-                        help="the same cap for SVCCA and PWCCA; CCA needs kx + ky < n - 1 = 396")
+    parser.add_argument(
+        "--max-features",
+        type=int,
+        default=512,
+        help="cap on features per conv layer (average pooling) for the CKA and RV measures",
+    )
+    parser.add_argument(
+        "--cca-max-features",
+        type=int,
+        default=192,
+        help="the same cap for SVCCA and PWCCA; CCA needs kx + ky < n - 1 = 396",
+    )
     parser.add_argument("--out", default="examples/output/sanity_check")
-    parser.add_argument("--threads", type=int, default=1,
-                        help="torch CPU threads (1 is as fast for these small nets and robust on a busy machine)")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch CPU threads (1 is as fast for these small nets and robust on a busy machine)",
+    )
     parser.add_argument("--quick", action="store_true", help="3 seeds, 3 epochs")
     args = parser.parse_args()
     if args.quick:
         args.seeds, args.epochs = 3, 3
     import logging
+
     logging.getLogger("pytorch_lightning").setLevel(logging.ERROR)
     logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
     warnings.filterwarnings("ignore", message=".*does not have many workers.*")
@@ -167,11 +223,11 @@ def main() -> None:
     names = {label: m for label, (m, _) in MEASURES.items()}
     options = {label: o for label, (_, o) in MEASURES.items()}
 
-    hits = {label: 0 for label in MEASURES}
-    near = {label: 0 for label in MEASURES}  # argmax within one layer of the right one
+    hits = dict.fromkeys(MEASURES, 0)
+    near = dict.fromkeys(MEASURES, 0)  # argmax within one layer of the right one
     gaps = {label: [] for label in MEASURES}  # per miss: the row's maximum minus the same-layer value
-    nan_rows = {label: 0 for label in MEASURES}
-    confusion = {label: None for label in MEASURES}
+    nan_rows = dict.fromkeys(MEASURES, 0)
+    confusion = dict.fromkeys(MEASURES)
     # the CCA family needs a lower feature cap than the CKA family (see the docstring). Each network's
     # layers are captured once per cap; Representations keeps their centred features and Grams for
     # every pair and measure that meets them.
@@ -179,8 +235,10 @@ def main() -> None:
     t0 = time.perf_counter()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RepSimWarning)
-        features = {cap: [capture(model, probe, layers, max_features=cap) for model in models]
-                    for cap in sorted(set(caps.values()))}
+        features = {
+            cap: [capture(model, probe, layers, max_features=cap) for model in models]
+            for cap in sorted(set(caps.values()))
+        }
         representations = {cap: [Representations(f) for f in per_model] for cap, per_model in features.items()}
         layer_names = [name.split(".")[-1] for name in features[args.max_features][0]]
         n_layers = len(layer_names)
@@ -189,8 +247,9 @@ def main() -> None:
         for a, b in itertools.permutations(range(args.seeds), 2):
             matrices = {}
             for label, cap in caps.items():
-                matrix = similarity_matrix(representations[cap][a], representations[cap][b], names[label],
-                                           **options[label])
+                matrix = similarity_matrix(
+                    representations[cap][a], representations[cap][b], names[label], **options[label]
+                )
                 matrices[label] = matrix.cpu().numpy()
             if first_pair is None:
                 first_pair = (a, b, matrices)
@@ -213,30 +272,50 @@ def main() -> None:
 
     n = probe.shape[0]
     pairs = args.seeds * (args.seeds - 1)
-    print(f"\nseeds {seeds[0]}-{seeds[-1]} x {args.epochs} epochs; val_acc mean {np.mean(accuracies):.3f} "
-          f"(min {min(accuracies):.3f}); {pairs} ordered seed pairs x {n_layers} layers = {total} cases")
+    print(
+        f"\nseeds {seeds[0]}-{seeds[-1]} x {args.epochs} epochs; val_acc mean {np.mean(accuracies):.3f} "
+        f"(min {min(accuracies):.3f}); {pairs} ordered seed pairs x {n_layers} layers = {total} cases"
+    )
     print(f"probe: the {n} validation images; layers (post-ReLU): {', '.join(layer_names)}")
     for family, max_features in (("CKA/RV", args.max_features), ("SVCCA/PWCCA", args.cca_max_features)):
         widths = [f.shape[1] for f in features[max_features][0].values()]
         largest = sum(sorted(widths)[-2:])
-        print(f"{family}: features per layer after pooling conv maps to <= {max_features}: "
-              + ", ".join(f"{name} {width}" for name, width in zip(layer_names, widths))
-              + f"; widest pair {largest} features "
-              + (f"< n - 1 = {n - 1}: CCA always defined" if largest < n - 1
-                 else f">= n - 1 = {n - 1}: CCA may be degenerate"))
+        print(
+            f"{family}: features per layer after pooling conv maps to <= {max_features}: "
+            + ", ".join(f"{name} {width}" for name, width in zip(layer_names, widths))
+            + f"; widest pair {largest} features "
+            + (
+                f"< n - 1 = {n - 1}: CCA always defined"
+                if largest < n - 1
+                else f">= n - 1 = {n - 1}: CCA may be degenerate"
+            )
+        )
     print("\nLayer-identification accuracy (argmax over the other seed's layers == same layer)")
     print(f"{'measure':<24} {'ours (digits)':>14} {'within ±1':>10} {'NaN rows':>9} {'paper':>7}")
     rows = []
     for label in MEASURES:
         accuracy = 100.0 * hits[label] / total
         paper = PAPER.get(PAPER_FOR.get(label, ""), None)
-        print(f"{label:<24} {accuracy:>13.1f}% {100.0 * near[label] / total:>9.1f}% {nan_rows[label]:>9d} "
-              + (f"{paper:>6.1f}%" if paper is not None else f"{'—':>7}"))
-        rows.append([label, names[label], options[label], f"{accuracy:.2f}", f"{100.0 * near[label] / total:.2f}",
-                     nan_rows[label], total,
-                     "" if paper is None else paper])
-    print("paper = Kornblith et al. 2019, Table 2 (10 Tiny-10 CNNs, CIFAR-10, logits excluded). Its other rows: "
-          + ", ".join(f"{k} {v}%" for k, v in PAPER.items() if k not in PAPER_FOR.values()))
+        print(
+            f"{label:<24} {accuracy:>13.1f}% {100.0 * near[label] / total:>9.1f}% {nan_rows[label]:>9d} "
+            + (f"{paper:>6.1f}%" if paper is not None else f"{'—':>7}")
+        )
+        rows.append(
+            [
+                label,
+                names[label],
+                options[label],
+                f"{accuracy:.2f}",
+                f"{100.0 * near[label] / total:.2f}",
+                nan_rows[label],
+                total,
+                "" if paper is None else paper,
+            ]
+        )
+    print(
+        "paper = Kornblith et al. 2019, Table 2 (10 Tiny-10 CNNs, CIFAR-10, logits excluded). Its other rows: "
+        + ", ".join(f"{k} {v}%" for k, v in PAPER.items() if k not in PAPER_FOR.values())
+    )
 
     print(f"chance (uniform argmax): {100.0 / len(layer_names):.1f}%")
     print("\nhow near the misses are: the row's maximum minus the same-layer value")
@@ -244,16 +323,28 @@ def main() -> None:
         if gap:
             print(f"{label:<24} {len(gap):>4} misses: median {np.median(gap):.4f}, largest {max(gap):.4f}")
     for label in ("CKA (linear)", "SVCCA (ρ̄, keep 0.99)", "PWCCA"):
-        print(f"\nwhere the argmax lands, {label} (rows: layer of seed A, columns: argmax layer of seed B, "
-              f"counts over {pairs} ordered pairs)")
+        print(
+            f"\nwhere the argmax lands, {label} (rows: layer of seed A, columns: argmax layer of seed B, "
+            f"counts over {pairs} ordered pairs)"
+        )
         print(" " * 8 + "".join(f"{n:>7}" for n in layer_names))
         for name, row in zip(layer_names, confusion[label]):
             print(f"{name:<8}" + "".join(f"{v:>7d}" for v in row))
 
     with open(out / "accuracies.csv", "w", newline="") as handle:
         writer = csv.writer(handle)
-        writer.writerow(["label", "measure", "options", "accuracy_percent", "within_one_layer_percent", "nan_rows",
-                         "cases", "paper_percent"])
+        writer.writerow(
+            [
+                "label",
+                "measure",
+                "options",
+                "accuracy_percent",
+                "within_one_layer_percent",
+                "nan_rows",
+                "cases",
+                "paper_percent",
+            ]
+        )
         writer.writerows(rows)
 
     # heatmaps for the first seed pair, one per measure, in one figure
@@ -282,8 +373,15 @@ def main() -> None:
     for measure, max_features in (("linear_cka", args.max_features), ("svcca", args.cca_max_features)):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", RepSimWarning)
-            comparison = compare(models[a], models[b], probe=probe, measures=(measure,), layers=layers,
-                                 max_features=max_features, names=(f"seed {seeds[a]}", f"seed {seeds[b]}"))
+            comparison = compare(
+                models[a],
+                models[b],
+                probe=probe,
+                measures=(measure,),
+                layers=layers,
+                max_features=max_features,
+                names=(f"seed {seeds[a]}", f"seed {seeds[b]}"),
+            )
         comparison.plot(measure, out / f"{measure}_seed_pair.png")
         comparison.to_csv(out / "seed_pair_csv")
 
@@ -307,10 +405,14 @@ def main() -> None:
     figure.savefig(out / "accuracy_bars.png", dpi=130)
     plt.close(figure)
 
-    print(f"\nfigures: {out / 'heatmaps_seed_pair.png'}, {out / 'linear_cka_seed_pair.png'}, "
-          f"{out / 'svcca_seed_pair.png'}, {out / 'accuracy_bars.png'}; table: {out / 'accuracies.csv'}")
-    print(f"runtime: {time.perf_counter() - start:.1f} s (training {train_seconds:.1f} s, "
-          f"comparisons {compare_seconds:.1f} s)")
+    print(
+        f"\nfigures: {out / 'heatmaps_seed_pair.png'}, {out / 'linear_cka_seed_pair.png'}, "
+        f"{out / 'svcca_seed_pair.png'}, {out / 'accuracy_bars.png'}; table: {out / 'accuracies.csv'}"
+    )
+    print(
+        f"runtime: {time.perf_counter() - start:.1f} s (training {train_seconds:.1f} s, "
+        f"comparisons {compare_seconds:.1f} s)"
+    )
 
 
 if __name__ == "__main__":

@@ -4,12 +4,13 @@ The callbacks, ``compare`` and the Metric class are imported on first use, so th
 the package (e.g. for the ``lightning-repsim`` command or the functional API) does not pay for
 PyTorch Lightning's import.
 """
+
 from importlib import import_module
 from typing import Any
 
 __version__ = "0.1.0"
 
-from lightning_repsim.errors import RepSimError, RepSimValueError, RepSimWarning  # noqa: E402
+from lightning_repsim.errors import RepSimError, RepSimValueError, RepSimWarning
 
 _LAZY = {
     "FreezeTraining": "lightning_repsim.callbacks.freeze",

@@ -16,6 +16,7 @@ regenerated). ``durable=False`` skips both: every such file is derived output th
 regenerates, and syncing costs milliseconds per file on a real disk at every logging step (after a
 power loss such a file may be missing or empty; a killed process cannot cause that).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -23,9 +24,9 @@ import os
 import secrets
 from collections.abc import Iterator
 from pathlib import Path
-from typing import IO, Any, Union
+from typing import IO, Any
 
-PathLike = Union[str, "os.PathLike[str]"]
+PathLike = str | os.PathLike[str]
 
 #: Suffix of the temporary files; together with a leading "." it marks write debris.
 TMP_SUFFIX = ".tmp"
@@ -81,7 +82,7 @@ def atomic_open(path: PathLike, mode: str = "wb", *, durable: bool = False, **kw
         _fsync_dir(target.parent)
 
 
-def atomic_write(path: PathLike, data: Union[bytes, str], *, durable: bool = False) -> Path:
+def atomic_write(path: PathLike, data: bytes | str, *, durable: bool = False) -> Path:
     """Write ``data`` (bytes, or text as UTF-8) to ``path`` atomically; returns ``path`` as a Path.
 
     Example:

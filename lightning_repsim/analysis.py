@@ -13,13 +13,14 @@ What the callbacks and the CLI compute, as functions:
 Results of :func:`compare` and :func:`similarity_between` are :class:`Comparison` objects, which
 draw and write themselves through :mod:`lightning_repsim.report`.
 """
+
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional, Union
+from typing import Any
 
 import numpy as np
 import torch
@@ -27,12 +28,12 @@ from matplotlib.figure import Figure
 from torch import nn
 
 from lightning_repsim import report
-from lightning_repsim.report import _common as report_common
-from lightning_repsim._io import atomic_write
+from lightning_repsim._io import PathLike, atomic_write
 from lightning_repsim.capture import LayerSelector, Probe, capture, select_names
 from lightning_repsim.errors import RepSimError, RepSimValueError
 from lightning_repsim.functional import Representations, similarity_matrix
 from lightning_repsim.functional._measures import MEASURES, resolve_measures, resolve_options
+from lightning_repsim.report import _common as report_common
 from lightning_repsim.store import SnapshotStore, StepLike, open_store
 
 __all__ = [
@@ -53,7 +54,6 @@ __all__ = [
     "write_convergence_report",
 ]
 
-PathLike = Union[str, "os.PathLike[str]"]
 Progress = Callable[[Iterable[str]], Iterable[str]]
 
 
@@ -75,43 +75,54 @@ class Comparison:
     probe_hash: str
     n: int
     names: tuple[str, str] = field(default=("model A", "model B"))
-    steps: Optional[tuple[int, int]] = None
+    steps: tuple[int, int] | None = None
 
     def __getitem__(self, measure: str) -> torch.Tensor:
         if measure not in self.matrices:
             raise RepSimValueError(f"no {measure!r} in this comparison; it has {list(self.matrices)}.")
         return self.matrices[measure]
 
-    def plot(self, measure: Optional[str] = None, path: Union[str, Path, None] = None) -> Figure:
+    def plot(self, measure: str | None = None, path: str | Path | None = None) -> Figure:
         """Heatmap of one measure (default: the first), saved as PNG when ``path`` is given."""
         measure = measure or next(iter(self.matrices))
-        row_title, col_title = self.names if self.steps is None else (
-            f"{name} (step {step})" for name, step in zip(self.names, self.steps))
-        figure = report.heatmap_figure(self[measure].cpu().numpy(), self.layers_a, self.layers_b, measure=measure,
-                                       row_title=row_title, col_title=col_title,
-                                       title=f"{measure}: {self.names[0]} vs {self.names[1]} (n = {self.n})")
+        row_title, col_title = (
+            self.names
+            if self.steps is None
+            else (f"{name} (step {step})" for name, step in zip(self.names, self.steps))
+        )
+        figure = report.heatmap_figure(
+            self[measure].cpu().numpy(),
+            self.layers_a,
+            self.layers_b,
+            measure=measure,
+            row_title=row_title,
+            col_title=col_title,
+            title=f"{measure}: {self.names[0]} vs {self.names[1]} (n = {self.n})",
+        )
         if path is not None:
             report.save_png(figure, path)
         return figure
 
-    def to_csv(self, directory: Union[str, Path]) -> list[Path]:
+    def to_csv(self, directory: str | Path) -> list[Path]:
         """One CSV per measure, ``<directory>/<measure>.csv``, rows layers_a, columns layers_b."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        return [report.write_matrix_csv(directory / f"{m}.csv", matrix.cpu().numpy(), self.layers_a, self.layers_b)
-                for m, matrix in self.matrices.items()]
+        return [
+            report.write_matrix_csv(directory / f"{m}.csv", matrix.cpu().numpy(), self.layers_a, self.layers_b)
+            for m, matrix in self.matrices.items()
+        ]
 
 
 def compare(
     model_a: nn.Module,
-    model_b: Optional[nn.Module] = None,
+    model_b: nn.Module | None = None,
     probe: Any = None,
     measures: Sequence[str] = ("linear_cka",),
     layers: LayerSelector = None,
     layers_b: LayerSelector = None,
     *,
-    measure_options: Optional[Mapping[str, Mapping[str, Any]]] = None,
-    batch_size: Optional[int] = 256,
+    measure_options: Mapping[str, Mapping[str, Any]] | None = None,
+    batch_size: int | None = 256,
     max_features: int = 4096,
     names: tuple[str, str] = ("model A", "model B"),
     **capture_options: Any,
@@ -156,8 +167,11 @@ def compare(
     """
     for what, model in (("model_a", model_a), ("model_b", model_b)):
         if not isinstance(model, nn.Module) and (model is not None or what == "model_a"):
-            hint = (f"; to compare a checkpoint, load it first, e.g. MyModule.load_from_checkpoint({str(model)!r})"
-                    if isinstance(model, (str, os.PathLike)) else "")
+            hint = (
+                f"; to compare a checkpoint, load it first, e.g. MyModule.load_from_checkpoint({str(model)!r})"
+                if isinstance(model, (str, os.PathLike))
+                else ""
+            )
             raise RepSimValueError(f"compare() needs {what} as an nn.Module, got {type(model).__name__}{hint}.")
     if probe is None:
         raise RepSimValueError("compare() needs a probe: a tensor, an (x, y) tuple or a DataLoader of inputs.")
@@ -166,13 +180,25 @@ def compare(
     features_a = capture(model_a, probe, layers, batch_size=batch_size, max_features=max_features, **capture_options)
     features_b = None
     if model_b is not None:
-        features_b = capture(model_b, probe, layers if layers_b is None else layers_b, batch_size=batch_size,
-                             max_features=max_features, **capture_options)
+        features_b = capture(
+            model_b,
+            probe,
+            layers if layers_b is None else layers_b,
+            batch_size=batch_size,
+            max_features=max_features,
+            **capture_options,
+        )
         device = next(iter(features_a.values())).device
         features_b = {k: v.to(device) for k, v in features_b.items()}
     matrices = {m: similarity_matrix(features_a, features_b, m, **o) for m, o in options.items()}
-    return Comparison(list(features_a), list(features_a if features_b is None else features_b), matrices,
-                      probe.hash, len(probe), names)
+    return Comparison(
+        list(features_a),
+        list(features_a if features_b is None else features_b),
+        matrices,
+        probe.hash,
+        len(probe),
+        names,
+    )
 
 
 def _as_store(store: Any, what: str) -> SnapshotStore:
@@ -186,7 +212,7 @@ def _as_store(store: Any, what: str) -> SnapshotStore:
     )
 
 
-def _stored_step(store: SnapshotStore, step: Optional[StepLike], what: str) -> int:
+def _stored_step(store: SnapshotStore, step: StepLike | None, what: str) -> int:
     """A stored step of ``store`` (``None``: the last); errors name the argument."""
     try:
         return store.resolve_step("last" if step is None else step)
@@ -195,17 +221,17 @@ def _stored_step(store: SnapshotStore, step: Optional[StepLike], what: str) -> i
 
 
 def similarity_between(
-    store_a: Union[SnapshotStore, PathLike],
-    store_b: Union[SnapshotStore, PathLike],
-    measures: Union[str, Sequence[str]] = ("linear_cka",),
+    store_a: SnapshotStore | PathLike,
+    store_b: SnapshotStore | PathLike,
+    measures: str | Sequence[str] = ("linear_cka",),
     *,
-    step_a: Optional[StepLike] = None,
-    step_b: Optional[StepLike] = None,
-    layers_a: Union[str, Sequence[str], None] = None,
-    layers_b: Union[str, Sequence[str], None] = None,
-    measure_options: Optional[Mapping[str, Mapping[str, Any]]] = None,
+    step_a: StepLike | None = None,
+    step_b: StepLike | None = None,
+    layers_a: str | Sequence[str] | None = None,
+    layers_b: str | Sequence[str] | None = None,
+    measure_options: Mapping[str, Mapping[str, Any]] | None = None,
     names: tuple[str, str] = ("store A", "store B"),
-    progress: Optional[Progress] = None,
+    progress: Progress | None = None,
 ) -> Comparison:
     """Every layer of one stored snapshot against every layer of another, from two stores.
 
@@ -289,8 +315,15 @@ def similarity_between(
             sub = similarity_matrix(sub_a, sub_b, measure, **options[measure])
             values[torch.tensor(rows)[:, None], torch.tensor(cols)[None, :]] = sub.cpu()
         matrices[measure] = values
-    return Comparison(names_a, names_b, matrices, store_a.probe_hash, store_a.n, tuple(names),  # type: ignore[arg-type]
-                      steps=(at_a, at_b))
+    return Comparison(
+        names_a,
+        names_b,
+        matrices,
+        store_a.probe_hash,
+        store_a.n,
+        tuple(names),  # type: ignore[arg-type]
+        steps=(at_a, at_b),
+    )
 
 
 # --------------------------------------------------------------------------- convergence
@@ -300,7 +333,7 @@ def similarity_to_final(
     store: SnapshotStore,
     measure_options: Mapping[str, Mapping[str, Any]],
     *,
-    progress: Optional[Progress] = None,
+    progress: Progress | None = None,
 ) -> dict[str, torch.Tensor]:
     """Every stored snapshot of each layer against that layer's last snapshot.
 
@@ -332,7 +365,7 @@ def convergence_steps(
     threshold: float = 0.95,
     *,
     sustained: bool = True,
-) -> list[Optional[int]]:
+) -> list[int | None]:
     """Per layer, the step at which it converges: the bottom-up convergence summary.
 
     A layer's level is ``threshold * final`` where ``final = values[layer, -1]`` (its value at
@@ -371,12 +404,10 @@ def convergence_steps(
         [10]
     """
     if not (isinstance(threshold, (int, float)) and 0.0 < float(threshold) <= 1.0):
-        raise RepSimValueError(
-            f"`threshold` is a fraction of the final similarity in (0, 1], got {threshold!r}."
-        )
+        raise RepSimValueError(f"`threshold` is a fraction of the final similarity in (0, 1], got {threshold!r}.")
     data = report_common.as_array(values, "values", 2)
     step_list = report_common.check_steps(steps, data.shape[1])
-    result: list[Optional[int]] = []
+    result: list[int | None] = []
     for row in data:
         final = row[-1]
         if not (np.isfinite(final) and final > 0.0):
@@ -398,14 +429,20 @@ class ConvergenceReport:
     """One measure's convergence report, as :func:`write_convergence_report` wrote it."""
 
     measure: str
-    converged: list[Optional[int]]  # per layer, from convergence_steps
+    converged: list[int | None]  # per layer, from convergence_steps
     table: str  # the aligned text table of <measure>__convergence.txt
     markdown: str  # the same table for TensorBoard's text plugin, with a one-line caption
     files: list[Path]
 
 
-def convergence_table(layers: Sequence[str], converged: Sequence[Optional[int]], values: np.ndarray,
-                      steps: Sequence[int], *, fmt: str = "text") -> str:
+def convergence_table(
+    layers: Sequence[str],
+    converged: Sequence[int | None],
+    values: np.ndarray,
+    steps: Sequence[int],
+    *,
+    fmt: str = "text",
+) -> str:
     """Each layer's convergence step and its first snapshot's similarity to the final one (how far it moved).
 
     Example:
@@ -416,8 +453,13 @@ def convergence_table(layers: Sequence[str], converged: Sequence[Optional[int]],
         0  conv1                 10     0.4000
         1  fc                    20     0.1000
     """
-    return report.summary_table(layers, converged, final_values=list(values[:, 0]), fmt=fmt,  # type: ignore[arg-type]
-                                final_header=f"at step {steps[0]}")
+    return report.summary_table(
+        layers,
+        converged,
+        final_values=list(values[:, 0]),
+        fmt=fmt,  # type: ignore[arg-type]
+        final_header=f"at step {steps[0]}",
+    )
 
 
 def write_convergence_report(
@@ -427,9 +469,9 @@ def write_convergence_report(
     out: PathLike,
     *,
     threshold: float = 0.95,
-    title: Optional[str] = None,
+    title: str | None = None,
     freeze_steps: Sequence[int] = (),
-    tensorboard: Optional[report.TensorBoardReporter] = None,
+    tensorboard: report.TensorBoardReporter | None = None,
 ) -> dict[str, ConvergenceReport]:
     """Write the convergence report of each measure: the one writer of the callback and the CLI.
 
@@ -461,8 +503,9 @@ def write_convergence_report(
         data = report_common.as_array(table, f"values[{measure!r}]", 2)
         converged = convergence_steps(data, steps, threshold)
         figures = {
-            "convergence_map": report.convergence_map_figure(data, layers, steps, measure=measure, converged=converged,
-                                                             threshold=threshold, title=title),
+            "convergence_map": report.convergence_map_figure(
+                data, layers, steps, measure=measure, converged=converged, threshold=threshold, title=title
+            ),
             "curves": report.curves_figure(data, layers, steps, measure=measure, threshold=threshold, title=title),
         }
         for step in freeze_steps:  # freeze events against convergence
@@ -476,9 +519,11 @@ def write_convergence_report(
         files.append(report.write_matrix_csv(out / f"{measure}__final.csv", data, layers, steps, corner="layer"))
         text = convergence_table(layers, converged, data, steps)
         files.append(atomic_write(out / f"{measure}__convergence.txt", text + "\n"))
-        caption = (f"**{report_common.md_escape(report.MEASURE_LABELS.get(measure, measure))} to the final snapshot**: "
-                   f"the step at which each layer reaches {threshold:g} \u00d7 its final value and stays there until "
-                   "the end.")
+        caption = (
+            f"**{report_common.md_escape(report.MEASURE_LABELS.get(measure, measure))} to the final snapshot**: "
+            f"the step at which each layer reaches {threshold:g} \u00d7 its final value and stays there until "
+            "the end."
+        )
         markdown = caption + "\n\n" + convergence_table(layers, converged, data, steps, fmt="markdown")
         if tensorboard is not None:
             tensorboard.log_text(f"{prefix}/convergence_summary", markdown, steps[-1])
@@ -516,9 +561,15 @@ REFERENCES = ("final", "previous", "init")
 ROW_COLUMNS = ("run", "step", "measure", "reference", "layer_a", "layer_b", "value")
 
 
-def similarity_rows(store: SnapshotStore, measures: Sequence[str], references: Sequence[str] = REFERENCES, *,
-                    run: str = "", measure_options: Optional[Mapping[str, Mapping[str, Any]]] = None,
-                    progress: Optional[Callable[..., Iterable[Any]]] = None) -> list[tuple[Any, ...]]:
+def similarity_rows(
+    store: SnapshotStore,
+    measures: Sequence[str],
+    references: Sequence[str] = REFERENCES,
+    *,
+    run: str = "",
+    measure_options: Mapping[str, Mapping[str, Any]] | None = None,
+    progress: Callable[..., Iterable[Any]] | None = None,
+) -> list[tuple[Any, ...]]:
     """Every similarity a store gives, as tidy rows ``(run, step, measure, reference, layer_a, layer_b, value)``.
 
     ``final``: each step of each layer against the same layer at the last step (``layer_a ==
@@ -541,16 +592,20 @@ def similarity_rows(store: SnapshotStore, measures: Sequence[str], references: S
     steps, layers = store.steps, store.layers
     rows: list[tuple[Any, ...]] = []
     if "final" in references:
-        values = similarity_to_final(store, options, progress=lambda names: wrap(
-            names, desc="layers vs final snapshot", unit="layer"))
+        values = similarity_to_final(
+            store, options, progress=lambda names: wrap(names, desc="layers vs final snapshot", unit="layer")
+        )
         for measure in measures:
             data = values[measure]
-            rows += [(run, step, measure, "final", name, name, float(data[i, t]))
-                     for t, step in enumerate(steps) for i, name in enumerate(layers)]
+            rows += [
+                (run, step, measure, "final", name, name, float(data[i, t]))
+                for t, step in enumerate(steps)
+                for i, name in enumerate(layers)
+            ]
     pairwise = [r for r in references if r in ("previous", "init")]
     if pairwise:
         first = Representations(store.read(steps[0]))  # "init" meets every step: its statistics are kept
-        earlier: Optional[Representations] = None
+        earlier: Representations | None = None
         for t, step in enumerate(wrap(steps, desc="steps vs previous / first", unit="step")):
             current = first if t == 0 else Representations(store.read(step))
             for reference in pairwise:
@@ -559,16 +614,20 @@ def similarity_rows(store: SnapshotStore, measures: Sequence[str], references: S
                 other = earlier if reference == "previous" else first
                 for measure in measures:
                     data = _stored_matrix(store, current, other, measure, options[measure])
-                    rows += [(run, step, measure, reference, a, b, float(data[i, j]))
-                             for i, a in enumerate(layers) for j, b in enumerate(layers)]
+                    rows += [
+                        (run, step, measure, reference, a, b, float(data[i, j]))
+                        for i, a in enumerate(layers)
+                        for j, b in enumerate(layers)
+                    ]
             earlier = current
     order = {r: k for k, r in enumerate(REFERENCES)}
     rows.sort(key=lambda r: (order[r[3]], measures.index(r[2]), r[1]))  # stable: layer order kept
     return rows
 
 
-def _stored_matrix(store: SnapshotStore, xs: Representations, ys: Optional[Representations], measure: str,
-                   options: Mapping[str, Any]) -> torch.Tensor:
+def _stored_matrix(
+    store: SnapshotStore, xs: Representations, ys: Representations | None, measure: str, options: Mapping[str, Any]
+) -> torch.Tensor:
     """All pairs of stored layers; PWCCA is NaN where a layer is stored as a Gram factor (no neurons)."""
     if measure != "pwcca":
         return similarity_matrix(xs, ys, measure, **options).cpu()

@@ -45,6 +45,7 @@ Example:
     lightning-repsim: error: /no/such/run: no such directory
     2
 """
+
 from __future__ import annotations
 
 import argparse
@@ -52,16 +53,15 @@ import json
 import math
 import sys
 import warnings
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Optional, Sequence
+from typing import Any
 
 from tqdm import tqdm
 
 import lightning_repsim
 from lightning_repsim import report
-from lightning_repsim.errors import RepSimError, RepSimWarning
-from lightning_repsim.functional._measures import MEASURES, resolve_measures
 from lightning_repsim.analysis import (
     REFERENCES,
     ROW_COLUMNS,
@@ -73,6 +73,8 @@ from lightning_repsim.analysis import (
     similarity_to_final,
     write_convergence_report,
 )
+from lightning_repsim.errors import RepSimError, RepSimWarning
+from lightning_repsim.functional._measures import MEASURES, resolve_measures
 from lightning_repsim.store import MANIFEST_NAME, SnapshotStore, open_store, run_store_dirs
 
 __all__ = ["main"]
@@ -112,8 +114,10 @@ def _find_store_dir(path: Path) -> Path:
         return path
     found = run_store_dirs(path)
     if len(found) > 1:
-        raise CliError(f"{path}: holds {len(found)} snapshot stores, one per fit into this run directory "
-                       f"({_shown(found)}); pass one of them")
+        raise CliError(
+            f"{path}: holds {len(found)} snapshot stores, one per fit into this run directory "
+            f"({_shown(found)}); pass one of them"
+        )
     for pattern in ("*", "*/*"):
         if found:
             break
@@ -155,8 +159,10 @@ def open_run(path: str, *, allow_damaged: bool = False) -> Run:
         store = open_store(store_dir)
     damage = [_one_line(w.message) for w in caught if issubclass(w.category, RepSimWarning)]
     if damage and not allow_damaged:
-        raise CliError(f"damaged snapshot store: {damage[0]} (copy the run again, or pass --allow-damaged "
-                       "to use the intact snapshots)")
+        raise CliError(
+            f"damaged snapshot store: {damage[0]} (copy the run again, or pass --allow-damaged "
+            "to use the intact snapshots)"
+        )
     if not store.steps:
         raise CliError(f"{store_dir}: the store holds no snapshots yet")
     if store_dir in run_store_dirs(store_dir.parent):  # repsim/, or repsim-N/ of a later fit into the same run
@@ -170,7 +176,7 @@ def open_run(path: str, *, allow_damaged: bool = False) -> Run:
 # --------------------------------------------------------------------------- measures
 
 
-def _measures(values: Optional[Sequence[str]], default: Sequence[str]) -> list[str]:
+def _measures(values: Sequence[str] | None, default: Sequence[str]) -> list[str]:
     """``--measure`` values (repeated and/or comma lists), validated, duplicates removed."""
     names = [part.strip() for value in (values or []) for part in value.split(",") if part.strip()]
     return list(resolve_measures(names or list(default)))
@@ -180,12 +186,14 @@ def _has_neurons(store: SnapshotStore, layer: str) -> bool:
     return store.kinds.get(layer) == "features"
 
 
-def _pwcca_note(run: Run, layers: Iterable[str]) -> Optional[str]:
+def _pwcca_note(run: Run, layers: Iterable[str]) -> str | None:
     missing = [name for name in layers if not _has_neurons(run.store, name)]
     if not missing:
         return None
-    return (f"pwcca is NaN for {run.name} layer(s) {', '.join(missing)}: stored as Gram factors (p > n), "
-            "without the neurons pwcca needs")
+    return (
+        f"pwcca is NaN for {run.name} layer(s) {', '.join(missing)}: stored as Gram factors (p > n), "
+        "without the neurons pwcca needs"
+    )
 
 
 # --------------------------------------------------------------------------- output helpers
@@ -220,9 +228,16 @@ def cmd_compare(args: argparse.Namespace) -> int:
         run_a.name, run_b.name = f"{run_a.name} [A]", f"{run_b.name} [B]"
     options = logged_options(run_a.store, measures)
     step = None if args.step == "last" else int(args.step)
-    result = similarity_between(run_a.store, run_b.store, measures, step_a=step, step_b=step, measure_options=options,
-                                names=(run_a.name, run_b.name),
-                                progress=lambda items: progress(items, desc="measures", unit="measure"))
+    result = similarity_between(
+        run_a.store,
+        run_b.store,
+        measures,
+        step_a=step,
+        step_b=step,
+        measure_options=options,
+        names=(run_a.name, run_b.name),
+        progress=lambda items: progress(items, desc="measures", unit="measure"),
+    )
     (step_a, step_b), layers_a, layers_b = result.steps, result.layers_a, result.layers_b
     matrices = {m: values.numpy() for m, values in result.matrices.items()}
     out = _mkdir(Path(args.out))
@@ -230,36 +245,60 @@ def cmd_compare(args: argparse.Namespace) -> int:
     notes = [*run_a.notes, *run_b.notes]
     for measure in measures:
         if options[measure] != logged_options(run_b.store, [measure])[measure]:
-            notes.append(f"{measure}: the runs were logged with different options; using {run_a.name}'s "
-                         f"{options[measure]}")
+            notes.append(
+                f"{measure}: the runs were logged with different options; using {run_a.name}'s {options[measure]}"
+            )
     if "pwcca" in measures:
         notes += [n for n in (_pwcca_note(run_a, layers_a), _pwcca_note(run_b, layers_b)) if n]
 
     title_a, title_b = f"{run_a.name} (step {step_a})", f"{run_b.name} (step {step_b})"
     written = []
     for measure, values in matrices.items():
-        written.append(report.write_matrix_csv(out / f"{measure}.csv", values, layers_a, layers_b,
-                                               corner=f"{run_a.name} \\ {run_b.name}"))
-        fig = report.heatmap_figure(values, layers_a, layers_b, measure=measure, row_title=title_a,
-                                    col_title=title_b, title=f"{report.MEASURE_LABELS.get(measure, measure)}, "
-                                    f"n = {run_a.store.n}")
+        written.append(
+            report.write_matrix_csv(
+                out / f"{measure}.csv", values, layers_a, layers_b, corner=f"{run_a.name} \\ {run_b.name}"
+            )
+        )
+        fig = report.heatmap_figure(
+            values,
+            layers_a,
+            layers_b,
+            measure=measure,
+            row_title=title_a,
+            col_title=title_b,
+            title=f"{report.MEASURE_LABELS.get(measure, measure)}, n = {run_a.store.n}",
+        )
         written.append(report.save_png(fig, out / f"{measure}.png"))
-    written.append(report.write_json(out / "compare.json", {
-        "run_a": {"name": run_a.name, "store": str(run_a.store.path), "step": step_a, "layers": layers_a},
-        "run_b": {"name": run_b.name, "store": str(run_b.store.path), "step": step_b, "layers": layers_b},
-        "probe_hash": run_a.store.probe_hash, "n": run_a.store.n,
-        "measures": {m: {"options": options[m], "matrix": v} for m, v in matrices.items()},
-        "notes": notes, "library_version": lightning_repsim.__version__,
-    }))
+    written.append(
+        report.write_json(
+            out / "compare.json",
+            {
+                "run_a": {"name": run_a.name, "store": str(run_a.store.path), "step": step_a, "layers": layers_a},
+                "run_b": {"name": run_b.name, "store": str(run_b.store.path), "step": step_b, "layers": layers_b},
+                "probe_hash": run_a.store.probe_hash,
+                "n": run_a.store.n,
+                "measures": {m: {"options": options[m], "matrix": v} for m, v in matrices.items()},
+                "notes": notes,
+                "library_version": lightning_repsim.__version__,
+            },
+        )
+    )
     if args.tensorboard:
-        report.log_comparison(out / "tensorboard", matrices, layers_a, layers_b, names=(run_a.name, run_b.name),
-                              step=step_a, probe_hash=run_a.store.probe_hash, n=run_a.store.n)
+        report.log_comparison(
+            out / "tensorboard",
+            matrices,
+            layers_a,
+            layers_b,
+            names=(run_a.name, run_b.name),
+            step=step_a,
+            probe_hash=run_a.store.probe_hash,
+            n=run_a.store.n,
+        )
         written.append(out / "tensorboard")
 
     print(f"A: {run_a.name} at step {step_a}  ({run_a.store.path})")
     print(f"B: {run_b.name} at step {step_b}  ({run_b.store.path})")
-    print(f"probe hash {run_a.store.probe_hash}, n = {run_a.store.n}; "
-          f"{len(layers_a)} x {len(layers_b)} layers")
+    print(f"probe hash {run_a.store.probe_hash}, n = {run_a.store.n}; {len(layers_a)} x {len(layers_b)} layers")
     print(report.comparison_summary(layers_a, layers_b, matrices))
     for note in notes:
         print(f"note: {note}")
@@ -280,32 +319,50 @@ def cmd_report(args: argparse.Namespace) -> int:
     store = run.store
     steps, layers = store.steps, store.layers
     if len(steps) < 2:
-        raise CliError(f"{run.name} ({store.path}) holds one snapshot (step {steps[0]}); a convergence report "
-                       "needs at least two")
+        raise CliError(
+            f"{run.name} ({store.path}) holds one snapshot (step {steps[0]}); a convergence report needs at least two"
+        )
     out = _mkdir(Path(args.out))
     notes = list(run.notes)
     if "pwcca" in measures and (note := _pwcca_note(run, layers)):
         notes.append(note)
-    values = similarity_to_final(store, logged_options(store, measures), progress=lambda layers: progress(
-        layers, desc="layers vs final snapshot", unit="layer"))
+    values = similarity_to_final(
+        store,
+        logged_options(store, measures),
+        progress=lambda layers: progress(layers, desc="layers vs final snapshot", unit="layer"),
+    )
     freeze = read_freeze_log(run.run_dir)
     freeze_steps = sorted({s for s, _ in freeze.events})
 
     written: list[Path] = []
-    print(f"{run.name}: {len(layers)} layers, {len(steps)} snapshots (steps {steps[0]} to {steps[-1]}), "
-          f"probe n = {store.n}")
-    reports = write_convergence_report({m: v.numpy() for m, v in values.items()}, layers, steps, out,
-                                       threshold=args.threshold, title=run.name, freeze_steps=freeze_steps)
+    print(
+        f"{run.name}: {len(layers)} layers, {len(steps)} snapshots (steps {steps[0]} to {steps[-1]}), "
+        f"probe n = {store.n}"
+    )
+    reports = write_convergence_report(
+        {m: v.numpy() for m, v in values.items()},
+        layers,
+        steps,
+        out,
+        threshold=args.threshold,
+        title=run.name,
+        freeze_steps=freeze_steps,
+    )
     for measure, result in reports.items():
         written += result.files
         label = report.MEASURE_LABELS.get(measure, measure)
-        print(f"\n{label} to the final snapshot (step {steps[-1]}): the step from which each layer stays at "
-              f">= {args.threshold:g} x its final value\n{result.table}")
+        print(
+            f"\n{label} to the final snapshot (step {steps[-1]}): the step from which each layer stays at "
+            f">= {args.threshold:g} x its final value\n{result.table}"
+        )
 
     print()
     if freeze.events or freeze.fraction:
-        written.append(report.save_png(report.freeze_figure(freeze.fraction, freeze.units,
-                                                            [s for s, _ in freeze.events]), out / "freeze.png"))
+        written.append(
+            report.save_png(
+                report.freeze_figure(freeze.fraction, freeze.units, [s for s, _ in freeze.events]), out / "freeze.png"
+            )
+        )
         lines = [f"step {step}: {text}" if not text.startswith("step ") else text for step, text in freeze.events]
         written.append(out / "freeze_events.txt")
         written[-1].write_text("".join(line + "\n" for line in lines), encoding="utf-8")
@@ -325,7 +382,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 # --------------------------------------------------------------------------- export
 
 
-def _references(values: Optional[Sequence[str]]) -> list[str]:
+def _references(values: Sequence[str] | None) -> list[str]:
     names = [part.strip() for value in (values or []) for part in value.split(",") if part.strip()]
     unknown = [r for r in names if r not in REFERENCES]
     if unknown:
@@ -340,8 +397,14 @@ def cmd_export(args: argparse.Namespace) -> int:
     references = _references(args.reference)
     run = open_run(args.run, allow_damaged=args.allow_damaged)
     measures = _measures(args.measure, logged_measures(run.store))
-    rows = similarity_rows(run.store, measures, references, run=run.name,
-                           measure_options=logged_options(run.store, measures), progress=progress)
+    rows = similarity_rows(
+        run.store,
+        measures,
+        references,
+        run=run.name,
+        measure_options=logged_options(run.store, measures),
+        progress=progress,
+    )
     if fmt == "json":
         records = [dict(zip(ROW_COLUMNS, row)) for row in rows]
         if to_stdout:
@@ -384,98 +447,133 @@ def _step_arg(text: str) -> str:
     return str(value)
 
 
-_RUN_HELP = ("a run directory (holding repsim/), the repsim/ store itself (or repsim-N/, the store of a later fit "
-             "into the same run directory), or a log directory with a single run (lightning_logs/ with one "
-             "version_*/)")
-_MEASURE_HELP = ("similarity measure; repeat or give a comma list. Choices: " + ", ".join(MEASURES))
+_RUN_HELP = (
+    "a run directory (holding repsim/), the repsim/ store itself (or repsim-N/, the store of a later fit "
+    "into the same run directory), or a log directory with a single run (lightning_logs/ with one "
+    "version_*/)"
+)
+_MEASURE_HELP = "similarity measure; repeat or give a comma list. Choices: " + ", ".join(MEASURES)
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The ``lightning-repsim`` argument parser (subcommands compare, report, export)."""
     formatter = argparse.RawDescriptionHelpFormatter
     parser = _Parser(
-        prog=PROG, formatter_class=formatter,
+        prog=PROG,
+        formatter_class=formatter,
         description="Compare runs, report convergence and export representational similarities from the "
-                    "snapshot stores that RepresentationSimilarity writes (<log_dir>/repsim). No model is re-run.",
+        "snapshot stores that RepresentationSimilarity writes (<log_dir>/repsim). No model is re-run.",
         epilog=f"examples:\n  {PROG} compare runs/seed0/version_0 runs/seed1/version_0 --measure linear_cka,rv2\n"
-               f"  {PROG} report runs/seed0/version_0 --threshold 0.9\n"
-               f"  {PROG} export runs/seed0/version_0 --format json --out seed0.json\n\n"
-               f"'{PROG} COMMAND --help' describes each command.",
+        f"  {PROG} report runs/seed0/version_0 --threshold 0.9\n"
+        f"  {PROG} export runs/seed0/version_0 --format json --out seed0.json\n\n"
+        f"'{PROG} COMMAND --help' describes each command.",
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {lightning_repsim.__version__}")
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("-q", "--quiet", action="store_true", help="no progress bars and no 'wrote ...' line")
-    common.add_argument("--allow-damaged", action="store_true",
-                        help="use the intact snapshots of a store whose step files are partly missing or truncated "
-                             "(otherwise an error)")
+    common.add_argument(
+        "--allow-damaged",
+        action="store_true",
+        help="use the intact snapshots of a store whose step files are partly missing or truncated "
+        "(otherwise an error)",
+    )
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True, parser_class=_Parser)
 
     compare = commands.add_parser(
-        "compare", parents=[common], formatter_class=formatter,
+        "compare",
+        parents=[common],
+        formatter_class=formatter,
         help="every layer of run A against every layer of run B, at one step",
         description="The L_a x L_b similarity matrix of every layer of RUN_A against every layer of RUN_B at "
-                    "one step, per measure, from the two runs' snapshot stores (same probe set required). "
-                    "Writes <measure>.png (heatmap), <measure>.csv and compare.json to --out and prints the "
-                    "values of same-named layers.",
+        "one step, per measure, from the two runs' snapshot stores (same probe set required). "
+        "Writes <measure>.png (heatmap), <measure>.csv and compare.json to --out and prints the "
+        "values of same-named layers.",
         epilog=f"examples:\n  {PROG} compare runs/seed0/version_0 runs/seed1/version_0\n"
-               f"  {PROG} compare runs/a runs/b --step 500 --measure rv2 --measure svcca --out figs/a_vs_b\n"
-               f"  {PROG} compare runs/a runs/b --tensorboard --out runs/compare   "
-               "# then: tensorboard --logdir runs",
+        f"  {PROG} compare runs/a runs/b --step 500 --measure rv2 --measure svcca --out figs/a_vs_b\n"
+        f"  {PROG} compare runs/a runs/b --tensorboard --out runs/compare   "
+        "# then: tensorboard --logdir runs",
     )
     compare.add_argument("run_a", metavar="RUN_A", help=_RUN_HELP)
     compare.add_argument("run_b", metavar="RUN_B", help="the other run, on the same probe set")
-    compare.add_argument("--step", type=_step_arg, default="last",
-                         help="'last' (each run's last snapshot, default) or a step stored in both runs")
+    compare.add_argument(
+        "--step",
+        type=_step_arg,
+        default="last",
+        help="'last' (each run's last snapshot, default) or a step stored in both runs",
+    )
     compare.add_argument("--measure", action="append", metavar="M", help=_MEASURE_HELP + " (default linear_cka)")
-    compare.add_argument("--out", default="repsim-compare", metavar="DIR",
-                         help="output directory (default ./repsim-compare)")
-    compare.add_argument("--tensorboard", action="store_true",
-                         help="also write a TensorBoard run to DIR/tensorboard (heatmaps, same-layer scalars)")
+    compare.add_argument(
+        "--out", default="repsim-compare", metavar="DIR", help="output directory (default ./repsim-compare)"
+    )
+    compare.add_argument(
+        "--tensorboard",
+        action="store_true",
+        help="also write a TensorBoard run to DIR/tensorboard (heatmaps, same-layer scalars)",
+    )
     compare.set_defaults(func=cmd_compare)
 
     rep = commands.add_parser(
-        "report", parents=[common], formatter_class=formatter,
+        "report",
+        parents=[common],
+        formatter_class=formatter,
         help="convergence map, curves and freeze events of one run",
         description="Every stored snapshot of each layer against its last snapshot: a layer x step convergence "
-                    "map, one curve per layer and the step from which each layer stays at >= THRESHOLD x its "
-                    "final value (printed as a table), plus the run's freeze events (FreezeTraining's "
-                    "freeze/* TensorBoard tags) when it has any. PNG, CSV and text files go to --out.",
+        "map, one curve per layer and the step from which each layer stays at >= THRESHOLD x its "
+        "final value (printed as a table), plus the run's freeze events (FreezeTraining's "
+        "freeze/* TensorBoard tags) when it has any. PNG, CSV and text files go to --out.",
         epilog=f"examples:\n  {PROG} report runs/seed0/version_0\n"
-               f"  {PROG} report runs/seed0/version_0/repsim --measure rv2 --threshold 0.9 --out figs/seed0",
+        f"  {PROG} report runs/seed0/version_0/repsim --measure rv2 --threshold 0.9 --out figs/seed0",
     )
     rep.add_argument("run", metavar="RUN", help=_RUN_HELP)
-    rep.add_argument("--measure", action="append", metavar="M",
-                     help=_MEASURE_HELP + " (default: the measures the run was logged with)")
-    rep.add_argument("--threshold", type=float, default=0.95,
-                     help="fraction of the final similarity that counts as converged (default 0.95)")
+    rep.add_argument(
+        "--measure",
+        action="append",
+        metavar="M",
+        help=_MEASURE_HELP + " (default: the measures the run was logged with)",
+    )
+    rep.add_argument(
+        "--threshold",
+        type=float,
+        default=0.95,
+        help="fraction of the final similarity that counts as converged (default 0.95)",
+    )
     rep.add_argument("--out", default="repsim-report", metavar="DIR", help="output directory (default ./repsim-report)")
     rep.set_defaults(func=cmd_report)
 
     export = commands.add_parser(
-        "export", parents=[common], formatter_class=formatter,
+        "export",
+        parents=[common],
+        formatter_class=formatter,
         help="every similarity matrix as tidy CSV or JSON rows",
         description="Every matrix computed from the store, one row per value with columns run, step, measure, "
-                    "reference, layer_a, layer_b, value. References: 'final' (each step against the last, per "
-                    "layer: layer_a == layer_b), 'previous' (each step against the step before, all pairs; "
-                    "layer_a at step, layer_b at the previous step) and 'init' (each step against the first "
-                    "stored step, all pairs). JSON is a list of records with NaN as null.",
+        "reference, layer_a, layer_b, value. References: 'final' (each step against the last, per "
+        "layer: layer_a == layer_b), 'previous' (each step against the step before, all pairs; "
+        "layer_a at step, layer_b at the previous step) and 'init' (each step against the first "
+        "stored step, all pairs). JSON is a list of records with NaN as null.",
         epilog=f"examples:\n  {PROG} export runs/seed0/version_0 > seed0.csv\n"
-               f"  {PROG} export runs/seed0/version_0 --reference final --measure rv2 --out seed0.json\n"
-               "  python -c \"import pandas as pd; print(pd.read_csv('seed0.csv').head())\"",
+        f"  {PROG} export runs/seed0/version_0 --reference final --measure rv2 --out seed0.json\n"
+        "  python -c \"import pandas as pd; print(pd.read_csv('seed0.csv').head())\"",
     )
     export.add_argument("run", metavar="RUN", help=_RUN_HELP)
-    export.add_argument("--format", choices=("csv", "json"),
-                        help="default: json when --out ends in .json, else csv")
+    export.add_argument("--format", choices=("csv", "json"), help="default: json when --out ends in .json, else csv")
     export.add_argument("--out", metavar="FILE", help="output file (default: standard output)")
-    export.add_argument("--measure", action="append", metavar="M",
-                        help=_MEASURE_HELP + " (default: the measures the run was logged with)")
-    export.add_argument("--reference", action="append", metavar="R",
-                        help="final, previous or init; repeat or give a comma list (default: all three)")
+    export.add_argument(
+        "--measure",
+        action="append",
+        metavar="M",
+        help=_MEASURE_HELP + " (default: the measures the run was logged with)",
+    )
+    export.add_argument(
+        "--reference",
+        action="append",
+        metavar="R",
+        help="final, previous or init; repeat or give a comma list (default: all three)",
+    )
     export.set_defaults(func=cmd_export)
     return parser
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     """Run ``lightning-repsim`` with ``argv`` (default ``sys.argv[1:]``); returns the exit status.
 
     0 on success, 2 on a user error (one line on stderr: ``lightning-repsim: error: ...``).

@@ -4,22 +4,24 @@ The probe set arrives in batches (and, under DDP, in shards across processes). `
 accumulates what the measures need and computes every L_a x L_b matrix at the end; its states are
 declared with torchmetrics' ``dist_reduce_fx`` so torchmetrics itself reduces them across ranks.
 """
+
 from __future__ import annotations
 
 import warnings
-from typing import Any, Mapping, Optional, Sequence, Union
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 from torchmetrics import Metric
 from torchmetrics.utilities.data import dim_zero_cat
 
 from lightning_repsim.errors import RepSimValueError, RepSimWarning
-from lightning_repsim.functional._validation import as_matrix, warn_degenerate
 from lightning_repsim.functional._engine import cosine, degenerate_layers, hsic_matrices, prepare_layers
 from lightning_repsim.functional._measures import MEASURES, gram_spec, resolve_measures
+from lightning_repsim.functional._validation import as_matrix, warn_degenerate
 from lightning_repsim.functional.matrix import similarity_matrix
 
-Batch = Union[Mapping[str, torch.Tensor], Sequence[torch.Tensor]]
+Batch = Mapping[str, torch.Tensor] | Sequence[torch.Tensor]
 
 #: Default memory budget of the exact mode: stored probe features, summed over layers (1 GiB).
 DEFAULT_MAX_BYTES = 1 << 30
@@ -74,10 +76,10 @@ class LayerSimilarity(Metric):
     def __init__(
         self,
         names_a: Sequence[str],
-        names_b: Optional[Sequence[str]] = None,
+        names_b: Sequence[str] | None = None,
         measures: Sequence[str] = ("linear_cka",),
         mode: str = "exact",
-        measure_options: Optional[Mapping[str, Mapping[str, Any]]] = None,
+        measure_options: Mapping[str, Mapping[str, Any]] | None = None,
         max_bytes: int = DEFAULT_MAX_BYTES,
         **kwargs: Any,
     ) -> None:
@@ -94,7 +96,8 @@ class LayerSimilarity(Metric):
         if mode == "minibatch" and set(measures) - {"linear_cka"}:
             raise RepSimValueError(
                 f"mode='minibatch' computes linear CKA with the Nguyen et al. (2021) estimator only; got measures "
-                f"{list(measures)}. Use mode='exact' for {', '.join(sorted(set(measures) - {'linear_cka'}))}.")
+                f"{list(measures)}. Use mode='exact' for {', '.join(sorted(set(measures) - {'linear_cka'}))}."
+            )
         self.measures = tuple(measures)
         self.mode = mode
         self.max_bytes = int(max_bytes)
@@ -125,8 +128,9 @@ class LayerSimilarity(Metric):
         else:
             tensors = list(batch)
             if len(tensors) != len(names):
-                raise RepSimValueError(f"update() for side {side} got {len(tensors)} tensors for {len(names)} layers "
-                                       f"{names}.")
+                raise RepSimValueError(
+                    f"update() for side {side} got {len(tensors)} tensors for {len(names)} layers {names}."
+                )
         out = []
         for name, t in zip(names, tensors):
             t = as_matrix(t.detach(), f"layer {name!r}")
@@ -135,7 +139,7 @@ class LayerSimilarity(Metric):
             out.append(t)
         return out
 
-    def update(self, batch_a: Batch, batch_b: Optional[Batch] = None) -> None:
+    def update(self, batch_a: Batch, batch_b: Batch | None = None) -> None:
         """Add one probe batch: per layer an (n_batch, p) tensor, as a dict by name or a list in order."""
         xs = self._as_list(batch_a, self.names_a, "A")
         if self.symmetric:
@@ -156,26 +160,32 @@ class LayerSimilarity(Metric):
         else:
             self._accumulate(xs, ys, n)
 
-    def _store(self, xs: list[torch.Tensor], ys: Optional[list[torch.Tensor]]) -> None:
+    def _store(self, xs: list[torch.Tensor], ys: list[torch.Tensor] | None) -> None:
         added = sum(t.numel() * t.element_size() for t in xs + (ys or []))
         if self._stored_bytes + added > self.max_bytes:
             widest_name, widest = max(
-                zip(self.names_a + (self.names_b if ys else []), xs + (ys or [])), key=lambda item: item[1].shape[1])
+                zip(self.names_a + (self.names_b if ys else []), xs + (ys or [])), key=lambda item: item[1].shape[1]
+            )
             raise RepSimValueError(
                 f"LayerSimilarity(mode='exact') would hold {(self._stored_bytes + added) / 2**20:.0f} MiB of probe "
                 f"features, over max_bytes = {self.max_bytes / 2**20:.0f} MiB. The widest layer is {widest_name!r} "
                 f"with p = {widest.shape[1]} features. Reduce the features per layer (e.g. a smaller max_features "
-                "when capturing), use fewer probe examples, raise max_bytes, or use mode='minibatch'.")
+                "when capturing), use fewer probe examples, raise max_bytes, or use mode='minibatch'."
+            )
         self._stored_bytes += added
         for i, t in enumerate(xs):
             getattr(self, f"features_a_{i}").append(t)
         for j, t in enumerate(ys or []):
             getattr(self, f"features_b_{j}").append(t)
 
-    def _accumulate(self, xs: list[torch.Tensor], ys: Optional[list[torch.Tensor]], n: int) -> None:
+    def _accumulate(self, xs: list[torch.Tensor], ys: list[torch.Tensor] | None, n: int) -> None:
         if n < 4:
-            warnings.warn(f"LayerSimilarity(mode='minibatch') skipped a batch of {n} example(s): the unbiased HSIC "
-                          "needs at least 4 per batch.", RepSimWarning, stacklevel=3)
+            warnings.warn(
+                f"LayerSimilarity(mode='minibatch') skipped a batch of {n} example(s): the unbiased HSIC "
+                "needs at least 4 per batch.",
+                RepSimWarning,
+                stacklevel=3,
+            )
             return
         spec = gram_spec("debiased_cka")
         device = self.hsic_ab.device
@@ -199,19 +209,25 @@ class LayerSimilarity(Metric):
         """Every measure's (L_a, L_b) float64 matrix, as a dict measure -> tensor."""
         if self.mode == "minibatch":
             return {"linear_cka": self._compute_minibatch()}
-        if len(getattr(self, "features_a_0")) == 0:
+        if len(self.features_a_0) == 0:
             raise RepSimValueError("LayerSimilarity.compute() was called before any update().")
         xs = {name: dim_zero_cat(getattr(self, f"features_a_{i}")) for i, name in enumerate(self.names_a)}
-        ys = None if self.symmetric else {
-            name: dim_zero_cat(getattr(self, f"features_b_{j}")) for j, name in enumerate(self.names_b)}
+        ys = (
+            None
+            if self.symmetric
+            else {name: dim_zero_cat(getattr(self, f"features_b_{j}")) for j, name in enumerate(self.names_b)}
+        )
         return {m: similarity_matrix(xs, ys, m, **self.options[m]) for m in self.measures}
 
     def _compute_minibatch(self) -> torch.Tensor:
         if float(self.batches) == 0:
             raise RepSimValueError("LayerSimilarity.compute() was called before any batch of >= 4 examples.")
         spec = gram_spec("debiased_cka")
-        problems = {name: "it contained NaN or Inf in a probe batch" for name, value in
-                    zip(self.names_a + self.names_b, torch.cat([self.hsic_aa, self.hsic_bb]).tolist()) if value != value}
+        problems = {
+            name: "it contained NaN or Inf in a probe batch"
+            for name, value in zip(self.names_a + self.names_b, torch.cat([self.hsic_aa, self.hsic_bb]).tolist())
+            if value != value
+        }
         dead_a = degenerate_layers(self.names_a, self.hsic_aa.cpu(), self.energy_a.cpu(), spec, problems)
         dead_b = degenerate_layers(self.names_b, self.hsic_bb.cpu(), self.energy_b.cpu(), spec, problems)
         warn_degenerate(problems, "minibatch linear_cka")

@@ -1,4 +1,5 @@
 """Suite-wide fixtures."""
+
 import os
 
 import pytest

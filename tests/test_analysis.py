@@ -3,6 +3,7 @@
 Matrices are checked against :func:`similarity_matrix` of :func:`capture`\\ d features and, cell
 by cell, against the papers' formulas (tests/reference.py) on layer outputs computed by hand.
 """
+
 import copy
 import csv
 import struct
@@ -14,16 +15,16 @@ import torch
 from matplotlib.figure import Figure
 from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-from torch.utils.tensorboard import SummaryWriter
 from torch import nn
+from torch.utils.tensorboard import SummaryWriter
 
 from lightning_repsim import Comparison, compare
 from lightning_repsim.analysis import convergence_steps, write_convergence_report
 from lightning_repsim.capture import capture
 from lightning_repsim.errors import RepSimError, RepSimValueError
+from lightning_repsim.functional import MEASURES, similarity_matrix
 from lightning_repsim.report import TensorBoardReporter
 from lightning_repsim.store import SnapshotStore, open_store
-from lightning_repsim.functional import MEASURES, similarity_matrix
 from tests import reference
 
 N, N_IN = 48, 6
@@ -69,13 +70,20 @@ def test_two_models_against_the_papers_formulas_on_outputs_by_hand():
     a, b = model_a(), model_b()
     result = compare(a, b, probe=PROBE, measures=("linear_cka", "rv2", "svcca", "pwcca"))
     xs, ys = outputs_by_hand(a, PROBE), outputs_by_hand(b, PROBE)
-    formulas = {"linear_cka": reference.linear_cka, "rv2": reference.rv2, "svcca": reference.svcca,
-                "pwcca": reference.pwcca}
+    formulas = {
+        "linear_cka": reference.linear_cka,
+        "rv2": reference.rv2,
+        "svcca": reference.svcca,
+        "pwcca": reference.pwcca,
+    }
     for measure, formula in formulas.items():
         for i, la in enumerate(result.layers_a):
             for j, lb in enumerate(result.layers_b):
-                assert float(result[measure][i, j]) == pytest.approx(formula(xs[la], ys[lb]), abs=1e-10), \
-                    (measure, la, lb)
+                assert float(result[measure][i, j]) == pytest.approx(formula(xs[la], ys[lb]), abs=1e-10), (
+                    measure,
+                    la,
+                    lb,
+                )
 
 
 def test_layer_selectors_for_each_side():
@@ -165,27 +173,32 @@ def test_other_bad_inputs():
         result["rv2"]
 
 
-@pytest.mark.parametrize("first", [
-    "import lightning_repsim.analysis",
-    "import tempfile, torch; from lightning_repsim.store import SnapshotStore\n"
-    "from lightning_repsim.analysis import similarity_between\n"
-    "with tempfile.TemporaryDirectory() as tmp:\n"
-    "    s = SnapshotStore.create(tmp, probe_hash='p', n=4); s.add(0, {'x': torch.randn(4, 2)})\n"
-    "    similarity_between(s, s)",  # loads the submodule lightning_repsim.analysis
-    "",
-])
+@pytest.mark.parametrize(
+    "first",
+    [
+        "import lightning_repsim.analysis",
+        "import tempfile, torch; from lightning_repsim.store import SnapshotStore\n"
+        "from lightning_repsim.analysis import similarity_between\n"
+        "with tempfile.TemporaryDirectory() as tmp:\n"
+        "    s = SnapshotStore.create(tmp, probe_hash='p', n=4); s.add(0, {'x': torch.randn(4, 2)})\n"
+        "    similarity_between(s, s)",  # loads the submodule lightning_repsim.analysis
+        "",
+    ],
+)
 def test_package_compare_is_the_function_whatever_was_imported_before(first):
     """`lightning_repsim.compare` is the function, whatever was imported first."""
     import subprocess
     import sys
 
-    code = "\n".join([
-        first,
-        "import lightning_repsim",
-        "from lightning_repsim import Comparison, compare",
-        "assert callable(compare) and compare is lightning_repsim.compare, compare",
-        "assert Comparison.__name__ == 'Comparison'",
-    ])
+    code = "\n".join(
+        [
+            first,
+            "import lightning_repsim",
+            "from lightning_repsim import Comparison, compare",
+            "assert callable(compare) and compare is lightning_repsim.compare, compare",
+            "assert Comparison.__name__ == 'Comparison'",
+        ]
+    )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=240)
     assert done.returncode == 0, done.stderr
 
@@ -216,12 +229,14 @@ def test_convergence_steps_is_relative_to_the_final_value():
 
 
 def test_convergence_steps_never_reaching_gives_none():
-    values = np.array([
-        [0.2, 0.9, np.nan],      # final NaN
-        [0.2, 0.9, 0.0],         # final 0: no relative level
-        [0.2, 0.9, -0.05],       # final negative (debiased CKA)
-        [0.99, np.nan, 1.0],     # NaN in the middle blocks the earlier step
-    ])
+    values = np.array(
+        [
+            [0.2, 0.9, np.nan],  # final NaN
+            [0.2, 0.9, 0.0],  # final 0: no relative level
+            [0.2, 0.9, -0.05],  # final negative (debiased CKA)
+            [0.99, np.nan, 1.0],  # NaN in the middle blocks the earlier step
+        ]
+    )
     assert convergence_steps(values, [0, 1, 2]) == [None, None, None, 2]
     assert convergence_steps(values, [0, 1, 2], sustained=False) == [None, None, None, 0]
 
@@ -245,8 +260,8 @@ def test_convergence_steps_shape_errors():
 
 
 def test_similarity_to_final_is_each_snapshot_against_the_last(tmp_path):
-    from lightning_repsim.functional import linear_cka, pwcca
     from lightning_repsim.analysis import similarity_to_final
+    from lightning_repsim.functional import linear_cka, pwcca
 
     g = torch.Generator().manual_seed(3)
     store = SnapshotStore.create(tmp_path / "s", probe_hash="h", n=30)
@@ -261,8 +276,9 @@ def test_similarity_to_final_is_each_snapshot_against_the_last(tmp_path):
         for i, name in enumerate(("conv", "wide")):
             expected = linear_cka(snap[name], snapshots[-1][name]).item()
             assert values["linear_cka"][i, t].item() == pytest.approx(expected, abs=1e-6)
-        assert values["pwcca"][0, t].item() == pytest.approx(pwcca(snap["conv"], snapshots[-1]["conv"]).item(),
-                                                             abs=1e-6)
+        assert values["pwcca"][0, t].item() == pytest.approx(
+            pwcca(snap["conv"], snapshots[-1]["conv"]).item(), abs=1e-6
+        )
     assert torch.isnan(values["pwcca"][1]).all()  # a Gram factor has no neurons to weight
     assert values["linear_cka"][:, -1].tolist() == pytest.approx([1.0, 1.0])
 
@@ -338,8 +354,8 @@ def test_similarity_between_equals_similarity_matrix_of_the_features(two_stores,
 
 def test_similarity_between_against_the_papers_formulas(two_stores):
     """Cells against tests/reference.py (NumPy transcriptions of the papers), not our engine."""
-    from tests import reference
     from lightning_repsim.analysis import similarity_between
+    from tests import reference
 
     store_a, store_b, raw = two_stores
     result = similarity_between(store_a, store_b, ("linear_cka", "rv2", "svcca"), step_b=2)
@@ -347,10 +363,16 @@ def test_similarity_between_against_the_papers_formulas(two_stores):
     for i, a in enumerate(RAW_WIDTHS):
         for j, b in enumerate(RAW_WIDTHS):
             tolerance = 1e-6 if "wide" in (a, b) else 1e-10
-            for measure, formula in (("linear_cka", reference.linear_cka), ("rv2", reference.rv2),
-                                     ("svcca", reference.svcca)):
-                assert float(result[measure][i, j]) == pytest.approx(formula(xs[a], ys[b]), abs=tolerance), \
-                    (measure, a, b)
+            for measure, formula in (
+                ("linear_cka", reference.linear_cka),
+                ("rv2", reference.rv2),
+                ("svcca", reference.svcca),
+            ):
+                assert float(result[measure][i, j]) == pytest.approx(formula(xs[a], ys[b]), abs=tolerance), (
+                    measure,
+                    a,
+                    b,
+                )
 
 
 def test_similarity_between_chooses_steps(two_stores):
@@ -375,22 +397,26 @@ def test_similarity_between_chooses_steps(two_stores):
 
 
 def test_similarity_between_layer_subsets_and_options(two_stores):
-    from lightning_repsim.functional import similarity_matrix
     from lightning_repsim.analysis import similarity_between
+    from lightning_repsim.functional import similarity_matrix
 
     store_a, store_b, raw = two_stores
-    full = similarity_between(store_a, store_b, ("linear_cka", "rbf_cka"),
-                              measure_options={"rbf_cka": {"sigma": 0.5}})
-    part = similarity_between(store_a, store_b, ("linear_cka", "rbf_cka"), layers_a=["fc", "conv"],
-                              layers_b="block.*", measure_options={"rbf_cka": {"sigma": 0.5}})
+    full = similarity_between(store_a, store_b, ("linear_cka", "rbf_cka"), measure_options={"rbf_cka": {"sigma": 0.5}})
+    part = similarity_between(
+        store_a,
+        store_b,
+        ("linear_cka", "rbf_cka"),
+        layers_a=["fc", "conv"],
+        layers_b="block.*",
+        measure_options={"rbf_cka": {"sigma": 0.5}},
+    )
     assert part.layers_a == ["conv", "fc"]  # store (capture) order, whatever the order asked
     assert part.layers_b == ["block.0"]
     rows, cols = [0, 3], [1]
     for measure in ("linear_cka", "rbf_cka"):
         assert torch.allclose(part[measure], full[measure][rows][:, cols], rtol=0, atol=1e-12)
     xs, ys = raw["a"][9], raw["b"][9]
-    expected = similarity_matrix({k: xs[k] for k in ("conv", "fc")}, {"block.0": ys["block.0"]}, "rbf_cka",
-                                 sigma=0.5)
+    expected = similarity_matrix({k: xs[k] for k in ("conv", "fc")}, {"block.0": ys["block.0"]}, "rbf_cka", sigma=0.5)
     assert torch.allclose(part["rbf_cka"], expected, rtol=0, atol=1e-10)
     default_sigma = similarity_matrix({"conv": xs["conv"]}, {"block.0": ys["block.0"]}, "rbf_cka")
     assert abs(float(part["rbf_cka"][0, 0]) - float(default_sigma[0, 0])) > 1e-3  # the option was applied
@@ -458,7 +484,7 @@ def _staircase(n_layers=4, n_steps=6):
     """Layer l reaches 1 at step index l + 1 (bottom-up convergence)."""
     values = np.full((n_layers, n_steps), 0.3)
     for layer in range(n_layers):
-        values[layer, layer + 1:] = 1.0
+        values[layer, layer + 1 :] = 1.0
     return values
 
 
@@ -472,12 +498,17 @@ def test_convergence_report_to_tensorboard(tmp_path):
     names = ["conv1", "conv2", "conv3", "fc"]
     steps = [0, 10, 20, 40, 80, 160]
     with SummaryWriter(str(tmp_path / "tb")) as writer:
-        reports = write_convergence_report({"linear_cka": _staircase()}, names, steps, tmp_path / "out",
-                                           threshold=0.9, tensorboard=TensorBoardReporter(writer))
+        reports = write_convergence_report(
+            {"linear_cka": _staircase()},
+            names,
+            steps,
+            tmp_path / "out",
+            threshold=0.9,
+            tensorboard=TensorBoardReporter(writer),
+        )
     assert reports["linear_cka"].converged == [10, 20, 40, 80]
     acc = _accumulate(tmp_path / "tb")
-    assert sorted(acc.Tags()["images"]) == ["repsim/linear_cka/final/convergence_map",
-                                           "repsim/linear_cka/final/curves"]
+    assert sorted(acc.Tags()["images"]) == ["repsim/linear_cka/final/convergence_map", "repsim/linear_cka/final/curves"]
     for tag in acc.Tags()["images"]:
         (event,) = acc.Images(tag)
         assert event.step == 160 and event.width > 300 and event.height > 200
@@ -490,8 +521,13 @@ def test_convergence_report_to_tensorboard(tmp_path):
 
 def test_convergence_report_logs_and_saves_the_same_png_bytes(tmp_path):
     with SummaryWriter(str(tmp_path / "tb")) as writer:
-        write_convergence_report({"rv": _staircase()}, [f"layer{i}.conv" for i in range(4)], [0, 10, 20, 40, 80, 160],
-                                 tmp_path / "png", tensorboard=TensorBoardReporter(writer))
+        write_convergence_report(
+            {"rv": _staircase()},
+            [f"layer{i}.conv" for i in range(4)],
+            [0, 10, 20, 40, 80, 160],
+            tmp_path / "png",
+            tensorboard=TensorBoardReporter(writer),
+        )
     acc = _accumulate(tmp_path / "tb")
     for kind in ("convergence_map", "curves"):
         (event,) = acc.Images(f"repsim/rv/final/{kind}")
@@ -500,12 +536,17 @@ def test_convergence_report_logs_and_saves_the_same_png_bytes(tmp_path):
 
 def test_convergence_report_files(tmp_path):
     values = np.array([[0.5, 0.96, 1.0], [0.2, 0.6, 1.0]])
-    reports = write_convergence_report({"rv2": values}, ["a", "b"], [0, 5, 9], tmp_path, threshold=0.95,
-                                       freeze_steps=[5])
+    reports = write_convergence_report(
+        {"rv2": values}, ["a", "b"], [0, 5, 9], tmp_path, threshold=0.95, freeze_steps=[5]
+    )
     assert reports["rv2"].converged == [5, 9]
     assert sorted(p.name for p in reports["rv2"].files) == sorted(
-        ["rv2__convergence_map.png", "rv2__curves.png", "rv2__final.csv", "rv2__convergence.txt"])
+        ["rv2__convergence_map.png", "rv2__curves.png", "rv2__final.csv", "rv2__convergence.txt"]
+    )
     assert (tmp_path / "rv2__convergence.txt").read_text() == (
-        "#  layer  converged at step  at step 0\n0  a                      5     0.5000\n1  b                      9     0.2000\n")
+        "#  layer  converged at step  at step 0\n"
+        "0  a                      5     0.5000\n"
+        "1  b                      9     0.2000\n"
+    )
     with Image.open(tmp_path / "rv2__curves.png") as image:
         assert image.size[0] > 300

@@ -4,8 +4,8 @@ import dataclasses
 import hashlib
 import importlib
 import math
-import sys
 import re
+import sys
 import warnings
 from collections import OrderedDict
 
@@ -24,7 +24,6 @@ from lightning_repsim.capture import (
     select_output,
 )
 from lightning_repsim.errors import RepSimValueError, RepSimWarning
-
 
 # --------------------------------------------------------------------------- models
 
@@ -69,9 +68,7 @@ class Boom(nn.Module):
 class ConvNet(nn.Module):
     def __init__(self):
         super().__init__()
-        self.features = nn.Sequential(
-            nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 6, 3)
-        )
+        self.features = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 6, 3))
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.classifier = nn.Sequential(nn.Flatten(), nn.Dropout(0.5), nn.Linear(6, 2))
 
@@ -80,9 +77,7 @@ class ConvNet(nn.Module):
 
 
 def _all_hooks(model):
-    return sum(
-        len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules()
-    )
+    return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
 
 
 # --------------------------------------------------------------------------- execution_order
@@ -90,14 +85,10 @@ def _all_hooks(model):
 
 def test_execution_order_differs_from_definition_order():
     model = Reordered()
-    assert [n for n, m in model.named_modules() if isinstance(m, nn.Linear)] == [
-        "head", "stem", "unused"
-    ]
+    assert [n for n, m in model.named_modules() if isinstance(m, nn.Linear)] == ["head", "stem", "unused"]
     x = torch.randn(5, 4)
     assert execution_order(model, lambda: model(x)) == ["stem", "head"]
-    assert execution_order(model, lambda: model(x), with_parameters=False) == [
-        "stem", "act", "head"
-    ]
+    assert execution_order(model, lambda: model(x), with_parameters=False) == ["stem", "act", "head"]
 
 
 def test_execution_order_all_modules_and_top_level():
@@ -107,12 +98,13 @@ def test_execution_order_all_modules_and_top_level():
     assert every[:2] == ["features", "features.0"]
     assert every.index("pool") < every.index("classifier") < every.index("classifier.2")
     assert "" not in every
-    assert execution_order(model, lambda: model(x)) == [
-        "features.0", "features.1", "features.3", "classifier.2"
-    ]
+    assert execution_order(model, lambda: model(x)) == ["features.0", "features.1", "features.3", "classifier.2"]
     # Sequential children are expanded into blocks; parameter-free blocks are dropped
     assert execution_order(model, lambda: model(x), top_level=True) == [
-        "features.0", "features.1", "features.3", "classifier.2"
+        "features.0",
+        "features.1",
+        "features.3",
+        "classifier.2",
     ]
 
 
@@ -129,9 +121,7 @@ def test_execution_order_top_level_orders_by_first_descendant():
             return self.decoder(self.act(self.encoder.inner(x)))
 
     net = Net()
-    assert execution_order(net, lambda: net(torch.randn(2, 4)), top_level=True) == [
-        "encoder", "decoder.0"
-    ]
+    assert execution_order(net, lambda: net(torch.randn(2, 4)), top_level=True) == ["encoder", "decoder.0"]
 
 
 def test_execution_order_shared_module_first_call_wins():
@@ -173,13 +163,9 @@ def test_select_layers_names_globs_types():
     order = execution_order(model, lambda: model(x), leaf_only=False, with_parameters=False)
     assert select_layers(model, order, None) == order
     assert select_layers(model, order, nn.Conv2d) == ["features.0", "features.3"]
-    assert select_layers(model, order, "features.?") == [
-        "features.0", "features.1", "features.2", "features.3"
-    ]
+    assert select_layers(model, order, "features.?") == ["features.0", "features.1", "features.2", "features.3"]
     # kept in execution order, whatever order the selectors come in; duplicates once
-    assert select_layers(model, order, ["classifier.2", nn.ReLU, "features.2"]) == [
-        "features.2", "classifier.2"
-    ]
+    assert select_layers(model, order, ["classifier.2", nn.ReLU, "features.2"]) == ["features.2", "classifier.2"]
     assert select_layers(model, order, ["pool", (nn.Linear)]) == ["pool", "classifier.2"]
 
 
@@ -212,7 +198,8 @@ def test_select_layers_import_paths_select_by_type():
     for path in ("torch.nn.Conv2d", "torch.nn.modules.conv.Conv2d"):
         assert select_layers(model, order, path) == ["features.0", "features.3"]
     assert select_layers(model, order, ["torch.nn.Linear", "features.2", "torch.nn.ReLU"]) == [
-        "features.2", "classifier.2"
+        "features.2",
+        "classifier.2",
     ]
     blocks = nn.Sequential(Block(), nn.Linear(4, 4), Block())
     order = execution_order(blocks, lambda: blocks(torch.randn(2, 4)), leaf_only=False, with_parameters=False)
@@ -243,7 +230,13 @@ def test_select_layers_imports_only_dotted_identifiers(monkeypatch):
     model = ConvNet()
     order = execution_order(model, lambda: model(torch.randn(2, 3, 8, 8)), leaf_only=False, with_parameters=False)
     assert select_layers(model, order, ["features.0", "features.*", "classifier.[02]", "pool"]) == [
-        "features.0", "features.1", "features.2", "features.3", "pool", "classifier.0", "classifier.2"
+        "features.0",
+        "features.1",
+        "features.2",
+        "features.3",
+        "pool",
+        "classifier.0",
+        "classifier.2",
     ]
     assert imported == []
     with pytest.raises(RepSimValueError, match=r"'features\.9' matched no executed module; available"):
@@ -265,8 +258,11 @@ def test_select_layers_never_imports_a_package_the_program_has_not_loaded(tmp_pa
 @pytest.mark.parametrize("path", ["torch.nn.Linearr", "torch.nn.functional.relu", "no_such_package.Block"])
 def test_select_layers_bad_import_path_says_so(path):
     model = ConvNet()
-    with pytest.raises(RepSimValueError, match=rf"'{re.escape(path)}' \(no module of that name, nor the import "
-                                               r"path of an nn.Module subclass\) matched no executed module"):
+    with pytest.raises(
+        RepSimValueError,
+        match=rf"'{re.escape(path)}' \(no module of that name, nor the import "
+        r"path of an nn.Module subclass\) matched no executed module",
+    ):
         select_layers(model, ["features.0", "pool"], path)
     with pytest.raises(RepSimValueError, match=r"'torch\.nn\.Conv3d' \(nn\.conv\.Conv3d\) matched no executed"):
         select_layers(model, ["features.0", "pool"], "torch.nn.Conv3d")
@@ -398,9 +394,9 @@ def test_capture_default_layers_are_deepest_executed_parameter_holders():
     for i in range(2):
         prefix = f"encoder.layers.{i}"
         assert any(n == prefix or n.startswith(prefix + ".") for n in names)
-    assert not any(
-        n != m and m.startswith(n + ".") for n in names for m in names
-    ), "a module and one of its descendants were both chosen"
+    assert not any(n != m and m.startswith(n + ".") for n in names for m in names), (
+        "a module and one of its descendants were both chosen"
+    )
     assert model.training  # restored
     model.eval()
     with torch.no_grad():
@@ -511,8 +507,10 @@ def test_capture_inner_layers_of_a_sequence_first_model_are_transposed():
     x = torch.randn(3, 5, 8)  # probe rows are examples: N=3, T=5
     feats = capture(layer, x, ["self_attn", "linear1", "norm2"], forward=lambda m, b: m(b.transpose(0, 1)))
     seen = {}
-    hooks = [getattr(layer, n).register_forward_hook(lambda m, i, o, n=n: seen.setdefault(n, o))
-             for n in ("linear1", "norm2")]
+    hooks = [
+        getattr(layer, n).register_forward_hook(lambda m, i, o, n=n: seen.setdefault(n, o))
+        for n in ("linear1", "norm2")
+    ]
     layer.eval()
     with torch.no_grad():
         layer(x.transpose(0, 1))
@@ -622,8 +620,9 @@ def test_conv_reduction_is_largest_fitting_pooling(shape, max_features, expected
     if len(shape) > 2:
         assert out.shape[1] <= max_features
         spatial = shape[2:]
-        side = next(s for s in range(max(spatial), 0, -1)
-                    if shape[1] * math.prod(min(s, d) for d in spatial) <= max_features)
+        side = next(
+            s for s in range(max(spatial), 0, -1) if shape[1] * math.prod(min(s, d) for d in spatial) <= max_features
+        )
         sizes = [min(side, d) for d in spatial]
         assert shape[1] * math.prod(sizes) == expected_p
         pool = {1: F.adaptive_avg_pool1d, 2: F.adaptive_avg_pool2d, 3: F.adaptive_avg_pool3d}
@@ -649,9 +648,7 @@ def test_token_reduction_modes_and_auto_layout():
     torch.testing.assert_close(reduce_output(x, module=lstm), x.mean(1))
     torch.testing.assert_close(reduce_output(x, module=emb, token_reduction="first"), x[:, 0])
     torch.testing.assert_close(reduce_output(x, module=lstm, token_reduction="last"), x[:, -1])
-    torch.testing.assert_close(
-        reduce_output(x, module=lstm, token_reduction="flatten"), x.reshape(2, 15)
-    )
+    torch.testing.assert_close(reduce_output(x, module=lstm, token_reduction="flatten"), x.reshape(2, 15))
     # 3-D outputs of Conv1d / other modules are (N, C, L) conv maps under auto
     assert reduce_output(x, module=nn.Conv1d(5, 5, 1)).shape == (2, 15)
     assert reduce_output(x, module=nn.Conv1d(5, 5, 1), max_features=5).shape == (2, 5)

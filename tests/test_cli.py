@@ -5,6 +5,7 @@ training); one end-to-end test trains two tiny runs with ``RepresentationSimilar
 them. Every value the CLI writes is checked against :func:`similarity_matrix` recomputed from the
 stores.
 """
+
 import csv
 import json
 import math
@@ -14,14 +15,13 @@ import sys
 from pathlib import Path
 
 import pytest
+import pytorch_lightning as pl
 import torch
+from pytorch_lightning.loggers import TensorBoardLogger
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch import nn
 from torch.nn import functional as F
 from torch.utils.data import DataLoader, TensorDataset
-
-import pytorch_lightning as pl
-from pytorch_lightning.loggers import TensorBoardLogger
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch.utils.tensorboard import SummaryWriter
 
 from lightning_repsim.callbacks import RepresentationSimilarity
@@ -42,8 +42,9 @@ def make_store(run_dir, probe_hash, seed, settings=None, name="repsim"):
     store = SnapshotStore.create(Path(run_dir) / name, probe_hash=probe_hash, n=N, settings=settings)
     base = {name: torch.randn(N, p, generator=g) for name, p in WIDTHS.items()}
     for k, step in enumerate(STEPS):  # drifting towards the last step, so convergence is visible
-        tensors = {name: x + (len(STEPS) - 1 - k) * torch.randn(N, WIDTHS[name], generator=g)
-                   for name, x in base.items()}
+        tensors = {
+            name: x + (len(STEPS) - 1 - k) * torch.randn(N, WIDTHS[name], generator=g) for name, x in base.items()
+        }
         store.add(step, tensors, kinds={FACTOR: "gram_factor"})
     return Path(run_dir)
 
@@ -52,8 +53,12 @@ def make_store(run_dir, probe_hash, seed, settings=None, name="repsim"):
 def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("runs")
     return {
-        "a": make_store(root / "seed0" / "version_0", "probe-1", seed=0,
-                        settings={"measures": ["linear_cka", "rv2"], "options": {"rv2": {"center": False}}}),
+        "a": make_store(
+            root / "seed0" / "version_0",
+            "probe-1",
+            seed=0,
+            settings={"measures": ["linear_cka", "rv2"], "options": {"rv2": {"center": False}}},
+        ),
         "b": make_store(root / "seed1" / "version_0", "probe-1", seed=1),
         "other": make_store(root / "other" / "version_0", "probe-2", seed=2),
         "root": root,
@@ -108,8 +113,19 @@ def check_error(capsys, argv, *fragments):
 
 def test_compare_writes_heatmaps_csv_and_tensorboard(runs, tmp_path, capsys):
     out = tmp_path / "cmp"
-    argv = ["compare", str(runs["a"]), str(runs["b"]), "--measure", "linear_cka", "--measure", "rv2,pwcca",
-            "--out", str(out), "--tensorboard", "--quiet"]
+    argv = [
+        "compare",
+        str(runs["a"]),
+        str(runs["b"]),
+        "--measure",
+        "linear_cka",
+        "--measure",
+        "rv2,pwcca",
+        "--out",
+        str(out),
+        "--tensorboard",
+        "--quiet",
+    ]
     assert main(argv) == 0
     printed = capsys.readouterr().out
     assert "seed0/version_0" in printed and "seed1/version_0" in printed
@@ -220,7 +236,8 @@ def test_report_without_freeze_events_says_so(runs, tmp_path, capsys):
 # ----------------------------------------------------------------------------- export
 
 
-def n_rows(measures, references, layers=len(LAYERS), steps=len(STEPS)):
+def n_rows(measures, references, steps=None):
+    layers, steps = len(LAYERS), len(STEPS) if steps is None else steps
     per = {"final": layers * steps, "previous": layers * layers * (steps - 1), "init": layers * layers * steps}
     return measures * sum(per[r] for r in references)
 
@@ -233,8 +250,24 @@ def test_export_csv_and_json(runs, tmp_path, capsys):
     assert len(rows) - 1 == n_rows(2, ["final", "previous", "init"])  # the logged measures: linear_cka, rv2
     assert {r[0] for r in rows[1:]} == {"seed0/version_0"}
 
-    assert main(["export", str(runs["a"]), "--out", str(out_json), "--measure", "pwcca", "--measure", "linear_cka",
-                 "--reference", "init", "-q"]) == 0
+    assert (
+        main(
+            [
+                "export",
+                str(runs["a"]),
+                "--out",
+                str(out_json),
+                "--measure",
+                "pwcca",
+                "--measure",
+                "linear_cka",
+                "--reference",
+                "init",
+                "-q",
+            ]
+        )
+        == 0
+    )
     records = json.loads(out_json.read_text())
     assert len(records) == n_rows(2, ["init"])
     assert any(r["value"] is None for r in records if r["measure"] == "pwcca")  # NaN -> null
@@ -242,8 +275,10 @@ def test_export_csv_and_json(runs, tmp_path, capsys):
     store = open_store(runs["a"] / "repsim")
     by_key = {(int(r[1]), r[2], r[3], r[4], r[5]): float(r[6]) for r in rows[1:]}
     assert len(by_key) == len(rows) - 1
-    final = {name: similarity_matrix([store.get(s, name) for s in STEPS], [store.get(10, name)], "rv2",
-                                     center=False)[:, 0] for name in LAYERS}
+    final = {
+        name: similarity_matrix([store.get(s, name) for s in STEPS], [store.get(10, name)], "rv2", center=False)[:, 0]
+        for name in LAYERS
+    }
     for t, step in enumerate(STEPS):
         for name in LAYERS:
             assert same(by_key[(step, "rv2", "final", name, name)], float(final[name][t]))
@@ -255,13 +290,15 @@ def test_export_csv_and_json(runs, tmp_path, capsys):
             previous = similarity_matrix(store.get(step), store.get(STEPS[t - 1]), "linear_cka")
             assert same(by_key[(step, "linear_cka", "previous", "fc", "conv")], float(previous[3, 0]))
     json_value = {(r["step"], r["measure"], r["reference"], r["layer_a"], r["layer_b"]): r["value"] for r in records}
-    assert json_value[(5, "linear_cka", "init", "conv", "fc")] == pytest.approx(by_key[(5, "linear_cka", "init",
-                                                                                          "conv", "fc")], abs=1e-12)
+    assert json_value[(5, "linear_cka", "init", "conv", "fc")] == pytest.approx(
+        by_key[(5, "linear_cka", "init", "conv", "fc")], abs=1e-12
+    )
 
 
 def test_export_to_stdout_with_chosen_references(runs, capsys):
-    assert main(["export", str(runs["b"]), "--reference", "previous", "--reference", "final",
-                 "--measure", "svcca"]) == 0
+    assert (
+        main(["export", str(runs["b"]), "--reference", "previous", "--reference", "final", "--measure", "svcca"]) == 0
+    )
     lines = capsys.readouterr().out.strip().splitlines()
     assert len(lines) - 1 == n_rows(1, ["final", "previous"])
     assert {line.split(",")[3] for line in lines[1:]} == {"final", "previous"}
@@ -286,11 +323,14 @@ def damaged_copy(runs, tmp_path, how):
     return run
 
 
-@pytest.mark.parametrize("how, fragment", [
-    ("corrupt manifest", "not valid JSON"),
-    ("truncated step", "truncated"),
-    ("garbage step", "not a readable safetensors file"),
-])
+@pytest.mark.parametrize(
+    "how, fragment",
+    [
+        ("corrupt manifest", "not valid JSON"),
+        ("truncated step", "truncated"),
+        ("garbage step", "not a readable safetensors file"),
+    ],
+)
 def test_damaged_stores_are_one_line_errors(runs, tmp_path, capsys, how, fragment):
     run = damaged_copy(runs, tmp_path, how)
     check_error(capsys, ["report", str(run), "--out", str(tmp_path / "o")], fragment)
@@ -370,10 +410,16 @@ def train_run(root, seed, probe):
     x = torch.randn(64, 6, generator=g)
     loader = DataLoader(TensorDataset(x, (x[:, 0] > 0).long()), batch_size=16)
     trainer = pl.Trainer(
-        default_root_dir=str(root), max_epochs=2, accelerator="cpu", devices=1,
+        default_root_dir=str(root),
+        max_epochs=2,
+        accelerator="cpu",
+        devices=1,
         logger=TensorBoardLogger(str(root), name=f"seed{seed}", version=0),
         callbacks=[RepresentationSimilarity(probe=probe, reference=["init", "final"], write_files=False)],
-        enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False, log_every_n_steps=1,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        log_every_n_steps=1,
     )
     trainer.fit(MLP(), loader)
     return Path(trainer.logger.log_dir)

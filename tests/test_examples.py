@@ -4,6 +4,7 @@ The examples are the user's first contact with the library, so they are run as u
 scripts, in a subprocess, from the repository root. Their numbers are checked loosely (the quick
 modes train for a few epochs); the full runs and their numbers are in examples/RESULTS.md.
 """
+
 import csv
 import json
 import subprocess

@@ -1,4 +1,5 @@
 """LayerSimilarity: streaming equals the functional call on the whole probe, also across processes."""
+
 import os
 import socket
 import warnings
@@ -18,8 +19,11 @@ ALL = ("linear_cka", "debiased_cka", "rbf_cka", "rv", "rv2", "svcca", "pwcca")
 def _probe(n=96, seed=0):
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(n, 6, generator=g, dtype=torch.float64)
-    a = {"conv": x, "mid": torch.tanh(x @ torch.randn(6, 20, generator=g, dtype=torch.float64)),
-         "fc": torch.randn(n, 3, generator=g, dtype=torch.float64) + x[:, :3]}
+    a = {
+        "conv": x,
+        "mid": torch.tanh(x @ torch.randn(6, 20, generator=g, dtype=torch.float64)),
+        "fc": torch.randn(n, 3, generator=g, dtype=torch.float64) + x[:, :3],
+    }
     b = {"other.0": x @ torch.randn(6, 4, generator=g, dtype=torch.float64), "other.1": x.square()}
     return a, b
 
@@ -27,7 +31,7 @@ def _probe(n=96, seed=0):
 def _batches(layers, sizes):
     start = 0
     for size in sizes:
-        yield {k: v[start:start + size] for k, v in layers.items()}
+        yield {k: v[start : start + size] for k, v in layers.items()}
         start += size
 
 

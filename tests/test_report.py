@@ -85,8 +85,7 @@ def test_heatmap_small_matrices_are_annotated_large_ones_not():
     assert [t.get_text() for t in small.axes[0].texts] == ["0.25", "0.50"]
     big = heatmap_figure(np.zeros((20, 20)), _names(20), _names(20), measure="rv")
     assert len(big.axes[0].texts) == 0
-    forced = heatmap_figure(np.zeros((20, 20)), _names(20), _names(20), measure="rv",
-                            annotate=True)
+    forced = heatmap_figure(np.zeros((20, 20)), _names(20), _names(20), measure="rv", annotate=True)
     assert len(forced.axes[0].texts) == 400
 
 
@@ -109,15 +108,13 @@ def test_measure_ranges_documented_values():
 
 def test_heatmap_clips_in_colour_and_draws_nan_grey():
     matrix = np.array([[np.nan, 1.0], [5.0, -7.0]])
-    fig = heatmap_figure(matrix, ["r0", "r1"], ["c0", "c1"], measure="linear_cka",
-                         annotate=False)
+    fig = heatmap_figure(matrix, ["r0", "r1"], ["c0", "c1"], measure="linear_cka", annotate=False)
     ax = fig.axes[0]
     img = figure_to_array(fig)
     viridis = colormaps["viridis"]
     top = np.round(np.array(viridis(1.0)[:3]) * 255)
     low = np.round(np.array(viridis(0.0)[:3]) * 255)
-    np.testing.assert_allclose(_pixel(fig, img, ax, 0, 0), np.round(np.array(to_rgb(NAN_COLOR))
-                                                                     * 255), atol=2)
+    np.testing.assert_allclose(_pixel(fig, img, ax, 0, 0), np.round(np.array(to_rgb(NAN_COLOR)) * 255), atol=2)
     np.testing.assert_allclose(_pixel(fig, img, ax, 1, 0), top, atol=2)  # 1.0
     np.testing.assert_allclose(_pixel(fig, img, ax, 0, 1), top, atol=2)  # 5.0 clipped to 1
     np.testing.assert_allclose(_pixel(fig, img, ax, 1, 1), low, atol=2)  # -7 clipped to 0
@@ -153,19 +150,16 @@ def test_heatmap_accepts_tensors_and_value_range_override():
     ],
 )
 def test_heatmap_errors(kwargs, match):
-    args = dict(matrix=np.ones((2, 3)), row_labels=["a", "b"], col_labels=["x", "y", "z"],
-                measure="linear_cka")
+    args = dict(matrix=np.ones((2, 3)), row_labels=["a", "b"], col_labels=["x", "y", "z"], measure="linear_cka")
     args.update(kwargs)
     with pytest.raises(RepSimValueError, match=match):
-        heatmap_figure(args.pop("matrix"), args.pop("row_labels"), args.pop("col_labels"),
-                       **args)
+        heatmap_figure(args.pop("matrix"), args.pop("row_labels"), args.pop("col_labels"), **args)
 
 
 @pytest.mark.parametrize("n", [50, 150])
 def test_heatmap_labels_do_not_overlap_and_are_not_cut_off(n):
     names = [f"model.layers.{i}.mlp.fc{i % 2 + 1}" for i in range(n)]
-    fig = heatmap_figure(np.eye(n), names, names, measure="linear_cka", title="t",
-                         row_title="rows", col_title="cols")
+    fig = heatmap_figure(np.eye(n), names, names, measure="linear_cka", title="t", row_title="rows", col_title="cols")
     fig.canvas.draw()
     renderer = fig.canvas.get_renderer()
     ax = fig.axes[0]
@@ -174,10 +168,8 @@ def test_heatmap_labels_do_not_overlap_and_are_not_cut_off(n):
     xlabels = [t for t in ax.get_xticklabels() if t.get_text()]
     assert len(ylabels) == n if n <= 100 else 1 < len(ylabels) < n
     for labels, lo_attr, hi_attr in ((ylabels, "y0", "y1"), (xlabels, "x0", "x1")):
-        boxes = sorted((t.get_window_extent(renderer) for t in labels),
-                       key=lambda b: getattr(b, lo_attr))
-        assert all(b.x0 >= -1 and b.y0 >= -1 and b.x1 <= width + 1 and b.y1 <= height + 1
-                   for b in boxes)
+        boxes = sorted((t.get_window_extent(renderer) for t in labels), key=lambda b: getattr(b, lo_attr))
+        assert all(b.x0 >= -1 and b.y0 >= -1 and b.x1 <= width + 1 and b.y1 <= height + 1 for b in boxes)
         for a, b in zip(boxes, boxes[1:]):
             assert getattr(a, hi_attr) <= getattr(b, lo_attr) + 0.5
         assert labels[0].get_fontsize() >= 5
@@ -199,8 +191,7 @@ def test_long_labels_keep_their_distinctive_end():
 
 @pytest.mark.parametrize("shape", [(1, 1), (3, 5), (50, 50)])
 def test_figure_to_array_shape_and_dtype(shape):
-    fig = heatmap_figure(np.zeros(shape), _names(shape[0]), _names(shape[1]), measure="rv",
-                         dpi=72)
+    fig = heatmap_figure(np.zeros(shape), _names(shape[0]), _names(shape[1]), measure="rv", dpi=72)
     img = figure_to_array(fig)
     w_in, h_in = fig.get_size_inches()
     assert img.dtype == np.uint8
@@ -212,13 +203,17 @@ def test_report_module_never_uses_pyplot_or_sets_the_backend():
     import lightning_repsim.report as report
 
     tree = ast.parse(Path(report.__file__).read_text())
-    imported = {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import)
-                for alias in node.names}
-    imported |= {f"{node.module}.{alias.name}" for node in ast.walk(tree)
-                 if isinstance(node, ast.ImportFrom) for alias in node.names}
+    imported = {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
+    imported |= {
+        f"{node.module}.{alias.name}"
+        for node in ast.walk(tree)
+        if isinstance(node, ast.ImportFrom)
+        for alias in node.names
+    }
     assert not any("pyplot" in name for name in imported)
-    calls = {node.func.attr for node in ast.walk(tree)
-             if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)}
+    calls = {
+        node.func.attr for node in ast.walk(tree) if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
+    }
     assert "use" not in calls and "switch_backend" not in calls
 
 
@@ -245,8 +240,7 @@ def test_rendering_works_headless_under_an_interactive_backend(tmp_path):
     )
     env = {**os.environ, "MPLBACKEND": "TkAgg"}
     env.pop("DISPLAY", None)
-    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True,
-                         text=True, timeout=120)
+    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "ok"
     assert (tmp_path / "x.png").stat().st_size > 0
@@ -284,7 +278,7 @@ def _staircase(n_layers=4, n_steps=6):
     """Layer l reaches 1 at step index l + 1 (bottom-up convergence)."""
     values = np.full((n_layers, n_steps), 0.3)
     for layer in range(n_layers):
-        values[layer, layer + 1:] = 1.0
+        values[layer, layer + 1 :] = 1.0
     return values
 
 
@@ -308,8 +302,7 @@ def test_convergence_map_axes_colour_range_and_markers():
 
 def test_convergence_map_thins_step_ticks_but_keeps_first_and_last():
     steps = list(range(0, 5000, 25))
-    fig = convergence_map_figure(np.ones((3, len(steps))), ["a", "b", "c"], steps,
-                                 measure="linear_cka")
+    fig = convergence_map_figure(np.ones((3, len(steps))), ["a", "b", "c"], steps, measure="linear_cka")
     xt = _ticks(fig.axes[0].get_xticklabels())
     assert 2 <= len(xt) <= 20
     assert xt[0] == "0" and xt[-1] == str(steps[-1])
@@ -351,8 +344,7 @@ def test_curves_many_layers_use_depth_colourbar_and_log_steps():
     assert len(fig.axes) == 2 and fig.axes[1].get_ylabel() == "layer (depth)"
     assert _ticks(fig.axes[1].get_yticklabels())[0] == _names(n)[0]
     assert ax.get_xscale() == "symlog"
-    assert curves_figure(np.ones((2, 3)), ["a", "b"], [1, 10, 100], measure="rv"
-                         ).axes[0].get_xscale() == "log"
+    assert curves_figure(np.ones((2, 3)), ["a", "b"], [1, 10, 100], measure="rv").axes[0].get_xscale() == "log"
     with pytest.raises(RepSimValueError, match="xscale"):
         curves_figure(np.ones((2, 3)), ["a", "b"], [1, 2, 3], measure="rv", xscale="sqrt")
 
@@ -516,8 +508,7 @@ def test_sanitize_and_make_tag():
 
 def test_scalar_tags_are_stable_and_collisions_warn():
     tags = scalar_tags("repsim/rv2/seed1", ["features.0", "head/fc"])
-    assert tags == {"features.0": "repsim/rv2/seed1/features.0",
-                    "head/fc": "repsim/rv2/seed1/head_fc"}
+    assert tags == {"features.0": "repsim/rv2/seed1/features.0", "head/fc": "repsim/rv2/seed1/head_fc"}
     with pytest.warns(RepSimWarning, match="collide"):
         tags = scalar_tags("p", ["a b", "a_b", "a/b"])
     assert list(tags.values()) == ["p/a_b", "p/a_b_2", "p/a_b_3"]
@@ -537,12 +528,10 @@ def test_tensorboard_heatmap_scalars_and_text(tmp_path):
     with SummaryWriter(str(tmp_path)) as writer:
         tb = TensorBoardReporter(writer)
         images = [
-            tb.log_heatmap("repsim/linear_cka/init/heatmap", np.eye(3) * s, names, names,
-                           measure="linear_cka", step=s)
+            tb.log_heatmap("repsim/linear_cka/init/heatmap", np.eye(3) * s, names, names, measure="linear_cka", step=s)
             for s in (1, 2)
         ]
-        tags = tb.log_layer_scalars("repsim/linear_cka/init",
-                                    {"conv1": 0.25, "conv2": float("nan"), "fc": 1.0}, step=2)
+        tags = tb.log_layer_scalars("repsim/linear_cka/init", {"conv1": 0.25, "conv2": float("nan"), "fc": 1.0}, step=2)
         tb.log_layer_scalars("repsim/linear_cka/init", {"conv1": 0.5}, step=3)
         tb.log_text("repsim/notes", "| a | b |\n|--|--|\n| 1 | 2 |", step=4)
         tb.flush()
@@ -661,12 +650,15 @@ def test_encode_png_of_a_figure_is_small_and_every_level_decodes_the_same():
     np.testing.assert_array_equal(_decode(encode_png(noncontiguous)), noncontiguous)
 
 
-@pytest.mark.parametrize("image, match", [
-    (np.zeros((2, 2, 3)), "uint8"),
-    (np.zeros((2, 2, 5), dtype=np.uint8), r"\(H, W, 1\|2\|3\|4\)"),
-    (np.zeros((0, 2, 3), dtype=np.uint8), "non-empty"),
-    (np.zeros(4, dtype=np.uint8), "shape"),
-])
+@pytest.mark.parametrize(
+    "image, match",
+    [
+        (np.zeros((2, 2, 3)), "uint8"),
+        (np.zeros((2, 2, 5), dtype=np.uint8), r"\(H, W, 1\|2\|3\|4\)"),
+        (np.zeros((0, 2, 3), dtype=np.uint8), "non-empty"),
+        (np.zeros(4, dtype=np.uint8), "shape"),
+    ],
+)
 def test_encode_png_rejects_what_is_not_an_image(image, match):
     from lightning_repsim.report import encode_png
 
@@ -780,26 +772,42 @@ def test_atomic_writes_do_not_fsync(tmp_path, monkeypatch):
 def _layout_cases():
     rng = np.random.default_rng(0)
     long = [f"model.encoder.layers.{i}.self_attention.out_proj" for i in range(20)]
-    steps40 = [0] + [int(1.3 ** k) for k in range(5, 44)]
+    steps40 = [0] + [int(1.3**k) for k in range(5, 44)]
     map_values = rng.uniform(0, 1, (20, 40))
     return {
         "heatmap 1x1": lambda: heatmap_figure(np.ones((1, 1)), ["a"], ["b"], measure="rv"),
         "heatmap titles, rv2": lambda: heatmap_figure(
-            rng.uniform(-0.3, 1, (3, 5)), ["conv1", "conv2", "fc"], list("abcde"), measure="rv2",
-            title="A quite long title for a small heatmap here", row_title="run A", col_title="run B"),
+            rng.uniform(-0.3, 1, (3, 5)),
+            ["conv1", "conv2", "fc"],
+            list("abcde"),
+            measure="rv2",
+            title="A quite long title for a small heatmap here",
+            row_title="run A",
+            col_title="run B",
+        ),
         "heatmap long labels, NaN": lambda: heatmap_figure(
-            np.where(np.eye(20) > 0, np.nan, 0.5), long, long, measure="debiased_cka", title="t"),
+            np.where(np.eye(20) > 0, np.nan, 0.5), long, long, measure="debiased_cka", title="t"
+        ),
         "map 20x40 titled": lambda: convergence_map_figure(
-            map_values, long, steps40, measure="rv2", threshold=0.9, title="title",
-            converged=convergence_steps(map_values, steps40, 0.9)),
-        "map 3x2": lambda: convergence_map_figure(rng.uniform(0, 1, (3, 2)), list("abc"), [0, 10],
-                                                  measure="rv"),
+            map_values,
+            long,
+            steps40,
+            measure="rv2",
+            threshold=0.9,
+            title="title",
+            converged=convergence_steps(map_values, steps40, 0.9),
+        ),
+        "map 3x2": lambda: convergence_map_figure(rng.uniform(0, 1, (3, 2)), list("abc"), [0, 10], measure="rv"),
         "curves 20 layers, log": lambda: curves_figure(
-            rng.uniform(0, 1, (20, 40)), long, steps40, measure="linear_cka", threshold=0.95,
-            title="curves"),
+            rng.uniform(0, 1, (20, 40)), long, steps40, measure="linear_cka", threshold=0.95, title="curves"
+        ),
         "curves legend": lambda: curves_figure(
-            rng.uniform(0, 1, (3, 5)), ["conv1", "a_really_long_layer_name.with.dots.x", "fc"],
-            [0, 1, 2, 3, 100000], measure="rv2", threshold=0.9),
+            rng.uniform(0, 1, (3, 5)),
+            ["conv1", "a_really_long_layer_name.with.dots.x", "fc"],
+            [0, 1, 2, 3, 100000],
+            measure="rv2",
+            threshold=0.9,
+        ),
     }
 
 
@@ -842,8 +850,8 @@ def test_event_checksums_computed_in_c_are_tensorboards(tmp_path, monkeypatch):
     """The C checksum gives tensorboard's own values, is installed when the user opts in (never by the
     reporter), and the event file it frames reads back through tensorboard's reader, which verifies
     every record's CRC."""
-    from tensorboard.compat.tensorflow_stub.pywrap_tensorflow import masked_crc32c as python_crc
     from tensorboard.compat.tensorflow_stub.pywrap_tensorflow import PyRecordReader_New
+    from tensorboard.compat.tensorflow_stub.pywrap_tensorflow import masked_crc32c as python_crc
     from tensorboard.summary.writer import record_writer
 
     from lightning_repsim.report import tensorboard as report

@@ -75,7 +75,11 @@ def test_round_trip_bit_exact(tmp_path):
     special = torch.tensor([[float("nan"), float("inf")], [-0.0, 1e-45]] * 3)  # NaN, Inf, -0, subnormal
     inputs = {
         0: {"conv": torch.randn(N, 7), "block.0": special, "fc": torch.randn(N, 1)},
-        10: {"conv": torch.randn(N, 7, dtype=torch.float64), "block.0": torch.randn(N, 4).T.T, "fc": torch.randn(2 * N, 3)[::2]},
+        10: {
+            "conv": torch.randn(N, 7, dtype=torch.float64),
+            "block.0": torch.randn(N, 4).T.T,
+            "fc": torch.randn(2 * N, 3)[::2],
+        },
     }
     store.add(0, inputs[0], {"block.0": "gram_factor"})
     store.add(10, inputs[10])
@@ -290,7 +294,10 @@ def test_debris_ignored_by_readers_and_removed_by_writers(tmp_path):
     assert len(list(store.path.iterdir())) == 7  # read-only: nothing deleted
     SnapshotStore.open(store.path, mode="a")
     assert sorted(p.name for p in store.path.iterdir()) == [
-        MANIFEST_NAME, "notes.txt", "step-0000000000.safetensors", "step-0000000010.safetensors"
+        MANIFEST_NAME,
+        "notes.txt",
+        "step-0000000000.safetensors",
+        "step-0000000010.safetensors",
     ]
 
 

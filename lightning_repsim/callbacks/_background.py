@@ -8,14 +8,16 @@ training wherever a core (or, on GPU, the host) would otherwise wait.
 Failures are not raised in the worker: they are kept with the label of their job and handed back
 to the caller by :meth:`Background.failures`, so the callback can report them with the step.
 """
+
 from __future__ import annotations
 
 import threading
 import traceback
 from collections import deque
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, Callable, Optional
+from typing import Any
 
 
 @dataclass
@@ -44,12 +46,13 @@ class Background:
     submitted step, not the figures).
     """
 
-    def __init__(self, max_pending: int = 2, name: str = "repsim",
-                 initializer: Optional[Callable[[], None]] = None) -> None:
+    def __init__(
+        self, max_pending: int = 2, name: str = "repsim", initializer: Callable[[], None] | None = None
+    ) -> None:
         self.max_pending = max_pending
         self.name = name
         self.initializer = initializer  # run once in the worker thread when it starts
-        self._executor: Optional[ThreadPoolExecutor] = None
+        self._executor: ThreadPoolExecutor | None = None
         self._jobs: deque[_Job] = deque()
         self._failures: list[Failure] = []
 
@@ -58,13 +61,15 @@ class Background:
         ``context`` come back with a failure."""
         self._reap(block_while=self.max_pending)
         if self._executor is None:
-            self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=self.name,
-                                                initializer=self.initializer)
+            self._executor = ThreadPoolExecutor(
+                max_workers=1, thread_name_prefix=self.name, initializer=self.initializer
+            )
         milestone = threading.Event()
         self._jobs.append(_Job(label, self._executor.submit(self._run, label, context, work, milestone), milestone))
 
-    def _run(self, label: str, context: Any, work: Callable[[Callable[[], None]], None],
-             milestone: threading.Event) -> None:
+    def _run(
+        self, label: str, context: Any, work: Callable[[Callable[[], None]], None], milestone: threading.Event
+    ) -> None:
         try:
             work(milestone.set)
         except BaseException as err:  # handed back to the caller's thread by failures()

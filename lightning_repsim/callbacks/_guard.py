@@ -5,11 +5,13 @@ outside this guard. Every other exception inside the monitor's work is reported 
 ``repsim/errors`` text in TensorBoard) and training goes on, unless ``strict`` asks for it to be
 raised. Warnings about the data (a dead layer, NaN activations) are shown once per run.
 """
+
 from __future__ import annotations
 
 import traceback
 import warnings
-from typing import Any, Callable, Optional
+from collections.abc import Callable
+from typing import Any
 
 from pytorch_lightning.utilities import rank_zero_warn
 
@@ -29,7 +31,7 @@ class Guard:
         self.name = name
         self.warned: set[str] = set()
         #: ``(text, step)`` -> logs the failure where the user looks (TensorBoard), or None
-        self.log_text: Optional[Callable[[str, int], None]] = None
+        self.log_text: Callable[[str, int], None] | None = None
 
     def run(self, work: Callable[[], Any], where: str, step: int) -> None:
         """Run ``work()``; an exception never leaves unless ``strict`` (then it re-raises)."""
@@ -48,8 +50,11 @@ class Guard:
 
     def report(self, where: str, err: BaseException, trace: str, step: int) -> None:
         """Report one failure: a warning with its traceback, and a line in TensorBoard when there is one."""
-        rank_zero_warn(f"{self.name} failed at {where} and is skipping it; training continues. "
-                       f"{type(err).__name__}: {err}\n{trace}", category=RepSimWarning)
+        rank_zero_warn(
+            f"{self.name} failed at {where} and is skipping it; training continues. "
+            f"{type(err).__name__}: {err}\n{trace}",
+            category=RepSimWarning,
+        )
         if self.log_text is not None:
             self.log_text(f"`{type(err).__name__}: {err}` at {where}", step)
 

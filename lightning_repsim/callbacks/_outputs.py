@@ -9,6 +9,7 @@ a new version, or several fits resume one checkpoint, or the run is archived rea
 resumed fit writes its own outputs beside its events, starting from copies of the recorded ones up
 to the checkpoint, and the recorded ones stay as they are.
 """
+
 from __future__ import annotations
 
 import itertools
@@ -16,10 +17,10 @@ import os
 import secrets
 import shutil
 import warnings
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any
 
 from lightning_repsim.errors import RepSimError, RepSimWarning
 from lightning_repsim.store import SnapshotStore, default_store_dir
@@ -35,10 +36,10 @@ Warn = Callable[[str, str], None]  # warn(key, message): once per key
 class Checkpointed:
     """What a checkpoint says about the outputs of the fit it was taken from."""
 
-    last_logged_step: Optional[int] = None
-    output_dir: Optional[str] = None  # absent from checkpoints of state version 1
-    run_id: Optional[str] = None
-    probe_hash: Optional[str] = None
+    last_logged_step: int | None = None
+    output_dir: str | None = None  # absent from checkpoints of state version 1
+    run_id: str | None = None
+    probe_hash: str | None = None
 
 
 @dataclass
@@ -46,13 +47,22 @@ class RunOutputs:
     """One fit's outputs: the directory of its store and figures, the store (if kept), its run id."""
 
     directory: Path
-    store: Optional[SnapshotStore]
+    store: SnapshotStore | None
     run_id: str
 
 
-def open_run_outputs(run_dir: Path, *, probe_hash: str, n: int, keep_store: bool, write_files: bool,
-                     max_store_bytes: int, settings: Mapping[str, Any], resumed: Optional[Checkpointed],
-                     warn: Warn) -> RunOutputs:
+def open_run_outputs(
+    run_dir: Path,
+    *,
+    probe_hash: str,
+    n: int,
+    keep_store: bool,
+    write_files: bool,
+    max_store_bytes: int,
+    settings: Mapping[str, Any],
+    resumed: Checkpointed | None,
+    warn: Warn,
+) -> RunOutputs:
     """Place this fit's outputs under ``run_dir`` and open (or create) its store.
 
     ``resumed`` is the checkpoint's record when the fit resumes, else ``None``.
@@ -67,8 +77,13 @@ def open_run_outputs(run_dir: Path, *, probe_hash: str, n: int, keep_store: bool
             store = SnapshotStore.open(directory, mode="a", probe_hash=probe_hash)
             run_id = store.settings.get("run_id") or run_id
         else:
-            store = SnapshotStore.create(directory, probe_hash=probe_hash, n=n, settings={**settings, "run_id": run_id},
-                                         max_bytes=max_store_bytes)
+            store = SnapshotStore.create(
+                directory,
+                probe_hash=probe_hash,
+                n=n,
+                settings={**settings, "run_id": run_id},
+                max_bytes=max_store_bytes,
+            )
     if continued and resumed is not None and resumed.last_logged_step is not None:
         _set_aside_after(directory, store, resumed.last_logged_step, warn)
     return RunOutputs(directory, store, run_id)
@@ -83,10 +98,11 @@ def step_folders(figures: Path) -> dict[int, Path]:
 def _writable(directory: Path) -> bool:
     """Whether the files of ``directory`` (a store and its figures) can be replaced and added to."""
     return os.access(directory, os.W_OK | os.X_OK) and all(
-        os.access(path, os.W_OK) for path in (directory / "figures", directory / "superseded") if path.exists())
+        os.access(path, os.W_OK) for path in (directory / "figures", directory / "superseded") if path.exists()
+    )
 
 
-def _holds_this_run(directory: Path, probe_hash: str, keep_store: bool, run_id: Optional[str]) -> bool:
+def _holds_this_run(directory: Path, probe_hash: str, keep_store: bool, run_id: str | None) -> bool:
     """Whether ``directory`` holds the checkpointed fit's outputs: its store (same run id and probe), or figures."""
     if not keep_store:
         return directory.is_dir()
@@ -100,8 +116,9 @@ def _holds_this_run(directory: Path, probe_hash: str, keep_store: bool, run_id: 
     return store.probe_hash == probe_hash and run_id in (None, store.settings.get("run_id"))
 
 
-def _place(run_dir: Path, probe_hash: str, keep_store: bool, write_files: bool, resumed: Optional[Checkpointed],
-           warn: Warn) -> tuple[Path, bool, Optional[Path], Optional[str]]:
+def _place(
+    run_dir: Path, probe_hash: str, keep_store: bool, write_files: bool, resumed: Checkpointed | None, warn: Warn
+) -> tuple[Path, bool, Path | None, str | None]:
     """``(output directory, whether to continue the store there, where to seed it from, run id)``.
 
     A resumed fit continues its own store when it is in ``run_dir`` and writable (found where the
@@ -119,8 +136,11 @@ def _place(run_dir: Path, probe_hash: str, keep_store: bool, write_files: bool, 
         # the recorded place, else the default one (the run directory was moved since), where a store tells
         # by its run id whether it is this run's; figures alone cannot tell, so then only the recorded place
         candidates = [recorded, default] if recorded is None or keep_store else [recorded]
-        holders = [c for c in dict.fromkeys(p for p in candidates if p is not None)
-                   if _holds_this_run(c, probe_hash, keep_store, run_id)]
+        holders = [
+            c
+            for c in dict.fromkeys(p for p in candidates if p is not None)
+            if _holds_this_run(c, probe_hash, keep_store, run_id)
+        ]
         for candidate in holders:
             if candidate.parent.resolve() == run_dir.resolve() and _writable(candidate):
                 return candidate, True, None, run_id
@@ -134,32 +154,56 @@ def _place(run_dir: Path, probe_hash: str, keep_store: bool, write_files: bool, 
     last = None if resumed is None else resumed.last_logged_step
     if seed_from is not None:
         elsewhere = seed_from.parent.resolve() != run_dir.resolve()
-        why = (f"outside this fit's run directory {run_dir} (a logger with a new version, or several fits "
-               "resuming one checkpoint)" if elsewhere else "and cannot be written to (read-only)")
-        tip = (" To continue in one directory, resume with the first fit's logger version, e.g. TensorBoardLogger("
-               f"<same save_dir and name>, version={seed_from.parent.name!r})." if elsewhere else "")
-        warn(f"seeded:{seed_from}:{directory}", (
-            f"RepresentationSimilarity: the checkpointed fit's snapshot store and figures are in {seed_from}, "
-            f"{why}: this fit writes its own to {directory}, starting from copies of those up to step {last}, "
-            f"and {seed_from} stays as it is.{tip}"))
+        why = (
+            f"outside this fit's run directory {run_dir} (a logger with a new version, or several fits "
+            "resuming one checkpoint)"
+            if elsewhere
+            else "and cannot be written to (read-only)"
+        )
+        tip = (
+            " To continue in one directory, resume with the first fit's logger version, e.g. TensorBoardLogger("
+            f"<same save_dir and name>, version={seed_from.parent.name!r})."
+            if elsewhere
+            else ""
+        )
+        warn(
+            f"seeded:{seed_from}:{directory}",
+            (
+                f"RepresentationSimilarity: the checkpointed fit's snapshot store and figures are in {seed_from}, "
+                f"{why}: this fit writes its own to {directory}, starting from copies of those up to step {last}, "
+                f"and {seed_from} stays as it is.{tip}"
+            ),
+        )
     elif resumed is not None and keep_store and last is not None:
-        where = (f"the checkpoint's snapshot store {recorded} is gone or another run's" if recorded else
-                 f"the checkpoint does not say where its snapshot store is (it was saved by an older "
-                 f"lightning_repsim) and {default} holds none of this run")
-        warn(f"lost:{recorded or default}:{directory}", (
-            f"RepresentationSimilarity: {where}; a new store starts at {directory}, without the snapshots up to "
-            f"step {last}: reference 'final' and its convergence map cover only the steps from here on."))
+        where = (
+            f"the checkpoint's snapshot store {recorded} is gone or another run's"
+            if recorded
+            else f"the checkpoint does not say where its snapshot store is (it was saved by an older "
+            f"lightning_repsim) and {default} holds none of this run"
+        )
+        warn(
+            f"lost:{recorded or default}:{directory}",
+            (
+                f"RepresentationSimilarity: {where}; a new store starts at {directory}, without the snapshots up to "
+                f"step {last}: reference 'final' and its convergence map cover only the steps from here on."
+            ),
+        )
     elif index and resumed is None:
-        warn(f"occupied:{default}", (
-            f"RepresentationSimilarity: {default} already holds the snapshot store or figures of an earlier fit, "
-            f"which stay as they are; this fit writes its own to {directory}. To keep fits apart, give each its "
-            "own run directory (a new logger version, e.g. TensorBoardLogger(..., version=None), or another "
-            "default_root_dir); to continue the earlier fit, pass its checkpoint to fit(ckpt_path=...)."))
+        warn(
+            f"occupied:{default}",
+            (
+                f"RepresentationSimilarity: {default} already holds the snapshot store or figures of an earlier fit, "
+                f"which stay as they are; this fit writes its own to {directory}. To keep fits apart, give each its "
+                "own run directory (a new logger version, e.g. TensorBoardLogger(..., version=None), or another "
+                "default_root_dir); to continue the earlier fit, pass its checkpoint to fit(ckpt_path=...)."
+            ),
+        )
     return directory, False, seed_from, run_id
 
 
-def _seed(source: Path, directory: Path, step: int, probe_hash: str, keep_store: bool,
-          warn: Warn) -> Optional[SnapshotStore]:
+def _seed(
+    source: Path, directory: Path, step: int, probe_hash: str, keep_store: bool, warn: Warn
+) -> SnapshotStore | None:
     """A resume writing to a new place starts from copies of the snapshots (with their thinning record) and
     figures up to ``step`` that ``source`` holds, so that "final" covers the whole run. A copy that fails
     (a full disk, say) leaves this fit with a store of its own steps only, and a warning: never a failed fit."""
@@ -175,15 +219,19 @@ def _seed(source: Path, directory: Path, step: int, probe_hash: str, keep_store:
                 shutil.copytree(folder, directory / "figures" / folder.name, dirs_exist_ok=True)
     except Exception as err:  # only copies were written: start this fit's outputs afresh
         shutil.rmtree(directory, ignore_errors=True)
-        warn(f"seed-failed:{directory}", (
-            f"RepresentationSimilarity could not copy the snapshots and figures up to step {step} from {source} "
-            f"to {directory} ({type(err).__name__}: {err}); this fit's store starts without them, and "
-            "reference 'final' covers only the steps from here on."))
+        warn(
+            f"seed-failed:{directory}",
+            (
+                f"RepresentationSimilarity could not copy the snapshots and figures up to step {step} from {source} "
+                f"to {directory} ({type(err).__name__}: {err}); this fit's store starts without them, and "
+                "reference 'final' covers only the steps from here on."
+            ),
+        )
         return None
     return store
 
 
-def _set_aside_after(directory: Path, store: Optional[SnapshotStore], step: int, warn: Warn) -> None:
+def _set_aside_after(directory: Path, store: SnapshotStore | None, step: int, warn: Warn) -> None:
     """Resuming at ``step``: what the interrupted fit stored and drew after it leaves the store and figures
     for ``superseded/after-step-<step>/`` (nothing stored is deleted), so the resumed fit has every step once."""
     figures = directory / "figures"
@@ -202,5 +250,8 @@ def _set_aside_after(directory: Path, store: Optional[SnapshotStore], step: int,
         (aside / "figures").mkdir(parents=True, exist_ok=True)
         os.replace(folder, aside / "figures" / folder.name)
     if moved:  # a finished fit trained further only has its old final-snapshot figures moved: no news
-        warn("superseded", f"RepresentationSimilarity resumes at step {step}; what the interrupted fit stored "
-             f"after it (steps {moved}) and its figures were moved to {aside}, so the store holds every step once.")
+        warn(
+            "superseded",
+            f"RepresentationSimilarity resumes at step {step}; what the interrupted fit stored "
+            f"after it (steps {moved}) and its figures were moved to {aside}, so the store holds every step once.",
+        )

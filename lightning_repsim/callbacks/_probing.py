@@ -6,15 +6,16 @@ N examples of the Trainer's loader). References are keywords (``"init"``, ``"pre
 over the trained module (and a checkpoint reference) runs under the Trainer's precision, as its
 validation steps do.
 """
+
 from __future__ import annotations
 
 import copy
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any
 
 import pytorch_lightning as pl
 import torch
@@ -34,7 +35,7 @@ class Reference:
     label: str
     kind: str  # "init" | "previous" | "final" | "module"
     source: Any = None  # the nn.Module or checkpoint path
-    features: Optional[dict[str, torch.Tensor]] = None
+    features: dict[str, torch.Tensor] | None = None
 
 
 def parse_references(reference: Any) -> list[Reference]:
@@ -63,8 +64,10 @@ def parse_references(reference: Any) -> list[Reference]:
 def check_probe_spec(probe: Any) -> None:
     """Refuse a malformed probe string at construction."""
     if isinstance(probe, str) and (not PROBE_SPEC.match(probe) or int(probe.split(":")[1]) < 1):
-        raise RepSimValueError(f"probe string must look like 'val:512' or 'train:512' (a split and a positive "
-                               f"number of examples); got {probe!r}.")
+        raise RepSimValueError(
+            f"probe string must look like 'val:512' or 'train:512' (a split and a positive "
+            f"number of examples); got {probe!r}."
+        )
 
 
 def materialise_probe(source: Any, trainer: pl.Trainer) -> Probe:
@@ -76,8 +79,10 @@ def materialise_probe(source: Any, trainer: pl.Trainer) -> Probe:
     if loader is None and source is None:
         split, loader = "train", _dataloader(trainer, "train")
     if loader is None:
-        raise RepSimValueError(f"probe={source or 'val:512'!r} needs a {split} dataloader, and the Trainer has "
-                               "none; pass probe= a tensor, an (x, y) tuple or a DataLoader.")
+        raise RepSimValueError(
+            f"probe={source or 'val:512'!r} needs a {split} dataloader, and the Trainer has "
+            "none; pass probe= a tensor, an (x, y) tuple or a DataLoader."
+        )
     return Probe(loader, max_examples=count)
 
 
@@ -114,10 +119,11 @@ class ProbeRunner:
     layout: Any
     token_reduction: str
     output_selector: OutputSelector
-    forward: Optional[Callable[[nn.Module, torch.Tensor], Any]]
+    forward: Callable[[nn.Module, torch.Tensor], Any] | None
 
-    def features(self, module: nn.Module, layers: LayerSelector = None,
-                 trainer: Optional[pl.Trainer] = None) -> dict[str, torch.Tensor]:
+    def features(
+        self, module: nn.Module, layers: LayerSelector = None, trainer: pl.Trainer | None = None
+    ) -> dict[str, torch.Tensor]:
         """The probe's features; with ``trainer``, the pass runs as its validation steps do: inputs converted
         and the forward wrapped by its precision plugin (autocast for "16-mixed"/"bf16-mixed", the module's
         dtype for "bf16-true"/"16-true"). Features are upcast to float32 by capture()."""
@@ -131,9 +137,17 @@ class ProbeRunner:
                     return model(batch) if user_forward is None else user_forward(model, batch)
 
             forward = forward_with_precision
-        return capture(module, self.probe, self.layers if layers is None else layers, batch_size=self.batch_size,
-                       max_features=self.max_features, layout=self.layout, token_reduction=self.token_reduction,
-                       output_selector=self.output_selector, forward=forward)
+        return capture(
+            module,
+            self.probe,
+            self.layers if layers is None else layers,
+            batch_size=self.batch_size,
+            max_features=self.max_features,
+            layout=self.layout,
+            token_reduction=self.token_reduction,
+            output_selector=self.output_selector,
+            forward=forward,
+        )
 
     def trained(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, torch.Tensor]:
         """The trained module's features; a probe it cannot run is reported as such, with its shape."""
@@ -153,8 +167,9 @@ class ProbeRunner:
             try:
                 model.load_state_dict(checkpoint["state_dict"])
             except (KeyError, RuntimeError) as err:
-                raise RepSimValueError(f"reference checkpoint {str(ref.source)!r} does not fit "
-                                       f"{type(pl_module).__name__}: {err}") from None
+                raise RepSimValueError(
+                    f"reference checkpoint {str(ref.source)!r} does not fit {type(pl_module).__name__}: {err}"
+                ) from None
         else:
             model = ref.source
         try:
@@ -167,6 +182,8 @@ class ProbeRunner:
 
     def failure(self, who: str, err: Exception) -> RepSimValueError:
         """The error for a model that cannot run the probe: which model, the probe's shape and dtype, the cause."""
-        return RepSimValueError(f"{who} cannot run the probe of shape {tuple(self.probe.inputs.shape)} "
-                                f"({self.probe.inputs.dtype}): {type(err).__name__}: {err}. Pass probe= inputs "
-                                "that the module's forward accepts (its first tensor is what is fed to forward).")
+        return RepSimValueError(
+            f"{who} cannot run the probe of shape {tuple(self.probe.inputs.shape)} "
+            f"({self.probe.inputs.dtype}): {type(err).__name__}: {err}. Pass probe= inputs "
+            "that the module's forward accepts (its first tensor is what is fed to forward)."
+        )

@@ -1,9 +1,10 @@
 """Where each logging point's similarity matrices go: heatmaps and per-layer scalars, PNG and CSV files."""
+
 from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import torch
 
@@ -16,8 +17,9 @@ class MatrixReporter:
     point (labels and colour bar drawn once per series, then only the cells are repainted), the
     scalars of each layer against the reference's layer of the same name, and the files."""
 
-    def __init__(self, layer_names: Sequence[str], tensorboard: Optional[report.TensorBoardReporter],
-                 figures: Optional[Path]) -> None:
+    def __init__(
+        self, layer_names: Sequence[str], tensorboard: report.TensorBoardReporter | None, figures: Path | None
+    ) -> None:
         self.layer_names = list(layer_names)
         self.tensorboard = tensorboard
         self.figures = figures  # <output dir>/figures, or None for no files
@@ -28,8 +30,9 @@ class MatrixReporter:
         values = matrix.cpu().numpy()
         key = (measure, label, tuple(ref_names))
         if key not in self._frames:  # labels and colour bar are drawn once; each step repaints the cells
-            self._frames[key] = report.HeatmapFrames(names, ref_names, measure=measure, title=f"{measure} vs {label}",
-                                                     row_title="layers", col_title=label)
+            self._frames[key] = report.HeatmapFrames(
+                names, ref_names, measure=measure, title=f"{measure} vs {label}", row_title="layers", col_title=label
+            )
         png = report.encode_png(self._frames[key].render(values))  # once, for TensorBoard and the file
         if self.tensorboard is not None:
             prefix = f"repsim/{measure}/{label}"

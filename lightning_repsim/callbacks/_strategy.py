@@ -3,6 +3,7 @@
 Both callbacks act on whole layers of the LightningModule on every rank, so sharded strategies
 (FSDP, DeepSpeed, model parallel), whose ranks hold slices of the parameters, are refused.
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -24,10 +25,14 @@ def _sharded_strategies() -> tuple[type, ...]:
 
 
 def refuse_sharded(strategy: Any, why: str) -> None:
-    """Raise a RepSimValueError naming ``strategy`` when it shards the parameters; ``why`` says what needs whole layers."""
+    """Raise a RepSimValueError naming ``strategy`` when it shards the parameters.
+
+    ``why`` says what needs whole layers."""
     if isinstance(strategy, _sharded_strategies()):
-        raise RepSimValueError(f"{why}, so the sharded strategy {type(strategy).__name__} is not supported: use "
-                               "strategy='ddp' (or 'ddp_spawn'), a single device, or remove the callback.")
+        raise RepSimValueError(
+            f"{why}, so the sharded strategy {type(strategy).__name__} is not supported: use "
+            "strategy='ddp' (or 'ddp_spawn'), a single device, or remove the callback."
+        )
 
 
 def ddp_finds_unused_parameters(strategy: Any) -> tuple[bool, bool]:

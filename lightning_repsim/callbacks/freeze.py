@@ -12,7 +12,7 @@ business (:mod:`lightning_repsim.callbacks.freeze_schedules`).
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any, Optional, Union
+from typing import Any
 
 import pytorch_lightning as pl
 import torch
@@ -156,8 +156,8 @@ class FreezeTraining(Callback):
 
     def __init__(
         self,
-        schedule: Union[FreezeSchedule, dict[str, ScheduleValue], str] = "linear",
-        units: Optional[list[str]] = None,
+        schedule: FreezeSchedule | dict[str, ScheduleValue] | str = "linear",
+        units: list[str] | None = None,
         train_bn: bool = False,
         freeze_last: bool = False,
         verbose: bool = True,
@@ -178,19 +178,19 @@ class FreezeTraining(Callback):
         self._requested_units = units
 
         # state that travels in checkpoints (with the schedule's own)
-        self._units: Optional[list[str]] = units
+        self._units: list[str] | None = units
         self._frozen: list[str] = []
         self._events: list[dict[str, Any]] = []
 
         # per-fit runtime
-        self._module: Optional[pl.LightningModule] = None
+        self._module: pl.LightningModule | None = None
         self._frozen_params: list[nn.Parameter] = []
         self._frozen_bn: list[_BatchNorm] = []
 
     # ------------------------------------------------------------------ public read-only views
 
     @property
-    def units(self) -> Optional[list[str]]:
+    def units(self) -> list[str] | None:
         """The depth-ordered units (``None`` until discovered at the first training batch)."""
         return None if self._units is None else list(self._units)
 
@@ -282,8 +282,9 @@ class FreezeTraining(Callback):
             self._log_metrics(trainer)
 
     @override
-    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
-                             batch_idx: int) -> None:
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
         if self._units is None:
             self._discover(pl_module, batch)
             self.schedule.start(trainer, self.units or [], self.freeze_last)
@@ -299,8 +300,9 @@ class FreezeTraining(Callback):
             )
 
     @override
-    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
-                           batch_idx: int) -> None:
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
         # Freezes due after this step take effect before the next batch; deciding here lets
         # ModelCheckpoint (which runs after us) save them and lets `should_stop` end training in time.
         if self._units is not None:
@@ -316,8 +318,9 @@ class FreezeTraining(Callback):
         self._apply_modes()
 
     @override
-    def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
-                                 optimizer: torch.optim.Optimizer) -> None:
+    def on_before_optimizer_step(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
+    ) -> None:
         for param in self._frozen_params:
             param.grad = None
 
@@ -367,8 +370,10 @@ class FreezeTraining(Callback):
     # ------------------------------------------------------------------ configuration checks
 
     def _check_strategy(self, strategy: Any) -> None:
-        refuse_sharded(strategy, "FreezeTraining freezes units one by one, and sharded parameters are flattened "
-                                 "and spread across ranks")
+        refuse_sharded(
+            strategy,
+            "FreezeTraining freezes units one by one, and sharded parameters are flattened and spread across ranks",
+        )
         is_ddp, finds_unused = ddp_finds_unused_parameters(strategy)
         if is_ddp and not finds_unused:
             raise RepSimValueError(
@@ -480,7 +485,7 @@ class FreezeTraining(Callback):
         total = _count(pl_module.parameters())
         return _count(self._frozen_params) / total if total else 0.0
 
-    def _log_metrics(self, trainer: pl.Trainer, events: Optional[list[tuple[str, str]]] = None) -> None:
+    def _log_metrics(self, trainer: pl.Trainer, events: list[tuple[str, str]] | None = None) -> None:
         if not trainer.is_global_zero or self._module is None:
             return
         step = trainer.global_step

@@ -13,11 +13,12 @@ from the input side and :math:`T` is ``trainer.estimated_stepping_batches``; a u
 ``FreezeTraining(schedule=...)`` also takes the shorthands ``"linear"``, ``"cubic"``,
 ``"similarity"`` (each with its defaults) and a dict (a :class:`TimesSchedule`); see :func:`as_schedule`.
 """
+
 from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any, Optional, Union
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -32,7 +33,7 @@ if TYPE_CHECKING:
 
 __all__ = ["CubicSchedule", "FreezeSchedule", "LinearSchedule", "SimilaritySchedule", "TimesSchedule", "as_schedule"]
 
-ScheduleValue = Union[int, float, str, None]
+ScheduleValue = int | float | str | None
 _PROBE_CHUNK = 256  # examples per probe forward; fixed so that results do not depend on the batch size
 _DICT_HELP = (
     "use an int for a global step (100), a float in [0, 1] for a fraction of "
@@ -45,7 +46,7 @@ class Trigger:
 
     __slots__ = ("kind", "value")
 
-    def __init__(self, kind: str, value: Union[int, float]) -> None:
+    def __init__(self, kind: str, value: int | float) -> None:
         self.kind = kind
         self.value = value
 
@@ -53,7 +54,7 @@ class Trigger:
         return f"{self.kind}:{self.value:g}" if self.kind == "fraction" else f"{self.kind}:{self.value}"
 
 
-def parse_trigger(key: str, value: ScheduleValue) -> Optional[Trigger]:
+def parse_trigger(key: str, value: ScheduleValue) -> Trigger | None:
     """One value of a dict schedule: int = step, float in [0, 1] = fraction, "epoch:N" / "step:N" / "fraction:F"."""
     if value is None:
         return None
@@ -113,8 +114,15 @@ class FreezeSchedule:
     def collect(self, callback: FreezeTraining, trainer: pl.Trainer, batch: Any) -> None:
         """See a training batch before it runs (the similarity schedule gathers its probe here)."""
 
-    def due(self, point: str, callback: FreezeTraining, trainer: pl.Trainer, pl_module: pl.LightningModule,
-            frozen: list[str], eligible: list[str]) -> dict[str, str]:
+    def due(
+        self,
+        point: str,
+        callback: FreezeTraining,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        frozen: list[str],
+        eligible: list[str],
+    ) -> dict[str, str]:
         """The units to freeze now, with why; ``point`` is ``"batch_start"``, ``"batch_end"`` or ``"epoch_end"``."""
         raise NotImplementedError
 
@@ -130,7 +138,7 @@ class _TimedSchedule(FreezeSchedule):
 
     def __init__(self) -> None:
         self._triggers: dict[str, Trigger] = {}
-        self._steps: dict[str, Optional[int]] = {}
+        self._steps: dict[str, int | None] = {}
 
     def triggers(self, units: list[str], freeze_last: bool) -> dict[str, Trigger]:
         raise NotImplementedError
@@ -151,8 +159,15 @@ class _TimedSchedule(FreezeSchedule):
             else:
                 self._steps[unit] = None  # epoch trigger
 
-    def due(self, point: str, callback: FreezeTraining, trainer: pl.Trainer, pl_module: pl.LightningModule,
-            frozen: list[str], eligible: list[str]) -> dict[str, str]:
+    def due(
+        self,
+        point: str,
+        callback: FreezeTraining,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        frozen: list[str],
+        eligible: list[str],
+    ) -> dict[str, str]:
         step = trainer.global_step
         epoch = trainer.current_epoch + (1 if point == "epoch_end" else 0)
         new = {}
@@ -187,7 +202,9 @@ class LinearSchedule(_TimedSchedule):
     def __init__(self, start: float = 0.0, end: float = 1.0) -> None:
         super().__init__()
         if not (0.0 <= start <= end <= 1.0):
-            raise RepSimValueError(f"Need 0 <= start <= end <= 1 (fractions of training); got start={start}, end={end}.")
+            raise RepSimValueError(
+                f"Need 0 <= start <= end <= 1 (fractions of training); got start={start}, end={end}."
+            )
         self.start_fraction, self.end_fraction = float(start), float(end)
 
     def __repr__(self) -> str:
@@ -199,8 +216,10 @@ class LinearSchedule(_TimedSchedule):
     def triggers(self, units: list[str], freeze_last: bool) -> dict[str, Trigger]:
         count = len(units)
         spread = self.end_fraction - self.start_fraction
-        triggers = {unit: Trigger("fraction", self.position(self.start_fraction + spread * i / count))
-                    for i, unit in enumerate(units, start=1)}
+        triggers = {
+            unit: Trigger("fraction", self.position(self.start_fraction + spread * i / count))
+            for i, unit in enumerate(units, start=1)
+        }
         if not freeze_last:
             triggers.pop(units[-1])
         return triggers
@@ -209,8 +228,10 @@ class LinearSchedule(_TimedSchedule):
         if len(units) == 1 and not freeze_last:
             from pytorch_lightning.utilities.rank_zero import rank_zero_warn
 
-            rank_zero_warn(f"FreezeTraining: only one unit ({units}) and freeze_last=False, so nothing will freeze; "
-                           "pass units=[...] with several depth-ordered blocks.")
+            rank_zero_warn(
+                f"FreezeTraining: only one unit ({units}) and freeze_last=False, so nothing will freeze; "
+                "pass units=[...] with several depth-ordered blocks."
+            )
 
 
 class CubicSchedule(LinearSchedule):
@@ -248,7 +269,7 @@ class TimesSchedule(_TimedSchedule):
             raise RepSimValueError(f"a dict schedule maps unit names or globs to times; got {type(times).__name__}.")
         if not times:
             raise RepSimValueError("schedule is an empty dict; name at least one unit (or glob) to freeze.")
-        for key, value in times.items():
+        for key, _value in times.items():
             if not isinstance(key, str):
                 raise RepSimValueError(f"schedule keys are unit names or globs; got {key!r}.")
         self._parsed = {key: parse_trigger(key, value) for key, value in times.items()}
@@ -324,9 +345,16 @@ class SimilaritySchedule(FreezeSchedule):
 
     label = "similarity schedule"
 
-    def __init__(self, threshold: float = 0.99, patience: int = 3, check_every_n_steps: Optional[int] = 50,
-                 probe: Optional[torch.Tensor] = None, probe_size: int = 256, source: str = "probe",
-                 max_features: int = 256) -> None:
+    def __init__(
+        self,
+        threshold: float = 0.99,
+        patience: int = 3,
+        check_every_n_steps: int | None = 50,
+        probe: torch.Tensor | None = None,
+        probe_size: int = 256,
+        source: str = "probe",
+        max_features: int = 256,
+    ) -> None:
         if not 0.0 < threshold <= 1.0:
             raise RepSimValueError(f"threshold must lie in (0, 1] (a CKA value); got {threshold}.")
         if isinstance(patience, bool) or not isinstance(patience, int) or patience < 1:
@@ -352,8 +380,8 @@ class SimilaritySchedule(FreezeSchedule):
         # state that travels in checkpoints
         self._streaks: dict[str, int] = {}
         self._history: list[dict[str, Any]] = []
-        self._last_check: Optional[int] = None  # step (or epoch) of the last check
-        self._probe: Optional[torch.Tensor] = None if probe is None else probe.detach().cpu().clone()
+        self._last_check: int | None = None  # step (or epoch) of the last check
+        self._probe: torch.Tensor | None = None if probe is None else probe.detach().cpu().clone()
         self._probe_given = probe is not None
         self._reference: dict[str, torch.Tensor] = {}
         # per-fit runtime
@@ -361,8 +389,10 @@ class SimilaritySchedule(FreezeSchedule):
         self._feeds: list[tuple[int, dict[str, float]]] = []
 
     def __repr__(self) -> str:
-        return (f"SimilaritySchedule(threshold={self.threshold}, patience={self.patience}, check_every_n_steps="
-                f"{self.check_every_n_steps}, probe_size={self.probe_size}, source={self.source!r})")
+        return (
+            f"SimilaritySchedule(threshold={self.threshold}, patience={self.patience}, check_every_n_steps="
+            f"{self.check_every_n_steps}, probe_size={self.probe_size}, source={self.source!r})"
+        )
 
     @property
     def history(self) -> list[dict[str, Any]]:
@@ -387,8 +417,15 @@ class SimilaritySchedule(FreezeSchedule):
             self._probe = torch.cat(self._probe_chunks)
             self._probe_chunks = []
 
-    def due(self, point: str, callback: FreezeTraining, trainer: pl.Trainer, pl_module: pl.LightningModule,
-            frozen: list[str], eligible: list[str]) -> dict[str, str]:
+    def due(
+        self,
+        point: str,
+        callback: FreezeTraining,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        frozen: list[str],
+        eligible: list[str],
+    ) -> dict[str, str]:
         new: dict[str, str] = {}
         frozen = list(frozen)
         if self.source == "probe" and self._check_due(trainer, at_epoch_end=point == "epoch_end"):
@@ -429,16 +466,23 @@ class SimilaritySchedule(FreezeSchedule):
         step = trainer.global_step
         return not at_epoch_end and step % self.check_every_n_steps == 0 and step != self._last_check
 
-    def _measure(self, callback: FreezeTraining, pl_module: pl.LightningModule,
-                 candidates: list[str]) -> dict[str, float]:
+    def _measure(
+        self, callback: FreezeTraining, pl_module: pl.LightningModule, candidates: list[str]
+    ) -> dict[str, float]:
         """CKA of each candidate unit's probe Gram with the previous check's; {} on the first check."""
         assert self._probe is not None
         if not candidates:
             return {}
         device = next((p.device for p in pl_module.parameters()), torch.device("cpu"))
         with isolated_rng(device):
-            feats = capture(pl_module, self._probe, layers=candidates, batch_size=_PROBE_CHUNK,
-                            max_features=self.max_features, forward=callback.probe_forward)
+            feats = capture(
+                pl_module,
+                self._probe,
+                layers=candidates,
+                batch_size=_PROBE_CHUNK,
+                max_features=self.max_features,
+                forward=callback.probe_forward,
+            )
         values: dict[str, float] = {}
         for unit in candidates:
             if unit not in feats:
@@ -464,15 +508,22 @@ class SimilaritySchedule(FreezeSchedule):
         if lowest is None or self._streaks.get(lowest, 0) < self.patience:
             return {}
         value = values.get(lowest, float("nan"))
-        why = (f"similarity schedule: linear CKA with the previous check >= {self.threshold} for "
-               f"{self._streaks[lowest]} consecutive checks (last {value:.5f})")
+        why = (
+            f"similarity schedule: linear CKA with the previous check >= {self.threshold} for "
+            f"{self._streaks[lowest]} consecutive checks (last {value:.5f})"
+        )
         self._streaks.pop(lowest, None)
         self._reference.pop(lowest, None)
         return {lowest: why}
 
     def state_dict(self) -> dict[str, Any]:
-        return {"streaks": dict(self._streaks), "history": self.history, "last_check": self._last_check,
-                "probe": self._probe, "reference": dict(self._reference)}
+        return {
+            "streaks": dict(self._streaks),
+            "history": self.history,
+            "last_check": self._last_check,
+            "probe": self._probe,
+            "reference": dict(self._reference),
+        }
 
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
         self._streaks = dict(state_dict.get("streaks", {}))
@@ -483,7 +534,7 @@ class SimilaritySchedule(FreezeSchedule):
         self._reference = dict(state_dict.get("reference", {}))
 
 
-def as_schedule(schedule: Union[FreezeSchedule, str, Mapping[str, ScheduleValue]]) -> FreezeSchedule:
+def as_schedule(schedule: FreezeSchedule | str | Mapping[str, ScheduleValue]) -> FreezeSchedule:
     """A schedule object from what ``FreezeTraining(schedule=...)`` accepts.
 
     Example:
@@ -495,8 +546,10 @@ def as_schedule(schedule: Union[FreezeSchedule, str, Mapping[str, ScheduleValue]
     if isinstance(schedule, str):
         named = {"linear": LinearSchedule, "cubic": CubicSchedule, "similarity": SimilaritySchedule}
         if schedule not in named:
-            raise RepSimValueError(f"schedule={schedule!r} is not known; use one of {list(named)}, a dict "
-                                   "{unit: time} or a schedule object (LinearSchedule(start=...), SimilaritySchedule(...)).")
+            raise RepSimValueError(
+                f"schedule={schedule!r} is not known; use one of {list(named)}, a dict "
+                "{unit: time} or a schedule object (LinearSchedule(start=...), SimilaritySchedule(...))."
+            )
         return named[schedule]()
     if isinstance(schedule, Mapping):
         return TimesSchedule(schedule)
@@ -505,7 +558,7 @@ def as_schedule(schedule: Union[FreezeSchedule, str, Mapping[str, ScheduleValue]
     )
 
 
-def bounded(total: Union[int, float, None]) -> bool:
+def bounded(total: int | float | None) -> bool:
     return isinstance(total, (int, float)) and math.isfinite(total) and total > 0
 
 

@@ -11,14 +11,15 @@ references, :mod:`._outputs` places the store and figures (resume included), :mo
 draws and writes each logging point, :mod:`._guard` keeps failures from stopping the fit, and
 :mod:`._background` runs the comparing and writing on a worker thread.
 """
+
 from __future__ import annotations
 
 import functools
 import os
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Callable, Optional, Union
+from typing import Any
 
 import pytorch_lightning as pl
 import torch
@@ -52,8 +53,8 @@ from lightning_repsim.store import DEFAULT_MAX_BYTES, SnapshotStore, compact_fea
 
 # jsonargparse (LightningCLI) tries a Union's members in order and str takes anything, so lists
 # and modules (YAML: class_path / init_args) come before str.
-ReferenceLike = Union[nn.Module, str, "os.PathLike[str]"]
-References = Union[Sequence[ReferenceLike], ReferenceLike]
+ReferenceLike = nn.Module | str | os.PathLike[str]
+References = Sequence[ReferenceLike] | ReferenceLike
 # Each side of a comparison keeps its n x n Grams between measures and logging points (a fixed
 # reference is prepared once for the whole run) within this much memory; past it they are recomputed.
 _GRAM_CACHE_BYTES = 128 << 20
@@ -154,24 +155,24 @@ class RepresentationSimilarity(Callback):
         self,
         probe: Any = None,
         reference: References = "final",
-        measures: Union[Sequence[str], str] = ("linear_cka", "rv2"),
+        measures: Sequence[str] | str = ("linear_cka", "rv2"),
         layers: LayerSelector = None,
         reference_layers: LayerSelector = None,
-        every_n_epochs: Optional[int] = 1,
-        every_n_steps: Optional[int] = None,
+        every_n_epochs: int | None = 1,
+        every_n_steps: int | None = None,
         max_features: int = 256,
         batch_size: int = 256,
-        measure_options: Optional[Mapping[str, Mapping[str, Any]]] = None,
+        measure_options: Mapping[str, Mapping[str, Any]] | None = None,
         threshold: float = 0.95,
         store: bool = True,
         max_store_bytes: int = DEFAULT_MAX_BYTES,
         write_files: bool = True,
         strict: bool = False,
-        background: Optional[bool] = None,
-        layout: Union[Mapping[str, str], str] = "auto",
+        background: bool | None = None,
+        layout: Mapping[str, str] | str = "auto",
         token_reduction: str = "mean",
         output_selector: OutputSelector = None,
-        forward: Optional[Callable[[nn.Module, torch.Tensor], Any]] = None,
+        forward: Callable[[nn.Module, torch.Tensor], Any] | None = None,
     ) -> None:
         super().__init__()
         self.options = resolve_measures(measures, measure_options)
@@ -187,10 +188,15 @@ class RepresentationSimilarity(Callback):
         if not 0.0 < threshold <= 1.0:
             raise RepSimValueError(f"threshold is a fraction of the final similarity in (0, 1]; got {threshold}.")
         check_reduction(max_features, layout, token_reduction)
-        if not (output_selector is None or callable(output_selector) or isinstance(output_selector, str)
-                or (isinstance(output_selector, int) and not isinstance(output_selector, bool))):
-            raise RepSimValueError(f"output_selector must be None, an int index, a str key or a callable; got "
-                                   f"{output_selector!r}.")
+        if not (
+            output_selector is None
+            or callable(output_selector)
+            or isinstance(output_selector, str)
+            or (isinstance(output_selector, int) and not isinstance(output_selector, bool))
+        ):
+            raise RepSimValueError(
+                f"output_selector must be None, an int index, a str key or a callable; got {output_selector!r}."
+            )
         if forward is not None and not callable(forward):
             raise RepSimValueError(f"forward must be None or a callable forward(model, batch); got {forward!r}.")
         check_probe_spec(probe)
@@ -212,20 +218,20 @@ class RepresentationSimilarity(Callback):
         self.output_selector = output_selector
         self.forward = forward
 
-        self._runner: Optional[ProbeRunner] = None
+        self._runner: ProbeRunner | None = None
         self._layer_names: list[str] = []
-        self._outputs: Optional[RunOutputs] = None
-        self._tensorboard: Optional[report.TensorBoardReporter] = None
-        self._reporter: Optional[MatrixReporter] = None
+        self._outputs: RunOutputs | None = None
+        self._tensorboard: report.TensorBoardReporter | None = None
+        self._reporter: MatrixReporter | None = None
         self._guard = Guard(strict)
-        self._checkpointed: Optional[Checkpointed] = None  # set by load_state_dict when the fit resumes
-        self._previous: Optional[dict[str, torch.Tensor]] = None
-        self._previous_step: Optional[int] = None
-        self._last_logged_step: Optional[int] = None
-        self._attempted_step: Optional[int] = None
-        self._unlogged_start: Optional[dict[str, torch.Tensor]] = None
+        self._checkpointed: Checkpointed | None = None  # set by load_state_dict when the fit resumes
+        self._previous: dict[str, torch.Tensor] | None = None
+        self._previous_step: int | None = None
+        self._last_logged_step: int | None = None
+        self._attempted_step: int | None = None
+        self._unlogged_start: dict[str, torch.Tensor] | None = None
         self._prepared: dict[str, tuple[Mapping[str, torch.Tensor], Representations]] = {}
-        self._worker: Optional[Background] = None
+        self._worker: Background | None = None
 
     # ------------------------------------------------------------------ configuration
 
@@ -238,7 +244,7 @@ class RepresentationSimilarity(Callback):
         return self._generate_state_key(references=self.references, measures=list(self.measures))
 
     @property
-    def store_path(self) -> Optional[Path]:
+    def store_path(self) -> Path | None:
         """The snapshot store's directory (on global rank 0, once training has started)."""
         return None if self._store is None else self._store.path
 
@@ -247,20 +253,20 @@ class RepresentationSimilarity(Callback):
         return list(self._layer_names)
 
     @property
-    def probe(self) -> Optional[Probe]:
+    def probe(self) -> Probe | None:
         """The probe set, materialised once at fit start (its ``hash`` identifies it across runs)."""
         return self._probe
 
     @property
-    def _probe(self) -> Optional[Probe]:
+    def _probe(self) -> Probe | None:
         return None if self._runner is None else self._runner.probe
 
     @property
-    def _store(self) -> Optional[SnapshotStore]:
+    def _store(self) -> SnapshotStore | None:
         return None if self._outputs is None else self._outputs.store
 
     @property
-    def _output_dir(self) -> Optional[Path]:
+    def _output_dir(self) -> Path | None:
         return None if self._outputs is None else self._outputs.directory
 
     # ------------------------------------------------------------------ Lightning hooks
@@ -270,9 +276,11 @@ class RepresentationSimilarity(Callback):
             self._forget_previous_fit()
         for ref in self._references:
             if ref.kind == "module" and isinstance(ref.source, Path) and not ref.source.is_file():
-                raise RepSimValueError(f"reference checkpoint {str(ref.source)!r} does not exist. A reference is one "
-                                       f"of {', '.join(map(repr, KEYWORDS))} (lower case), an nn.Module or the path "
-                                       "of a Lightning checkpoint.")
+                raise RepSimValueError(
+                    f"reference checkpoint {str(ref.source)!r} does not exist. A reference is one "
+                    f"of {', '.join(map(repr, KEYWORDS))} (lower case), an nn.Module or the path "
+                    "of a Lightning checkpoint."
+                )
         refuse_sharded(trainer.strategy, "RepresentationSimilarity captures whole-layer outputs")
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -281,17 +289,33 @@ class RepresentationSimilarity(Callback):
         probe = materialise_probe(self.probe_source, trainer)
         expected = None if self._checkpointed is None else self._checkpointed.probe_hash
         if expected and expected != probe.hash:
-            raise RepSimError(f"the probe set changed since the checkpoint (hash {expected} then, {probe.hash} now); "
-                              "resume with the same probe so the store stays comparable.")
+            raise RepSimError(
+                f"the probe set changed since the checkpoint (hash {expected} then, {probe.hash} now); "
+                "resume with the same probe so the store stays comparable."
+            )
         n = len(probe)
-        needs_four = [m for m in self.measures if m != "svcca" and m != "pwcca"
-                      and gram_spec(m, **self.options[m]).min_examples > 2]
+        needs_four = [
+            m
+            for m in self.measures
+            if m != "svcca" and m != "pwcca" and gram_spec(m, **self.options[m]).min_examples > 2
+        ]
         minimum = 4 if needs_four else 2
         if n < minimum:
-            raise RepSimValueError(f"the probe has {n} example(s); {', '.join(needs_four) or 'the measures'} need at "
-                                   f"least {minimum}. Use a larger probe.")
-        self._runner = ProbeRunner(probe, self.layers, self.reference_layers, self.batch_size, self.max_features,
-                                   self.layout, self.token_reduction, self.output_selector, self.forward)
+            raise RepSimValueError(
+                f"the probe has {n} example(s); {', '.join(needs_four) or 'the measures'} need at "
+                f"least {minimum}. Use a larger probe."
+            )
+        self._runner = ProbeRunner(
+            probe,
+            self.layers,
+            self.reference_layers,
+            self.batch_size,
+            self.max_features,
+            self.layout,
+            self.token_reduction,
+            self.output_selector,
+            self.forward,
+        )
         features = self._runner.trained(trainer, pl_module)
         self._layer_names = list(features)
         for ref in self._references:
@@ -310,15 +334,19 @@ class RepresentationSimilarity(Callback):
         if trainer.global_step == 0 and self._last_logged_step is None:
             self._log_point_guarded(trainer, pl_module, "the step-0 snapshot")
 
-    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
-                           batch_idx: int) -> None:
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
         step = trainer.global_step
         if self.every_n_steps and step > 0 and step % self.every_n_steps == 0 and step != self._last_logged_step:
             self._log_point_guarded(trainer, pl_module, f"step {step}")
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self.every_n_steps is None and (trainer.current_epoch + 1) % self.every_n_epochs == 0 \
-                and trainer.global_step != self._last_logged_step:
+        if (
+            self.every_n_steps is None
+            and (trainer.current_epoch + 1) % self.every_n_epochs == 0
+            and trainer.global_step != self._last_logged_step
+        ):
             self._log_point_guarded(trainer, pl_module, f"epoch {trainer.current_epoch}")
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -384,9 +412,12 @@ class RepresentationSimilarity(Callback):
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self._checkpointed = Checkpointed(last_logged_step=state_dict.get("last_logged_step"),
-                                          output_dir=state_dict.get("output_dir"), run_id=state_dict.get("run_id"),
-                                          probe_hash=state_dict.get("probe_hash"))
+        self._checkpointed = Checkpointed(
+            last_logged_step=state_dict.get("last_logged_step"),
+            output_dir=state_dict.get("output_dir"),
+            run_id=state_dict.get("run_id"),
+            probe_hash=state_dict.get("probe_hash"),
+        )
         self._last_logged_step = state_dict.get("last_logged_step")
         self._previous_step = state_dict.get("previous_step")
         self._previous = state_dict.get("previous")
@@ -397,10 +428,10 @@ class RepresentationSimilarity(Callback):
 
     # ------------------------------------------------------------------ the work
 
-    def _reference(self, kind: str) -> Optional[Reference]:
+    def _reference(self, kind: str) -> Reference | None:
         return next((r for r in self._references if r.kind == kind), None)
 
-    def _open_outputs(self, trainer: pl.Trainer, log_dir: Optional[str]) -> None:
+    def _open_outputs(self, trainer: pl.Trainer, log_dir: str | None) -> None:
         assert self._runner is not None
         probe = self._runner.probe
         logger = next((lg for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)), None)
@@ -410,37 +441,66 @@ class RepresentationSimilarity(Callback):
             self._guard.log_text = lambda text, step: self._tensorboard.log_text("repsim/errors", text, step)
         else:
             run_dir = Path(log_dir or trainer.default_root_dir)
-        settings = {"measures": list(self.measures), "options": self.options, "references": self.references,
-                    "max_features": self.max_features, "layout": self.layout, "token_reduction": self.token_reduction,
-                    "output_selector": _describe(self.output_selector), "forward": _describe(self.forward),
-                    "layers": self._layer_names, "layer_selector": repr(self.layers)}
-        self._outputs = open_run_outputs(run_dir, probe_hash=probe.hash, n=len(probe), keep_store=self.keep_store,
-                                         write_files=self.write_files, max_store_bytes=self.max_store_bytes,
-                                         settings=settings, resumed=self._checkpointed, warn=self._guard.warn_once)
+        settings = {
+            "measures": list(self.measures),
+            "options": self.options,
+            "references": self.references,
+            "max_features": self.max_features,
+            "layout": self.layout,
+            "token_reduction": self.token_reduction,
+            "output_selector": _describe(self.output_selector),
+            "forward": _describe(self.forward),
+            "layers": self._layer_names,
+            "layer_selector": repr(self.layers),
+        }
+        self._outputs = open_run_outputs(
+            run_dir,
+            probe_hash=probe.hash,
+            n=len(probe),
+            keep_store=self.keep_store,
+            write_files=self.write_files,
+            max_store_bytes=self.max_store_bytes,
+            settings=settings,
+            resumed=self._checkpointed,
+            warn=self._guard.warn_once,
+        )
         if logger is None:
-            self._guard.warn_once("no-tensorboard", "RepresentationSimilarity found no TensorBoardLogger: heatmaps "
-                                  f"and curves go to PNG/CSV files under {self._output_dir} only.")
+            self._guard.warn_once(
+                "no-tensorboard",
+                "RepresentationSimilarity found no TensorBoardLogger: heatmaps "
+                f"and curves go to PNG/CSV files under {self._output_dir} only.",
+            )
         figures = self._outputs.directory / "figures" if self.write_files else None
         self._reporter = MatrixReporter(self._layer_names, self._tensorboard, figures)
         if self._tensorboard is not None:
-            rows = "\n".join(f"| {k} | `{v}` |" for k, v in {"examples": len(probe), "hash": probe.hash,
-                                                            **settings}.items())
+            rows = "\n".join(
+                f"| {k} | `{v}` |" for k, v in {"examples": len(probe), "hash": probe.hash, **settings}.items()
+            )
             self._tensorboard.log_text("repsim/probe", "| setting | value |\n|---|---|\n" + rows, 0)
 
     def _log_point(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         assert self._runner is not None
         step = trainer.global_step
-        features = self._unlogged_start if step == 0 and self._unlogged_start is not None \
+        features = (
+            self._unlogged_start
+            if step == 0 and self._unlogged_start is not None
             else self._runner.trained(trainer, pl_module)
+        )
         self._unlogged_start = None
         self._attempted_step = step
         for name, x in features.items():
             if not bool(torch.isfinite(x).all()):
-                self._guard.warn_once(f"nonfinite:{name}", f"layer {name!r} produced NaN/Inf activations at step "
-                                      f"{step}: its similarities are NaN; training continues.")
+                self._guard.warn_once(
+                    f"nonfinite:{name}",
+                    f"layer {name!r} produced NaN/Inf activations at step "
+                    f"{step}: its similarities are NaN; training continues.",
+                )
             elif _is_constant(x):
-                self._guard.warn_once(f"constant:{name}", f"layer {name!r} is constant over the probe at step {step} "
-                                      "(a dead layer?): its centred similarities are NaN; training continues.")
+                self._guard.warn_once(
+                    f"constant:{name}",
+                    f"layer {name!r} is constant over the probe at step {step} "
+                    "(a dead layer?): its centred similarities are NaN; training continues.",
+                )
         if trainer.is_global_zero:  # the other ranks hold the same numbers and write nothing
             work = functools.partial(self._compare_and_write, features, self._previous, step)
             if self._worker is None:
@@ -449,8 +509,13 @@ class RepresentationSimilarity(Callback):
                 self._worker.submit(f"the snapshot of global step {step}", work, context=step)
         self._previous, self._previous_step, self._last_logged_step = features, step, step
 
-    def _compare_and_write(self, features: dict[str, torch.Tensor], previous: Optional[dict[str, torch.Tensor]],
-                           step: int, stored: Callable[[], None]) -> None:
+    def _compare_and_write(
+        self,
+        features: dict[str, torch.Tensor],
+        previous: dict[str, torch.Tensor] | None,
+        step: int,
+        stored: Callable[[], None],
+    ) -> None:
         """Store one snapshot (then call ``stored``), compare it with every reference, draw and write the results.
 
         Runs on the worker thread when ``background``: it reads nothing that the training loop changes.
@@ -474,16 +539,19 @@ class RepresentationSimilarity(Callback):
         if self._reference("previous") is not None:
             self._prepared["previous"] = (features, current)  # its Grams serve the next point's "previous"
 
-    def _prepared_reference(self, ref: Reference, features: Optional[Mapping[str, torch.Tensor]],
-                            like: Mapping[str, torch.Tensor]) -> Optional[Representations]:
+    def _prepared_reference(
+        self, ref: Reference, features: Mapping[str, torch.Tensor] | None, like: Mapping[str, torch.Tensor]
+    ) -> Representations | None:
         """The reference's layers on the current device, prepared once and reused while they stay the same."""
         if features is None:
             return None
         cached = self._prepared.get(ref.label)
         if cached is None or cached[0] is not features:
             device = next(iter(like.values())).device
-            cached = (features, Representations({k: x.to(device) for k, x in features.items()},
-                                                max_cache_bytes=_GRAM_CACHE_BYTES))
+            cached = (
+                features,
+                Representations({k: x.to(device) for k, x in features.items()}, max_cache_bytes=_GRAM_CACHE_BYTES),
+            )
             self._prepared[ref.label] = cached
         return cached[1]
 
@@ -492,29 +560,49 @@ class RepresentationSimilarity(Callback):
         assert self._store is not None and self._output_dir is not None
         steps = self._store.steps
         if len(steps) < 2:
-            self._guard.warn_once("final-too-short", "reference='final' needs at least two snapshots; training was "
-                                  "too short for a convergence map.")
+            self._guard.warn_once(
+                "final-too-short",
+                "reference='final' needs at least two snapshots; training was too short for a convergence map.",
+            )
             return
         for name in self._layer_names:
             if "pwcca" in self.measures and self._store.kinds.get(name) != "features":
-                self._guard.warn_once(f"pwcca-factor:{name}", f"pwcca against the final snapshot is NaN for layer "
-                                      f"{name!r}: it was stored as a Gram factor (p > n), without its neurons.")
+                self._guard.warn_once(
+                    f"pwcca-factor:{name}",
+                    f"pwcca against the final snapshot is NaN for layer "
+                    f"{name!r}: it was stored as a Gram factor (p > n), without its neurons.",
+                )
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", RepSimWarning)  # NaN layers were reported by name at capture time
-            values = similarity_to_final(self._store, self.options, progress=lambda layers: tqdm(
-                layers, desc="repsim: similarity to the final snapshot", leave=False,
-                disable=trainer.progress_bar_callback is None or len(steps) * len(layers) < 200))
+            values = similarity_to_final(
+                self._store,
+                self.options,
+                progress=lambda layers: tqdm(
+                    layers,
+                    desc="repsim: similarity to the final snapshot",
+                    leave=False,
+                    disable=trainer.progress_bar_callback is None or len(steps) * len(layers) < 200,
+                ),
+            )
         if self._tensorboard is not None:
             for measure, table in values.items():
                 for t, step in enumerate(steps):
-                    self._tensorboard.log_layer_scalars(f"repsim/{measure}/final",
-                                                        dict(zip(self._layer_names, table[:, t].tolist())), step)
-        reports = write_convergence_report({m: v.numpy() for m, v in values.items()}, self._layer_names, steps,
-                                           self._output_dir / "figures" / "final", threshold=self.threshold,
-                                           tensorboard=self._tensorboard)
+                    self._tensorboard.log_layer_scalars(
+                        f"repsim/{measure}/final", dict(zip(self._layer_names, table[:, t].tolist())), step
+                    )
+        reports = write_convergence_report(
+            {m: v.numpy() for m, v in values.items()},
+            self._layer_names,
+            steps,
+            self._output_dir / "figures" / "final",
+            threshold=self.threshold,
+            tensorboard=self._tensorboard,
+        )
         for measure, written in reports.items():
-            rank_zero_info(f"{measure}: step at which each layer reaches {self.threshold:.0%} of its similarity to "
-                           f"the final snapshot\n{written.table}")
+            rank_zero_info(
+                f"{measure}: step at which each layer reaches {self.threshold:.0%} of its similarity to "
+                f"the final snapshot\n{written.table}"
+            )
 
 
 def _describe(value: Any) -> Any:
@@ -539,5 +627,5 @@ def _is_constant(x: torch.Tensor) -> bool:
     return float((x - x.mean(0)).square().sum()) <= 1e-20 * float(x.square().sum())
 
 
-def _to_cpu(features: Optional[Mapping[str, torch.Tensor]]) -> Optional[dict[str, torch.Tensor]]:
+def _to_cpu(features: Mapping[str, torch.Tensor] | None) -> dict[str, torch.Tensor] | None:
     return None if features is None else {k: v.detach().cpu() for k, v in features.items()}

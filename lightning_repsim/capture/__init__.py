@@ -45,6 +45,7 @@ The reduction rule (:func:`reduce_output`):
   size in front cannot be read as one row per example: such a layer is left out with a
   warning when chosen by default, and is an error when selected explicitly.
 """
+
 from lightning_repsim.capture.layers import (
     LayerSelector,
     eval_mode,

@@ -4,6 +4,7 @@ Every selector of lightning_repsim matches names by one rule, :func:`name_matche
 runs a model for us (discovery, capture) puts it in eval mode and restores each module's flag
 exactly afterwards, by one context manager, :func:`eval_mode`.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -11,8 +12,8 @@ import fnmatch
 import importlib
 import re
 import sys
-from collections.abc import Iterator, Sequence
-from typing import Any, Callable, Union
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -22,7 +23,7 @@ from lightning_repsim.errors import RepSimValueError
 __all__ = ["LayerSelector", "eval_mode", "execution_order", "name_matches", "select_layers", "select_names"]
 
 # the list first: jsonargparse (LightningCLI) tries a Union's members in order, and str takes a YAML list
-LayerSelector = Union[Sequence[Union[str, type]], str, type, None]
+LayerSelector = Sequence[str | type] | str | type | None
 
 _CONTAINER_TYPES = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
 
@@ -40,7 +41,6 @@ def _owns_parameters(module: nn.Module) -> bool:
 
 def _has_parameters(module: nn.Module) -> bool:
     return next(module.parameters(), None) is not None
-
 
 
 @contextlib.contextmanager
@@ -311,8 +311,7 @@ def select_layers(model: nn.Module, order: list[str], layers: LayerSelector = No
     for selector in selectors:
         if not isinstance(selector, (str, type)):
             raise RepSimValueError(
-                f"Layer selector {selector!r} is neither a module name, a glob pattern nor an "
-                "nn.Module type."
+                f"Layer selector {selector!r} is neither a module name, a glob pattern nor an nn.Module type."
             )
         matcher = selector
         if isinstance(selector, str) and selector not in modules:
@@ -331,5 +330,3 @@ def select_layers(model: nn.Module, order: list[str], layers: LayerSelector = No
             )
         keep |= hits
     return [n for n in order if n in keep]
-
-

@@ -29,13 +29,14 @@ The reduction rule (:func:`reduce_output`):
   size in front cannot be read as one row per example: such a layer is left out with a
   warning when chosen by default, and is an error when selected explicitly.
 """
+
 from __future__ import annotations
 
 import dataclasses
 import math
 import warnings
-from collections.abc import Mapping, Sequence
-from typing import Any, Callable, Union
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -46,7 +47,7 @@ from lightning_repsim.errors import RepSimValueError, RepSimWarning
 __all__ = ["OutputSelector", "check_reduction", "first_tensor", "reduce_output", "select_output"]
 
 # returns Any, not torch.Tensor: jsonargparse (LightningCLI) then resolves a YAML import path to the callable
-OutputSelector = Union[Callable[[Any], Any], int, str, None]
+OutputSelector = Callable[[Any], Any] | int | str | None
 
 _LAYOUTS = ("auto", "conv", "tokens")
 _TOKEN_REDUCTIONS = ("mean", "first", "last", "flatten")
@@ -228,9 +229,7 @@ def _adaptive_avg_pool(x: torch.Tensor, sizes: list[int]) -> torch.Tensor:
 def _upcast(x: torch.Tensor) -> torch.Tensor:
     x = x.detach()
     if x.is_complex():
-        raise RepSimValueError(
-            f"Complex outputs ({x.dtype}) are not supported; select the real part."
-        )
+        raise RepSimValueError(f"Complex outputs ({x.dtype}) are not supported; select the real part.")
     if not x.is_floating_point() or x.element_size() < 4:
         x = x.to(torch.float32)
     return x
@@ -292,9 +291,7 @@ def reduce_output(
     if x.ndim == 3 and not _batch_first(module) and isinstance(module, _SEQUENCE_TYPES):
         x = x.transpose(0, 1)
     if x.ndim == 0:
-        raise RepSimValueError(
-            f"Layer {name!r} returned a scalar; a layer output needs one row per example."
-        )
+        raise RepSimValueError(f"Layer {name!r} returned a scalar; a layer output needs one row per example.")
     if x.ndim == 1:
         return x.unsqueeze(1)
     if x.ndim == 2:
@@ -342,10 +339,7 @@ def _warn_once(warned: set[str] | None, name: str) -> bool:
     return True
 
 
-
-def check_reduction(
-    max_features: Any, layout: Any, token_reduction: Any
-) -> dict[str, str]:
+def check_reduction(max_features: Any, layout: Any, token_reduction: Any) -> dict[str, str]:
     """Validate the reduction arguments of :func:`capture`; ``{layer or glob: layout}``."""
     if not isinstance(max_features, int) or max_features < 1:
         raise RepSimValueError(f"max_features must be a positive int, got {max_features!r}.")
@@ -354,9 +348,5 @@ def check_reduction(
         if not isinstance(value, str) or value not in _LAYOUTS:
             raise RepSimValueError(f"layout must be one of {_LAYOUTS}, got {value!r}.")
     if not isinstance(token_reduction, str) or token_reduction not in _TOKEN_REDUCTIONS:
-        raise RepSimValueError(
-            f"token_reduction must be one of {_TOKEN_REDUCTIONS}, got {token_reduction!r}."
-        )
+        raise RepSimValueError(f"token_reduction must be one of {_TOKEN_REDUCTIONS}, got {token_reduction!r}.")
     return layouts
-
-

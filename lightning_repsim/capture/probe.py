@@ -1,4 +1,5 @@
 """The probe set: fixed model inputs, materialised once on the CPU, hashed, moved to each device once."""
+
 from __future__ import annotations
 
 import hashlib
@@ -155,12 +156,8 @@ class Probe:
     ) -> Iterator[torch.Tensor]:
         """Consecutive slices of ``batch_size`` examples (all at once when None)."""
         if batch_size is not None and (not isinstance(batch_size, int) or batch_size < 1):
-            raise RepSimValueError(
-                f"batch_size must be a positive int or None, got {batch_size!r}."
-            )
+            raise RepSimValueError(f"batch_size must be a positive int or None, got {batch_size!r}.")
         inputs = self._inputs if device is None else self.to(device)
         step = len(self) if batch_size is None else batch_size
         for start in range(0, len(self), step):
             yield inputs[start : start + step]
-
-

@@ -1,9 +1,10 @@
 """``capture``: one no-grad, eval-mode pass of the probe with temporary hooks, recorded as ``(n, p)`` features."""
+
 from __future__ import annotations
 
 import warnings
-from collections.abc import Mapping
-from typing import Any, Callable
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import torch
 from torch import nn
@@ -41,11 +42,7 @@ def _model_device(model: nn.Module) -> torch.device:
 def _parameter_holders(modules: dict[str, nn.Module]) -> dict[str, set[str]]:
     """Modules holding any parameter, each with its descendants that also hold one."""
     holders = [n for n, m in modules.items() if _has_parameters(m)]
-    return {
-        name: {d for d in holders if d != name and (name == "" or d.startswith(name + "."))}
-        for name in holders
-    }
-
+    return {name: {d for d in holders if d != name and (name == "" or d.startswith(name + "."))} for name in holders}
 
 
 def capture(
@@ -133,8 +130,15 @@ def capture(
         deeper = {}
         selected = select_layers(model, list(modules), layers)
 
-    recorder = _Recorder(modules, deeper, explicit=layers is not None, layouts=layouts,
-                         token_reduction=token_reduction, max_features=max_features, output_selector=output_selector)
+    recorder = _Recorder(
+        modules,
+        deeper,
+        explicit=layers is not None,
+        layouts=layouts,
+        token_reduction=token_reduction,
+        max_features=max_features,
+        output_selector=output_selector,
+    )
     handles = []
     try:
         for name in selected:
@@ -165,9 +169,17 @@ class _Recorder:
     without one row per example is left out with a warning.
     """
 
-    def __init__(self, modules: dict[str, nn.Module], deeper: dict[str, set[str]], *, explicit: bool,
-                 layouts: dict[str, str], token_reduction: str, max_features: int,
-                 output_selector: OutputSelector) -> None:
+    def __init__(
+        self,
+        modules: dict[str, nn.Module],
+        deeper: dict[str, set[str]],
+        *,
+        explicit: bool,
+        layouts: dict[str, str],
+        token_reduction: str,
+        max_features: int,
+        output_selector: OutputSelector,
+    ) -> None:
         self.modules, self.deeper, self.explicit = modules, deeper, explicit
         self.layouts, self.token_reduction, self.max_features = layouts, token_reduction, max_features
         self.output_selector = output_selector
@@ -207,9 +219,15 @@ class _Recorder:
         return hook
 
     def reduced(self, name: str, module: nn.Module, layout: str, x: torch.Tensor, axis: int) -> torch.Tensor:
-        return reduce_output(x.transpose(0, 1) if axis == 1 else x, module=module, name=name, layout=layout,
-                             token_reduction=self.token_reduction, max_features=self.max_features,
-                             _warned=self.warned)
+        return reduce_output(
+            x.transpose(0, 1) if axis == 1 else x,
+            module=module,
+            name=name,
+            layout=layout,
+            token_reduction=self.token_reduction,
+            max_features=self.max_features,
+            _warned=self.warned,
+        )
 
     def record(self, name: str, module: nn.Module, layout: str, output: Any) -> None:
         if name in self.seen_this_batch or name in self.superseded:

@@ -10,6 +10,7 @@ Modules: :mod:`~lightning_repsim.functional.cka`, :mod:`~lightning_repsim.functi
 the Gram matrices and HSIC, :mod:`~lightning_repsim.functional.matrix` the all-pairs front
 :func:`similarity_matrix`; the Gram engine behind it (:class:`Representations`) is private.
 """
+
 from lightning_repsim.functional._engine import Representations
 from lightning_repsim.functional._measures import MEASURES
 from lightning_repsim.functional.cca import canonical_correlations, pwcca, svcca

@@ -18,11 +18,12 @@ Two equivalent routes, picked by flop count: the n x n Grams (``V Vᵀ`` over fl
 Grams), or, when features are narrower than the probe, feature space, where
 ``<Xc Xcᵀ, Yc Ycᵀ> = ||Xcᵀ Yc||²`` and the diagonal corrections need only the rows' squared norms.
 """
+
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable, Optional, Union
 
 import numpy as np
 import torch
@@ -103,8 +104,14 @@ class PreparedLayers:
     feature route or RBF needs it.
     """
 
-    def __init__(self, names: list[str], sources: list[torch.Tensor], center: bool, device: torch.device,
-                 product_dtype: Union[torch.dtype, str, None] = None) -> None:
+    def __init__(
+        self,
+        names: list[str],
+        sources: list[torch.Tensor],
+        center: bool,
+        device: torch.device,
+        product_dtype: torch.dtype | str | None = None,
+    ) -> None:
         self.names, self.sources, self.center = names, sources, center
         self.device = torch.device(device)
         self.product_dtype = gemm_dtype(self.device, product_dtype)
@@ -112,13 +119,13 @@ class PreparedLayers:
         self.widths = [int(m.shape[1]) for m in sources]
         self.problems: dict[str, str] = {}
         self.budget = GramBudget()  # Grams kept for later calls, within this
-        self._features: list[Optional[torch.Tensor]] = [None] * len(names)
+        self._features: list[torch.Tensor | None] = [None] * len(names)
         self._row_norms = torch.zeros(len(names), self.n, dtype=torch.float64, device=self.device)
         self._energy = torch.zeros(len(names), dtype=torch.float64, device=self.device)
         self._known = [False] * len(names)  # row norms and energy of layer i filled in
-        self._scales: list[Optional[float]] = [None] * len(names)  # float32 products: see float32_scale
+        self._scales: list[float | None] = [None] * len(names)  # float32 products: see float32_scale
         self._grams: dict[tuple[str, int], torch.Tensor] = {}
-        self._self_cross: Optional[torch.Tensor] = None
+        self._self_cross: torch.Tensor | None = None
 
     def feature(self, i: int) -> torch.Tensor:
         """Layer i's prepared features (kept once computed)."""
@@ -128,7 +135,7 @@ class PreparedLayers:
                     with _quiet():
                         x, extra = self._centred_cpu(i)
                         if self.product_dtype == torch.float32:
-                            scale = self._decide_scale(i, lambda: float(np.abs(x).max()))
+                            scale = self._decide_scale(i, lambda x=x: float(np.abs(x).max()))
                             if scale != 1.0:
                                 x, extra = self._centred_cpu(i, scale=scale)
                         norms = np.einsum("ij,ij->i", x, x)
@@ -182,8 +189,9 @@ class PreparedLayers:
             raw = np.nan_to_num(raw, nan=0.0, posinf=0.0, neginf=0.0)
         return raw
 
-    def _centred_cpu(self, i: int, scratch: Optional[np.ndarray] = None, scale: float = 1.0,
-                     exact_mean: bool = True) -> tuple[np.ndarray, float]:
+    def _centred_cpu(
+        self, i: int, scratch: np.ndarray | None = None, scale: float = 1.0, exact_mean: bool = True
+    ) -> tuple[np.ndarray, float]:
         """(layer i, centred if asked, in float64 or in ``scratch`` (float64 or float32) when given;
         n ||mean||²).
 
@@ -225,7 +233,7 @@ class PreparedLayers:
             x -= (mean - rounded).astype(x.dtype)
         return x, 0.0 if mean is None else n * float(np.dot(mean, mean))
 
-    def _exact_centred(self, raw: np.ndarray) -> tuple[np.ndarray, Optional[np.ndarray]]:
+    def _exact_centred(self, raw: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
         """``raw`` centred in float64 (``raw`` itself when not centring) and its float64 mean (None)."""
         if not self.center:
             return raw, None
@@ -253,8 +261,9 @@ class PreparedLayers:
         self._known[i] = True
         return True
 
-    def gram(self, i: int, kernel: str, out: Optional[torch.Tensor] = None,
-             scratch: Optional["GramScratch"] = None) -> tuple[torch.Tensor, bool]:
+    def gram(
+        self, i: int, kernel: str, out: torch.Tensor | None = None, scratch: GramScratch | None = None
+    ) -> tuple[torch.Tensor, bool]:
         """Layer i's untransformed n x n float64 Gram (squared distances for ``rbf``), and whether it is
         cached (then the caller must not modify it in place).
 
@@ -288,7 +297,7 @@ class PreparedLayers:
             return gram, out is None
         return gram, False
 
-    def _streamed_gram(self, i: int, out: torch.Tensor, scratch: "GramScratch") -> torch.Tensor:
+    def _streamed_gram(self, i: int, out: torch.Tensor, scratch: GramScratch) -> torch.Tensor:
         with _quiet():
             for _ in range(2):  # a second time, zeroed, if the input turns out to hold NaN or Inf
                 if scratch.product is None:
@@ -303,7 +312,7 @@ class PreparedLayers:
                     break
         return out
 
-    def _float32_gram(self, i: int, out: torch.Tensor, scratch: "GramScratch") -> float:
+    def _float32_gram(self, i: int, out: torch.Tensor, scratch: GramScratch) -> float:
         """Layer i's Gram by float32 products into ``out`` (float64); returns n ||mean||² (scaled).
 
         The layer is first centred the fast way (float32 mean, one subtraction). That leaves each
@@ -330,7 +339,7 @@ class PreparedLayers:
                 self._scales[i] = 1.0
                 break
 
-            exact_peak = lambda: float(np.abs(self._exact_centred(self._raw_cpu(i))[0]).max())  # noqa: E731
+            exact_peak = lambda: float(np.abs(self._exact_centred(self._raw_cpu(i))[0]).max())
             if self._decide_scale(i, exact_peak) == 1.0:
                 break
         return extra
@@ -349,17 +358,22 @@ class GramScratch:
     are float32, before it is widened into its float64 row (None for float64 products)."""
 
     features: np.ndarray
-    product: Optional[np.ndarray]
+    product: np.ndarray | None
 
     @classmethod
-    def for_layers(cls, layers: "PreparedLayers") -> "GramScratch":
+    def for_layers(cls, layers: PreparedLayers) -> GramScratch:
         dtype = np.float32 if layers.product_dtype == torch.float32 else np.float64
         product = np.empty(layers.n * layers.n, dtype=np.float32) if dtype == np.float32 else None
         return cls(np.empty(layers.n * max(layers.widths), dtype=dtype), product)
 
 
-def prepare_layers(names: list[str], mats: list[torch.Tensor], spec: GramSpec, device: torch.device,
-                   product_dtype: Union[torch.dtype, str, None] = None) -> PreparedLayers:
+def prepare_layers(
+    names: list[str],
+    mats: list[torch.Tensor],
+    spec: GramSpec,
+    device: torch.device,
+    product_dtype: torch.dtype | str | None = None,
+) -> PreparedLayers:
     """The layers' :class:`PreparedLayers` for ``spec`` on ``device``: nothing is computed until asked for."""
     return PreparedLayers(names, mats, spec.center_features, device, product_dtype)
 
@@ -408,8 +422,9 @@ class Representations:
     def __repr__(self) -> str:
         return f"Representations({len(self)} layers, n={self.matrices[0].shape[0]})"
 
-    def prepared(self, spec: GramSpec, device: torch.device,
-                 product_dtype: Union[torch.dtype, str, None] = None) -> PreparedLayers:
+    def prepared(
+        self, spec: GramSpec, device: torch.device, product_dtype: torch.dtype | str | None = None
+    ) -> PreparedLayers:
         """The layers prepared for ``spec`` (centred or not) on ``device`` with products in
         ``product_dtype`` (see :func:`similarity_matrix`), computed on first use."""
         device = torch.device(device)
@@ -442,8 +457,9 @@ def _squared_cross_norms(xs: list[torch.Tensor], ys: list[torch.Tensor], symmetr
     return out
 
 
-def _apply_transform(cross: torch.Tensor, rows_x: torch.Tensor, rows_y: torch.Tensor, n: int, transform: str,
-                     outer: bool) -> torch.Tensor:
+def _apply_transform(
+    cross: torch.Tensor, rows_x: torch.Tensor, rows_y: torch.Tensor, n: int, transform: str, outer: bool
+) -> torch.Tensor:
     """Feature-space form of ``<T(K), T(L)>`` given ``||Xᵀ Y||²`` and the rows' squared norms."""
     if transform in ("none", "center"):
         return cross
@@ -459,7 +475,7 @@ def _apply_transform(cross: torch.Tensor, rows_x: torch.Tensor, rows_y: torch.Te
     return cross - n / (n - 2) * diagonal_products + sums / ((n - 1) * (n - 2))
 
 
-def transformed_gram(layers: PreparedLayers, i: int, spec: GramSpec) -> tuple[torch.Tensor, Optional[str]]:
+def transformed_gram(layers: PreparedLayers, i: int, spec: GramSpec) -> tuple[torch.Tensor, str | None]:
     """Layer i's transformed n x n Gram in float64, and a reason if it is degenerate."""
     gram, cached = layers.gram(i, spec.kernel)
     if spec.kernel == "rbf":
@@ -484,7 +500,7 @@ def _feature_space_is_cheaper(n: int, widths_x: list[int], widths_y: list[int], 
 
 
 def hsic_matrices(
-    x: PreparedLayers, y: Optional[PreparedLayers], spec: GramSpec, n: int, method: str = "auto"
+    x: PreparedLayers, y: PreparedLayers | None, spec: GramSpec, n: int, method: str = "auto"
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict[str, str]]:
     """HSIC-scale inner products for all pairs: ``(cross (Lx, Ly), self_x (Lx,), self_y (Ly,), problems)``.
 
@@ -495,8 +511,11 @@ def hsic_matrices(
     y = x if y is None else y
     problems: dict[str, str] = {}  # RBF's degenerate layers; NaN/Inf inputs are in x.problems, y.problems
     if method == "auto":
-        method = "gram" if spec.kernel == "rbf" else (
-            "features" if _feature_space_is_cheaper(n, x.widths, y.widths, symmetric) else "gram")
+        method = (
+            "gram"
+            if spec.kernel == "rbf"
+            else ("features" if _feature_space_is_cheaper(n, x.widths, y.widths, symmetric) else "gram")
+        )
     if method == "features":
         if spec.kernel == "rbf":
             raise RepSimValueError("rbf_cka has no feature-space form; use method='gram' or 'auto'.")
@@ -540,8 +559,9 @@ def _gram_vectors(layers: PreparedLayers, spec: GramSpec, problems: dict[str, st
     return rows
 
 
-def _gram_route_cpu(x: PreparedLayers, y: Optional[PreparedLayers], spec: GramSpec, n: int,
-                    problems: dict[str, str]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _gram_route_cpu(
+    x: PreparedLayers, y: PreparedLayers | None, spec: GramSpec, n: int, problems: dict[str, str]
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The Gram route on CPU, all in NumPy (SYRK for every Gram and for the L x L product).
 
     For linear kernels nothing n x n is centred: the diagonal of each Gram is zeroed in place and the
@@ -553,8 +573,9 @@ def _gram_route_cpu(x: PreparedLayers, y: Optional[PreparedLayers], spec: GramSp
         return _gram_route_cpu_inner(x, y, spec, n, problems)
 
 
-def _gram_route_cpu_inner(x: PreparedLayers, y: Optional[PreparedLayers], spec: GramSpec, n: int,
-                          problems: dict[str, str]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _gram_route_cpu_inner(
+    x: PreparedLayers, y: PreparedLayers | None, spec: GramSpec, n: int, problems: dict[str, str]
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     vectors_x, sums_x, self_x = _gram_rows_cpu(x, spec, problems, want_self=y is not None)
     if y is None:
         cross = self_product(torch.from_numpy(vectors_x)).numpy()
@@ -575,8 +596,9 @@ def _gram_route_cpu_inner(x: PreparedLayers, y: Optional[PreparedLayers], spec: 
     return torch.from_numpy(cross), torch.from_numpy(self_x), torch.from_numpy(self_y)
 
 
-def _gram_rows_cpu(layers: PreparedLayers, spec: GramSpec, problems: dict[str, str], want_self: bool
-                   ) -> tuple[np.ndarray, Optional[np.ndarray], Optional[np.ndarray]]:
+def _gram_rows_cpu(
+    layers: PreparedLayers, spec: GramSpec, problems: dict[str, str], want_self: bool
+) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
     """(L, n²) float64 rows, each a layer's Gram written in place by SYRK (diagonal zeroed for RV2 and
     debiased CKA), transformed in full for RBF; (L, n) row sums of the zero-diagonal linear Grams when
     the transform is the U-centring (else None); each row's squared norm when ``want_self``."""
@@ -607,8 +629,9 @@ def _gram_rows_cpu(layers: PreparedLayers, spec: GramSpec, problems: dict[str, s
     return rows, sums, squares
 
 
-def degenerate_layers(names: list[str], self_terms: torch.Tensor, scales: torch.Tensor, spec: GramSpec,
-                      problems: dict[str, str]) -> torch.Tensor:
+def degenerate_layers(
+    names: list[str], self_terms: torch.Tensor, scales: torch.Tensor, spec: GramSpec, problems: dict[str, str]
+) -> torch.Tensor:
     """Mask of layers whose self-similarity is zero (or, for unbiased estimates, not positive)."""
     mask = torch.zeros(len(names), dtype=torch.bool)
     for i, name in enumerate(names):
@@ -622,14 +645,18 @@ def degenerate_layers(names: list[str], self_terms: torch.Tensor, scales: torch.
             problems[name] = "its debiased self-similarity estimate is not positive (too few examples?)"
             mask[i] = True
         elif is_negligible(value, scale):
-            problems[name] = ("it has zero variance (a constant or dead layer)" if spec.center_features
-                              or spec.kernel == "rbf" else "its Gram matrix is zero")
+            problems[name] = (
+                "it has zero variance (a constant or dead layer)"
+                if spec.center_features or spec.kernel == "rbf"
+                else "its Gram matrix is zero"
+            )
             mask[i] = True
     return mask
 
 
-def cosine(cross: torch.Tensor, self_x: torch.Tensor, self_y: torch.Tensor, dead_x: torch.Tensor,
-           dead_y: torch.Tensor) -> torch.Tensor:
+def cosine(
+    cross: torch.Tensor, self_x: torch.Tensor, self_y: torch.Tensor, dead_x: torch.Tensor, dead_y: torch.Tensor
+) -> torch.Tensor:
     """``cross / sqrt(self_x self_y)`` with NaN rows and columns for degenerate layers."""
     denominator = torch.sqrt(torch.outer(self_x.clamp_min(0), self_y.clamp_min(0)))
     result = cross / denominator
@@ -638,9 +665,15 @@ def cosine(cross: torch.Tensor, self_x: torch.Tensor, self_y: torch.Tensor, dead
     return result
 
 
-def gram_similarity(reps_x: Representations, reps_y: Optional[Representations], spec: GramSpec, n: int,
-                    device: torch.device, method: str = "auto",
-                    product_dtype: Union[torch.dtype, str, None] = None) -> tuple[torch.Tensor, dict[str, str]]:
+def gram_similarity(
+    reps_x: Representations,
+    reps_y: Representations | None,
+    spec: GramSpec,
+    n: int,
+    device: torch.device,
+    method: str = "auto",
+    product_dtype: torch.dtype | str | None = None,
+) -> tuple[torch.Tensor, dict[str, str]]:
     """All pairs of a Gram-based measure: ``(matrix (Lx, Ly) float64, degenerate layers -> why)``.
 
     ``reps_y=None`` compares ``reps_x`` with itself (one triangle). Degenerate layers give NaN rows
@@ -651,8 +684,11 @@ def gram_similarity(reps_x: Representations, reps_y: Optional[Representations], 
     cross, self_x, self_y, problems = hsic_matrices(prepared_x, prepared_y, spec, n, method)
     scale = spec.hsic_scale(n)
     dead_x = degenerate_layers(prepared_x.names, self_x, _energy_scale(prepared_x, spec, n) * scale, spec, problems)
-    dead_y = dead_x if prepared_y is None else degenerate_layers(
-        prepared_y.names, self_y, _energy_scale(prepared_y, spec, n) * scale, spec, problems)
+    dead_y = (
+        dead_x
+        if prepared_y is None
+        else degenerate_layers(prepared_y.names, self_y, _energy_scale(prepared_y, spec, n) * scale, spec, problems)
+    )
     return cosine(cross, self_x, self_y, dead_x, dead_y), problems
 
 

@@ -4,10 +4,12 @@ One place validates a measure name and its options (:func:`resolve_options`) and
 with per-measure options (:func:`resolve_measures`); every caller (the functional API, the Metric,
 the callbacks, the analysis functions and the CLI) goes through it.
 """
+
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Mapping, Optional, Sequence, Union
+from typing import Any
 
 from lightning_repsim.errors import RepSimValueError
 
@@ -62,10 +64,9 @@ def resolve_options(measure: str, options: Mapping[str, object]) -> dict[str, ob
     return {**allowed, **options}
 
 
-
-
-def resolve_measures(measures: Union[str, Sequence[str]],
-                     measure_options: Optional[Mapping[str, Mapping[str, Any]]] = None) -> dict[str, dict[str, Any]]:
+def resolve_measures(
+    measures: str | Sequence[str], measure_options: Mapping[str, Mapping[str, Any]] | None = None
+) -> dict[str, dict[str, Any]]:
     """Validate a measure name or list of names and their per-measure options.
 
     Returns ``{measure: options with defaults filled in}`` in the order given, duplicates removed.
@@ -87,12 +88,17 @@ def resolve_measures(measures: Union[str, Sequence[str]],
         raise RepSimValueError(f"measure_options names {stray}, which are not among measures {names}.")
     return {m: resolve_options(m, given.get(m, {})) for m in names}
 
+
 def gram_spec(measure: str, **options: object) -> GramSpec:
     """The :class:`GramSpec` of a Gram-based measure (``linear_cka`` with ``debiased=True`` included)."""
     opts = resolve_options(measure, options)
     if measure == "linear_cka":
-        return GramSpec("debiased_cka" if opts["debiased"] else "linear_cka", "linear", True,
-                        "unbiased" if opts["debiased"] else "none")
+        return GramSpec(
+            "debiased_cka" if opts["debiased"] else "linear_cka",
+            "linear",
+            True,
+            "unbiased" if opts["debiased"] else "none",
+        )
     if measure == "debiased_cka":
         return GramSpec(measure, "linear", True, "unbiased")
     if measure == "rbf_cka":
@@ -104,4 +110,3 @@ def gram_spec(measure: str, **options: object) -> GramSpec:
     if measure in ("rv", "rv2"):
         return GramSpec(measure, "linear", bool(opts["center"]), "zero_diag" if measure == "rv2" else "none")
     raise RepSimValueError(f"{measure} is not a Gram-based measure; use similarity_matrix for it.")
-

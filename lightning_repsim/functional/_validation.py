@@ -2,19 +2,20 @@
 
 Conventions used everywhere: rows are examples (n), columns are neurons/features (p).
 """
+
 from __future__ import annotations
 
 import contextlib
 import warnings
-from typing import Iterator, Mapping, Optional, Sequence, Union
+from collections.abc import Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
 
 from lightning_repsim.errors import RepSimValueError, RepSimWarning
 
-TensorLike = Union[torch.Tensor, np.ndarray]
-Layers = Union[Sequence[TensorLike], Mapping[str, TensorLike]]
+TensorLike = torch.Tensor | np.ndarray
+Layers = Sequence[TensorLike] | Mapping[str, TensorLike]
 
 # A representation is treated as constant when its centred spread is below 1e-10 of its raw
 # magnitude: float64 centring leaves residues near 1e-16, real data sits many orders above.
@@ -78,16 +79,21 @@ def named_layers(layers: Layers, default_prefix: str) -> tuple[list[str], list[t
     return names, mats
 
 
-def gemm_dtype(device: torch.device, requested: Union[torch.dtype, str, None] = None) -> torch.dtype:
+def gemm_dtype(device: torch.device, requested: torch.dtype | str | None = None) -> torch.dtype:
     """Precision of the large products: ``requested`` (float32 or float64) when given, else float64 on
     CPU and float32 (TF32 off) on accelerators."""
     if requested is None:
         return torch.float64 if device.type == "cpu" else torch.float32
-    dtype = {"float32": torch.float32, "float64": torch.float64}.get(requested, requested) \
-        if isinstance(requested, str) else requested
+    dtype = (
+        {"float32": torch.float32, "float64": torch.float64}.get(requested, requested)
+        if isinstance(requested, str)
+        else requested
+    )
     if dtype not in (torch.float32, torch.float64):
-        raise RepSimValueError(f"product_dtype must be torch.float32, torch.float64 (or their names) or None for "
-                               f"the device's default; got {requested!r}.")
+        raise RepSimValueError(
+            f"product_dtype must be torch.float32, torch.float64 (or their names) or None for "
+            f"the device's default; got {requested!r}."
+        )
     return dtype
 
 
@@ -119,7 +125,7 @@ def use_numpy_blas(work: float) -> bool:
     return work >= _SYRK_MIN_WORK or torch.get_num_threads() == 1
 
 
-def self_product(x: torch.Tensor, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+def self_product(x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
     """``x @ x.T`` in x's dtype. CPU products that :func:`use_numpy_blas` go through NumPy, whose matmul
     recognises the transposed operand and calls BLAS SYRK: half the flops of torch's general product.
 

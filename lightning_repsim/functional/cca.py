@@ -5,10 +5,10 @@ values of ``Qxᵀ Qy`` where Q are orthonormal bases of the centred column space
 rank-revealing SVD, never from inverted covariance matrices: rank-deficient inputs and constant
 columns give correct values, and no correlation exceeds 1.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional, Union
 
 import torch
 
@@ -21,11 +21,12 @@ from lightning_repsim.functional._validation import (
     warn_degenerate,
 )
 
+
 @dataclass
 class _Basis:
     centred: torch.Tensor  # (n, p) float64
     basis: torch.Tensor  # (n, k) orthonormal columns, top-k left singular vectors
-    problem: Optional[str]
+    problem: str | None
 
 
 def _numerical_rank(singular_values: torch.Tensor, shape: torch.Size) -> int:
@@ -36,7 +37,7 @@ def _numerical_rank(singular_values: torch.Tensor, shape: torch.Size) -> int:
     return int((singular_values > tolerance).sum())
 
 
-def _kept_directions(singular_values: torch.Tensor, rank: int, keep: Union[float, int, None]) -> int:
+def _kept_directions(singular_values: torch.Tensor, rank: int, keep: float | int | None) -> int:
     if keep is None:
         return rank
     if isinstance(keep, float):
@@ -48,13 +49,16 @@ def _kept_directions(singular_values: torch.Tensor, rank: int, keep: Union[float
     return min(keep, rank)
 
 
-def _validate_keep(keep: object) -> Union[float, int]:
+def _validate_keep(keep: object) -> float | int:
     if isinstance(keep, bool) or not isinstance(keep, (int, float)):
-        raise RepSimValueError(f"keep must be a float in (0, 1] (variance fraction) or an int >= 1 (directions); "
-                               f"got {keep!r}.")
+        raise RepSimValueError(
+            f"keep must be a float in (0, 1] (variance fraction) or an int >= 1 (directions); got {keep!r}."
+        )
     if isinstance(keep, float) and not 0.0 < keep <= 1.0:
-        raise RepSimValueError(f"a float keep is the fraction of variance to keep and must lie in (0, 1]; got {keep}. "
-                               "Pass an int to keep a number of directions.")
+        raise RepSimValueError(
+            f"a float keep is the fraction of variance to keep and must lie in (0, 1]; got {keep}. "
+            "Pass an int to keep a number of directions."
+        )
     if isinstance(keep, int) and keep < 1:
         raise RepSimValueError(f"an int keep is a number of directions and must be >= 1; got {keep}.")
     return keep
@@ -76,7 +80,7 @@ def _left_singular(centred: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return u, s
 
 
-def _basis(x: torch.Tensor, keep: Union[float, int, None]) -> _Basis:
+def _basis(x: torch.Tensor, keep: float | int | None) -> _Basis:
     x, bad = finite_or_zero(x.to(torch.float64))
     centred = x - x.mean(0, keepdim=True)
     u, s = _left_singular(centred)
@@ -104,8 +108,9 @@ def canonical_correlations(x: TensorLike, y: TensorLike) -> torch.Tensor:
     return torch.linalg.svdvals(bx.basis.T @ by.basis).clamp(0.0, 1.0)
 
 
-def _pwcca_from_side(basis: torch.Tensor, rotation: torch.Tensor, centred: torch.Tensor,
-                     correlations: torch.Tensor) -> torch.Tensor:
+def _pwcca_from_side(
+    basis: torch.Tensor, rotation: torch.Tensor, centred: torch.Tensor, correlations: torch.Tensor
+) -> torch.Tensor:
     """Weights from one side's canonical variates h_i = Q a_i: alpha_i = sum_j |<h_i, x_j>|."""
     variates = basis @ rotation  # (n, m), orthonormal columns
     weights = (variates.T @ centred).abs().sum(1)
@@ -115,10 +120,10 @@ def _pwcca_from_side(basis: torch.Tensor, rotation: torch.Tensor, centred: torch
 def cca_matrix(
     names_x: list[str],
     mats_x: list[torch.Tensor],
-    other: Optional[tuple[list[str], list[torch.Tensor]]],
+    other: tuple[list[str], list[torch.Tensor]] | None,
     n: int,
     measure: str,
-    keep: Union[float, int] = 0.99,
+    keep: float | int = 0.99,
 ) -> tuple[torch.Tensor, dict[str, str]]:
     """SVCCA or PWCCA for all pairs; ``other=None`` compares the x side with itself.
 
@@ -148,9 +153,10 @@ def cca_matrix(
                 problems[f"{names_x[i]} vs {names_y[j]}"] = (
                     f"CCA is degenerate: the compared dimensions {kx} + {ky} >= n - 1 = {n - 1}, so the canonical "
                     "correlations reflect dimensions, not data (some are trivially 1); use more examples"
-                    + (" or a smaller keep" if measure == "svcca" else ""))
+                    + (" or a smaller keep" if measure == "svcca" else "")
+                )
                 continue
-            block = blocks[starts_x[i]:starts_x[i] + kx, starts_y[j]:starts_y[j] + ky]
+            block = blocks[starts_x[i] : starts_x[i] + kx, starts_y[j] : starts_y[j] + ky]
             if measure == "svcca":
                 value = torch.linalg.svdvals(block).clamp(0.0, 1.0).mean()
                 result[i, j] = value
@@ -186,7 +192,7 @@ def _pair(x: TensorLike, y: TensorLike, measure: str, **options: object) -> torc
     return result[0, 0]
 
 
-def svcca(x: TensorLike, y: TensorLike, keep: Union[float, int] = 0.99) -> torch.Tensor:
+def svcca(x: TensorLike, y: TensorLike, keep: float | int = 0.99) -> torch.Tensor:
     r"""SVCCA of Raghu et al. (2017): CCA between the top singular directions of each side.
 
     Both sides are column-centred; each keeps its top-k singular directions (float ``keep``: the

@@ -1,4 +1,5 @@
 """Centered kernel alignment (Kornblith et al. 2019) and its minibatch estimator (Nguyen et al. 2021)."""
+
 from __future__ import annotations
 
 import warnings
@@ -6,10 +7,10 @@ import warnings
 import torch
 
 from lightning_repsim.errors import RepSimValueError, RepSimWarning
-from lightning_repsim.functional._validation import TensorLike, as_matrix, check_examples, warn_degenerate
-from lightning_repsim.functional.gram import hsic
 from lightning_repsim.functional._engine import cosine, degenerate_layers, hsic_matrices, prepare_layers
 from lightning_repsim.functional._measures import gram_spec
+from lightning_repsim.functional._validation import TensorLike, as_matrix, check_examples, warn_degenerate
+from lightning_repsim.functional.gram import hsic
 from lightning_repsim.functional.matrix import similarity_matrix
 
 
@@ -30,8 +31,12 @@ def cka(gram_x: torch.Tensor, gram_y: torch.Tensor, debiased: bool = False) -> t
     """
     xy, xx, yy = hsic(gram_x, gram_y, debiased), hsic(gram_x, gram_x, debiased), hsic(gram_y, gram_y, debiased)
     if not (float(xx) > 0 and float(yy) > 0):
-        warnings.warn(f"CKA is NaN: HSIC(K, K) = {float(xx):.3g} and HSIC(L, L) = {float(yy):.3g} must be positive "
-                      "(a constant representation?).", RepSimWarning, stacklevel=2)
+        warnings.warn(
+            f"CKA is NaN: HSIC(K, K) = {float(xx):.3g} and HSIC(L, L) = {float(yy):.3g} must be positive "
+            "(a constant representation?).",
+            RepSimWarning,
+            stacklevel=2,
+        )
         return torch.tensor(float("nan"), dtype=torch.float64, device=xy.device)
     return xy / torch.sqrt(xx * yy)
 
@@ -100,15 +105,21 @@ def minibatch_cka(x: TensorLike, y: TensorLike, batch_size: int) -> torch.Tensor
     x, y = as_matrix(x, "x"), as_matrix(y, "y")
     n = check_examples({"x": x.shape, "y": y.shape}, 4, "minibatch CKA (unbiased HSIC)")
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 4:
-        raise RepSimValueError(f"batch_size must be an int >= 4 (the unbiased HSIC needs 4 examples); got {batch_size!r}.")
+        raise RepSimValueError(
+            f"batch_size must be an int >= 4 (the unbiased HSIC needs 4 examples); got {batch_size!r}."
+        )
     spec = gram_spec("debiased_cka")
     totals = None
     problems: dict[str, str] = {}
     for start in range(0, n, batch_size):
         stop = min(start + batch_size, n)
         if stop - start < 4:
-            warnings.warn(f"minibatch_cka dropped the last {stop - start} example(s): a block needs >= 4 for the "
-                          f"unbiased HSIC (n = {n}, batch_size = {batch_size}).", RepSimWarning, stacklevel=2)
+            warnings.warn(
+                f"minibatch_cka dropped the last {stop - start} example(s): a block needs >= 4 for the "
+                f"unbiased HSIC (n = {n}, batch_size = {batch_size}).",
+                RepSimWarning,
+                stacklevel=2,
+            )
             break
         block_x = prepare_layers(["x"], [x[start:stop]], spec, x.device)
         block_y = prepare_layers(["y"], [y[start:stop].to(x.device)], spec, x.device)

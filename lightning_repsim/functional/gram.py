@@ -2,10 +2,10 @@
 
 Rows are examples: a Gram matrix is n x n with ``K[i, j] = k(x_i, x_j)``.
 """
+
 from __future__ import annotations
 
 import warnings
-from typing import Optional
 
 import torch
 
@@ -32,7 +32,7 @@ def gram_linear(x: TensorLike) -> torch.Tensor:
     return self_product(x.to(gemm_dtype(x.device))).to(torch.float64)
 
 
-def squared_distances(x: torch.Tensor, product_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+def squared_distances(x: torch.Tensor, product_dtype: torch.dtype | None = None) -> torch.Tensor:
     """Pairwise squared Euclidean distances between rows, float64, exact zeros on the diagonal; the
     products in ``product_dtype`` (default: the device's, see ``gemm_dtype``)."""
     x = x.to(torch.float64)
@@ -86,8 +86,12 @@ def gram_rbf(x: TensorLike, sigma: float = 0.8) -> torch.Tensor:
         raise RepSimValueError(f"sigma must be positive; got sigma = {sigma}.")
     distances = squared_distances(as_matrix(x, "x"))
     if not float(numpy_median(distances)) > 0:
-        warnings.warn("gram_rbf: the median squared distance is 0 (most examples identical), so the bandwidth is 0 "
-                      "and the kernel is NaN.", RepSimWarning, stacklevel=2)
+        warnings.warn(
+            "gram_rbf: the median squared distance is 0 (most examples identical), so the bandwidth is 0 "
+            "and the kernel is NaN.",
+            RepSimWarning,
+            stacklevel=2,
+        )
     return rbf_from_distances(distances, sigma)
 
 
@@ -143,7 +147,8 @@ def hsic(gram_x: torch.Tensor, gram_y: torch.Tensor, unbiased: bool = False) -> 
     gram_x, gram_y = _square(gram_x), _square(gram_y)
     if gram_x.shape != gram_y.shape:
         raise RepSimValueError(
-            f"Gram matrices must describe the same examples; got shapes {tuple(gram_x.shape)} and {tuple(gram_y.shape)}."
+            "Gram matrices must describe the same examples; got shapes "
+            f"{tuple(gram_x.shape)} and {tuple(gram_y.shape)}."
         )
     n = gram_x.shape[0]
     if unbiased:

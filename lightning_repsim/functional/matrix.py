@@ -3,9 +3,8 @@
 Validates the inputs and the measure, then hands the Gram-based measures to the Gram engine
 (:mod:`lightning_repsim.functional._engine`) and SVCCA / PWCCA to :mod:`lightning_repsim.functional.cca`.
 """
-from __future__ import annotations
 
-from typing import Union
+from __future__ import annotations
 
 import torch
 
@@ -19,9 +18,14 @@ __all__ = ["similarity_matrix"]
 
 
 def similarity_matrix(
-    xs: Union[Layers, "Representations"], ys: Union[Layers, "Representations", None] = None,
-    measure: str = "linear_cka", *, method: str = "auto", warn: bool = True,
-    product_dtype: Union[torch.dtype, str, None] = None, **options: object,
+    xs: Layers | Representations,
+    ys: Layers | Representations | None = None,
+    measure: str = "linear_cka",
+    *,
+    method: str = "auto",
+    warn: bool = True,
+    product_dtype: torch.dtype | str | None = None,
+    **options: object,
 ) -> torch.Tensor:
     r"""Similarity of every layer in ``xs`` with every layer in ``ys``: a (len(xs), len(ys)) tensor.
 
@@ -65,28 +69,36 @@ def similarity_matrix(
     options = resolve_options(measure, options)
     reps_x = xs if isinstance(xs, Representations) else Representations(xs, max_cache_bytes=0, name="xs")
     symmetric = ys is None or ys is xs
-    reps_y = reps_x if symmetric else (
-        ys if isinstance(ys, Representations) else Representations(ys, max_cache_bytes=0, name="ys"))
+    reps_y = (
+        reps_x
+        if symmetric
+        else (ys if isinstance(ys, Representations) else Representations(ys, max_cache_bytes=0, name="ys"))
+    )
     names_x, mats_x, names_y, mats_y = reps_x.names, reps_x.matrices, reps_y.names, reps_y.matrices
     devices = {m.device for m in mats_x + mats_y}
     if len(devices) > 1:
-        raise RepSimValueError(f"all representations must be on one device; got {sorted(map(str, devices))}. "
-                               "Move them with .to(device) first.")
+        raise RepSimValueError(
+            f"all representations must be on one device; got {sorted(map(str, devices))}. "
+            "Move them with .to(device) first."
+        )
     device = devices.pop()
     gemm_dtype(device, product_dtype)  # validated for every measure, though only Gram products use it
     shapes = {name: m.shape for name, m in zip(names_x + names_y, mats_x + mats_y)}
 
     if measure in CCA_MEASURES:
         n = check_examples(shapes, 2, measure)
-        result, problems = cca_matrix(names_x, mats_x, None if symmetric else (names_y, mats_y), n, measure,
-                                      **options)
+        result, problems = cca_matrix(names_x, mats_x, None if symmetric else (names_y, mats_y), n, measure, **options)
         label = measure
     else:
         spec = gram_spec(measure, **options)
-        n = check_examples(shapes, spec.min_examples, spec.measure.replace("_", " ") if spec.transform != "unbiased"
-                           else f"{spec.measure} (unbiased HSIC)")
-        result, problems = gram_similarity(reps_x, None if symmetric else reps_y, spec, n, device, method,
-                                           product_dtype)
+        n = check_examples(
+            shapes,
+            spec.min_examples,
+            spec.measure.replace("_", " ") if spec.transform != "unbiased" else f"{spec.measure} (unbiased HSIC)",
+        )
+        result, problems = gram_similarity(
+            reps_x, None if symmetric else reps_y, spec, n, device, method, product_dtype
+        )
         label = spec.measure
     if warn:
         warn_degenerate(problems, label)

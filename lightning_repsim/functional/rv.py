@@ -1,4 +1,5 @@
 """RV coefficient (Robert & Escoufier 1976) and the modified RV2 (Smilde et al. 2009)."""
+
 from __future__ import annotations
 
 import torch

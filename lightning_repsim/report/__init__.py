@@ -9,6 +9,7 @@ capture, callbacks or the snapshot store.
 * :mod:`~lightning_repsim.report.tables` — per-layer tables in markdown or aligned text;
 * :mod:`~lightning_repsim.report.tensorboard` — tags and a reporter for images, scalars and text.
 """
+
 from lightning_repsim.report._common import MEASURE_LABELS, MEASURE_RANGES, figure_to_array
 from lightning_repsim.report.figures import (
     NAN_COLOR,

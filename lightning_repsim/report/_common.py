@@ -4,21 +4,19 @@ Every function of :mod:`lightning_repsim.report` takes arrays (NumPy arrays, ``t
 nested sequences) and names; these helpers turn them into float64 arrays and label lists with one
 clear error each, and give each measure its fixed colour range and its human-readable name.
 """
+
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import Mapping, Sequence
 from types import MappingProxyType
-from typing import Any, Optional, Union
+from typing import Any
 
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from lightning_repsim.errors import RepSimValueError
-
-PathLike = Union[str, "os.PathLike[str]"]
 
 #: Fixed colour range ``(vmin, vmax)`` per measure. Linear/RBF CKA, RV, SVCCA and PWCCA lie in
 #: [0, 1] by construction. Debiased CKA (unbiased HSIC) and RV2 (diagonal of the Gram removed)
@@ -59,9 +57,7 @@ def as_array(x: Any, name: str, ndim: int) -> np.ndarray:
     except (TypeError, ValueError) as err:
         raise RepSimValueError(f"`{name}` must be numeric, could not convert it: {err}") from err
     if arr.ndim != ndim:
-        raise RepSimValueError(
-            f"`{name}` must have {ndim} dimension(s), got shape {tuple(arr.shape)}."
-        )
+        raise RepSimValueError(f"`{name}` must have {ndim} dimension(s), got shape {tuple(arr.shape)}.")
     if arr.size == 0:
         raise RepSimValueError(f"`{name}` is empty (shape {tuple(arr.shape)}); nothing to draw.")
     return arr
@@ -77,15 +73,12 @@ def check_labels(labels: Sequence[Any], expected: int, name: str, axis: str) -> 
     return out
 
 
-def colour_range(
-    measure: str, value_range: Optional[tuple[float, float]]
-) -> tuple[float, float]:
+def colour_range(measure: str, value_range: tuple[float, float] | None) -> tuple[float, float]:
     if value_range is not None:
         lo, hi = (float(v) for v in value_range)
         if not (math.isfinite(lo) and math.isfinite(hi) and lo < hi):
             raise RepSimValueError(
-                f"`value_range` must be two finite numbers (low, high) with low < high, "
-                f"got {value_range!r}."
+                f"`value_range` must be two finite numbers (low, high) with low < high, got {value_range!r}."
             )
         return lo, hi
     try:
@@ -104,9 +97,7 @@ def measure_label(measure: str) -> str:
 def check_steps(steps: Sequence[Any], expected: int) -> list[int]:
     out = [int(s) for s in steps]
     if len(out) != expected:
-        raise RepSimValueError(
-            f"`steps` has {len(out)} entries but `values` has {expected} columns (one per step)."
-        )
+        raise RepSimValueError(f"`steps` has {len(out)} entries but `values` has {expected} columns (one per step).")
     if any(b <= a for a, b in zip(out, out[1:])):
         raise RepSimValueError(f"`steps` must be strictly increasing, got {out}.")
     return out

@@ -18,11 +18,12 @@ Colour scale:
     layer, a diverged run) are drawn in light grey (:data:`NAN_COLOR`) and counted in the
     colour-bar label.
 """
+
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Any, Literal, Optional
+from typing import Any, Literal
 
 import numpy as np
 from matplotlib import colormaps
@@ -36,11 +37,11 @@ from matplotlib.spines import Spine
 from lightning_repsim.errors import RepSimValueError
 from lightning_repsim.report._common import (
     as_array,
-    figure_to_array,
     check_labels,
-    measure_label,
     check_steps,
     colour_range,
+    figure_to_array,
+    measure_label,
 )
 
 __all__ = ["NAN_COLOR", "HeatmapFrames", "convergence_map_figure", "curves_figure", "freeze_figure", "heatmap_figure"]
@@ -84,12 +85,19 @@ class _MarginLayout(LayoutEngine):
     _adjust_compatible = False
     _colorbar_gridspec = False
 
-    def __init__(self, ax: Any, cax: Any = None, *, pad_in: float = 0.04, gap_in: float = 0.05,
-                 cbar_width_in: float = 0.16, passes: int = 1) -> None:
+    def __init__(
+        self,
+        ax: Any,
+        cax: Any = None,
+        *,
+        pad_in: float = 0.04,
+        gap_in: float = 0.05,
+        cbar_width_in: float = 0.16,
+        passes: int = 1,
+    ) -> None:
         super().__init__()
         self._ax, self._cax = ax, cax
-        self._params = {"pad_in": pad_in, "gap_in": gap_in, "cbar_width_in": cbar_width_in,
-                        "passes": passes}
+        self._params = {"pad_in": pad_in, "gap_in": gap_in, "cbar_width_in": cbar_width_in, "passes": passes}
 
     def set(self, **kwargs: Any) -> None:
         unknown = set(kwargs) - set(self._params)
@@ -103,13 +111,16 @@ class _MarginLayout(LayoutEngine):
         box = ax.get_position(original=True).transformed(fig.transFigure)
         # Spines and the background patch lie on the axes' edges (a spine sticks out by half
         # its line width, which the padding absorbs); measuring them would update every tick.
-        extra = [a for a in ax.get_default_bbox_extra_artists()
-                 if not isinstance(a, Spine) and a is not ax.patch]
+        extra = [a for a in ax.get_default_bbox_extra_artists() if not isinstance(a, Spine) and a is not ax.patch]
         tight = ax.get_tightbbox(renderer, for_layout_only=True, bbox_extra_artists=extra)
         if tight is None:
             return 0.0, 0.0, 0.0, 0.0
-        return (max(0.0, box.x0 - tight.x0), max(0.0, tight.x1 - box.x1),
-                max(0.0, box.y0 - tight.y0), max(0.0, tight.y1 - box.y1))
+        return (
+            max(0.0, box.x0 - tight.x0),
+            max(0.0, tight.x1 - box.x1),
+            max(0.0, box.y0 - tight.y0),
+            max(0.0, tight.y1 - box.y1),
+        )
 
     def execute(self, fig: Figure) -> None:
         get_renderer = getattr(fig, "_get_renderer", None)
@@ -138,8 +149,9 @@ class _MarginLayout(LayoutEngine):
                 self._cax.set_in_layout(True)
 
 
-def _new_figure(width_in: float, height_in: float, dpi: int = _DEFAULT_DPI, *,
-                colorbar: bool = False) -> tuple[Figure, Any, Any]:
+def _new_figure(
+    width_in: float, height_in: float, dpi: int = _DEFAULT_DPI, *, colorbar: bool = False
+) -> tuple[Figure, Any, Any]:
     """A figure on its own Agg canvas (never registered with pyplot), with its main axes and,
     if asked, an axes for a colour bar on its right (else ``None``); laid out by
     :class:`_MarginLayout` at draw time."""
@@ -167,7 +179,7 @@ def _shorten(label: str, max_chars: int = _MAX_LABEL_CHARS) -> str:
             break
         tail = candidate
     if not tail:
-        tail = label[-(max_chars - 1):]
+        tail = label[-(max_chars - 1) :]
     return "\u2026" + tail
 
 
@@ -199,8 +211,7 @@ def _text_inches(labels: Sequence[str], font_pt: float) -> float:
     return longest * font_pt * 0.62 / 72.0
 
 
-def _set_layer_ticks(ax: Any, axis: Literal["x", "y"], shown: list[str], font_pt: float,
-                     stride: int) -> None:
+def _set_layer_ticks(ax: Any, axis: Literal["x", "y"], shown: list[str], font_pt: float, stride: int) -> None:
     """Label every ``stride``-th cell with its layer name (x labels rotated by 90 degrees), with
     short tick marks.
 
@@ -233,8 +244,15 @@ def _nan_note(values: np.ndarray) -> str:
 
 def _matrix_image(ax: Any, values: np.ndarray, lo: float, hi: float) -> Any:
     """Draw a matrix as cells (row 0 at the top, NaN cells in the colour map's "bad" grey)."""
-    return ax.imshow(np.ma.masked_invalid(values), cmap=_CMAP, vmin=lo, vmax=hi, origin="upper", aspect="auto",
-                     interpolation="nearest")
+    return ax.imshow(
+        np.ma.masked_invalid(values),
+        cmap=_CMAP,
+        vmin=lo,
+        vmax=hi,
+        origin="upper",
+        aspect="auto",
+        interpolation="nearest",
+    )
 
 
 def _colorbar(fig: Figure, mappable: Any, cax: Any, label: str, note: str, lo: float) -> Any:
@@ -264,11 +282,11 @@ def heatmap_figure(
     col_labels: Sequence[Any],
     *,
     measure: str,
-    title: Optional[str] = None,
-    row_title: Optional[str] = None,
-    col_title: Optional[str] = None,
-    value_range: Optional[tuple[float, float]] = None,
-    annotate: Optional[bool] = None,
+    title: str | None = None,
+    row_title: str | None = None,
+    col_title: str | None = None,
+    value_range: tuple[float, float] | None = None,
+    annotate: bool | None = None,
     dpi: int = _DEFAULT_DPI,
 ) -> Figure:
     """Draw a layer x layer similarity matrix as a heatmap.
@@ -324,9 +342,7 @@ def heatmap_figure(
     font = min(_tick_font(n_cols, axes_w), _tick_font(n_rows, axes_h))
     shown_rows, shown_cols = _shorten_all(rows), _shorten_all(cols)
     width = axes_w + _text_inches(shown_rows, font) + 1.6 + (0.3 if row_title else 0.0)
-    height = axes_h + _text_inches(shown_cols, font) + 0.5 + (0.4 if title else 0.0) + (
-        0.3 if col_title else 0.0
-    )
+    height = axes_h + _text_inches(shown_cols, font) + 0.5 + (0.4 if title else 0.0) + (0.3 if col_title else 0.0)
     fig, ax, cax = _new_figure(width, height, dpi, colorbar=True)
     image = _matrix_image(ax, values, lo, hi)
     _set_layer_ticks(ax, "x", shown_cols, font, _tick_stride(n_cols, axes_w, font))
@@ -342,7 +358,6 @@ def heatmap_figure(
         _annotate(ax, values, lo, hi, float(np.clip(0.3 * cell_pt, 5.0, 10.0)))
     _colorbar(fig, image, cax, measure_label(measure), _nan_note(values), lo)
     return fig
-
 
 
 class HeatmapFrames:
@@ -367,16 +382,25 @@ class HeatmapFrames:
         col_labels: Sequence[Any],
         *,
         measure: str,
-        title: Optional[str] = None,
-        row_title: Optional[str] = None,
-        col_title: Optional[str] = None,
-        value_range: Optional[tuple[float, float]] = None,
+        title: str | None = None,
+        row_title: str | None = None,
+        col_title: str | None = None,
+        value_range: tuple[float, float] | None = None,
         dpi: int = _DEFAULT_DPI,
     ) -> None:
         self.shape = (len(row_labels), len(col_labels))
-        fig = heatmap_figure(np.zeros(self.shape), row_labels, col_labels, measure=measure, title=title,
-                             row_title=row_title, col_title=col_title, value_range=value_range,
-                             annotate=False, dpi=dpi)
+        fig = heatmap_figure(
+            np.zeros(self.shape),
+            row_labels,
+            col_labels,
+            measure=measure,
+            title=title,
+            row_title=row_title,
+            col_title=col_title,
+            value_range=value_range,
+            annotate=False,
+            dpi=dpi,
+        )
         self._template = figure_to_array(fig)
         height = self._template.shape[0]
         n_rows, n_cols = self.shape
@@ -413,11 +437,11 @@ def convergence_map_figure(
     *,
     measure: str,
     reference: str = "final snapshot",
-    converged: Optional[Sequence[Optional[int]]] = None,
-    threshold: Optional[float] = None,
+    converged: Sequence[int | None] | None = None,
+    threshold: float | None = None,
     sustained: bool = True,
-    title: Optional[str] = None,
-    value_range: Optional[tuple[float, float]] = None,
+    title: str | None = None,
+    value_range: tuple[float, float] | None = None,
     dpi: int = _DEFAULT_DPI,
 ) -> Figure:
     """Draw a layer x step map of each layer's similarity to a reference (the final snapshot).
@@ -487,8 +511,16 @@ def convergence_map_figure(
         pts = [(pos[s], row) for row, s in enumerate(converged) if s is not None]
         if pts:
             xs, ys = zip(*pts)
-            ax.scatter(xs, ys, marker="o", s=min(30.0, (font * 0.8) ** 2), c="white",
-                       edgecolors="black", linewidths=0.6, zorder=3)
+            ax.scatter(
+                xs,
+                ys,
+                marker="o",
+                s=min(30.0, (font * 0.8) ** 2),
+                c="white",
+                edgecolors="black",
+                linewidths=0.6,
+                zorder=3,
+            )
         how = "held to the end" if sustained else "first reached"
         level = f"\u2265 {threshold:g} \u00d7 final value, " if threshold is not None else ""
         _set_title(ax, (f"{title}\n" if title else "") + f"\u25cb convergence: {level}{how}", 9 if not title else 10)
@@ -504,10 +536,10 @@ def curves_figure(
     steps: Sequence[int],
     *,
     measure: str,
-    threshold: Optional[float] = None,
+    threshold: float | None = None,
     reference: str = "final snapshot",
-    title: Optional[str] = None,
-    value_range: Optional[tuple[float, float]] = None,
+    title: str | None = None,
+    value_range: tuple[float, float] | None = None,
     xscale: Literal["auto", "linear", "log"] = "auto",
     dpi: int = _DEFAULT_DPI,
 ) -> Figure:
@@ -557,16 +589,13 @@ def curves_figure(
     use_legend = n_layers <= 12
     shown = _shorten_all(names)
     legend_w = _text_inches(shown, 8.0) + 0.8 if use_legend else 1.8
-    fig, ax, cax = _new_figure(6.5 + legend_w, 4.2 + (0.3 if title else 0.0), dpi,
-                               colorbar=not use_legend)
+    fig, ax, cax = _new_figure(6.5 + legend_w, 4.2 + (0.3 if title else 0.0), dpi, colorbar=not use_legend)
     colours = colormaps["viridis"](np.linspace(0.0, 0.9, n_layers))
     marker = "o" if n_steps <= 30 else None
     for row, name in enumerate(names):
-        ax.plot(step_list, data[row], color=colours[row], marker=marker, markersize=3,
-                linewidth=1.4, label=name)
+        ax.plot(step_list, data[row], color=colours[row], marker=marker, markersize=3, linewidth=1.4, label=name)
     if threshold is not None:
-        ax.axhline(threshold, color="0.3", linestyle="--", linewidth=1.0,
-                   label=f"threshold {threshold:g}")
+        ax.axhline(threshold, color="0.3", linestyle="--", linewidth=1.0, label=f"threshold {threshold:g}")
     pad = 0.03 * (hi - lo)
     ax.set_ylim(lo - pad, hi + pad)
     _set_step_scale(ax, step_list, xscale)
@@ -578,8 +607,7 @@ def curves_figure(
     if use_legend:
         handles, labels = ax.get_legend_handles_labels()
         labels = shown + labels[n_layers:]  # the threshold line, if any, comes last
-        ax.legend(handles, labels, loc="center left",
-                  bbox_to_anchor=(1.01, 0.5), fontsize=8, frameon=False)
+        ax.legend(handles, labels, loc="center left", bbox_to_anchor=(1.01, 0.5), fontsize=8, frameon=False)
     else:
         depth_cmap = colormaps["viridis"].resampled(256)
         sm = ScalarMappable(norm=Normalize(0, (n_layers - 1) / 0.9), cmap=depth_cmap)
@@ -611,8 +639,13 @@ def _set_step_scale(ax: Any, steps: list[int], xscale: str) -> None:
             ax.set_xscale("log")
 
 
-def freeze_figure(fraction: Sequence[tuple[int, float]], units: Sequence[tuple[int, float]],
-                  event_steps: Sequence[int], *, dpi: int = _DEFAULT_DPI) -> Figure:
+def freeze_figure(
+    fraction: Sequence[tuple[int, float]],
+    units: Sequence[tuple[int, float]],
+    event_steps: Sequence[int],
+    *,
+    dpi: int = _DEFAULT_DPI,
+) -> Figure:
     """Freeze training over time: the fraction of parameters frozen (a step plot), the number of
     frozen units (dashed, right axis) and a dotted line at each freeze event.
 
@@ -632,8 +665,15 @@ def freeze_figure(fraction: Sequence[tuple[int, float]], units: Sequence[tuple[i
     ax = fig.add_subplot()
     if fraction:
         steps, values = zip(*fraction)
-        ax.step(steps, values, where="post", color="tab:blue", marker="o", markersize=3,
-                label="fraction of parameters frozen")
+        ax.step(
+            steps,
+            values,
+            where="post",
+            color="tab:blue",
+            marker="o",
+            markersize=3,
+            label="fraction of parameters frozen",
+        )
     if units:
         twin = ax.twinx()
         steps, values = zip(*units)

@@ -4,6 +4,7 @@ Every writer goes through :func:`lightning_repsim._io.atomic_open` without ``fsy
 derived files that a rerun regenerates (the snapshot store, which cannot be regenerated, is written
 durably).
 """
+
 from __future__ import annotations
 
 import csv
@@ -14,7 +15,7 @@ import struct
 import zlib
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import matplotlib
 import numpy as np
@@ -22,9 +23,9 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.colors import to_rgba
 from matplotlib.figure import Figure
 
-from lightning_repsim._io import atomic_open
+from lightning_repsim._io import PathLike, atomic_open
 from lightning_repsim.errors import RepSimValueError
-from lightning_repsim.report._common import PathLike, as_array, check_labels, figure_to_array
+from lightning_repsim.report._common import as_array, check_labels, figure_to_array
 
 __all__ = [
     "PNG_COMPRESS_LEVEL",
@@ -95,8 +96,7 @@ def _to_jsonable(obj: Any, where: str = "payload") -> Any:
         for key, value in obj.items():
             if not isinstance(key, str):
                 raise RepSimValueError(
-                    f"JSON object keys must be strings; {where} has key {key!r} "
-                    f"({type(key).__name__})."
+                    f"JSON object keys must be strings; {where} has key {key!r} ({type(key).__name__})."
                 )
             out[key] = _to_jsonable(value, f"{where}[{key!r}]")
         return out
@@ -141,7 +141,7 @@ def write_json(path: PathLike, payload: Any) -> Path:
     return Path(path)
 
 
-def save_png(fig: Figure, path: PathLike, *, dpi: Optional[float] = None) -> Path:
+def save_png(fig: Figure, path: PathLike, *, dpi: float | None = None) -> Path:
     """Save a figure as PNG, atomically (temp file + ``os.replace``).
 
     At the figure's own resolution an opaque figure is drawn once (:func:`figure_to_array`)
@@ -228,9 +228,12 @@ def encode_png(image: Any, *, compress_level: int = PNG_COMPRESS_LEVEL) -> bytes
     rows[:, 0] = 0  # filter type "None" on every row
     rows[:, 1:] = arr.reshape(height, width * channels)
     header = struct.pack(">IIBBBBB", width, height, 8, _PNG_COLOUR_TYPE[channels], 0, 0, 0)
-    return (_PNG_SIGNATURE + _png_chunk(b"IHDR", header)
-            + _png_chunk(b"IDAT", zlib.compress(rows.data, compress_level))
-            + _png_chunk(b"IEND", b""))
+    return (
+        _PNG_SIGNATURE
+        + _png_chunk(b"IHDR", header)
+        + _png_chunk(b"IDAT", zlib.compress(rows.data, compress_level))
+        + _png_chunk(b"IEND", b"")
+    )
 
 
 def _png_header(data: bytes) -> tuple[int, int, int]:
@@ -268,6 +271,7 @@ def write_rows_csv(target: Any, columns: Sequence[str], rows: Sequence[Sequence[
     The header is ``columns``; the last column of every row is a float written with ``repr``, so
     ``float(cell)`` gives it back exactly (NaN as ``nan``).
     """
+
     def write(handle: Any) -> None:
         writer = csv.writer(handle)
         writer.writerow(columns)

@@ -1,9 +1,10 @@
 """Tables of per-layer results: markdown for TensorBoard's text plugin, aligned text for terminals."""
+
 from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from typing import Any, Literal, Optional
+from typing import Any, Literal
 
 import numpy as np
 
@@ -15,9 +16,9 @@ __all__ = ["comparison_summary", "summary_table", "text_table"]
 
 def summary_table(
     layer_names: Sequence[Any],
-    conv_steps: Sequence[Optional[int]],
+    conv_steps: Sequence[int | None],
     *,
-    final_values: Optional[Sequence[float]] = None,
+    final_values: Sequence[float] | None = None,
     fmt: Literal["markdown", "text"] = "markdown",
     step_header: str = "converged at step",
     final_header: str = "final value",
@@ -52,13 +53,9 @@ def summary_table(
     """
     names = [str(n) for n in layer_names]
     if len(conv_steps) != len(names):
-        raise RepSimValueError(
-            f"`conv_steps` has {len(conv_steps)} entries for {len(names)} layers."
-        )
+        raise RepSimValueError(f"`conv_steps` has {len(conv_steps)} entries for {len(names)} layers.")
     if final_values is not None and len(final_values) != len(names):
-        raise RepSimValueError(
-            f"`final_values` has {len(final_values)} entries for {len(names)} layers."
-        )
+        raise RepSimValueError(f"`final_values` has {len(final_values)} entries for {len(names)} layers.")
     if fmt not in ("markdown", "text"):
         raise RepSimValueError(f"`fmt` must be 'markdown' or 'text', got {fmt!r}.")
     headers = ["#", "layer", step_header]
@@ -72,8 +69,7 @@ def summary_table(
             row.append(f"{float(v):.4f}")
     if fmt == "markdown":
         lines = ["| " + " | ".join(md_escape(h) for h in headers) + " |"]
-        lines.append("|" + "|".join(":--" if c == 1 else "--:" for c in range(len(headers)))
-                     + "|")
+        lines.append("|" + "|".join(":--" if c == 1 else "--:" for c in range(len(headers))) + "|")
         for row in rows:
             cells = [row[0], f"`{md_escape(row[1])}`", *row[2:]]
             lines.append("| " + " | ".join(cells) + " |")
@@ -92,8 +88,10 @@ def text_table(headers: Sequence[str], rows: Sequence[Sequence[Any]], *, left: i
     """
     cells = [[str(c) for c in row] for row in [headers, *rows]]
     widths = [max(len(r[c]) for r in cells) for c in range(len(headers))]
-    return "\n".join("  ".join(cell.ljust(w) if c < left else cell.rjust(w)
-                               for c, (cell, w) in enumerate(zip(row, widths))).rstrip() for row in cells)
+    return "\n".join(
+        "  ".join(cell.ljust(w) if c < left else cell.rjust(w) for c, (cell, w) in enumerate(zip(row, widths))).rstrip()
+        for row in cells
+    )
 
 
 def comparison_summary(layers_a: Sequence[str], layers_b: Sequence[str], matrices: Mapping[str, Any]) -> str:
@@ -122,10 +120,9 @@ def comparison_summary(layers_a: Sequence[str], layers_b: Sequence[str], matrice
         else:
             rows.append([name, "-", "nan"])
     return f"layer names differ; best {first} match in B of each layer of A:\n" + text_table(
-        ["layer A", "layer B", first], rows)
+        ["layer A", "layer B", first], rows
+    )
 
 
 def _number(value: float) -> str:
     return "nan" if not math.isfinite(value) else f"{value:.4f}"
-
-

@@ -21,6 +21,7 @@ Tag scheme (see :func:`make_tag` and :func:`scalar_tags`):
     Non-finite similarities are logged as NaN (never skipped), so that a degenerate layer
     shows up at the step where it happened instead of silently vanishing from the chart.
 """
+
 from __future__ import annotations
 
 import re
@@ -77,8 +78,7 @@ def make_tag(*parts: str) -> str:
     components = [c for part in parts for c in str(part).split("/")]
     if not components or any(c == "" for c in components):
         raise RepSimValueError(
-            f"Tag parts {parts!r} contain an empty component; remove the doubled, leading or "
-            "trailing '/'."
+            f"Tag parts {parts!r} contain an empty component; remove the doubled, leading or trailing '/'."
         )
     return "/".join(sanitize_tag(c) for c in components)
 
@@ -109,7 +109,8 @@ def scalar_tags(prefix: str, layer_names: Sequence[str]) -> dict[str, str]:
         tags[name] = tag
     if clashes:
         warnings.warn(
-            "Layer names collide after tag sanitisation; renamed: " + ", ".join(clashes)
+            "Layer names collide after tag sanitisation; renamed: "
+            + ", ".join(clashes)
             + ". Give these layers distinct names to get clean tags.",
             RepSimWarning,
             stacklevel=2,
@@ -242,8 +243,16 @@ class TensorBoardReporter:
             return
         from tensorboard.compat.proto.summary_pb2 import Summary
 
-        summary = Summary(value=[Summary.Value(tag=tag, image=Summary.Image(
-            height=height, width=width, colorspace=channels, encoded_image_string=bytes(png)))])
+        summary = Summary(
+            value=[
+                Summary.Value(
+                    tag=tag,
+                    image=Summary.Image(
+                        height=height, width=width, colorspace=channels, encoded_image_string=bytes(png)
+                    ),
+                )
+            ]
+        )
         file_writer.add_summary(summary, int(step))
 
     def log_heatmap(
@@ -263,13 +272,10 @@ class TensorBoardReporter:
         Returns:
             The logged ``(H, W, 3)`` ``uint8`` image.
         """
-        fig = heatmap_figure(matrix, row_labels, col_labels, measure=measure, dpi=self.dpi,
-                             **figure_kwargs)
+        fig = heatmap_figure(matrix, row_labels, col_labels, measure=measure, dpi=self.dpi, **figure_kwargs)
         return self.log_figure(tag, fig, step)
 
-    def log_layer_scalars(
-        self, prefix: str, values: Mapping[str, float], step: int
-    ) -> list[str]:
+    def log_layer_scalars(self, prefix: str, values: Mapping[str, float], step: int) -> list[str]:
         """Log one scalar per layer under ``f"{prefix}/{layer}"`` (see :func:`scalar_tags`).
 
         ``prefix`` is normally ``repsim/<measure>/<reference>``. Non-finite values are logged
@@ -296,8 +302,17 @@ class TensorBoardReporter:
             self.writer.flush()
 
 
-def log_comparison(log_dir: Any, matrices: Mapping[str, Any], layers_a: Sequence[str], layers_b: Sequence[str], *,
-                   names: tuple[str, str], step: int, probe_hash: str, n: int) -> None:
+def log_comparison(
+    log_dir: Any,
+    matrices: Mapping[str, Any],
+    layers_a: Sequence[str],
+    layers_b: Sequence[str],
+    *,
+    names: tuple[str, str],
+    step: int,
+    probe_hash: str,
+    n: int,
+) -> None:
     """Write a comparison of two runs as a TensorBoard run in ``log_dir``, to open beside the training runs.
 
     Per measure: the heatmap ``repsim/<measure>/<run B>/heatmap`` and, for layers named alike in both
@@ -312,10 +327,19 @@ def log_comparison(log_dir: Any, matrices: Mapping[str, Any], layers_a: Sequence
         tb = TensorBoardReporter(writer)
         for measure, values in matrices.items():
             prefix = f"repsim/{measure}/{label}"
-            tb.log_heatmap(f"{prefix}/heatmap", values, layers_a, layers_b, measure=measure, step=step,
-                           row_title=names[0], col_title=names[1])
+            tb.log_heatmap(
+                f"{prefix}/heatmap",
+                values,
+                layers_a,
+                layers_b,
+                measure=measure,
+                step=step,
+                row_title=names[0],
+                col_title=names[1],
+            )
             diagonal = {name: float(values[i, index_b[name]]) for i, name in enumerate(layers_a) if name in index_b}
             if diagonal:
                 tb.log_layer_scalars(prefix, diagonal, step)
-        tb.log_text("repsim/compare", f"`{names[0]}` (rows) vs `{names[1]}` (columns), probe hash `{probe_hash}`, "
-                    f"n = {n}", step)
+        tb.log_text(
+            "repsim/compare", f"`{names[0]}` (rows) vs `{names[1]}` (columns), probe hash `{probe_hash}`, n = {n}", step
+        )

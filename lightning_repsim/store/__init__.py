@@ -8,6 +8,7 @@ Comparing stored snapshots (two steps, two runs, every step against the last) is
 :mod:`lightning_repsim.analysis`: :func:`~lightning_repsim.analysis.similarity_between` and
 :func:`~lightning_repsim.analysis.similarity_to_final`.
 """
+
 from lightning_repsim.store.format import (
     DEFAULT_MAX_BYTES,
     FORMAT_NAME,

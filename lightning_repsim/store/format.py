@@ -28,6 +28,7 @@ for appending); a manifest step whose file is missing or truncated is dropped wi
 Every function here reads or writes the format and nothing more; :class:`~lightning_repsim.store.SnapshotStore`
 keeps a store's state and its thinning rule on top of it.
 """
+
 from __future__ import annotations
 
 import json
@@ -122,7 +123,6 @@ def run_store_dirs(log_dir: PathLike) -> list[Path]:
     return [path for _, path in sorted(found)]
 
 
-
 def step_file_name(step: int) -> str:
     """The file of one step: ``step-<10 digits>.safetensors``."""
     return f"step-{step:010d}.safetensors"
@@ -155,10 +155,9 @@ def encode_snapshot(step: int, probe_hash: str, tensors: Mapping[str, torch.Tens
     return _safetensors_bytes(dict(tensors), metadata=metadata)
 
 
-
-
-def read_step_file(file: Path, *, step: int, layers: Sequence[str], n: int,
-                   names: Sequence[str] = ()) -> dict[str, torch.Tensor]:
+def read_step_file(
+    file: Path, *, step: int, layers: Sequence[str], n: int, names: Sequence[str] = ()
+) -> dict[str, torch.Tensor]:
     """Open one step file, check it holds ``step`` with exactly ``layers``, each an F32 ``(n, r)``
     tensor, and read the tensors of ``names`` (none: only check). Every failure is one RepSimError
     line naming the file."""
@@ -177,22 +176,16 @@ def _check_header(f: Any, file: Path, step: int, layers: Sequence[str], n: int) 
     if keys != set(layers):
         missing = sorted(set(layers) - keys)
         extra = sorted(keys - set(layers))
-        raise RepSimError(
-            f"{file}: tensors do not match the manifest's layers "
-            f"(missing {missing}, unexpected {extra})"
-        )
+        raise RepSimError(f"{file}: tensors do not match the manifest's layers (missing {missing}, unexpected {extra})")
     meta = f.metadata() or {}
     if meta.get("step") != str(step):
-        raise RepSimError(
-            f"{file}: holds step {meta.get('step')!r}, the manifest says step {step}"
-        )
+        raise RepSimError(f"{file}: holds step {meta.get('step')!r}, the manifest says step {step}")
     for name in layers:
         piece = f.get_slice(name)
         shape, dtype = list(piece.get_shape()), piece.get_dtype()
         if dtype != "F32" or len(shape) != 2 or shape[0] != n:
             raise RepSimError(
-                f"{file}: layer {name!r} is {dtype} of shape {tuple(shape)}, expected F32 of "
-                f"shape ({n}, r)"
+                f"{file}: layer {name!r} is {dtype} of shape {tuple(shape)}, expected F32 of shape ({n}, r)"
             )
 
 
@@ -213,8 +206,7 @@ def read_manifest(path: Path) -> dict[str, Any]:
         raw = file.read_bytes()
     except FileNotFoundError:
         raise RepSimError(
-            f"{file}: not found; {path} is not a snapshot store (make one with "
-            "SnapshotStore.create)"
+            f"{file}: not found; {path} is not a snapshot store (make one with SnapshotStore.create)"
         ) from None
     try:
         manifest = json.loads(raw.decode("utf-8"))
@@ -251,11 +243,7 @@ def read_manifest(path: Path) -> dict[str, Any]:
     if len(set(layers)) != len(layers):
         raise bad("layers has duplicate names")
     kinds = manifest.get("kinds")
-    if (
-        not isinstance(kinds, dict)
-        or set(kinds) != set(layers)
-        or not all(isinstance(v, str) for v in kinds.values())
-    ):
+    if not isinstance(kinds, dict) or set(kinds) != set(layers) or not all(isinstance(v, str) for v in kinds.values()):
         raise bad("kinds must map every layer (and only those) to a string")
     settings = manifest.get("settings", {})
     if not isinstance(settings, dict):

@@ -33,6 +33,7 @@ Example:
     ...     print(reader.steps, reader.layers, reader.kinds["fc"], reader.get("last", "fc").shape)
     [0, 50] ['conv1', 'fc'] features torch.Size([4, 2])
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -43,7 +44,7 @@ import shutil
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any
 
 import torch
 
@@ -69,11 +70,11 @@ from lightning_repsim.store.format import (
 
 __all__ = ["SnapshotStore", "StepLike", "open_store"]
 
-StepLike = Union[int, str]
+StepLike = int | str
 _STEPS_SHOWN = 20
 
 
-def open_store(path: PathLike, *, probe_hash: Optional[str] = None) -> "SnapshotStore":
+def open_store(path: PathLike, *, probe_hash: str | None = None) -> SnapshotStore:
     """Open an existing store read-only (same as ``SnapshotStore.open(path, mode="r")``).
 
     Args:
@@ -87,7 +88,6 @@ def open_store(path: PathLike, *, probe_hash: Optional[str] = None) -> "Snapshot
     return SnapshotStore.open(path, mode="r", probe_hash=probe_hash)
 
 
-
 def _show_steps(steps: Sequence[int]) -> str:
     if len(steps) <= _STEPS_SHOWN:
         return str(list(steps))
@@ -97,11 +97,7 @@ def _show_steps(steps: Sequence[int]) -> str:
     return f"[{head}, ... ({len(steps) - 2 * half} more) ..., {tail}]"
 
 
-
-
-def plan_thinning(
-    indices: Sequence[int], sizes: Sequence[int], stride: int, max_bytes: int
-) -> tuple[list[bool], int]:
+def plan_thinning(indices: Sequence[int], sizes: Sequence[int], stride: int, max_bytes: int) -> tuple[list[bool], int]:
     """Which snapshots to keep once a new one (the last entry) is added; pure, for testing.
 
     ``indices`` are the snapshots' positions in logging order (0 for the first ever added),
@@ -131,7 +127,6 @@ def plan_thinning(
         stride *= 2
         mask = mask_for(stride)
     return mask, stride
-
 
 
 class SnapshotStore:
@@ -189,10 +184,10 @@ class SnapshotStore:
         *,
         probe_hash: str,
         n: int,
-        settings: Optional[Mapping[str, Any]] = None,
+        settings: Mapping[str, Any] | None = None,
         max_bytes: int = DEFAULT_MAX_BYTES,
         exist_ok: bool = False,
-    ) -> "SnapshotStore":
+    ) -> SnapshotStore:
         """Make a new, empty store at ``path`` (created with parents) and open it for appending.
 
         Args:
@@ -236,10 +231,7 @@ class SnapshotStore:
                 )
             store = cls.open(path, mode="a", probe_hash=probe_hash, max_bytes=max_bytes)
             if store.n != n:
-                raise RepSimError(
-                    f"{path / MANIFEST_NAME}: existing store has n={store.n} probe examples, "
-                    f"not n={n}"
-                )
+                raise RepSimError(f"{path / MANIFEST_NAME}: existing store has n={store.n} probe examples, not n={n}")
             return store
 
         path.mkdir(parents=True, exist_ok=True)
@@ -264,9 +256,9 @@ class SnapshotStore:
         path: PathLike,
         mode: str = "r",
         *,
-        probe_hash: Optional[str] = None,
-        max_bytes: Optional[int] = None,
-    ) -> "SnapshotStore":
+        probe_hash: str | None = None,
+        max_bytes: int | None = None,
+    ) -> SnapshotStore:
         """Open an existing store.
 
         Every step file's header is checked against the manifest. A manifest step whose file
@@ -380,9 +372,7 @@ class SnapshotStore:
             f"layers={len(self._layers)}, n={self._n}, nbytes={self.nbytes})"
         )
 
-    def get(
-        self, step: StepLike, layer: Optional[str] = None
-    ) -> Union[dict[str, torch.Tensor], torch.Tensor]:
+    def get(self, step: StepLike, layer: str | None = None) -> dict[str, torch.Tensor] | torch.Tensor:
         """Load one step's tensors.
 
         Args:
@@ -403,7 +393,7 @@ class SnapshotStore:
             raise RepSimValueError(f"unknown layer {layer!r}; the store has layers {self._layers}")
         return self.read(step, [layer])[layer]
 
-    def read(self, step: StepLike, layers: Optional[Sequence[str]] = None) -> dict[str, torch.Tensor]:
+    def read(self, step: StepLike, layers: Sequence[str] | None = None) -> dict[str, torch.Tensor]:
         """Load the tensors of ``layers`` (default: every layer, in capture order) at one step.
 
         Raises:
@@ -444,9 +434,7 @@ class SnapshotStore:
             if entry["step"] == value:
                 return entry
         hint = f"; step {value} was dropped by budget thinning" if value in self._dropped else ""
-        raise RepSimValueError(
-            f"{self.path}: no step {value}{hint}; stored steps: {_show_steps(self.steps)}"
-        )
+        raise RepSimValueError(f"{self.path}: no step {value}{hint}; stored steps: {_show_steps(self.steps)}")
 
     def _check_files(self) -> list[int]:
         """Drop manifest steps whose file is missing or truncated; check every header."""
@@ -455,8 +443,9 @@ class SnapshotStore:
             file = self.path / entry["file"]
             size = _file_size(file)
             if size is None or size < entry["nbytes"]:
-                lost.append((entry["step"], "missing" if size is None else
-                             f"truncated, {size} of {entry['nbytes']} bytes"))
+                lost.append(
+                    (entry["step"], "missing" if size is None else f"truncated, {size} of {entry['nbytes']} bytes")
+                )
                 continue
             if size > entry["nbytes"]:
                 raise RepSimError(f"{file}: {size} bytes, the manifest says {entry['nbytes']}")
@@ -480,7 +469,7 @@ class SnapshotStore:
         self,
         step: int,
         tensors: Mapping[str, torch.Tensor],
-        kinds: Optional[Mapping[str, str]] = None,
+        kinds: Mapping[str, str] | None = None,
         *,
         overwrite: bool = False,
     ) -> None:
@@ -513,9 +502,7 @@ class SnapshotStore:
         self._require_writable()
         step = as_step(step)
         if not isinstance(tensors, Mapping) or not tensors:
-            raise RepSimValueError(
-                f"step {step}: tensors must be a non-empty dict of layer name -> (n, r) tensor"
-            )
+            raise RepSimValueError(f"step {step}: tensors must be a non-empty dict of layer name -> (n, r) tensor")
         layers = self._layers or [self._check_layer_name(name) for name in tensors]
         if set(tensors) != set(layers):
             missing = [name for name in layers if name not in tensors]
@@ -540,9 +527,7 @@ class SnapshotStore:
         # Plan the thinning before touching the disk, so an impossible budget changes nothing.
         kept = [e for e in self._entries if e["step"] < step]
         history = sorted(
-            [e["step"] for e in kept]
-            + [s for s in self._dropped if s < step]
-            + [s for s in self._lost if s < step]
+            [e["step"] for e in kept] + [s for s in self._dropped if s < step] + [s for s in self._lost if s < step]
         )
         position = {s: i for i, s in enumerate(history)}
         indices = [position[e["step"]] for e in kept] + [len(history)]
@@ -583,7 +568,7 @@ class SnapshotStore:
             lost=[s for s in self._lost if s < step],
         )
 
-    def truncate_after(self, step: int, *, move_to: Optional[PathLike] = None) -> list[int]:
+    def truncate_after(self, step: int, *, move_to: PathLike | None = None) -> list[int]:
         """Drop every snapshot after ``step`` (used when resuming from an earlier checkpoint).
 
         The manifest is rewritten first, then the files are deleted (or moved into ``move_to``),
@@ -612,8 +597,10 @@ class SnapshotStore:
             raise RepSimValueError(f"step must be an int, got {step!r}") from None
         removed = [e for e in self._entries if e["step"] > step]
         if removed and move_to is not None and occupied(Path(move_to)):
-            raise RepSimValueError(f"move_to={str(move_to)!r} is not empty; give a new directory for the "
-                                   f"{len(removed)} snapshot(s) after step {step}.")
+            raise RepSimValueError(
+                f"move_to={str(move_to)!r} is not empty; give a new directory for the "
+                f"{len(removed)} snapshot(s) after step {step}."
+            )
         dropped = [s for s in self._dropped if s <= step]
         lost = [s for s in self._lost if s <= step]
         if removed or dropped != self._dropped or lost != self._lost:
@@ -634,7 +621,7 @@ class SnapshotStore:
                 self._unlink([e["file"] for e in removed])
         return [e["step"] for e in removed]
 
-    def copy_until(self, path: PathLike, step: int) -> "SnapshotStore":
+    def copy_until(self, path: PathLike, step: int) -> SnapshotStore:
         """A new store at ``path`` with this store's snapshots up to ``step``, opened for appending.
 
         The copy keeps the layers, settings, disk budget and thinning record (stride and dropped
@@ -681,31 +668,21 @@ class SnapshotStore:
 
     def _require_writable(self) -> None:
         if self.mode != "a":
-            raise RepSimError(
-                f"{self.path}: store is open read-only; use SnapshotStore.open(path, mode='a')"
-            )
+            raise RepSimError(f"{self.path}: store is open read-only; use SnapshotStore.open(path, mode='a')")
 
     @staticmethod
     def _check_layer_name(name: Any) -> str:
         if not isinstance(name, str) or not name or name == "__metadata__":
-            raise RepSimValueError(
-                f"layer names must be non-empty str (not '__metadata__'), got {name!r}"
-            )
+            raise RepSimValueError(f"layer names must be non-empty str (not '__metadata__'), got {name!r}")
         return name
 
-    def _merge_kinds(
-        self, step: int, layers: Sequence[str], kinds: Optional[Mapping[str, str]]
-    ) -> dict[str, str]:
+    def _merge_kinds(self, step: int, layers: Sequence[str], kinds: Mapping[str, str] | None) -> dict[str, str]:
         merged = {name: self._kinds.get(name, "features") for name in layers}
         for name, kind in (kinds or {}).items():
             if name not in merged:
-                raise RepSimValueError(
-                    f"step {step}: kinds names layer {name!r}, which is not among {list(layers)}"
-                )
+                raise RepSimValueError(f"step {step}: kinds names layer {name!r}, which is not among {list(layers)}")
             if not isinstance(kind, str) or not kind:
-                raise RepSimValueError(
-                    f"layer {name!r}: kind must be a non-empty str, got {kind!r}"
-                )
+                raise RepSimValueError(f"layer {name!r}: kind must be a non-empty str, got {kind!r}")
             if name in self._kinds and self._kinds[name] != kind:
                 raise RepSimValueError(
                     f"layer {name!r}: kind {kind!r} differs from the stored kind "
@@ -716,18 +693,14 @@ class SnapshotStore:
 
     def _as_float32(self, step: int, name: str, tensor: Any) -> torch.Tensor:
         if not isinstance(tensor, torch.Tensor):
-            raise RepSimValueError(
-                f"step {step}, layer {name!r}: expected a torch.Tensor, got {type(tensor).__name__}"
-            )
+            raise RepSimValueError(f"step {step}, layer {name!r}: expected a torch.Tensor, got {type(tensor).__name__}")
         if tensor.dim() != 2 or tensor.shape[0] != self._n:
             raise RepSimValueError(
                 f"step {step}, layer {name!r}: expected a 2-D tensor (n examples x r columns) "
                 f"with n={self._n} rows, got shape {tuple(tensor.shape)}"
             )
         if not tensor.is_floating_point():
-            raise RepSimValueError(
-                f"step {step}, layer {name!r}: expected a floating-point tensor, got {tensor.dtype}"
-            )
+            raise RepSimValueError(f"step {step}, layer {name!r}: expected a floating-point tensor, got {tensor.dtype}")
         # A fresh contiguous CPU copy: safetensors refuses tensors sharing memory.
         return torch.empty(tuple(tensor.shape), dtype=torch.float32).copy_(tensor.detach())
 
@@ -782,7 +755,7 @@ class SnapshotStore:
                     child.unlink()
 
 
-def _file_size(file: Path) -> Optional[int]:
+def _file_size(file: Path) -> int | None:
     """The size of ``file`` in bytes, or None when it is missing."""
     try:
         return file.stat().st_size

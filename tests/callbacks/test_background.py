@@ -1,4 +1,5 @@
 """Background: the callback's worker thread (order, back-pressure, milestones, failures)."""
+
 import threading
 import time
 
@@ -66,7 +67,8 @@ def test_failures_come_back_with_label_and_context_and_do_not_stop_later_jobs():
     worker.drain()
     failures = worker.failures()
     assert [(f.label, f.context, type(f.error)) for f in failures] == [
-        ("the snapshot of global step 4", 4, RuntimeError)]
+        ("the snapshot of global step 4", 4, RuntimeError)
+    ]
     assert "boom" in failures[0].traceback and ran == [1]
     assert worker.failures() == []  # handed over once
     worker.close()

@@ -3,17 +3,17 @@
 Every "frozen" claim is checked bit-exactly (``torch.equal``) against a snapshot taken the moment
 the unit froze, with controls showing that the same tensors did change while trainable.
 """
+
 import types
 
 import pytest
-import torch
-from torch import nn
-from torch.utils.data import DataLoader, IterableDataset, TensorDataset
-
 import pytorch_lightning as pl
+import torch
 from pytorch_lightning.callbacks import Callback, ModelCheckpoint
 from pytorch_lightning.loggers import TensorBoardLogger
 from pytorch_lightning.strategies import DDPStrategy, FSDPStrategy
+from torch import nn
+from torch.utils.data import DataLoader, IterableDataset, TensorDataset
 
 from lightning_repsim.callbacks import (
     CubicSchedule,
@@ -276,7 +276,7 @@ def test_backward_stops_at_the_frozen_prefix():
 
 
 def test_linear_and_cubic_schedules_and_default_units():
-    for schedule, steps in [("linear", [8, 16]), ("cubic", [0, 7])]:  # T=24, L=3: 24*(i/3) and 24*(0.5+0.5 i/3)^3
+    for schedule, _steps in [("linear", [8, 16]), ("cubic", [0, 7])]:  # T=24, L=3: 24*(i/3) and 24*(0.5+0.5 i/3)^3
         start = 0.5 if schedule == "cubic" else 0.0
         schedule_object = {"linear": LinearSchedule, "cubic": CubicSchedule}[schedule](start=start)
         freeze = FreezeTraining(schedule=schedule_object, verbose=False)
@@ -363,8 +363,14 @@ def test_similarity_schedule_waits_for_the_lowest_unit():
     freeze = FreezeTraining(schedule=SimilaritySchedule(source="external", patience=2), units=UNITS, verbose=False)
 
     class Feed(Callback):
-        values = [{"block1": 0.5, "block2": 1.0}, {"block1": 0.995, "block2": 1.0}, {"block1": 0.999, "block2": 1.0},
-                  {"block2": float("nan")}, {"block2": 0.999}, {"block2": 0.999}]
+        values = [
+            {"block1": 0.5, "block2": 1.0},
+            {"block1": 0.995, "block2": 1.0},
+            {"block1": 0.999, "block2": 1.0},
+            {"block2": float("nan")},
+            {"block2": 0.999},
+            {"block2": 0.999},
+        ]
 
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
             if batch_idx < len(self.values):
@@ -398,8 +404,12 @@ class StepDataNet(Net):
 def test_resume_ends_with_the_same_parameters(tmp_path, schedule):
     def run(max_steps, ckpt_path=None, save=False):
         pl.seed_everything(5)
-        freeze = FreezeTraining(schedule=SimilaritySchedule(check_every_n_steps=2, threshold=0.9, patience=2, probe_size=12)
-                                if schedule == "similarity" else schedule, verbose=False)
+        freeze = FreezeTraining(
+            schedule=SimilaritySchedule(check_every_n_steps=2, threshold=0.9, patience=2, probe_size=12)
+            if schedule == "similarity"
+            else schedule,
+            verbose=False,
+        )
         callbacks = [freeze]
         if save:
             callbacks.append(ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=3, save_top_k=-1, filename="{step}"))
@@ -487,7 +497,9 @@ def test_update_similarity_needs_the_external_similarity_schedule():
 
 
 def test_unknown_units_are_listed():
-    with pytest.raises(RepSimValueError, match=r"\['nope'\], which match none of the units \['block1', 'block2', 'head'\]"):
+    with pytest.raises(
+        RepSimValueError, match=r"\['nope'\], which match none of the units \['block1', 'block2', 'head'\]"
+    ):
         make_trainer([FreezeTraining(schedule={"nope": 3, "block1": 2})]).fit(Net(), loader())
     with pytest.raises(RepSimValueError, match=r"units \['encoder'\] are not submodules of Net"):
         make_trainer([FreezeTraining(units=["encoder", "head"])]).fit(Net(), loader())
@@ -538,7 +550,9 @@ class _StopAt(Callback):
 def test_ddp_without_find_unused_parameters_and_sharded_strategies_are_refused():
     freeze = FreezeTraining()
     trainer = pl.Trainer(accelerator="cpu", devices=2, strategy=DDPStrategy(start_method="spawn"), logger=False)
-    with pytest.raises(RepSimValueError, match="strategy='ddp_find_unused_parameters_true'.*find_unused_parameters=True"):
+    with pytest.raises(
+        RepSimValueError, match="strategy='ddp_find_unused_parameters_true'.*find_unused_parameters=True"
+    ):
         freeze.setup(trainer, Net(), "fit")
     with pytest.raises(RepSimValueError, match="sharded strategy FSDPStrategy"):
         freeze.setup(types.SimpleNamespace(strategy=FSDPStrategy()), Net(), "fit")

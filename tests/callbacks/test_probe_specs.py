@@ -5,15 +5,15 @@ on CPU (one training batch) check which examples became the probe: the store's p
 equal that of a :class:`~lightning_repsim.capture.Probe` of the expected tensor, and ``n`` its
 length.
 """
+
 import warnings
 
 import pytest
+import pytorch_lightning as pl
 import torch
 from torch import nn
 from torch.nn import functional as F
 from torch.utils.data import DataLoader, TensorDataset
-
-import pytorch_lightning as pl
 
 from lightning_repsim.callbacks import RepresentationSimilarity
 from lightning_repsim.capture import Probe
@@ -76,9 +76,17 @@ def fit(tmp_path, probe, model=None, **loaders):
     model = Net() if model is None else model
     callback = RepresentationSimilarity(probe=probe, reference="init", measures=("linear_cka",), write_files=False)
     trainer = pl.Trainer(
-        default_root_dir=str(tmp_path), max_epochs=1, limit_train_batches=1, limit_val_batches=1,
-        accelerator="cpu", devices=1, logger=False, callbacks=[callback], enable_progress_bar=False,
-        enable_model_summary=False, enable_checkpointing=False,
+        default_root_dir=str(tmp_path),
+        max_epochs=1,
+        limit_train_batches=1,
+        limit_val_batches=1,
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        callbacks=[callback],
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
     )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # no TensorBoardLogger, few batches: not what is tested here
@@ -95,21 +103,24 @@ def assert_probe(callback, expected):
 
 
 def test_val_n_takes_the_first_n_validation_examples(tmp_path):
-    callback, model = fit(tmp_path, "val:32", train_dataloaders=loader(X_TRAIN, Y_TRAIN, 16),
-                          val_dataloaders=loader(X_VAL, Y_VAL, 12))  # 32 is not a multiple of the batch
+    callback, model = fit(
+        tmp_path, "val:32", train_dataloaders=loader(X_TRAIN, Y_TRAIN, 16), val_dataloaders=loader(X_VAL, Y_VAL, 12)
+    )  # 32 is not a multiple of the batch
     assert_probe(callback, X_VAL[:32])
     assert model.train_steps_run == 1
 
 
 def test_val_n_larger_than_the_validation_set_takes_all_of_it(tmp_path):
-    callback, _ = fit(tmp_path, "val:512", train_dataloaders=loader(X_TRAIN, Y_TRAIN, 16),
-                      val_dataloaders=loader(X_VAL, Y_VAL, 16))
+    callback, _ = fit(
+        tmp_path, "val:512", train_dataloaders=loader(X_TRAIN, Y_TRAIN, 16), val_dataloaders=loader(X_VAL, Y_VAL, 16)
+    )
     assert_probe(callback, X_VAL)  # 40, not 512
 
 
 def test_train_n_takes_the_first_n_training_examples(tmp_path):
-    callback, _ = fit(tmp_path, "train:24", train_dataloaders=loader(X_TRAIN, Y_TRAIN, 16),
-                      val_dataloaders=loader(X_VAL, Y_VAL, 16))
+    callback, _ = fit(
+        tmp_path, "train:24", train_dataloaders=loader(X_TRAIN, Y_TRAIN, 16), val_dataloaders=loader(X_VAL, Y_VAL, 16)
+    )
     assert_probe(callback, X_TRAIN[:24])
 
 
@@ -121,8 +132,9 @@ def test_specs_read_the_modules_own_dataloader_hooks(tmp_path):
 
 
 def test_none_is_val_512(tmp_path):
-    callback, _ = fit(tmp_path, None, train_dataloaders=loader(X_TRAIN, Y_TRAIN, 16),
-                      val_dataloaders=loader(X_VAL, Y_VAL, 16))
+    callback, _ = fit(
+        tmp_path, None, train_dataloaders=loader(X_TRAIN, Y_TRAIN, 16), val_dataloaders=loader(X_VAL, Y_VAL, 16)
+    )
     assert_probe(callback, X_VAL[:512])
 
 
@@ -139,10 +151,14 @@ def test_val_n_without_validation_data_is_an_error_before_training(tmp_path):
     assert model.train_steps_run == 0  # no fallback to training data for an explicit "val:N"
 
 
-@pytest.mark.parametrize("spec", ["val:abc", "test:5", "val:", ":5", "val:-3", "val:5 ", "VAL:5", "val:5:6", "val:0",
-                                  "train:00"])
+@pytest.mark.parametrize(
+    "spec", ["val:abc", "test:5", "val:", ":5", "val:-3", "val:5 ", "VAL:5", "val:5:6", "val:0", "train:00"]
+)
 def test_malformed_spec_is_refused_at_construction(spec):
-    with pytest.raises(RepSimValueError, match=r"probe string must look like 'val:512' or 'train:512' \(a split and "
-                                               r"a positive number of examples\); got ") as info:
+    with pytest.raises(
+        RepSimValueError,
+        match=r"probe string must look like 'val:512' or 'train:512' \(a split and "
+        r"a positive number of examples\); got ",
+    ) as info:
         RepresentationSimilarity(probe=spec)
     assert repr(spec) in str(info.value)

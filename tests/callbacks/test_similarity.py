@@ -3,6 +3,7 @@
 TensorBoard content is read back from the event files with tensorboard's EventAccumulator, and
 similarity values are recomputed from the snapshot store with :func:`linear_cka`.
 """
+
 import csv
 import math
 import shutil
@@ -13,17 +14,16 @@ import warnings
 from pathlib import Path
 
 import pytest
+import pytorch_lightning as pl
 import torch
 import yaml
-from torch import nn
-from torch.nn import functional as F
-from torch.utils.data import DataLoader, TensorDataset
-
-import pytorch_lightning as pl
 from pytorch_lightning.callbacks import Callback, ModelCheckpoint
 from pytorch_lightning.cli import LightningCLI
 from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from torch import nn
+from torch.nn import functional as F
+from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_repsim.callbacks import RepresentationSimilarity
 from lightning_repsim.capture import capture
@@ -343,8 +343,9 @@ def test_reference_module_with_other_architecture(tmp_path):
     assert rows[0] == ["", "a", "b"]  # L_a x L_b: our 3 layers against the reference's 2
     assert [row[0] for row in rows[1:]] == LAYERS
     assert all(0.0 <= float(v) <= 1.0 + 1e-9 for row in rows[1:] for v in row[1:])
-    assert not any(tag.startswith("repsim/linear_cka/model/") and not tag.endswith("heatmap")
-                   for tag in acc.Tags()["scalars"])  # no layer of the same name or count to pair
+    assert not any(
+        tag.startswith("repsim/linear_cka/model/") and not tag.endswith("heatmap") for tag in acc.Tags()["scalars"]
+    )  # no layer of the same name or count to pair
 
 
 def test_reference_checkpoint(tmp_path):
@@ -376,8 +377,9 @@ def test_reference_checkpoint(tmp_path):
 @pytest.mark.parametrize("logger", ["none", "csv"])
 def test_without_tensorboard_logger(tmp_path, logger):
     callback = monitor(reference=["init", "final"], write_files=True)
-    trainer = make_trainer(tmp_path, [callback], logger=False if logger == "none" else CSVLogger(str(tmp_path)),
-                           max_epochs=1)
+    trainer = make_trainer(
+        tmp_path, [callback], logger=False if logger == "none" else CSVLogger(str(tmp_path)), max_epochs=1
+    )
     records = fit_recording(trainer, Net())
     messages = repsim_warnings(records)
     assert len(messages) == 1 and "TensorBoardLogger" in messages[0]
@@ -399,8 +401,9 @@ def _resume_run(tmp_path, max_epochs, ckpt_path=None):
     callback = monitor(reference=["init", "previous"])
     checkpoint = ModelCheckpoint(dirpath=str(tmp_path / "ckpt"), save_last=True)
     logger = TensorBoardLogger(str(tmp_path), name="run", version=0)
-    trainer = make_trainer(tmp_path, [callback, checkpoint], logger=logger, max_epochs=max_epochs,
-                           enable_checkpointing=True)
+    trainer = make_trainer(
+        tmp_path, [callback, checkpoint], logger=logger, max_epochs=max_epochs, enable_checkpointing=True
+    )
     torch.manual_seed(max_epochs)  # a different fresh model each time
     trainer.fit(Net(), train_loader(), ckpt_path=ckpt_path)
     return callback, trainer
@@ -467,8 +470,9 @@ def test_mid_run_resumes_with_new_logger_versions_each_get_a_whole_store_and_lea
     # two fits resume the end of epoch 1 (step 8): a preempted job's restart, and a second branch of a sweep
     for version, seed in (("version_1", 1), ("version_2", 2)):
         second = monitor(reference=references, write_files=True)
-        trainer, records = _autoversion_run(tmp_path, [second], max_epochs=4, seed=seed,
-                                            ckpt_path=str(tmp_path / "ckpt" / "epoch=1-step=8.ckpt"))
+        trainer, records = _autoversion_run(
+            tmp_path, [second], max_epochs=4, seed=seed, ckpt_path=str(tmp_path / "ckpt" / "epoch=1-step=8.ckpt")
+        )
         new_dir = Path(trainer.logger.log_dir)
         assert new_dir.name == version and second.store_path == new_dir / "repsim"
         (message,) = repsim_warnings(records)
@@ -534,8 +538,9 @@ def test_resume_when_the_recorded_store_is_gone_starts_a_new_one(tmp_path):
     shutil.rmtree(first.store_path)
 
     second = monitor(reference=["init", "final"])
-    trainer, records = _autoversion_run(tmp_path, [second], max_epochs=4,
-                                        ckpt_path=str(tmp_path / "ckpt" / "last.ckpt"))
+    trainer, records = _autoversion_run(
+        tmp_path, [second], max_epochs=4, ckpt_path=str(tmp_path / "ckpt" / "last.ckpt")
+    )
     assert trainer.global_step == 16
     (message,) = repsim_warnings(records)
     assert str(first.store_path) in message and str(second.store_path) in message and "up to step 8" in message
@@ -579,7 +584,9 @@ def test_resume_whose_copy_fails_still_trains_and_monitors(tmp_path, monkeypatch
 
     monkeypatch.setattr(SnapshotStore, "copy_until", disk_full)
     second = monitor(reference=["init", "final"], write_files=True)
-    trainer, records = _autoversion_run(tmp_path, [second], max_epochs=4, ckpt_path=str(tmp_path / "ckpt" / "last.ckpt"))
+    trainer, records = _autoversion_run(
+        tmp_path, [second], max_epochs=4, ckpt_path=str(tmp_path / "ckpt" / "last.ckpt")
+    )
     assert trainer.global_step == 16
     assert any("could not copy" in m and "No space left" in m for m in repsim_warnings(records))
     assert open_store(second.store_path).steps == [12, 16]  # this fit's own steps, no partial copy
@@ -591,7 +598,8 @@ def test_resume_in_a_copy_of_the_run_directory_continues_the_copy(tmp_path):
     checkpoint = ModelCheckpoint(dirpath=str(tmp_path / "ckpt"), save_last=True)
     logger = TensorBoardLogger(str(tmp_path), name="run", version="original")
     make_trainer(tmp_path, [first, checkpoint], logger=logger, max_epochs=2, enable_checkpointing=True).fit(
-        Net(), train_loader())
+        Net(), train_loader()
+    )
     shutil.copytree(tmp_path / "run" / "original", tmp_path / "run" / "copy")
     before = _files(first.store_path)
 
@@ -624,8 +632,12 @@ def test_checkpoint_without_the_store_location_still_resumes(tmp_path, version):
     """A checkpoint of state version 1 (no output_dir / run_id): the store is looked for in the run directory."""
     first = monitor(reference=["init", "final"])
     checkpoint = ModelCheckpoint(dirpath=str(tmp_path / "ckpt"), save_last=True)
-    trainer = make_trainer(tmp_path, [first, checkpoint], logger=TensorBoardLogger(str(tmp_path), "run", version=0),
-                           enable_checkpointing=True)
+    trainer = make_trainer(
+        tmp_path,
+        [first, checkpoint],
+        logger=TensorBoardLogger(str(tmp_path), "run", version=0),
+        enable_checkpointing=True,
+    )
     trainer.fit(Net(), train_loader())
     old = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=False)
     state = old["callbacks"][first.state_key]
@@ -634,8 +646,9 @@ def test_checkpoint_without_the_store_location_still_resumes(tmp_path, version):
     torch.save(old, tmp_path / "old.ckpt")
 
     second = monitor(reference=["init", "final"])
-    trainer = make_trainer(tmp_path, [second], logger=TensorBoardLogger(str(tmp_path), "run", version=version),
-                           max_epochs=3)
+    trainer = make_trainer(
+        tmp_path, [second], logger=TensorBoardLogger(str(tmp_path), "run", version=version), max_epochs=3
+    )
     records = fit_recording(trainer, Net(), ckpt_path=str(tmp_path / "old.ckpt"))
     assert trainer.global_step == 12
     if version == 0:  # found where it always was: continued, as before
@@ -731,8 +744,9 @@ def test_figures_only_fits_do_not_overwrite_each_other(tmp_path):
 
 def _run_with(tmp_path, background, name):
     torch.manual_seed(0)
-    callback = monitor(reference=["init", "previous", "final"], measures=("linear_cka", "rv2"), background=background,
-                       write_files=True)
+    callback = monitor(
+        reference=["init", "previous", "final"], measures=("linear_cka", "rv2"), background=background, write_files=True
+    )
     logger = TensorBoardLogger(str(tmp_path), name=name, version=0)
     trainer = make_trainer(tmp_path, [callback], logger=logger, max_epochs=2)
     trainer.fit(Net(), train_loader())
@@ -797,8 +811,9 @@ def test_checkpoint_waits_until_the_store_holds_the_logged_step(tmp_path, monkey
     monkeypatch.setattr(SnapshotStore, "add", slow_add)
     recorder = _StoreAtCheckpoint()
     checkpoint = ModelCheckpoint(dirpath=str(tmp_path / "ckpt"), every_n_epochs=1, save_top_k=-1)
-    trainer = make_trainer(tmp_path, [monitor(background=True), checkpoint, recorder], max_epochs=3,
-                           enable_checkpointing=True)
+    trainer = make_trainer(
+        tmp_path, [monitor(background=True), checkpoint, recorder], max_epochs=3, enable_checkpointing=True
+    )
     trainer.fit(Net(), train_loader())
     assert [last for last, _ in recorder.seen] == [4, 8, 12]
     for last, steps in recorder.seen:
@@ -827,8 +842,9 @@ def test_ddp_spawn_two_cpu_processes(tmp_path):
     # No TensorBoardLogger: the callback falls back to trainer.log_dir, a broadcast from rank 0
     # that every rank must join (a rank-0-only call hangs the run).
     callback = monitor(every_n_steps=2, reference=["init", "previous"], write_files=True)
-    trainer = make_trainer(tmp_path, [callback, DDPChecks()], logger=False, max_epochs=2, devices=2,
-                           strategy="ddp_spawn")
+    trainer = make_trainer(
+        tmp_path, [callback, DDPChecks()], logger=False, max_epochs=2, devices=2, strategy="ddp_spawn"
+    )
     trainer.fit(Net(), train_loader())  # 4 steps: 64 examples / 2 ranks / batch 16, times 2 epochs
     stores = list(Path(tmp_path).rglob("manifest.json"))
     assert stores == [Path(tmp_path) / "repsim" / "manifest.json"]  # one store, written by rank 0
@@ -837,7 +853,11 @@ def test_ddp_spawn_two_cpu_processes(tmp_path):
     figures = Path(tmp_path) / "repsim" / "figures"
     assert sorted(p.name for p in figures.iterdir()) == ["step-00000000", "step-00000002", "step-00000004"]
     assert sorted(p.name for p in (figures / "step-00000004").iterdir()) == [
-        "linear_cka__init.csv", "linear_cka__init.png", "linear_cka__previous.csv", "linear_cka__previous.png"]
+        "linear_cka__init.csv",
+        "linear_cka__init.png",
+        "linear_cka__previous.csv",
+        "linear_cka__previous.png",
+    ]
     rows = read_csv(figures / "step-00000000" / "linear_cka__init.csv")
     assert [float(rows[i + 1][i + 1]) for i in range(3)] == pytest.approx([1.0] * 3, abs=1e-5)
     assert not list(Path(tmp_path).rglob("events.out.tfevents*"))
@@ -914,17 +934,25 @@ def token_sequences(model, x):
         return {"embed": embedded, "proj": model.proj(embedded)}
 
 
-@pytest.mark.parametrize("token_reduction, reduce", [
-    ("first", lambda h: h[:, 0]),
-    ("mean", lambda h: h.mean(1)),
-    ("last", lambda h: h[:, -1]),
-])
+@pytest.mark.parametrize(
+    "token_reduction, reduce",
+    [
+        ("first", lambda h: h[:, 0]),
+        ("mean", lambda h: h.mean(1)),
+        ("last", lambda h: h[:, -1]),
+    ],
+)
 def test_token_reduction_in_the_store_and_for_references(tmp_path, token_reduction, reduce):
     torch.manual_seed(0)
     model, other = TokenNet(), TokenNet()
     at_init = token_sequences(model, TOKEN_PROBE)
-    callback = monitor(probe=TOKEN_PROBE, reference=["init", other], layers=["embed", "proj"], layout="tokens",
-                       token_reduction=token_reduction)
+    callback = monitor(
+        probe=TOKEN_PROBE,
+        reference=["init", other],
+        layers=["embed", "proj"],
+        layout="tokens",
+        token_reduction=token_reduction,
+    )
     trainer = make_trainer(tmp_path, [callback], max_epochs=1)
     trainer.fit(model)
     store = open_store(callback.store_path)
@@ -980,8 +1008,9 @@ def tokens_reversed(model, batch):
 def test_output_selector_and_forward_reach_every_capture(tmp_path, output_selector):
     torch.manual_seed(0)
     model, other = PairNet(), PairNet()
-    callback = monitor(reference=["init", other], layers=["body", "mid"], output_selector=output_selector,
-                       forward=doubled_probe)
+    callback = monitor(
+        reference=["init", other], layers=["body", "mid"], output_selector=output_selector, forward=doubled_probe
+    )
     with torch.no_grad():
         expected = torch.tanh(model.body.linear(2 * PROBE))
         expected_other = torch.tanh(other.body.linear(2 * PROBE))
@@ -1039,7 +1068,9 @@ trainer:
 
 def test_lightning_cli_yaml_sets_every_argument_and_fit_runs(tmp_path):
     torch.manual_seed(0)
-    cli, callback, dumped = run_cli(tmp_path, f"""
+    cli, callback, dumped = run_cli(
+        tmp_path,
+        f"""
         probe: "train:32"
         reference: [init, previous, final, {{class_path: {__name__}.Other}}]
         measures: [linear_cka, svcca]
@@ -1056,7 +1087,8 @@ def test_lightning_cli_yaml_sets_every_argument_and_fit_runs(tmp_path):
         write_files: true
         strict: true
         background: false
-    """)
+    """,
+    )
     assert callback.probe_source == "train:32"
     assert callback.references == ["init", "previous", "final", "model"]
     assert isinstance(callback._reference("module").source, Other)
@@ -1083,7 +1115,9 @@ def test_lightning_cli_yaml_sets_every_argument_and_fit_runs(tmp_path):
 
 def test_lightning_cli_yaml_sets_token_reduction_output_selector_and_forward(tmp_path):
     torch.manual_seed(0)
-    cli, callback, dumped = run_cli(tmp_path, f"""
+    cli, callback, dumped = run_cli(
+        tmp_path,
+        f"""
         probe: "train:16"
         reference: init
         measures: linear_cka
@@ -1093,7 +1127,9 @@ def test_lightning_cli_yaml_sets_token_reduction_output_selector_and_forward(tmp
         output_selector: 0
         forward: {__name__}.tokens_reversed
         write_files: false
-    """, model_class=TokenNet)
+    """,
+        model_class=TokenNet,
+    )
     assert callback.layout == {"embed": "auto", "proj": "tokens"} and callback.token_reduction == "first"
     assert callback.output_selector == 0 and callback.forward is tokens_reversed
     assert dumped["layout"] == {"embed": "auto", "proj": "tokens"} and dumped["forward"].endswith(".tokens_reversed")
@@ -1252,10 +1288,22 @@ def test_dead_layer_warns_once_and_gives_nan(tmp_path):
 
     g = torch.Generator().manual_seed(0)
     data = TensorDataset(torch.randn(64, 8, generator=g), torch.randint(0, 2, (64,), generator=g))
-    monitor = RepresentationSimilarity(probe=torch.randn(32, 8, generator=g), reference="init",
-                                       measures=("linear_cka",), write_files=False, store=False)
-    trainer = pl.Trainer(max_epochs=3, callbacks=[monitor], logger=False, enable_checkpointing=False,
-                         enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path)
+    monitor = RepresentationSimilarity(
+        probe=torch.randn(32, 8, generator=g),
+        reference="init",
+        measures=("linear_cka",),
+        write_files=False,
+        store=False,
+    )
+    trainer = pl.Trainer(
+        max_epochs=3,
+        callbacks=[monitor],
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+    )
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         trainer.fit(_DeadLayerNet(), DataLoader(data, batch_size=16))

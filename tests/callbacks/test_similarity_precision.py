@@ -1,4 +1,5 @@
 """RepresentationSimilarity under the Trainer's precision settings and with probes the model cannot run."""
+
 from __future__ import annotations
 
 import pytest
@@ -42,8 +43,7 @@ def test_probe_pass_runs_under_mixed_precision_autocast(tmp_path):
     torch.manual_seed(0)
     model = RecordingNet()
     initial = {k: v.clone() for k, v in model.state_dict().items()}
-    trainer = make_trainer(tmp_path, [monitor(layers=["body", "mid", "head"])], precision="bf16-mixed",
-                           max_epochs=1)
+    trainer = make_trainer(tmp_path, [monitor(layers=["body", "mid", "head"])], precision="bf16-mixed", max_epochs=1)
     trainer.fit(model, train_loader())
     probe_passes = [seen for seen in model.recorder.seen if seen[1] == PROBE.dtype]
     assert probe_passes and all(autocast for autocast, _ in probe_passes)
@@ -70,6 +70,9 @@ def test_true_half_precision_converts_the_probe_like_a_batch(tmp_path):
 
 def test_probe_the_model_cannot_run_fails_at_setup_naming_the_probe(tmp_path):
     trainer = make_trainer(tmp_path, [monitor(probe=torch.randn(32, 5))])
-    with pytest.raises(RepSimValueError, match=r"Net cannot run the probe of shape \(32, 5\) \(torch.float32\): "
-                                               r"RuntimeError: .*Pass probe= inputs"):
+    with pytest.raises(
+        RepSimValueError,
+        match=r"Net cannot run the probe of shape \(32, 5\) \(torch.float32\): "
+        r"RuntimeError: .*Pass probe= inputs",
+    ):
         trainer.fit(Net(), train_loader())

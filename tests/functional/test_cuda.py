@@ -2,6 +2,7 @@
 
 Skipped without CUDA; run it where a GPU is available (``pytest tests/functional/test_cuda.py``).
 """
+
 import pytest
 import torch
 

@@ -169,8 +169,9 @@ def test_representations_reused_across_measures_equal_fresh_calls(method):
         if (measure, method) == ("rbf_cka", "features"):
             continue
         got = F.similarity_matrix(reps_x, reps_y, measure, method=method, **options)
-        np.testing.assert_allclose(got.numpy(), _cached_loop(measure, options), rtol=0, atol=1e-10,
-                                   err_msg=f"{measure} {options}")
+        np.testing.assert_allclose(
+            got.numpy(), _cached_loop(measure, options), rtol=0, atol=1e-10, err_msg=f"{measure} {options}"
+        )
 
 
 def test_representations_compute_each_gram_once(monkeypatch):
@@ -289,14 +290,20 @@ def test_accelerator_route_agrees_with_host_route(monkeypatch, measure, options,
             with monkeypatch.context() as patch:
                 patch.setattr(engine, "host_route", lambda device: False)
                 with pytest.warns(RepSimWarning, match="x1: it contains NaN or Inf"):
-                    torch_only = F.similarity_matrix(xs, other, measure, method=method, product_dtype=product_dtype,
-                                                     **options)
+                    torch_only = F.similarity_matrix(
+                        xs, other, measure, method=method, product_dtype=product_dtype, **options
+                    )
             atol = 1e-12 if product_dtype == torch.float64 else 1e-6
             np.testing.assert_allclose(torch_only.numpy(), host.numpy(), rtol=0, atol=atol, err_msg=method)
 
 
-FAR_CASES = [("offset", 1e4, torch.float64), ("offset", 1e6, torch.float64), ("scale", 1e20, torch.float64),
-             ("scale", 1e-30, torch.float32), ("scale", 1e-200, torch.float64)]
+FAR_CASES = [
+    ("offset", 1e4, torch.float64),
+    ("offset", 1e6, torch.float64),
+    ("scale", 1e20, torch.float64),
+    ("scale", 1e-30, torch.float32),
+    ("scale", 1e-200, torch.float64),
+]
 
 
 @pytest.mark.parametrize("host", [True, False], ids=["numpy-route", "torch-route"])
