@@ -350,7 +350,7 @@ def similarity_to_final(
     steps, layers = store.steps, store.layers
     values = {m: torch.full((len(layers), len(steps)), float("nan"), dtype=torch.float64) for m in measure_options}
     for i, name in enumerate(layers if progress is None else progress(layers)):
-        snapshots = [store.get(step, name) for step in steps]
+        snapshots = [store.read(step, [name])[name] for step in steps]
         series, final = Representations(snapshots), Representations(snapshots[-1:])  # shared by the measures
         for measure, options in measure_options.items():
             if measure == "pwcca" and store.kinds.get(name) != "features":

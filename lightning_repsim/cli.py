@@ -238,6 +238,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
         names=(run_a.name, run_b.name),
         progress=lambda items: progress(items, desc="measures", unit="measure"),
     )
+    assert result.steps is not None  # a comparison of stored snapshots knows its steps
     (step_a, step_b), layers_a, layers_b = result.steps, result.layers_a, result.layers_b
     matrices = {m: values.numpy() for m, values in result.matrices.items()}
     out = _mkdir(Path(args.out))
@@ -469,7 +470,7 @@ def build_parser() -> argparse.ArgumentParser:
         f"'{PROG} COMMAND --help' describes each command.",
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {lightning_repsim.__version__}")
-    common = argparse.ArgumentParser(add_help=False)
+    common = _Parser(add_help=False)
     common.add_argument("-q", "--quiet", action="store_true", help="no progress bars and no 'wrote ...' line")
     common.add_argument(
         "--allow-damaged",

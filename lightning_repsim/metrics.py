@@ -72,6 +72,13 @@ class LayerSimilarity(Metric):
     full_state_update = False
     is_differentiable = False
     higher_is_better = True
+    # the states of the minibatch mode (add_state in __init__)
+    hsic_ab: torch.Tensor
+    hsic_aa: torch.Tensor
+    hsic_bb: torch.Tensor
+    energy_a: torch.Tensor
+    energy_b: torch.Tensor
+    batches: torch.Tensor
 
     def __init__(
         self,
@@ -174,9 +181,9 @@ class LayerSimilarity(Metric):
             )
         self._stored_bytes += added
         for i, t in enumerate(xs):
-            getattr(self, f"features_a_{i}").append(t)
+            self._features("a", i).append(t)
         for j, t in enumerate(ys or []):
-            getattr(self, f"features_b_{j}").append(t)
+            self._features("b", j).append(t)
 
     def _accumulate(self, xs: list[torch.Tensor], ys: list[torch.Tensor] | None, n: int) -> None:
         if n < 4:
@@ -205,17 +212,22 @@ class LayerSimilarity(Metric):
         self.energy_b += other.energy * scale
         self.batches += 1
 
+    def _features(self, side: str, i: int) -> Any:
+        """The exact mode's stored batches of layer ``i`` of side ``side``: a list state, which torchmetrics
+        turns into one concatenated tensor when it syncs across processes."""
+        return getattr(self, f"features_{side}_{i}")
+
     def compute(self) -> dict[str, torch.Tensor]:
         """Every measure's (L_a, L_b) float64 matrix, as a dict measure -> tensor."""
         if self.mode == "minibatch":
             return {"linear_cka": self._compute_minibatch()}
-        if len(self.features_a_0) == 0:
+        if len(self._features("a", 0)) == 0:  # a list, or after a DDP sync one tensor
             raise RepSimValueError("LayerSimilarity.compute() was called before any update().")
-        xs = {name: dim_zero_cat(getattr(self, f"features_a_{i}")) for i, name in enumerate(self.names_a)}
+        xs = {name: dim_zero_cat(self._features("a", i)) for i, name in enumerate(self.names_a)}
         ys = (
             None
             if self.symmetric
-            else {name: dim_zero_cat(getattr(self, f"features_b_{j}")) for j, name in enumerate(self.names_b)}
+            else {name: dim_zero_cat(self._features("b", j)) for j, name in enumerate(self.names_b)}
         )
         return {m: similarity_matrix(xs, ys, m, **self.options[m]) for m in self.measures}
 

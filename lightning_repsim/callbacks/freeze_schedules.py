@@ -481,7 +481,7 @@ class SimilaritySchedule(FreezeSchedule):
                 layers=candidates,
                 batch_size=_PROBE_CHUNK,
                 max_features=self.max_features,
-                forward=callback.probe_forward,
+                forward=lambda model, inputs: callback.probe_forward(pl_module, inputs),
             )
         values: dict[str, float] = {}
         for unit in candidates:

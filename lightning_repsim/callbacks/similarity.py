@@ -344,6 +344,7 @@ class RepresentationSimilarity(Callback):
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if (
             self.every_n_steps is None
+            and self.every_n_epochs is not None
             and (trainer.current_epoch + 1) % self.every_n_epochs == 0
             and trainer.global_step != self._last_logged_step
         ):
@@ -437,8 +438,8 @@ class RepresentationSimilarity(Callback):
         logger = next((lg for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)), None)
         if logger is not None:
             run_dir = Path(logger.log_dir)
-            self._tensorboard = report.TensorBoardReporter(logger.experiment)
-            self._guard.log_text = lambda text, step: self._tensorboard.log_text("repsim/errors", text, step)
+            tensorboard = self._tensorboard = report.TensorBoardReporter(logger.experiment)
+            self._guard.log_text = lambda text, step: tensorboard.log_text("repsim/errors", text, step)
         else:
             run_dir = Path(log_dir or trainer.default_root_dir)
         settings = {
@@ -581,7 +582,7 @@ class RepresentationSimilarity(Callback):
                     layers,
                     desc="repsim: similarity to the final snapshot",
                     leave=False,
-                    disable=trainer.progress_bar_callback is None or len(steps) * len(layers) < 200,
+                    disable=trainer.progress_bar_callback is None or len(steps) * len(self._layer_names) < 200,
                 ),
             )
         if self._tensorboard is not None:

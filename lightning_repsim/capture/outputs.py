@@ -218,9 +218,9 @@ def _adaptive_avg_pool(x: torch.Tensor, sizes: list[int]) -> torch.Tensor:
     if len(sizes) == 1:
         return F.adaptive_avg_pool1d(x, sizes)
     if len(sizes) == 2:
-        return F.adaptive_avg_pool2d(x, sizes)
+        return F.adaptive_avg_pool2d(x, (sizes[0], sizes[1]))
     if len(sizes) == 3:
-        return F.adaptive_avg_pool3d(x, sizes)
+        return F.adaptive_avg_pool3d(x, (sizes[0], sizes[1], sizes[2]))
     # more than 3 spatial dims: treat them as one long axis
     flat = x.reshape(x.shape[0], x.shape[1], -1)
     return F.adaptive_avg_pool1d(flat, min(sizes[0], flat.shape[-1]))

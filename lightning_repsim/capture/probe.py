@@ -147,7 +147,7 @@ class Probe:
             raw = flat.view(torch.uint8).numpy()
             step = 1 << 24
             for start in range(0, raw.shape[0], step):
-                digest.update(memoryview(raw[start : start + step]))
+                digest.update(raw[start : start + step].tobytes())
             self._hash = digest.hexdigest()
         return self._hash
 

@@ -32,10 +32,10 @@ __all__ = ["capture"]
 
 
 def _model_device(model: nn.Module) -> torch.device:
-    for tensor in model.parameters():
-        return tensor.device
-    for tensor in model.buffers():
-        return tensor.device
+    for parameter in model.parameters():
+        return parameter.device
+    for buffer in model.buffers():
+        return buffer.device
     return torch.device("cpu")
 
 
@@ -262,6 +262,7 @@ class _Recorder:
                 "forward that yields (N, ...) outputs."
             )
         if decided is None:
+            assert axis is not None  # handled above: undecided outputs wait for a telling batch
             decided = self.examples_axis[name] = axis
             for index, both in self.undecided.pop(name, []):
                 chunks[index] = both[decided]

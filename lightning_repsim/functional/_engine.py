@@ -21,6 +21,7 @@ Grams), or, when features are narrower than the probe, feature space, where
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -82,6 +83,11 @@ def _column_mean_float32(raw: np.ndarray, block: int = 16) -> np.ndarray:
     return sums / n
 
 
+def _peak(x: np.ndarray) -> float:
+    """The largest |entry| of a layer."""
+    return float(np.abs(x).max())
+
+
 def float32_scale(peak: float) -> float:
     """The power of two that brings a layer's largest |entry| (``peak``, in float64) into float32
     products' safe range: 1.0 when it already is there, or when the layer is zero or not finite.
@@ -135,16 +141,18 @@ class PreparedLayers:
                     with _quiet():
                         x, extra = self._centred_cpu(i)
                         if self.product_dtype == torch.float32:
-                            scale = self._decide_scale(i, lambda x=x: float(np.abs(x).max()))
+                            scale = self._decide_scale(i, functools.partial(_peak, x))
                             if scale != 1.0:
                                 x, extra = self._centred_cpu(i, scale=scale)
                         norms = np.einsum("ij,ij->i", x, x)
                     if self._record(i, norms, float(norms.sum()) + extra):
                         break
-                self._features[i] = torch.from_numpy(x).to(self.product_dtype)
+                feature = torch.from_numpy(x).to(self.product_dtype)
             else:
-                self._features[i] = self._prepare_torch(i)
-        return self._features[i]
+                feature = self._prepare_torch(i)
+            self._features[i] = feature
+            return feature
+        return self._features[i]  # type: ignore[return-value]  # set above
 
     @property
     def features(self) -> list[torch.Tensor]:
@@ -243,12 +251,13 @@ class PreparedLayers:
     def _decide_scale(self, i: int, peak: Callable[[], float]) -> float:
         """Layer i's :func:`float32_scale`, decided once from its float64 ``peak`` and then kept, so
         that its norms, energy and Grams agree whichever path computes them."""
-        if self._scales[i] is None:
+        decided = self._scales[i]
+        if decided is None:
             value = peak()
             if not math.isfinite(value):
                 return 1.0  # NaN or Inf input: zeroed and prepared again, then decided
-            self._scales[i] = float32_scale(value)
-        return self._scales[i]
+            decided = self._scales[i] = float32_scale(value)
+        return decided
 
     def _record(self, i: int, norms: np.ndarray, squares: float) -> bool:
         """Store layer i's row norms and energy; False (and the layer marked) if its input is not finite."""
@@ -322,10 +331,12 @@ class PreparedLayers:
         norms) leaves [2**-60, 2**100] or is not finite: otherwise the layer is safely within
         float32's range and needs no float64 pass to find its peak.
         """
+        assert scratch.product is not None  # float32 products have a float32 scratch
         product = scratch.product[: self.n * self.n].reshape(self.n, self.n)
         exact = False
         for _ in range(3):
-            scale = 1.0 if self._scales[i] is None else self._scales[i]
+            decided = self._scales[i]
+            scale = 1.0 if decided is None else decided
             x, extra = self._centred_cpu(i, scratch.features, scale, exact_mean=exact)
             self_product(torch.from_numpy(x), out=torch.from_numpy(product))
             if not exact and extra > _FAR_MEAN * float(product.diagonal().sum(dtype=np.float64)):
@@ -586,6 +597,7 @@ def _gram_route_cpu_inner(
         del vectors_y
     del vectors_x
     if sums_x is not None:
+        assert sums_y is not None  # the same spec gives both sides row sums
         total_x, total_y = sums_x.sum(1), sums_y.sum(1)
         cross += np.outer(total_x, total_y) / ((n - 1) * (n - 2)) - 2.0 / (n - 2) * (sums_x @ sums_y.T)
         if y is not None:

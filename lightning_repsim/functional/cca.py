@@ -9,6 +9,7 @@ columns give correct values, and no correlation exceeds 1.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -123,7 +124,7 @@ def cca_matrix(
     other: tuple[list[str], list[torch.Tensor]] | None,
     n: int,
     measure: str,
-    keep: float | int = 0.99,
+    keep: Any = 0.99,
 ) -> tuple[torch.Tensor, dict[str, str]]:
     """SVCCA or PWCCA for all pairs; ``other=None`` compares the x side with itself.
 
@@ -134,7 +135,7 @@ def cca_matrix(
     device = mats_x[0].device
     bases_x = [_basis(m, keep_value) for m in mats_x]
     symmetric = other is None
-    names_y, bases_y = (names_x, bases_x) if symmetric else (other[0], [_basis(m, keep_value) for m in other[1]])
+    names_y, bases_y = (names_x, bases_x) if other is None else (other[0], [_basis(m, keep_value) for m in other[1]])
     problems = {name: b.problem for name, b in zip(names_x + names_y, bases_x + bases_y) if b.problem}
     result = torch.full((len(bases_x), len(bases_y)), float("nan"), dtype=torch.float64, device=device)
 
@@ -182,7 +183,7 @@ def _starts(widths: list[int]) -> list[int]:
     return starts
 
 
-def _pair(x: TensorLike, y: TensorLike, measure: str, **options: object) -> torch.Tensor:
+def _pair(x: TensorLike, y: TensorLike, measure: str, **options: Any) -> torch.Tensor:
     x, y = as_matrix(x, "x"), as_matrix(y, "y")
     if x.device != y.device:
         raise RepSimValueError(f"x and y must be on one device; got {x.device} and {y.device}.")

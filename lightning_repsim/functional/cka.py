@@ -128,6 +128,7 @@ def minibatch_cka(x: TensorLike, y: TensorLike, batch_size: int) -> torch.Tensor
         scale = spec.hsic_scale(stop - start)
         terms = torch.stack([cross[0, 0], self_x[0], self_y[0], block_x.energy[0] * scale, block_y.energy[0] * scale])
         totals = terms if totals is None else totals + terms
+    assert totals is not None  # n >= 4 gives at least one block of 4 rows
     dead_x = degenerate_layers(["x"], totals[1:2], totals[3:4], spec, problems)
     dead_y = degenerate_layers(["y"], totals[2:3], totals[4:5], spec, problems)
     warn_degenerate(problems, "minibatch_cka")

@@ -69,11 +69,10 @@ def similarity_matrix(
     options = resolve_options(measure, options)
     reps_x = xs if isinstance(xs, Representations) else Representations(xs, max_cache_bytes=0, name="xs")
     symmetric = ys is None or ys is xs
-    reps_y = (
-        reps_x
-        if symmetric
-        else (ys if isinstance(ys, Representations) else Representations(ys, max_cache_bytes=0, name="ys"))
-    )
+    if ys is None or symmetric:
+        reps_y = reps_x
+    else:
+        reps_y = ys if isinstance(ys, Representations) else Representations(ys, max_cache_bytes=0, name="ys")
     names_x, mats_x, names_y, mats_y = reps_x.names, reps_x.matrices, reps_y.names, reps_y.matrices
     devices = {m.device for m in mats_x + mats_y}
     if len(devices) > 1:

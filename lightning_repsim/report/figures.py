@@ -124,7 +124,7 @@ class _MarginLayout(LayoutEngine):
 
     def execute(self, fig: Figure) -> None:
         get_renderer = getattr(fig, "_get_renderer", None)
-        renderer = get_renderer() if get_renderer is not None else fig.canvas.get_renderer()
+        renderer = get_renderer() if get_renderer is not None else fig.canvas.get_renderer()  # type: ignore[attr-defined]
         width, height = fig.bbox.width, fig.bbox.height
         px = fig.dpi  # pixels per inch
         pad, gap = self._params["pad_in"] * px, self._params["gap_in"] * px
@@ -679,7 +679,7 @@ def freeze_figure(
         steps, values = zip(*units)
         twin.step(steps, values, where="post", color="tab:orange", linestyle="--", label="frozen units")
         twin.set_ylabel("frozen units")
-        twin.yaxis.get_major_locator().set_params(integer=True)
+        twin.yaxis.get_major_locator().set_params(integer=True)  # type: ignore[call-arg]
     for step in sorted(set(event_steps)):
         ax.axvline(step, color="0.5", linestyle=":", linewidth=0.8)
     ax.set_ylim(-0.03, 1.03)

@@ -235,7 +235,7 @@ class SnapshotStore:
             return store
 
         path.mkdir(parents=True, exist_ok=True)
-        manifest = {
+        manifest: dict[str, Any] = {
             "probe_hash": probe_hash,
             "n": n,
             "layers": [],
