@@ -30,7 +30,7 @@ from lightning_repsim.store import (
     run_store_dirs,
 )
 from lightning_repsim.store.format import encode_snapshot as _encode_snapshot
-from lightning_repsim.store.snapshots import plan_thinning as _plan_thinning
+from lightning_repsim.store.thinning import plan_thinning as _plan_thinning
 
 N = 6
 LAYERS = ("conv", "block.0", "fc")  # deliberately not alphabetical: order must be kept

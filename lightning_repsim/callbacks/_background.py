@@ -106,3 +106,13 @@ class Background:
         if self._executor is not None:
             self._executor.shutdown(wait=True)
             self._executor = None
+
+
+def one_cpu_thread() -> None:
+    """The worker's torch ops run on one CPU thread (a per-thread setting: training keeps its own).
+
+    Two OpenMP teams on the same cores, the training loop's and the worker's, spin-wait against
+    each other and slow both down several times over."""
+    import torch
+
+    torch.set_num_threads(1)

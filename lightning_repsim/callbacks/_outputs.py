@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from lightning_repsim.errors import RepSimError, RepSimWarning
+from lightning_repsim.report import TensorBoardReporter
 from lightning_repsim.store import SnapshotStore, default_store_dir
 from lightning_repsim.store.format import occupied
 
@@ -87,6 +88,17 @@ def open_run_outputs(
     if continued and resumed is not None and resumed.last_logged_step is not None:
         _set_aside_after(directory, store, resumed.last_logged_step, warn)
     return RunOutputs(directory, store, run_id)
+
+
+def run_directory(trainer: Any, log_dir: str | None) -> tuple[Path, TensorBoardReporter | None]:
+    """The fit's run directory (its TensorBoardLogger's, else ``log_dir`` or the Trainer's root) and a
+    TensorBoard reporter when the Trainer has a TensorBoardLogger."""
+    from pytorch_lightning.loggers import TensorBoardLogger
+
+    logger = next((lg for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)), None)
+    if logger is None:
+        return Path(log_dir or trainer.default_root_dir), None
+    return Path(logger.log_dir), TensorBoardReporter(logger.experiment)
 
 
 def step_folders(figures: Path) -> dict[int, Path]:

@@ -22,7 +22,9 @@ import torch
 from torch import nn
 
 from lightning_repsim.capture import LayerSelector, OutputSelector, Probe, capture
+from lightning_repsim.capture.outputs import check_reduction
 from lightning_repsim.errors import RepSimValueError
+from lightning_repsim.functional._measures import gram_spec
 
 KEYWORDS = ("init", "previous", "final")
 PROBE_SPEC = re.compile(r"^(val|train):(\d+)$")
@@ -61,8 +63,22 @@ def parse_references(reference: Any) -> list[Reference]:
     return parsed
 
 
-def check_probe_spec(probe: Any) -> None:
-    """Refuse a malformed probe string at construction."""
+def check_probe_arguments(
+    probe: Any, max_features: Any, layout: Any, token_reduction: Any, output_selector: Any, forward: Any
+) -> None:
+    """Refuse, at construction, a malformed probe string or capture setting."""
+    check_reduction(max_features, layout, token_reduction)
+    if not (
+        output_selector is None
+        or callable(output_selector)
+        or isinstance(output_selector, str)
+        or (isinstance(output_selector, int) and not isinstance(output_selector, bool))
+    ):
+        raise RepSimValueError(
+            f"output_selector must be None, an int index, a str key or a callable; got {output_selector!r}."
+        )
+    if forward is not None and not callable(forward):
+        raise RepSimValueError(f"forward must be None or a callable forward(model, batch); got {forward!r}.")
     if isinstance(probe, str) and (not PROBE_SPEC.match(probe) or int(probe.split(":")[1]) < 1):
         raise RepSimValueError(
             f"probe string must look like 'val:512' or 'train:512' (a split and a positive "
@@ -84,6 +100,17 @@ def materialise_probe(source: Any, trainer: pl.Trainer) -> Probe:
             "none; pass probe= a tensor, an (x, y) tuple or a DataLoader."
         )
     return Probe(loader, max_examples=count)
+
+
+def check_probe_size(probe: Probe, options: Mapping[str, Mapping[str, Any]]) -> None:
+    """Refuse a probe too small for the measures (the unbiased HSIC needs 4 examples, the others 2)."""
+    needs_four = [m for m, o in options.items() if m not in ("svcca", "pwcca") and gram_spec(m, **o).min_examples > 2]
+    minimum = 4 if needs_four else 2
+    if len(probe) < minimum:
+        raise RepSimValueError(
+            f"the probe has {len(probe)} example(s); {', '.join(needs_four) or 'the measures'} need at "
+            f"least {minimum}. Use a larger probe."
+        )
 
 
 def _dataloader(trainer: pl.Trainer, split: str) -> Any:
@@ -187,3 +214,34 @@ class ProbeRunner:
             f"({self.probe.inputs.dtype}): {type(err).__name__}: {err}. Pass probe= inputs "
             "that the module's forward accepts (its first tensor is what is fed to forward)."
         )
+
+
+def check_features(features: Mapping[str, torch.Tensor], step: int, warn: Callable[[str, str], None]) -> None:
+    """Warn once per layer about NaN/Inf activations (divergence) or a layer constant over the probe."""
+    for name, x in features.items():
+        if not bool(torch.isfinite(x).all()):
+            warn(
+                f"nonfinite:{name}",
+                f"layer {name!r} produced NaN/Inf activations at step {step}: its similarities are NaN; "
+                "training continues.",
+            )
+        elif _is_constant(x):
+            warn(
+                f"constant:{name}",
+                f"layer {name!r} is constant over the probe at step {step} (a dead layer?): its centred "
+                "similarities are NaN; training continues.",
+            )
+
+
+def _is_constant(x: torch.Tensor) -> bool:
+    """No variation over the probe examples (relative to the magnitude, as the functional API decides)."""
+    x = x.to(torch.float64)
+    return float((x - x.mean(0)).square().sum()) <= 1e-20 * float(x.square().sum())
+
+
+def describe(value: Any) -> Any:
+    """A setting as JSON: a callable by its qualified name, anything else as it is."""
+    if callable(value):
+        name = getattr(value, "__qualname__", None) or type(value).__qualname__
+        return f"{getattr(value, '__module__', None) or type(value).__module__}.{name}"
+    return value

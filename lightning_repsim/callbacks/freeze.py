@@ -32,7 +32,7 @@ from lightning_repsim.callbacks.freeze_schedules import (
     bounded,
     isolated_rng,
 )
-from lightning_repsim.capture import Probe, eval_mode, execution_order
+from lightning_repsim.capture import Probe, top_level_blocks
 from lightning_repsim.errors import RepSimError, RepSimValueError
 
 __all__ = ["FreezeTraining"]
@@ -408,16 +408,9 @@ class FreezeTraining(Callback):
         def forward() -> Any:
             return self.probe_forward(pl_module, inputs)
 
-        root: nn.Module = pl_module
-        prefix = ""
         try:
-            with eval_mode(pl_module), isolated_rng(inputs.device):
-                units = execution_order(pl_module, forward, top_level=True)
-                # look through a single wrapped network (self.net = Net())
-                while len(units) == 1 and _has_param_children(root.get_submodule(units[0])):
-                    prefix = prefix + units[0] + "."
-                    root = root.get_submodule(units[0])
-                    units = execution_order(root, forward, top_level=True)
+            with isolated_rng(inputs.device):
+                units = top_level_blocks(pl_module, forward)
         except RepSimError:
             raise
         except Exception as err:
@@ -426,7 +419,6 @@ class FreezeTraining(Callback):
                 f"to find its units ({type(err).__name__}: {err}). Pass units=[...] explicitly, or override "
                 "FreezeTraining.batch_inputs / probe_forward."
             ) from err
-        units = [prefix + u for u in units]
         if not units:
             raise RepSimValueError(
                 f"FreezeTraining found no block with parameters in {type(pl_module).__name__}; pass units=[...]."
@@ -500,10 +492,6 @@ class FreezeTraining(Callback):
                     f"step {step} (epoch {trainer.current_epoch}): froze `{unit}` ({why})" for unit, why in events
                 )
                 logger.experiment.add_text("freeze/events", text, global_step=step)
-
-
-def _has_param_children(module: nn.Module) -> bool:
-    return any(next(child.parameters(), None) is not None for child in module.children())
 
 
 def _count(params: Any) -> int:

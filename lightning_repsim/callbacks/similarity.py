@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import functools
 import os
-import warnings
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -24,40 +23,36 @@ from typing import Any
 import pytorch_lightning as pl
 import torch
 from pytorch_lightning.callbacks import Callback
-from pytorch_lightning.loggers import TensorBoardLogger
 from pytorch_lightning.utilities import rank_zero_info
 from torch import nn
 from tqdm.auto import tqdm
 
 from lightning_repsim import report
-from lightning_repsim.analysis import similarity_to_final, write_convergence_report
-from lightning_repsim.callbacks._background import Background
+from lightning_repsim.callbacks._background import Background, one_cpu_thread
 from lightning_repsim.callbacks._guard import Guard
-from lightning_repsim.callbacks._outputs import Checkpointed, RunOutputs, open_run_outputs
+from lightning_repsim.callbacks._outputs import Checkpointed, RunOutputs, open_run_outputs, run_directory
 from lightning_repsim.callbacks._probing import (
     KEYWORDS,
     ProbeRunner,
     Reference,
-    check_probe_spec,
+    check_features,
+    check_probe_arguments,
+    check_probe_size,
+    describe,
     materialise_probe,
     parse_references,
 )
-from lightning_repsim.callbacks._reporting import MatrixReporter
+from lightning_repsim.callbacks._reporting import PointReporter, settings_table
 from lightning_repsim.callbacks._strategy import refuse_sharded
 from lightning_repsim.capture import LayerSelector, OutputSelector, Probe
-from lightning_repsim.capture.outputs import check_reduction
-from lightning_repsim.errors import RepSimError, RepSimValueError, RepSimWarning
-from lightning_repsim.functional import Representations, similarity_matrix
-from lightning_repsim.functional._measures import gram_spec, resolve_measures
+from lightning_repsim.errors import RepSimError, RepSimValueError
+from lightning_repsim.functional._measures import resolve_measures
 from lightning_repsim.store import DEFAULT_MAX_BYTES, SnapshotStore, compact_features
 
 # jsonargparse (LightningCLI) tries a Union's members in order and str takes anything, so lists
 # and modules (YAML: class_path / init_args) come before str.
 ReferenceLike = nn.Module | str | os.PathLike[str]
 References = Sequence[ReferenceLike] | ReferenceLike
-# Each side of a comparison keeps its n x n Grams between measures and logging points (a fixed
-# reference is prepared once for the whole run) within this much memory; past it they are recomputed.
-_GRAM_CACHE_BYTES = 128 << 20
 _STATE_VERSION = 2
 
 
@@ -84,16 +79,10 @@ class RepresentationSimilarity(Callback):
 
     Open it with ``tensorboard --logdir runs --samples_per_plugin images=0`` (TensorBoard keeps
     only 10 images per tag otherwise). PNG and CSV files of every matrix go to
-    ``<log_dir>/repsim/figures``, and the snapshot store (per step, per layer, what the measures
-    need, without pickle) to ``<log_dir>/repsim``, so a run and its store travel together. A fit
-    never writes into another fit's outputs: when ``<log_dir>/repsim`` already holds some (a fixed
-    logger version or the same ``default_root_dir`` fitted again), it warns and uses the first free
-    ``repsim-1``, ``repsim-2``, ... A resumed fit continues the store its checkpoint records
-    when it is in the same run directory; what the interrupted fit stored and drew after the
-    checkpoint moves to ``superseded/``. When the logger has moved on to a new version (or
-    several fits resume one checkpoint), the resumed fit writes its own store beside its events,
-    starting from copies of the snapshots and figures up to the checkpoint, and warns; the
-    recorded ones stay as they are.
+    ``<log_dir>/repsim/figures`` and the snapshot store to ``<log_dir>/repsim``, so a run and its
+    store travel together. A fit never writes into another fit's outputs (a reused run directory
+    gets ``repsim-1``, ...), and a resumed fit continues its checkpoint's store without losing or
+    repeating a step (the README's "What you get" section says where everything goes on resume).
 
     Args:
         probe: the fixed probe set: a tensor, an ``(x, y)`` tuple, a DataLoader, or
@@ -109,7 +98,10 @@ class RepresentationSimilarity(Callback):
         reference_layers: the same selector for module / checkpoint references (default: theirs).
         every_n_epochs: log at the end of every n-th training epoch.
         every_n_steps: log every n optimizer steps instead (then ``every_n_epochs`` is ignored).
-        max_features: cap on p per layer for conv maps (adaptive average pooling).
+        max_features: cap on p per layer for conv maps (adaptive average pooling). 256 by default:
+            the callback compares and stores at every logging point, so it keeps each layer small;
+            one-off comparisons (:func:`lightning_repsim.compare`, :func:`~lightning_repsim.capture.capture`)
+            default to 4096 to keep more spatial detail.
         batch_size: probe examples per forward pass.
         measure_options: per-measure options, e.g. ``{"svcca": {"keep": 0.99}}``.
         threshold: fraction of the final similarity that counts as converged.
@@ -126,12 +118,9 @@ class RepresentationSimilarity(Callback):
             keeps every core busy and a worker would only compete with it.
         layout: how 3-D and wider outputs are read: ``"conv"`` (``(N, C, *S)``, pooled to
             ``max_features``), ``"tokens"`` (``(N, T, *D)``, reduced by ``token_reduction``), or
-            ``"auto"``: tokens for 3-D outputs of the known sequence modules (``nn.Embedding``,
-            ``nn.MultiheadAttention``, ``nn.Transformer*``, RNNs) and of modules acting on the
-            last axis (``nn.Linear``, ``nn.LayerNorm``: a transformer's layers), conv maps
-            otherwise (``nn.Conv1d``, ``nn.BatchNorm1d``, parameter-free modules). Also a mapping
-            from layer name or glob to one of these (unmatched layers use ``"auto"``), e.g.
-            ``{"encoder.*": "tokens"}``.
+            ``"auto"`` (tokens for sequence modules and modules acting on the last axis, conv maps
+            otherwise; see :mod:`lightning_repsim.capture`), or a mapping from layer name or glob
+            to one of these, e.g. ``{"encoder.*": "tokens"}``.
         token_reduction: ``(N, T, D)`` → ``(N, D)`` by the ``"mean"`` over tokens, the
             ``"first"`` or ``"last"`` token, or ``"flatten"`` to ``(N, T * D)``.
         output_selector: which tensor of a tuple / dict / dataclass output stands for the layer:
@@ -187,19 +176,7 @@ class RepresentationSimilarity(Callback):
             raise RepSimValueError("set every_n_epochs or every_n_steps (both are None, so nothing would be logged).")
         if not 0.0 < threshold <= 1.0:
             raise RepSimValueError(f"threshold is a fraction of the final similarity in (0, 1]; got {threshold}.")
-        check_reduction(max_features, layout, token_reduction)
-        if not (
-            output_selector is None
-            or callable(output_selector)
-            or isinstance(output_selector, str)
-            or (isinstance(output_selector, int) and not isinstance(output_selector, bool))
-        ):
-            raise RepSimValueError(
-                f"output_selector must be None, an int index, a str key or a callable; got {output_selector!r}."
-            )
-        if forward is not None and not callable(forward):
-            raise RepSimValueError(f"forward must be None or a callable forward(model, batch); got {forward!r}.")
-        check_probe_spec(probe)
+        check_probe_arguments(probe, max_features, layout, token_reduction, output_selector, forward)
         self.probe_source = probe
         self.layers = layers
         self.reference_layers = reference_layers
@@ -222,7 +199,7 @@ class RepresentationSimilarity(Callback):
         self._layer_names: list[str] = []
         self._outputs: RunOutputs | None = None
         self._tensorboard: report.TensorBoardReporter | None = None
-        self._reporter: MatrixReporter | None = None
+        self._reporter: PointReporter | None = None
         self._guard = Guard(strict)
         self._checkpointed: Checkpointed | None = None  # set by load_state_dict when the fit resumes
         self._previous: dict[str, torch.Tensor] | None = None
@@ -230,7 +207,6 @@ class RepresentationSimilarity(Callback):
         self._last_logged_step: int | None = None
         self._attempted_step: int | None = None
         self._unlogged_start: dict[str, torch.Tensor] | None = None
-        self._prepared: dict[str, tuple[Mapping[str, torch.Tensor], Representations]] = {}
         self._worker: Background | None = None
 
     # ------------------------------------------------------------------ configuration
@@ -285,7 +261,7 @@ class RepresentationSimilarity(Callback):
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         background = self.background if self.background is not None else pl_module.device.type != "cpu"
-        self._worker = Background(initializer=_one_cpu_thread) if background and not self.strict else None
+        self._worker = Background(initializer=one_cpu_thread) if background and not self.strict else None
         probe = materialise_probe(self.probe_source, trainer)
         expected = None if self._checkpointed is None else self._checkpointed.probe_hash
         if expected and expected != probe.hash:
@@ -293,18 +269,7 @@ class RepresentationSimilarity(Callback):
                 f"the probe set changed since the checkpoint (hash {expected} then, {probe.hash} now); "
                 "resume with the same probe so the store stays comparable."
             )
-        n = len(probe)
-        needs_four = [
-            m
-            for m in self.measures
-            if m != "svcca" and m != "pwcca" and gram_spec(m, **self.options[m]).min_examples > 2
-        ]
-        minimum = 4 if needs_four else 2
-        if n < minimum:
-            raise RepSimValueError(
-                f"the probe has {n} example(s); {', '.join(needs_four) or 'the measures'} need at "
-                f"least {minimum}. Use a larger probe."
-            )
+        check_probe_size(probe, self.options)
         self._runner = ProbeRunner(
             probe,
             self.layers,
@@ -389,7 +354,6 @@ class RepresentationSimilarity(Callback):
         self._previous = self._previous_step = self._last_logged_step = self._attempted_step = None
         self._unlogged_start = None
         self._guard = Guard(self.strict)
-        self._prepared = {}
         for ref in self._references:  # "init" is set and modules are captured again at fit start
             ref.features = None
 
@@ -435,13 +399,10 @@ class RepresentationSimilarity(Callback):
     def _open_outputs(self, trainer: pl.Trainer, log_dir: str | None) -> None:
         assert self._runner is not None
         probe = self._runner.probe
-        logger = next((lg for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)), None)
-        if logger is not None:
-            run_dir = Path(logger.log_dir)
-            tensorboard = self._tensorboard = report.TensorBoardReporter(logger.experiment)
+        run_dir, tensorboard = run_directory(trainer, log_dir)
+        if tensorboard is not None:
+            self._tensorboard = tensorboard
             self._guard.log_text = lambda text, step: tensorboard.log_text("repsim/errors", text, step)
-        else:
-            run_dir = Path(log_dir or trainer.default_root_dir)
         settings = {
             "measures": list(self.measures),
             "options": self.options,
@@ -449,8 +410,8 @@ class RepresentationSimilarity(Callback):
             "max_features": self.max_features,
             "layout": self.layout,
             "token_reduction": self.token_reduction,
-            "output_selector": _describe(self.output_selector),
-            "forward": _describe(self.forward),
+            "output_selector": describe(self.output_selector),
+            "forward": describe(self.forward),
             "layers": self._layer_names,
             "layer_selector": repr(self.layers),
         }
@@ -465,19 +426,18 @@ class RepresentationSimilarity(Callback):
             resumed=self._checkpointed,
             warn=self._guard.warn_once,
         )
-        if logger is None:
+        if tensorboard is None:
             self._guard.warn_once(
                 "no-tensorboard",
                 "RepresentationSimilarity found no TensorBoardLogger: heatmaps "
                 f"and curves go to PNG/CSV files under {self._output_dir} only.",
             )
         figures = self._outputs.directory / "figures" if self.write_files else None
-        self._reporter = MatrixReporter(self._layer_names, self._tensorboard, figures)
+        self._reporter = PointReporter(self._layer_names, self.options, self._references, self._tensorboard, figures)
         if self._tensorboard is not None:
-            rows = "\n".join(
-                f"| {k} | `{v}` |" for k, v in {"examples": len(probe), "hash": probe.hash, **settings}.items()
+            self._tensorboard.log_text(
+                "repsim/probe", settings_table({"examples": len(probe), "hash": probe.hash, **settings}), 0
             )
-            self._tensorboard.log_text("repsim/probe", "| setting | value |\n|---|---|\n" + rows, 0)
 
     def _log_point(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         assert self._runner is not None
@@ -489,19 +449,7 @@ class RepresentationSimilarity(Callback):
         )
         self._unlogged_start = None
         self._attempted_step = step
-        for name, x in features.items():
-            if not bool(torch.isfinite(x).all()):
-                self._guard.warn_once(
-                    f"nonfinite:{name}",
-                    f"layer {name!r} produced NaN/Inf activations at step "
-                    f"{step}: its similarities are NaN; training continues.",
-                )
-            elif _is_constant(x):
-                self._guard.warn_once(
-                    f"constant:{name}",
-                    f"layer {name!r} is constant over the probe at step {step} "
-                    "(a dead layer?): its centred similarities are NaN; training continues.",
-                )
+        check_features(features, step, self._guard.warn_once)
         if trainer.is_global_zero:  # the other ranks hold the same numbers and write nothing
             work = functools.partial(self._compare_and_write, features, self._previous, step)
             if self._worker is None:
@@ -526,106 +474,29 @@ class RepresentationSimilarity(Callback):
             tensors, kinds = compact_features(features)
             self._store.add(step, tensors, kinds, overwrite=self._checkpointed is not None)
         stored()
-        current = Representations(features, max_cache_bytes=_GRAM_CACHE_BYTES)  # shared by every measure
-        for ref in self._references:
-            if ref.kind == "final":
-                continue
-            other = self._prepared_reference(ref, previous if ref.kind == "previous" else ref.features, features)
-            if other is None:
-                continue
-            for measure in self.measures:
-                # warn=False: NaN layers were reported by name at capture time, once
-                matrix = similarity_matrix(current, other, measure, warn=False, **self.options[measure])
-                self._reporter.matrix(measure, ref.label, matrix, other.names, step)
-        if self._reference("previous") is not None:
-            self._prepared["previous"] = (features, current)  # its Grams serve the next point's "previous"
-
-    def _prepared_reference(
-        self, ref: Reference, features: Mapping[str, torch.Tensor] | None, like: Mapping[str, torch.Tensor]
-    ) -> Representations | None:
-        """The reference's layers on the current device, prepared once and reused while they stay the same."""
-        if features is None:
-            return None
-        cached = self._prepared.get(ref.label)
-        if cached is None or cached[0] is not features:
-            device = next(iter(like.values())).device
-            cached = (
-                features,
-                Representations({k: x.to(device) for k, x in features.items()}, max_cache_bytes=_GRAM_CACHE_BYTES),
-            )
-            self._prepared[ref.label] = cached
-        return cached[1]
+        self._reporter.point(features, previous, step)
 
     def _log_final(self, trainer: pl.Trainer) -> None:
-        """Every stored snapshot of every layer against the last snapshot (Raghu et al. 2017)."""
-        assert self._store is not None and self._output_dir is not None
-        steps = self._store.steps
-        if len(steps) < 2:
-            self._guard.warn_once(
-                "final-too-short",
-                "reference='final' needs at least two snapshots; training was too short for a convergence map.",
-            )
-            return
-        for name in self._layer_names:
-            if "pwcca" in self.measures and self._store.kinds.get(name) != "features":
-                self._guard.warn_once(
-                    f"pwcca-factor:{name}",
-                    f"pwcca against the final snapshot is NaN for layer "
-                    f"{name!r}: it was stored as a Gram factor (p > n), without its neurons.",
-                )
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", RepSimWarning)  # NaN layers were reported by name at capture time
-            values = similarity_to_final(
-                self._store,
-                self.options,
-                progress=lambda layers: tqdm(
-                    layers,
-                    desc="repsim: similarity to the final snapshot",
-                    leave=False,
-                    disable=trainer.progress_bar_callback is None or len(steps) * len(self._layer_names) < 200,
-                ),
-            )
-        if self._tensorboard is not None:
-            for measure, table in values.items():
-                for t, step in enumerate(steps):
-                    self._tensorboard.log_layer_scalars(
-                        f"repsim/{measure}/final", dict(zip(self._layer_names, table[:, t].tolist())), step
-                    )
-        reports = write_convergence_report(
-            {m: v.numpy() for m, v in values.items()},
-            self._layer_names,
-            steps,
+        """Every stored snapshot against the last one, and the convergence report (Raghu et al. 2017)."""
+        assert self._store is not None and self._output_dir is not None and self._reporter is not None
+        work = len(self._store.steps) * len(self._layer_names)
+        tables = self._reporter.final(
+            self._store,
             self._output_dir / "figures" / "final",
-            threshold=self.threshold,
-            tensorboard=self._tensorboard,
+            self.threshold,
+            progress=lambda layers: tqdm(
+                layers,
+                desc="repsim: similarity to the final snapshot",
+                leave=False,
+                disable=trainer.progress_bar_callback is None or work < 200,
+            ),
+            warn=self._guard.warn_once,
         )
-        for measure, written in reports.items():
+        for measure, table in tables.items():
             rank_zero_info(
                 f"{measure}: step at which each layer reaches {self.threshold:.0%} of its similarity to "
-                f"the final snapshot\n{written.table}"
+                f"the final snapshot\n{table}"
             )
-
-
-def _describe(value: Any) -> Any:
-    """A setting as JSON: a callable by its qualified name, anything else as it is."""
-    if callable(value):
-        name = getattr(value, "__qualname__", None) or type(value).__qualname__
-        return f"{getattr(value, '__module__', None) or type(value).__module__}.{name}"
-    return value
-
-
-def _one_cpu_thread() -> None:
-    """The worker's torch ops run on one CPU thread (a per-thread setting: training keeps its own).
-
-    Two OpenMP teams on the same cores, the training loop's and the worker's, spin-wait against
-    each other and slow both down several times over."""
-    torch.set_num_threads(1)
-
-
-def _is_constant(x: torch.Tensor) -> bool:
-    """No variation over the probe examples (relative to the magnitude, as the functional API decides)."""
-    x = x.to(torch.float64)
-    return float((x - x.mean(0)).square().sum()) <= 1e-20 * float(x.square().sum())
 
 
 def _to_cpu(features: Mapping[str, torch.Tensor] | None) -> dict[str, torch.Tensor] | None:

@@ -53,6 +53,7 @@ from lightning_repsim.capture.layers import (
     name_matches,
     select_layers,
     select_names,
+    top_level_blocks,
 )
 from lightning_repsim.capture.outputs import OutputSelector, reduce_output, select_output
 from lightning_repsim.capture.probe import Probe
@@ -70,4 +71,5 @@ __all__ = [
     "select_layers",
     "select_names",
     "select_output",
+    "top_level_blocks",
 ]

@@ -20,7 +20,15 @@ from torch import nn
 
 from lightning_repsim.errors import RepSimValueError
 
-__all__ = ["LayerSelector", "eval_mode", "execution_order", "name_matches", "select_layers", "select_names"]
+__all__ = [
+    "LayerSelector",
+    "eval_mode",
+    "execution_order",
+    "name_matches",
+    "select_layers",
+    "select_names",
+    "top_level_blocks",
+]
 
 # the list first: jsonargparse (LightningCLI) tries a Union's members in order, and str takes a YAML list
 LayerSelector = Sequence[str | type] | str | type | None
@@ -330,3 +338,35 @@ def select_layers(model: nn.Module, order: list[str], layers: LayerSelector = No
             )
         keep |= hits
     return [n for n in order if n in keep]
+
+
+def top_level_blocks(model: nn.Module, forward: Callable[[], Any]) -> list[str]:
+    """The model's top-level blocks with parameters, in the order they first run (``execution_order``
+    with ``top_level=True``), looking through a single wrapped network (``self.net = Net()``): when
+    one block is all there is and it has parameterised children, its own top-level blocks are taken.
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> class Wrapper(nn.Module):
+        ...     def __init__(self):
+        ...         super().__init__()
+        ...         self.net = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2))
+        ...     def forward(self, x):
+        ...         return self.net(x)
+        >>> model = Wrapper()
+        >>> top_level_blocks(model, lambda: model(torch.randn(2, 3)))
+        ['net.0', 'net.2']
+    """
+    root, prefix = model, ""
+    with eval_mode(model):
+        units = execution_order(model, forward, top_level=True)
+        while len(units) == 1 and _has_param_children(root.get_submodule(units[0])):
+            prefix += units[0] + "."
+            root = root.get_submodule(units[0])
+            units = execution_order(root, forward, top_level=True)
+    return [prefix + unit for unit in units]
+
+
+def _has_param_children(module: nn.Module) -> bool:
+    return any(next(child.parameters(), None) is not None for child in module.children())

@@ -67,10 +67,6 @@ MANIFEST_NAME = "manifest.json"
 #: header), x 30 = 983,040,000 B (+ ~60 kB) < 1,000,000,000 B.
 DEFAULT_MAX_BYTES = 1_000_000_000
 
-THINNING_RULE = (
-    "keep the first snapshot, the newest, and every stride-th snapshot in logging order; "
-    "the stride doubles each time the budget is exceeded"
-)
 STEP_FILE_RE = re.compile(r"^step-(\d+)\.safetensors$")
 _STORE_DIR_RE = re.compile(r"^repsim(?:-([1-9]\d*))?$")
 

@@ -57,7 +57,6 @@ from lightning_repsim.store.format import (
     FORMAT_VERSION,
     MANIFEST_NAME,
     STEP_FILE_RE,
-    THINNING_RULE,
     as_step,
     encode_snapshot,
     occupied,
@@ -67,6 +66,7 @@ from lightning_repsim.store.format import (
     step_file_name,
     write_manifest,
 )
+from lightning_repsim.store.thinning import THINNING_RULE, plan_for_new
 
 __all__ = ["SnapshotStore", "StepLike", "open_store"]
 
@@ -95,38 +95,6 @@ def _show_steps(steps: Sequence[int]) -> str:
     head = ", ".join(map(str, steps[:half]))
     tail = ", ".join(map(str, steps[-half:]))
     return f"[{head}, ... ({len(steps) - 2 * half} more) ..., {tail}]"
-
-
-def plan_thinning(indices: Sequence[int], sizes: Sequence[int], stride: int, max_bytes: int) -> tuple[list[bool], int]:
-    """Which snapshots to keep once a new one (the last entry) is added; pure, for testing.
-
-    ``indices`` are the snapshots' positions in logging order (0 for the first ever added),
-    ascending; ``sizes`` their file sizes. Keeps the first, the last and every ``stride``-th
-    snapshot; while the kept ones exceed ``max_bytes`` the stride doubles.
-
-    Returns:
-        ``(keep_mask, stride)``.
-
-    Raises:
-        RepSimValueError: even the first and the last snapshot alone exceed ``max_bytes``.
-    """
-    last = len(indices) - 1
-
-    def mask_for(s: int) -> list[bool]:
-        return [j == 0 or j == last or indices[j] % s == 0 for j in range(len(indices))]
-
-    mask = mask_for(stride)
-    while sum(size for size, keep in zip(sizes, mask) if keep) > max_bytes:
-        if sum(mask) <= 2:
-            kept = sum(size for size, keep in zip(sizes, mask) if keep)
-            raise RepSimValueError(
-                f"a snapshot of {sizes[-1]} bytes cannot be stored: the first and the newest "
-                f"snapshot together need {kept} bytes > max_bytes={max_bytes}; raise max_bytes "
-                "(SnapshotStore.create/open(..., max_bytes=...)) or store fewer columns per layer"
-            )
-        stride *= 2
-        mask = mask_for(stride)
-    return mask, stride
 
 
 class SnapshotStore:
@@ -526,13 +494,7 @@ class SnapshotStore:
 
         # Plan the thinning before touching the disk, so an impossible budget changes nothing.
         kept = [e for e in self._entries if e["step"] < step]
-        history = sorted(
-            [e["step"] for e in kept] + [s for s in self._dropped if s < step] + [s for s in self._lost if s < step]
-        )
-        position = {s: i for i, s in enumerate(history)}
-        indices = [position[e["step"]] for e in kept] + [len(history)]
-        sizes = [e["nbytes"] for e in kept] + [len(blob)]
-        mask, stride = plan_thinning(indices, sizes, self._stride, self._max_bytes)
+        mask, stride = plan_for_new(kept, self._dropped + self._lost, step, len(blob), self._stride, self._max_bytes)
 
         if overwrite and last is not None and step <= last:
             self.truncate_after(step - 1)

@@ -1238,7 +1238,7 @@ def _raise(*args, **kwargs):
 
 
 def test_exception_in_monitor_does_not_kill_fit(tmp_path, monkeypatch):
-    monkeypatch.setattr("lightning_repsim.callbacks.similarity.similarity_matrix", _raise)
+    monkeypatch.setattr("lightning_repsim.callbacks._reporting.similarity_matrix", _raise)
     callback = monitor(reference=["init", "final"], every_n_steps=2)
     trainer = make_trainer(tmp_path, [callback], max_epochs=1)
     records = fit_recording(trainer, NaNNet())
@@ -1251,7 +1251,7 @@ def test_exception_in_monitor_does_not_kill_fit(tmp_path, monkeypatch):
 
 
 def test_exception_in_monitor_is_raised_when_strict(tmp_path, monkeypatch):
-    monkeypatch.setattr("lightning_repsim.callbacks.similarity.similarity_matrix", _raise)
+    monkeypatch.setattr("lightning_repsim.callbacks._reporting.similarity_matrix", _raise)
     model = Net()
     with pytest.raises(RuntimeError, match="boom"):
         make_trainer(tmp_path, [monitor(strict=True)], max_epochs=1).fit(model, train_loader())
