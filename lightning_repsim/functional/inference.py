@@ -1,0 +1,780 @@
+r"""Confidence intervals and permutation tests for representational similarity.
+
+Rows are examples. The probe's n examples are treated as an i.i.d. sample from a distribution (the
+images, utterances or tokens the probe stands for); a similarity computed on them estimates the
+*population* similarity of the two representations over that distribution. This module says how
+precisely (:func:`similarity_interval`, :func:`interval_matrix`) and whether it exceeds chance
+(:func:`permutation_test`).
+
+**What the interval estimates.** For every Gram-based measure the population value is a normalised
+Hilbert-Schmidt independence criterion,
+
+.. math:: \rho = \frac{\mathrm{HSIC}(k, l)}{\sqrt{\mathrm{HSIC}(k, k)\,\mathrm{HSIC}(l, l)}},
+          \qquad \text{linear kernels: } \rho = \frac{\lVert\Sigma_{xy}\rVert_F^2}
+          {\lVert\Sigma_{x}\rVert_F\,\lVert\Sigma_{y}\rVert_F}
+
+(:math:`\Sigma` the population covariances; uncentred RV and RV2 use second moments instead).
+Linear CKA, debiased CKA and centred RV and RV2 are four estimators of the *same* linear-kernel
+value, and biased and debiased RBF CKA two estimators of the same RBF value (with the population
+median bandwidth). It lies in [0, 1], and so do ``low`` and ``high``.
+
+**Method: a jackknife of unbiased HSIC estimates, in closed form.** Resampling examples with
+replacement (the bootstrap) duplicates rows, which a kernel statistic reads as identical examples: a
+percentile bootstrap of linear CKA covers the population value in only a few percent of draws. The
+jackknife leaves each example out once instead and never duplicates one. Each layer's Gram matrix is
+U-centred (Székely & Rizzo 2014), which makes ``<U(K), U(L)> / (n (n - 3))`` the unbiased HSIC
+estimator of Song et al. (2012); the centred features of uncentred RV and RV2 are replaced by their
+zero-diagonal Gram, the order-2 U-statistic of the second moments. Left-out example i then changes
+each inner product by a row-wise term only:
+
+.. math:: \langle U(K)_{-i}, U(L)_{-i}\rangle = \langle U(K), U(L)\rangle
+          - \frac{2(n-2)}{n-3}\sum_j U(K)_{ij} U(L)_{ij}
+
+(a U-centred matrix has zero row sums, so centring the n - 1 remaining examples again changes nothing
+else; zero-diagonal Grams use the factor 2). All pairs of layers follow from one batched product of
+the Grams' rows: no loop over resamples or pairs. The leave-one-out similarities are mapped to
+Fisher's z = atanh(s), which makes the sampling distribution near 0 and near 1 closer to normal;
+the interval is ``tanh(z_J ± q se)`` with ``z_J`` the bias-corrected jackknife estimate and ``q`` the
+normal quantile of ``level``. The jackknife variance of a U-statistic counts its second-order
+(degenerate) Hoeffding component twice (Efron & Stein 1981); that component, large near
+independence and when features are many relative to examples, is estimated from the U-centred Grams
+and the excess subtracted (never more than 3/4 of the jackknife variance). The biased estimators
+(linear CKA, RV, biased RBF CKA) are not jackknifed themselves: their bias, of order
+(effective dimension) / n, exceeds their standard error for wide layers, and an interval around them
+misses the population value in most draws (simulated coverage below 5 % at p = 50, n = 64).
+
+**Assumptions and weak spots.** The examples are i.i.d. (a probe of consecutive frames or of
+augmentations of one image is not); the layers are fixed functions of the example. Simulated
+coverage of a 95 % interval, Gaussian data, p = 20 to 200, n = 64 to 1024, population similarity
+0.05 to 0.99: 0.90 to 0.97 (see ``tests/functional/test_inference.py``). It is lower at n below ~64,
+where the normal approximation is poor (~0.90 at n = 64 when a few directions dominate the layers),
+at an *exactly* zero population similarity (independent layers: the estimator is then a degenerate
+U-statistic with a skewed, non-normal distribution; coverage 0.87 to 0.95 in our simulations: test
+independence with :func:`permutation_test` instead), and under heavy-tailed features, whose HSIC
+variance needs finite eighth moments. The RBF bandwidth (the median distance) is treated as fixed
+within the jackknife; its own sampling variation was negligible in simulation. The interval says
+nothing about variation over training seeds or probe selection beyond i.i.d. sampling.
+
+SVCCA and PWCCA have no interval: they keep a data-dependent number of SVD directions and their
+canonical correlations are biased upward by roughly (kept directions) / n, so neither the
+jackknife nor the bootstrap of them has a known coverage. :func:`permutation_test` supports them.
+"""
+from __future__ import annotations
+
+import math
+import numbers
+from dataclasses import dataclass
+from statistics import NormalDist
+from typing import Optional, Union
+
+import torch
+
+from lightning_repsim.errors import RepSimValueError
+from lightning_repsim.functional._engine import (
+    GramScratch,
+    PreparedLayers,
+    Representations,
+    cosine,
+    degenerate_layers,
+    host_route,
+    transformed_gram,
+)
+from lightning_repsim.functional._measures import CCA_MEASURES, GRAM_MEASURES, GramSpec, gram_spec, resolve_options
+from lightning_repsim.functional._validation import Layers, TensorLike, as_matrix, check_examples, warn_degenerate
+from lightning_repsim.functional.gram import numpy_median
+
+__all__ = [
+    "IntervalMatrix",
+    "PermutationTest",
+    "SimilarityInterval",
+    "interval_matrix",
+    "permutation_test",
+    "similarity_interval",
+]
+
+#: Fewest examples for an interval: below this the jackknife's normal approximation is meaningless.
+MIN_INTERVAL_EXAMPLES = 10
+
+#: The measures :func:`interval_matrix` supports.
+INTERVAL_MEASURES = GRAM_MEASURES
+
+METHOD = "jackknife"
+
+#: Leave-one-out similarities are kept this far inside (-1, 1) before atanh.
+_Z_EDGE = 1e-15
+
+#: Within this distance of |s| = 1 the second-order correction is left out (it would be a ratio of
+#: two rounding errors; the plain jackknife variance is used, which is conservative).
+_CORRECTION_EDGE = 1e-6
+
+#: Entries of the (rows x layers x n) blocks processed at once.
+_BLOCK_ENTRIES = 1 << 22
+
+
+@dataclass(frozen=True)
+class SimilarityInterval:
+    """A confidence interval for the population similarity of two representations.
+
+    Attributes:
+        value: the measure's ordinary point estimate (what :func:`similarity_matrix` returns).
+        low: lower end of the interval, in [0, 1].
+        high: upper end of the interval, in [0, 1].
+        level: the nominal coverage, e.g. 0.95.
+        measure: the measure (``debiased_cka`` for ``linear_cka`` with ``debiased=True``).
+        n: the number of examples.
+        method: how the interval was computed (``"jackknife"``: see the module docstring).
+        estimate: the centre of the interval, a bias-corrected estimate of the population similarity.
+            ``value`` may lie outside ``[low, high]`` when the measure's own estimator is biased (linear
+            CKA and RV with many features per example): the interval, not ``value``, targets the
+            population similarity.
+    """
+
+    value: float
+    low: float
+    high: float
+    level: float
+    measure: str
+    n: int
+    method: str
+    estimate: float
+
+
+@dataclass(frozen=True)
+class IntervalMatrix:
+    """Confidence intervals for every pair of layers: ``value``, ``low``, ``high`` and ``estimate`` are
+    (len(xs), len(ys)) float64 tensors on the inputs' device; see :class:`SimilarityInterval` for their
+    meaning. ``names_x`` and ``names_y`` label the rows and columns."""
+
+    value: torch.Tensor
+    low: torch.Tensor
+    high: torch.Tensor
+    estimate: torch.Tensor
+    level: float
+    measure: str
+    n: int
+    method: str
+    names_x: tuple[str, ...]
+    names_y: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class PermutationTest:
+    """A one-sided permutation test of "the rows of y are unrelated to the rows of x".
+
+    Attributes:
+        value: the observed similarity (what :func:`similarity_matrix` returns).
+        p_value: ``(k + 1) / (n_permutations + 1)`` with k the number of permutations whose similarity
+            is at least ``value``; never 0, and uniform on its grid when x and y are independent.
+        null_mean: the mean similarity over the permutations: the chance level of the measure for
+            these shapes (far from 0 for biased CKA and RV when features are many relative to examples).
+        n_permutations: the number of permutations drawn.
+        measure: the measure.
+        n: the number of examples.
+    """
+
+    value: float
+    p_value: float
+    null_mean: float
+    n_permutations: int
+    measure: str
+    n: int
+
+
+# --------------------------------------------------------------------------------------------------
+# Arguments
+# --------------------------------------------------------------------------------------------------
+
+
+def _check_level(level: object) -> float:
+    if isinstance(level, bool) or not isinstance(level, numbers.Real) or not 0.0 < float(level) < 1.0:
+        raise RepSimValueError(f"level is the interval's coverage and must be a number strictly between 0 and 1, "
+                               f"e.g. level=0.95; got {level!r}.")
+    return float(level)
+
+
+def _check_permutations(n_permutations: object) -> int:
+    if isinstance(n_permutations, bool) or not isinstance(n_permutations, numbers.Integral) or n_permutations < 1:
+        raise RepSimValueError(f"n_permutations must be an int >= 1 (999 or more for a p-value near 0.001); "
+                               f"got {n_permutations!r}.")
+    return int(n_permutations)
+
+
+def _check_seed(seed: object) -> Optional[int]:
+    if seed is None:
+        return None
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or seed < 0:
+        raise RepSimValueError(f"seed must be an int >= 0 (or None for fresh randomness); got {seed!r}.")
+    return int(seed)
+
+
+def _interval_spec(measure: str, options: dict[str, object]) -> GramSpec:
+    if measure in CCA_MEASURES:
+        raise RepSimValueError(
+            f"{measure} has no confidence interval: it keeps a data-dependent number of SVD directions and its "
+            f"canonical correlations are biased upward by about (kept directions) / n, so no resampling method has a "
+            f"known coverage for it. Intervals are available for {', '.join(INTERVAL_MEASURES)}; for {measure}, "
+            f"permutation_test(x, y, measure={measure!r}) tells whether it exceeds chance.")
+    return gram_spec(measure, **options)
+
+
+# --------------------------------------------------------------------------------------------------
+# Per-layer U-centred (or zero-diagonal) Grams and what the point estimate needs besides them
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Side:
+    """One side's layers: ``bases`` (L, n, n) float64, each the layer's U-centred Gram (zero diagonal,
+    zero row sums) or, for uncentred RV and RV2, its zero-diagonal Gram; and, per layer (columns of the
+    (n, L) matrices), what the measure's own transformed Gram adds to it: off the diagonal
+    ``add[i] + add[j] + const``, on it ``diag[i]``."""
+
+    names: list[str]
+    bases: torch.Tensor
+    add: torch.Tensor
+    const: torch.Tensor
+    diag: torch.Tensor
+    prepared: PreparedLayers
+
+
+def _u_statistic_base(spec: GramSpec) -> str:
+    """``"ucentre"`` for the centred measures (an order-4 U-statistic of covariances), ``"zero_diag"``
+    for uncentred RV and RV2 (an order-2 U-statistic of second moments)."""
+    return "zero_diag" if spec.kernel == "linear" and not spec.center_features else "ucentre"
+
+
+def _side(reps: Representations, spec: GramSpec, device: torch.device, problems: dict[str, str]) -> _Side:
+    prepared = reps.prepared(spec, device)
+    n, count = prepared.n, len(prepared.names)
+    base = _u_statistic_base(spec)
+    bases = torch.empty(count, n, n, dtype=torch.float64, device=device)
+    add = torch.zeros(n, count, dtype=torch.float64, device=device)
+    const = torch.zeros(count, dtype=torch.float64, device=device)
+    diag = torch.zeros(n, count, dtype=torch.float64, device=device)
+    host = host_route(prepared.device)
+    scratch = GramScratch.for_layers(prepared) if host and spec.kernel == "linear" else None
+    for i, name in enumerate(prepared.names):
+        gram = bases[i]
+        if host:
+            prepared.gram(i, spec.kernel, out=gram, scratch=scratch)
+        else:
+            gram.copy_(prepared.gram(i, spec.kernel)[0])
+        if spec.kernel == "rbf":
+            median = float(numpy_median(gram))
+            if not median > 0:
+                problems.setdefault(name, "its examples are (nearly all) identical: the RBF median distance is 0")
+                gram.zero_()
+            else:
+                gram.mul_(-1.0 / (2.0 * spec.sigma**2 * median)).exp_()
+        own_diag = gram.diagonal().clone()
+        rows = gram.sum(1)
+        total = rows.sum()
+        gram.diagonal().zero_()
+        if base == "zero_diag":
+            # K = K~ + diag: RV adds the diagonal back, RV2 is K~ itself.
+            if spec.transform == "none":
+                diag[:, i] = own_diag
+            continue
+        rho = rows - own_diag  # row sums of the zero-diagonal Gram
+        rho_total = rho.sum()
+        gram.sub_(rho[:, None] / (n - 2)).sub_(rho[None, :] / (n - 2)).add_(rho_total / ((n - 1) * (n - 2)))
+        gram.diagonal().zero_()
+        # Off the diagonal K = U(K) + rho_i/(n-2) + rho_j/(n-2) - sum(rho)/((n-1)(n-2)).
+        if spec.transform == "unbiased":
+            continue
+        add[:, i] = rho / (n - 2)
+        const[i] = -rho_total / ((n - 1) * (n - 2))
+        if spec.transform == "center":  # H K H (RBF): K minus its row and column means plus the grand mean
+            add[:, i] -= rows / n
+            const[i] += total / n**2
+            diag[:, i] = own_diag - 2.0 * rows / n + total / n**2
+        elif spec.transform == "none":  # centred linear Gram K itself (linear CKA, RV)
+            diag[:, i] = own_diag
+        # "zero_diag" (centred RV2): the diagonal stays 0.
+    return _Side(list(prepared.names), bases, add, const, diag, prepared)
+
+
+def _additive_products(x: _Side, y: _Side, n: int) -> torch.Tensor:
+    """``sum_{i != j} (u_i + u_j + c)(w_i + w_j + e)`` for every pair (u, c of x's layers, w, e of y's)."""
+    u, w, c, e = x.add, y.add, x.const, y.const
+    su, sw = u.sum(0), w.sum(0)
+    return ((2 * n - 4) * (u.T @ w) + 2.0 * torch.outer(su, sw) + (2 * n - 2) * torch.outer(su, e)
+            + (2 * n - 2) * torch.outer(c, sw) + float(n * n - n) * torch.outer(c, e))
+
+
+# --------------------------------------------------------------------------------------------------
+# Inner products of all pairs, their row-wise parts, and the moments of the second-order correction
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _PairSums:
+    """For bases B_a (x) and C_b (y): ``cross`` <B_a, C_b>, ``rows`` (n, Lx, Ly) sum_j B_a[i,j] C_b[i,j];
+    ``self_x``/``rows_x``, ``self_y``/``rows_y`` the same of each side with itself; ``m22`` <B_a², C_b²>,
+    ``m31`` <B_a³, C_b>, ``m13`` <B_a, C_b³>; ``fourth_x``, ``fourth_y`` sum B_a⁴ and sum C_b⁴."""
+
+    cross: torch.Tensor
+    rows: torch.Tensor
+    self_x: torch.Tensor
+    rows_x: torch.Tensor
+    self_y: torch.Tensor
+    rows_y: torch.Tensor
+    m22: torch.Tensor
+    m31: torch.Tensor
+    m13: torch.Tensor
+    fourth_x: torch.Tensor
+    fourth_y: torch.Tensor
+
+
+def _pair_sums(bx: torch.Tensor, by: Optional[torch.Tensor]) -> _PairSums:
+    """All of :class:`_PairSums` in one pass over blocks of rows (``by=None``: y is x).
+
+    Every quantity is a sum over the entries of the Grams, so the rows are taken a block at a time:
+    four GEMMs (Lx x block·n x Ly) and one batched product per block, nothing n x n is formed twice.
+    """
+    symmetric = by is None
+    by = bx if by is None else by
+    count_x, n, _ = bx.shape
+    count_y = by.shape[0]
+    opts = dict(dtype=torch.float64, device=bx.device)
+    cross = torch.zeros(count_x, count_y, **opts)
+    m22, m31 = torch.zeros_like(cross), torch.zeros_like(cross)
+    m13 = None if symmetric else torch.zeros_like(cross)
+    rows = torch.empty(n, count_x, count_y, **opts)
+    rows_x = torch.empty(n, count_x, **opts)
+    rows_y = rows_x if symmetric else torch.empty(n, count_y, **opts)
+    fourth_x = torch.zeros(count_x, **opts)
+    fourth_y = fourth_x if symmetric else torch.zeros(count_y, **opts)
+    block = max(1, min(n, _BLOCK_ENTRIES // (n * (count_x + count_y))))
+    for start in range(0, n, block):
+        stop = min(n, start + block)
+        xb = bx[:, start:stop, :]  # (Lx, b, n): each layer's rows, contiguous within the layer
+        x2 = xb.reshape(count_x, -1)
+        x_sq = x2 * x2
+        if symmetric:
+            yb, y2, y_sq = xb, x2, x_sq
+        else:
+            yb = by[:, start:stop, :]
+            y2 = yb.reshape(count_y, -1)
+            y_sq = y2 * y2
+        cross += x2 @ y2.T
+        m22 += x_sq @ y_sq.T
+        m31 += (x_sq * x2) @ y2.T
+        if not symmetric:
+            m13 += x2 @ (y_sq * y2).T
+        rows[start:stop] = torch.bmm(xb.transpose(0, 1), yb.permute(1, 2, 0))
+        rows_x[start:stop] = x_sq.reshape(count_x, stop - start, n).sum(2).T
+        fourth_x += (x_sq * x_sq).sum(1)
+        if not symmetric:
+            rows_y[start:stop] = y_sq.reshape(count_y, stop - start, n).sum(2).T
+            fourth_y += (y_sq * y_sq).sum(1)
+    if symmetric:
+        cross = (cross + cross.T) / 2  # exactly symmetric, as similarity_matrix's
+        m13 = m31.T
+    return _PairSums(cross, rows, rows_x.sum(0), rows_x, rows_y.sum(0), rows_y, m22, m31, m13, fourth_x, fourth_y)
+
+
+# --------------------------------------------------------------------------------------------------
+# The jackknife
+# --------------------------------------------------------------------------------------------------
+
+
+def _leave_one_out(sums: _PairSums, n: int, base: str) -> torch.Tensor:
+    """(n, Lx, Ly) similarities with example i left out: ``<B_-i, C_-i> = <B, C> - 2 kappa rows_i``."""
+    kappa = (n - 2) / (n - 3) if base == "ucentre" else 1.0
+    cross = sums.cross - 2.0 * kappa * sums.rows
+    self_x = sums.self_x - 2.0 * kappa * sums.rows_x
+    self_y = sums.self_y - 2.0 * kappa * sums.rows_y
+    return cross / torch.sqrt(self_x[:, :, None] * self_y[:, None, :])
+
+
+def _second_order_variance(sums: _PairSums, similarity: torch.Tensor, n: int) -> torch.Tensor:
+    """The part of the jackknife variance of ``similarity`` that is its second-order Hoeffding component
+    counted a second time, ``2 sigma_2² / (n (n - 1))`` on the similarity's own scale.
+
+    Linearised, the similarity is a U-statistic of order 2 with kernel
+    ``G = s n (n - 1) (B∘C / <B,C> - B∘B / (2 <B,B>) - C∘C / (2 <C,C>))``; sigma_2² is the variance
+    of its doubly centred part, estimated without bias by ``<U(G), U(G)> / (n (n - 3))``, which needs
+    only the moments in ``sums`` (Song et al.'s eq. 5 for ``<U(G), U(G)>``).
+    """
+    scale = float(n * (n - 1))
+    root = torch.sqrt(torch.outer(sums.self_x, sums.self_y))
+    a = scale / root  # s n(n-1) / <B,C>, written without dividing by <B,C> (which may be ~0)
+    b = -similarity * scale / (2.0 * sums.self_x[:, None])
+    c = -similarity * scale / (2.0 * sums.self_y[None, :])
+    squares = (a * a * sums.m22 + b * b * sums.fourth_x[:, None] + c * c * sums.fourth_y[None, :]
+               + 2.0 * a * b * sums.m31 + 2.0 * a * c * sums.m13 + 2.0 * b * c * sums.m22)
+    row_sums = a * sums.rows + b * sums.rows_x[:, :, None] + c * sums.rows_y[:, None, :]
+    total = a * sums.cross + b * sums.self_x[:, None] + c * sums.self_y[None, :]  # 0 up to rounding
+    centred = squares + total * total / ((n - 1) * (n - 2)) - 2.0 / (n - 2) * row_sums.square().sum(0)
+    return 2.0 * centred / (n * (n - 3)) / scale
+
+
+def _jackknife(sums: _PairSums, n: int, base: str, level: float) -> tuple[torch.Tensor, ...]:
+    """(estimate, low, high, similarity of the U-statistics) for every pair."""
+    similarity = sums.cross / torch.sqrt(torch.outer(sums.self_x, sums.self_y))
+    left_out = _leave_one_out(sums, n, base)
+    edge = 1.0 - _Z_EDGE
+    z = torch.atanh(similarity.clamp(-edge, edge))
+    z_left = torch.atanh(left_out.clamp(-edge, edge))
+    z_mean = z_left.mean(0)
+    variance = (n - 1) / n * (z_left - z_mean).square().sum(0)
+    excess = _second_order_variance(sums, similarity, n) / (1.0 - similarity.square()).square()
+    excess = torch.where((1.0 - similarity.abs()) > _CORRECTION_EDGE, excess, torch.zeros_like(excess))
+    variance = variance - torch.minimum(excess.nan_to_num(0.0).clamp_min(0.0), 0.75 * variance)
+    centre = n * z - (n - 1) * z_mean
+    half = NormalDist().inv_cdf(0.5 + level / 2.0) * variance.clamp_min(0.0).sqrt()
+    estimate, low, high = torch.tanh(centre), torch.tanh(centre - half), torch.tanh(centre + half)
+    bad = ~torch.isfinite(left_out).all(0)
+    for tensor in (estimate, low, high):
+        tensor[bad] = float("nan")
+    return estimate.clamp(0.0, 1.0), low.clamp(0.0, 1.0), high.clamp(0.0, 1.0), similarity
+
+
+# --------------------------------------------------------------------------------------------------
+# Public API
+# --------------------------------------------------------------------------------------------------
+
+
+def _as_representations(layers: Union[Layers, Representations], name: str) -> Representations:
+    return layers if isinstance(layers, Representations) else Representations(layers, max_cache_bytes=0, name=name)
+
+
+def _interval_matrix(xs: Union[Layers, Representations], ys: Union[Layers, Representations, None], measure: str,
+                     level: float, options: dict[str, object]) -> tuple[IntervalMatrix, dict[str, str], str]:
+    level = _check_level(level)
+    options = resolve_options(measure, options)
+    spec = _interval_spec(measure, options)
+    reps_x = _as_representations(xs, "xs")
+    symmetric = ys is None or ys is xs
+    reps_y = reps_x if symmetric else _as_representations(ys, "ys")
+    mats = reps_x.matrices + ([] if symmetric else reps_y.matrices)
+    devices = {m.device for m in mats}
+    if len(devices) > 1:
+        raise RepSimValueError(f"all representations must be on one device; got {sorted(map(str, devices))}. "
+                               "Move them with .to(device) first.")
+    device = devices.pop()
+    names = reps_x.names + ([] if symmetric else reps_y.names)
+    n = check_examples(dict(zip(names, (m.shape for m in mats))), MIN_INTERVAL_EXAMPLES,
+                       f"a {spec.measure} confidence interval")
+
+    problems: dict[str, str] = {}
+    side_x = _side(reps_x, spec, device, problems)
+    side_y = side_x if symmetric else _side(reps_y, spec, device, problems)
+    sums = _pair_sums(side_x.bases, None if symmetric else side_y.bases)
+    base = _u_statistic_base(spec)
+    estimate, low, high, _ = _jackknife(sums, n, base, level)
+
+    # The measure's own point estimate from the same Grams: its transformed Gram is the base plus
+    # additive terms off the diagonal and its own diagonal (see _side).
+    def own_inner(a: _Side, b: _Side, base_products: torch.Tensor) -> torch.Tensor:
+        return base_products + _additive_products(a, b, n) + a.diag.T @ b.diag
+
+    cross = own_inner(side_x, side_y, sums.cross)
+    if symmetric:
+        self_x = self_y = cross.diagonal().clone()
+    else:
+        self_x = own_inner(side_x, side_x, torch.diag(sums.self_x)).diagonal()
+        self_y = own_inner(side_y, side_y, torch.diag(sums.self_y)).diagonal()
+    scale = spec.hsic_scale(n)
+    for prepared in (side_x.prepared, side_y.prepared):
+        for name, why in prepared.problems.items():
+            problems.setdefault(name, why)
+
+    kappa = (n - 2) / (n - 3) if base == "ucentre" else 1.0
+
+    def dead(side: _Side, own_self: torch.Tensor, base_self: torch.Tensor, base_rows: torch.Tensor
+             ) -> tuple[torch.Tensor, torch.Tensor]:
+        energy = torch.full_like(side.prepared.energy, float(n * n)) if spec.kernel == "rbf" else side.prepared.energy
+        value_dead = degenerate_layers(side.names, own_self * scale, energy * scale, spec, problems)
+        u_spec = GramSpec(spec.measure, spec.kernel, spec.center_features,
+                          "unbiased" if base == "ucentre" else "zero_diag", spec.sigma)
+        u_scale = u_spec.hsic_scale(n)
+        interval_dead = degenerate_layers(side.names, base_self * u_scale, energy * u_scale, u_spec, problems)
+        # The jackknife needs every leave-one-out self-similarity positive too.
+        lonely = ((base_self[None, :] - 2.0 * kappa * base_rows) <= 0).any(0).cpu()
+        for i, name in enumerate(side.names):
+            if bool(lonely[i]) and not bool(interval_dead[i]):
+                problems.setdefault(name, "its interval is NaN: with one example left out its unbiased "
+                                          "self-similarity is not positive (one example dominates it, or too few examples)")
+        return value_dead, value_dead | interval_dead | lonely
+
+    dead_x, bad_x = dead(side_x, self_x, sums.self_x, sums.rows_x)
+    dead_y, bad_y = (dead_x, bad_x) if symmetric else dead(side_y, self_y, sums.self_y, sums.rows_y)
+    value = cosine(cross, self_x, self_y, dead_x, dead_y)
+    for tensor in (estimate, low, high):
+        tensor[bad_x.to(device)] = float("nan")
+        tensor[:, bad_y.to(device)] = float("nan")
+    result = IntervalMatrix(value, low, high, estimate, level, spec.measure, n, METHOD, tuple(side_x.names),
+                            tuple(side_y.names))
+    return result, problems, spec.measure
+
+
+def interval_matrix(xs: Union[Layers, Representations], ys: Union[Layers, Representations, None] = None,
+                    measure: str = "linear_cka", level: float = 0.95, seed: Optional[int] = 0, *,
+                    warn: bool = True, **measure_options: object) -> IntervalMatrix:
+    r"""Confidence intervals for the population similarity of every layer in ``xs`` with every layer in ``ys``.
+
+    Rows are examples, the same n examples in the same order in every representation; ``ys=None``
+    compares ``xs`` with itself. What is estimated, how, and where the method is weak: see
+    :mod:`lightning_repsim.functional.inference`. In short: the population similarity over the
+    distribution the probe's examples are drawn from (i.i.d.), by a closed-form jackknife of the
+    unbiased HSIC estimates on Fisher's z scale, from each layer's n x n Gram matrix (U-centred; centred
+    features for the linear measures), all pairs at once. ``value`` is the measure's own point
+    estimate, exactly :func:`similarity_matrix`'s.
+
+    Args:
+        xs: a list of (n, p_i) tensors, a dict layer name -> tensor, or :class:`Representations`.
+        ys: the same for the other side, or None.
+        measure: ``linear_cka``, ``debiased_cka``, ``rbf_cka``, ``rv`` or ``rv2``.
+        level: the coverage, strictly between 0 and 1.
+        seed: unused by the jackknife, which is deterministic; accepted so that callers need not
+            change if a randomised method is added.
+        warn: issue the :class:`RepSimWarning` about degenerate layers.
+        **measure_options: the measure's options (``debiased``, ``sigma``, ``center``).
+
+    Returns:
+        :class:`IntervalMatrix` with (len(xs), len(ys)) float64 tensors ``value``, ``low``, ``high``,
+        ``estimate``. Degenerate layers (constant, NaN/Inf) give NaN rows/columns and one warning.
+
+    Raises:
+        RepSimValueError: a bad ``level``, fewer than 10 examples, an unknown measure or option,
+            ``svcca`` or ``pwcca`` (no interval; see the message), or any input
+            :func:`similarity_matrix` rejects.
+
+    Example:
+        >>> import torch
+        >>> g = torch.Generator().manual_seed(0)
+        >>> x = torch.randn(256, 20, dtype=torch.float64, generator=g)
+        >>> layers = {"a": x, "b": x + torch.randn(256, 20, dtype=torch.float64, generator=g)}
+        >>> r = interval_matrix(layers, measure="debiased_cka")
+        >>> tuple(r.low.shape), bool(r.low[0, 1] < r.value[0, 1] < r.high[0, 1])
+        ((2, 2), True)
+    """
+    _check_seed(seed)
+    result, problems, label = _interval_matrix(xs, ys, measure, level, measure_options)
+    if warn:
+        warn_degenerate(problems, label)
+    return result
+
+
+def similarity_interval(x: TensorLike, y: TensorLike, measure: str = "linear_cka", level: float = 0.95,
+                        seed: Optional[int] = 0, **measure_options: object) -> SimilarityInterval:
+    r"""A confidence interval for the population similarity of two representations of the same examples.
+
+    The one-pair case of :func:`interval_matrix` (see there, and the module docstring, for what is
+    estimated, the method and its weak spots).
+
+    Args:
+        x: (n, p) features, rows are examples.
+        y: (n, q) features of the same examples.
+        measure: ``linear_cka``, ``debiased_cka``, ``rbf_cka``, ``rv`` or ``rv2``.
+        level: the coverage, strictly between 0 and 1.
+        seed: unused by the jackknife (deterministic).
+        **measure_options: the measure's options.
+
+    Returns:
+        :class:`SimilarityInterval`; NaN ``value``, ``low`` and ``high`` with one :class:`RepSimWarning`
+        for a constant side or NaN/Inf input.
+
+    Example:
+        >>> import torch
+        >>> g = torch.Generator().manual_seed(0)
+        >>> x = torch.randn(500, 10, dtype=torch.float64, generator=g)
+        >>> y = x + torch.randn(500, 10, dtype=torch.float64, generator=g)  # population CKA = 0.5
+        >>> r = similarity_interval(x, y, "linear_cka", level=0.95)
+        >>> r.low < 0.5 < r.high, round(r.high - r.low, 2)
+        (True, 0.1)
+    """
+    _check_seed(seed)
+    result, problems, label = _interval_matrix({"x": x}, {"y": y}, measure, level, measure_options)
+    warn_degenerate(problems, label)
+    return SimilarityInterval(float(result.value[0, 0]), float(result.low[0, 0]), float(result.high[0, 0]),
+                              result.level, result.measure, result.n, result.method, float(result.estimate[0, 0]))
+
+
+# --------------------------------------------------------------------------------------------------
+# Permutation test
+# --------------------------------------------------------------------------------------------------
+
+
+def _permutations(n: int, count: int, seed: Optional[int], device: torch.device) -> torch.Tensor:
+    generator = torch.Generator()
+    if seed is None:
+        generator.seed()
+    else:
+        generator.manual_seed(seed)
+    return torch.argsort(torch.rand(count, n, generator=generator), dim=1).to(device)
+
+
+def _gram_null(x: PreparedLayers, y: PreparedLayers, spec: GramSpec, perms: torch.Tensor,
+               problems: dict[str, str]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(observed inner product, permuted ones, self_x, self_y) of the transformed Grams. Every transform
+    commutes with permuting the examples, so ``T(L)`` permuted is ``P T(L) Pᵀ``."""
+    gram_x, problem_x = transformed_gram(x, 0, spec)
+    gram_y, problem_y = transformed_gram(y, 0, spec)
+    for name, problem in ((x.names[0], problem_x), (y.names[0], problem_y)):
+        if problem:
+            problems.setdefault(name, problem)
+    n = gram_x.shape[0]
+    observed = (gram_x * gram_y).sum()
+    null = torch.empty(perms.shape[0], dtype=torch.float64, device=gram_x.device)
+    block = max(1, _BLOCK_ENTRIES // (n * n))
+    for start in range(0, perms.shape[0], block):
+        idx = perms[start:start + block]
+        permuted = gram_y[idx[:, :, None], idx[:, None, :]]
+        null[start:start + block] = (permuted * gram_x).sum((1, 2))
+    return observed, null, gram_x.square().sum(), gram_y.square().sum()
+
+
+def _feature_null(x: PreparedLayers, y: PreparedLayers, spec: GramSpec, perms: torch.Tensor
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The same for linear kernels from the features: ``||Xᵀ P Y||²`` and the diagonal corrections of
+    the engine's feature route, with y's rows and their squared norms permuted."""
+    fx, fy = x.feature(0).to(torch.float64), y.feature(0).to(torch.float64)
+    norms_x, norms_y = x.row_norms[0], y.row_norms[0]
+    n = fx.shape[0]
+
+    def transformed(squared_cross: torch.Tensor, diagonal: torch.Tensor, sums: torch.Tensor) -> torch.Tensor:
+        if spec.transform == "zero_diag":
+            return squared_cross - diagonal
+        if spec.transform == "unbiased":
+            return squared_cross - n / (n - 2) * diagonal + sums / ((n - 1) * (n - 2))
+        return squared_cross
+
+    def inner(a: torch.Tensor, b: torch.Tensor, na: torch.Tensor, nb: torch.Tensor) -> torch.Tensor:
+        return transformed((a.T @ b).square().sum(), na @ nb, na.sum() * nb.sum())
+
+    observed = inner(fx, fy, norms_x, norms_y)
+    null = torch.empty(perms.shape[0], dtype=torch.float64, device=fx.device)
+    block = max(1, _BLOCK_ENTRIES // (n * max(fx.shape[1], fy.shape[1])))
+    sums = norms_x.sum() * norms_y.sum()
+    for start in range(0, perms.shape[0], block):
+        idx = perms[start:start + block]
+        products = torch.matmul(fx.T, fy[idx]).square().sum((1, 2))
+        null[start:start + block] = transformed(products, norms_y[idx] @ norms_x, sums)
+    return observed, null, inner(fx, fx, norms_x, norms_x), inner(fy, fy, norms_y, norms_y)
+
+
+def _cca_null(x: torch.Tensor, y: torch.Tensor, measure: str, options: dict[str, object], perms: torch.Tensor
+              ) -> tuple[float, torch.Tensor, dict[str, str]]:
+    """SVCCA / PWCCA of x with y's rows permuted, from each side's SVD taken once: permuting y's rows
+    permutes its orthonormal basis' rows, so each permutation costs one small (kx x ky) SVD."""
+    from lightning_repsim.functional.cca import _basis, _validate_keep, cca_matrix
+
+    n = x.shape[0]
+    value, problems = cca_matrix(["x"], [x], (["y"], [y]), n, measure, **options)
+    null = torch.full((perms.shape[0],), float("nan"), dtype=torch.float64, device=x.device)
+    if problems:
+        return float(value[0, 0]), null, problems
+    keep = _validate_keep(options["keep"]) if measure == "svcca" else None
+    bx, by = _basis(x, keep), _basis(y.to(x.device), keep)
+    kx, ky = bx.basis.shape[1], by.basis.shape[1]
+    weights_x = bx.basis.T @ bx.centred  # (kx, p): the x side's variates against its neurons
+    weights_y = by.basis.T @ by.centred  # unchanged by permuting y's rows
+    block = max(1, _BLOCK_ENTRIES // (n * ky + kx * ky))
+    for start in range(0, perms.shape[0], block):
+        blocks = bx.basis.T @ by.basis[perms[start:start + block]]  # (b, kx, ky)
+        if measure == "svcca":
+            null[start:start + block] = torch.linalg.svdvals(blocks).clamp(0.0, 1.0).mean(1)
+            continue
+        a, rho, vh = torch.linalg.svd(blocks, full_matrices=False)
+        rho = rho.clamp(0.0, 1.0)
+        if kx <= ky:
+            weights = (a.transpose(1, 2) @ weights_x).abs().sum(2)
+        else:
+            weights = (vh @ weights_y).abs().sum(2)
+        null[start:start + block] = (weights * rho).sum(1) / weights.sum(1)
+    return float(value[0, 0]), null, problems
+
+
+def permutation_test(x: TensorLike, y: TensorLike, measure: str = "linear_cka", n_permutations: int = 1000,
+                     seed: Optional[int] = 0, **measure_options: object) -> PermutationTest:
+    r"""Permutation test of "the examples' rows of y are unrelated to those of x" for one similarity.
+
+    The rows of y are permuted ``n_permutations`` times (x is left as it is), which breaks any pairing
+    of x's examples with y's while keeping each side's own structure; the measure on each permuted pair
+    is its distribution under that null hypothesis. One-sided (larger similarity is evidence against
+    it): ``p_value = (k + 1) / (n_permutations + 1)``, k the permuted values at least the observed one
+    (with a relative tolerance of 1e-12 for rounding), so it is never 0 and is exact for
+    exchangeable (i.i.d.) examples. ``null_mean`` is the measure's chance level for these shapes.
+
+    Every transform of the Gram-based measures commutes with permuting examples, so each side's
+    transformed Gram (or, for linear kernels with p q < n, its features) is formed once and only the
+    cross term is recomputed per permutation; SVCCA and PWCCA take each side's SVD once.
+
+    Args:
+        x: (n, p) features, rows are examples.
+        y: (n, q) features of the same examples.
+        measure: any of :data:`~lightning_repsim.functional.MEASURES`.
+        n_permutations: how many permutations (>= 1); the smallest attainable p-value is
+            1 / (n_permutations + 1).
+        seed: seed of the permutations (an int >= 0), or None for fresh randomness.
+        **measure_options: the measure's options (``debiased``, ``sigma``, ``center``, ``keep``).
+
+    Returns:
+        :class:`PermutationTest`; NaN value, p-value and null mean with one :class:`RepSimWarning` for
+        a degenerate side.
+
+    Raises:
+        RepSimValueError: ``n_permutations`` < 1 or not an int, a bad seed, an unknown measure or option,
+            or inputs :func:`similarity_matrix` rejects.
+
+    Example:
+        >>> import torch
+        >>> g = torch.Generator().manual_seed(0)
+        >>> x = torch.randn(100, 30, dtype=torch.float64, generator=g)
+        >>> unrelated = torch.randn(100, 30, dtype=torch.float64, generator=g)
+        >>> t = permutation_test(x, unrelated, "linear_cka", n_permutations=199)
+        >>> round(t.null_mean, 1), t.p_value > 0.05  # chance level of biased CKA at p = 30, n = 100
+        (0.2, True)
+        >>> permutation_test(x, x[:, :10], n_permutations=199).p_value  # the smallest possible
+        0.005
+    """
+    options = resolve_options(measure, measure_options)
+    count = _check_permutations(n_permutations)
+    seed = _check_seed(seed)
+    x, y = as_matrix(x, "x"), as_matrix(y, "y")
+    if x.device != y.device:
+        raise RepSimValueError(f"x and y must be on one device; got {x.device} and {y.device}. "
+                               "Move them with .to(device) first.")
+    device = x.device
+    if measure in CCA_MEASURES:
+        n = check_examples({"x": x.shape, "y": y.shape}, 2, measure)
+        perms = _permutations(n, count, seed, device)
+        value, null, problems = _cca_null(x, y, measure, options, perms)
+        label = measure
+        observed, compared = torch.tensor(value, dtype=torch.float64), null
+        norm = torch.tensor(1.0, dtype=torch.float64)
+    else:
+        spec = gram_spec(measure, **options)
+        n = check_examples({"x": x.shape, "y": y.shape}, spec.min_examples, spec.measure.replace("_", " "))
+        perms = _permutations(n, count, seed, device)
+        problems = {}
+        px = Representations({"x": x}, max_cache_bytes=0).prepared(spec, device)
+        py = Representations({"y": y}, max_cache_bytes=0).prepared(spec, device)
+        if spec.kernel == "linear" and x.shape[1] * y.shape[1] < n:
+            observed, compared, self_x, self_y = _feature_null(px, py, spec, perms)
+        else:
+            observed, compared, self_x, self_y = _gram_null(px, py, spec, perms, problems)
+        for prepared in (px, py):
+            problems.update((k, v) for k, v in prepared.problems.items() if k not in problems)
+        scale = spec.hsic_scale(n)
+        dead = [bool(degenerate_layers(p.names, s.reshape(1) * scale,
+                                       (torch.full_like(p.energy, float(n * n)) if spec.kernel == "rbf"
+                                        else p.energy) * scale, spec, problems)[0])
+                for p, s in ((px, self_x), (py, self_y))]
+        norm = torch.sqrt(self_x.clamp_min(0) * self_y.clamp_min(0))
+        if any(dead):
+            observed = observed * float("nan")
+        label = spec.measure
+    warn_degenerate(problems, label)
+    observed = observed.to(torch.float64).cpu()
+    compared = compared.to(torch.float64).cpu()
+    norm = norm.to(torch.float64).cpu()
+    value = float(observed / norm)
+    if not math.isfinite(value):
+        return PermutationTest(float("nan"), float("nan"), float("nan"), count, label, n)
+    tolerance = 1e-12 * float(norm) * max(1.0, abs(value))
+    exceed = int((compared >= observed - tolerance).sum())
+    return PermutationTest(value, (exceed + 1) / (count + 1), float((compared / norm).mean()), count, label, n)
