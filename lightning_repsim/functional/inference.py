@@ -107,6 +107,13 @@ _Z_EDGE = 1e-15
 #: two rounding errors; the plain jackknife variance is used, which is conservative).
 _CORRECTION_EDGE = 1e-6
 
+#: A leave-one-out self-similarity below this fraction of the full sample's is zero (rounding).
+_LEFT_OUT_ZERO = 1e-12
+
+#: ... and below this fraction of the layer's energy ((||X||_F²)², n² for RBF kernels): a healthy
+#: layer's U-centred self-similarity is at least ~1e-16 / p² of it even with means 1e4 times the spread.
+_ENERGY_ZERO = 1e-28
+
 #: Entries of the (rows x layers x n) blocks processed at once.
 _BLOCK_ENTRIES = 1 << 22
 
@@ -491,12 +498,17 @@ def _interval_matrix(xs: Union[Layers, Representations], ys: Union[Layers, Repre
                           "unbiased" if base == "ucentre" else "zero_diag", spec.sigma)
         u_scale = u_spec.hsic_scale(n)
         interval_dead = degenerate_layers(side.names, base_self * u_scale, energy * u_scale, u_spec, problems)
-        # The jackknife needs every leave-one-out self-similarity positive too.
-        lonely = ((base_self[None, :] - 2.0 * kappa * base_rows) <= 0).any(0).cpu()
+        # The jackknife needs every leave-one-out self-similarity positive too, beyond rounding: each is a
+        # difference of two sums of the full sample's size, and a layer whose variance sits in one or two
+        # examples has an unbiased self-similarity of zero up to rounding.
+        left_out = base_self[None, :] - 2.0 * kappa * base_rows
+        zero = torch.maximum(_LEFT_OUT_ZERO * base_self.abs(), _ENERGY_ZERO * energy.to(base_self.device))
+        lonely = ((left_out <= zero[None, :]).any(0) | (base_self <= zero)).cpu()
         for i, name in enumerate(side.names):
             if bool(lonely[i]) and not bool(interval_dead[i]):
-                problems.setdefault(name, "its interval is NaN: with one example left out its unbiased "
-                                          "self-similarity is not positive (one example dominates it, or too few examples)")
+                problems.setdefault(name, "its interval is NaN: its unbiased self-similarity, with or without one "
+                                          "example left out, is zero up to rounding (one or two examples carry all its "
+                                          "variance, or there are too few examples)")
         return value_dead, value_dead | interval_dead | lonely
 
     dead_x, bad_x = dead(side_x, self_x, sums.self_x, sums.rows_x)
