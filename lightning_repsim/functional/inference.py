@@ -46,14 +46,21 @@ misses the population value in most draws (simulated coverage below 5 % at p = 5
 **Assumptions and weak spots.** The examples are i.i.d. (a probe of consecutive frames or of
 augmentations of one image is not); the layers are fixed functions of the example. Simulated
 coverage of a 95 % interval, Gaussian data, p = 20 to 200, n = 64 to 1024, population similarity
-0.05 to 0.99: 0.90 to 0.97 (see ``tests/functional/test_inference.py``). It is lower at n below ~64,
-where the normal approximation is poor (~0.90 at n = 64 when a few directions dominate the layers),
-at an *exactly* zero population similarity (independent layers: the estimator is then a degenerate
-U-statistic with a skewed, non-normal distribution; coverage 0.87 to 0.95 in our simulations: test
-independence with :func:`permutation_test` instead), and under heavy-tailed features, whose HSIC
-variance needs finite eighth moments. The RBF bandwidth (the median distance) is treated as fixed
-within the jackknife; its own sampling variation was negligible in simulation. The interval says
-nothing about variation over training seeds or probe selection beyond i.i.d. sampling.
+0.05 to 0.99: 0.91 to 0.97 (``tests/functional/test_inference.py``, ``benchmarks/results/inference.md``).
+It degrades at n below ~64, where the normal approximation is poor (0.91 at n = 64 when a few
+directions dominate the layers), and under heavy-tailed features, whose HSIC variance needs finite
+eighth moments. At an *exactly* zero population similarity (independent layers) the estimator is a
+degenerate U-statistic with a skewed, non-normal distribution: the interval is then conservative at
+the lower end (it holds 0 in 97-100 % of draws, partly because an interval falling entirely below 0
+is reported as [0, 0]: no detectable similarity) but is not the right tool: test independence with
+:func:`permutation_test`. The RBF bandwidth (sigma² x the median squared distance) is
+estimated from the same examples; its leave-one-out change enters each leave-one-out similarity to
+first order (the Bahadur representation of the median; without it the standard error is 5-8 % short).
+The interval says nothing about variation over training seeds or probe selection beyond i.i.d.
+sampling.
+
+Memory: each side's n x n Grams in float64 (as :func:`similarity_matrix`'s Gram route), plus, for RBF,
+one more n x n matrix per layer of ``xs`` (the kernels' derivatives in the bandwidth).
 
 SVCCA and PWCCA have no interval: they keep a data-dependent number of SVD directions and their
 canonical correlations are biased upward by roughly (kept directions) / n, so neither the
@@ -113,6 +120,9 @@ _LEFT_OUT_ZERO = 1e-12
 #: ... and below this fraction of the layer's energy ((||X||_F²)², n² for RBF kernels): a healthy
 #: layer's U-centred self-similarity is at least ~1e-16 / p² of it even with means 1e4 times the spread.
 _ENERGY_ZERO = 1e-28
+
+#: Half-width, in probability, of the quantiles that give the density of the distances at their median.
+_DENSITY_WINDOW = 0.05
 
 #: Entries of the (rows x layers x n) blocks processed at once.
 _BLOCK_ENTRIES = 1 << 22
@@ -234,7 +244,14 @@ class _Side:
     """One side's layers: ``bases`` (L, n, n) float64, each the layer's U-centred Gram (zero diagonal,
     zero row sums) or, for uncentred RV and RV2, its zero-diagonal Gram; and, per layer (columns of the
     (n, L) matrices), what the measure's own transformed Gram adds to it: off the diagonal
-    ``add[i] + add[j] + const``, on it ``diag[i]``."""
+    ``add[i] + add[j] + const``, on it ``diag[i]``.
+
+    RBF kernels also carry what the bandwidth's own variation needs (see :func:`_bandwidth_shift`):
+    ``shift`` (n, L), the relative change of each layer's bandwidth when example i is left out;
+    ``derivatives`` (L, n, n), the U-centred derivative of each kernel in the log bandwidth (kept only
+    when asked); ``derivative_self`` (L,) ``<U(K'), U(K)>``; ``derivative_cross`` (L_other, L)
+    ``<B_other, U(K')>`` against the bases passed as ``against``.
+    """
 
     names: list[str]
     bases: torch.Tensor
@@ -242,6 +259,10 @@ class _Side:
     const: torch.Tensor
     diag: torch.Tensor
     prepared: PreparedLayers
+    shift: Optional[torch.Tensor] = None
+    derivatives: Optional[torch.Tensor] = None
+    derivative_self: Optional[torch.Tensor] = None
+    derivative_cross: Optional[torch.Tensor] = None
 
 
 def _u_statistic_base(spec: GramSpec) -> str:
@@ -250,42 +271,92 @@ def _u_statistic_base(spec: GramSpec) -> str:
     return "zero_diag" if spec.kernel == "linear" and not spec.center_features else "ucentre"
 
 
-def _side(reps: Representations, spec: GramSpec, device: torch.device, problems: dict[str, str]) -> _Side:
+def _u_centre_(gram: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """U-centre a symmetric n x n matrix in place (Székely & Rizzo 2014); returns the row sums and total
+    of its zero-diagonal version, which the centring subtracted."""
+    n = gram.shape[0]
+    gram.diagonal().zero_()
+    rho = gram.sum(1)
+    total = rho.sum()
+    gram.sub_(rho[:, None] / (n - 2)).sub_(rho[None, :] / (n - 2)).add_(total / ((n - 1) * (n - 2)))
+    gram.diagonal().zero_()
+    return rho, total
+
+
+def _bandwidth_shift(distances: torch.Tensor, median: float) -> torch.Tensor:
+    """(n,) first-order relative change of the median of the n² squared distances when example i is
+    left out (its row and column: 2n - 1 entries).
+
+    A quantile moves by (removed entries below it - half of those removed) / (entries left x density
+    at it) (the Bahadur representation of a U-quantile); the density of the distances at the median is
+    read off the quantiles at 1/2 ± 5 %. This is what the RBF bandwidth sigma² x median contributes to
+    each leave-one-out similarity (5-8 % of the standard error in our simulations).
+    """
+    n = distances.shape[0]
+    total, removed = n * n, 2 * n - 1
+    flat = distances.reshape(-1)
+    width = max(1, round(_DENSITY_WINDOW * total))
+    middle = total // 2
+    spread = float(flat.kthvalue(min(total, middle + width)).values - flat.kthvalue(max(1, middle - width)).values)
+    if not spread > 0:
+        return torch.zeros(n, dtype=torch.float64, device=distances.device)
+    density = 2.0 * width / total / spread
+    below = 2.0 * (distances <= median).sum(1).to(torch.float64) - 1.0  # row and column i, the 0 on the diagonal once
+    return (below - removed / 2.0) / ((total - removed) * density) / median
+
+
+def _side(reps: Representations, spec: GramSpec, device: torch.device, problems: dict[str, str],
+          keep_derivatives: bool = False, against: Optional[torch.Tensor] = None) -> _Side:
     prepared = reps.prepared(spec, device)
     n, count = prepared.n, len(prepared.names)
     base = _u_statistic_base(spec)
-    bases = torch.empty(count, n, n, dtype=torch.float64, device=device)
-    add = torch.zeros(n, count, dtype=torch.float64, device=device)
-    const = torch.zeros(count, dtype=torch.float64, device=device)
-    diag = torch.zeros(n, count, dtype=torch.float64, device=device)
+    opts = dict(dtype=torch.float64, device=device)
+    bases = torch.empty(count, n, n, **opts)
+    add, diag = torch.zeros(n, count, **opts), torch.zeros(n, count, **opts)
+    const = torch.zeros(count, **opts)
+    rbf = spec.kernel == "rbf"
+    side = _Side(list(prepared.names), bases, add, const, diag, prepared)
+    if rbf:
+        side.shift = torch.zeros(n, count, **opts)
+        side.derivative_self = torch.zeros(count, **opts)
+        side.derivatives = torch.zeros(count, n, n, **opts) if keep_derivatives else None
+        side.derivative_cross = None if against is None else torch.zeros(against.shape[0], count, **opts)
     host = host_route(prepared.device)
-    scratch = GramScratch.for_layers(prepared) if host and spec.kernel == "linear" else None
+    scratch = GramScratch.for_layers(prepared) if host and not rbf else None
     for i, name in enumerate(prepared.names):
         gram = bases[i]
         if host:
             prepared.gram(i, spec.kernel, out=gram, scratch=scratch)
         else:
             gram.copy_(prepared.gram(i, spec.kernel)[0])
-        if spec.kernel == "rbf":
+        derivative = None
+        if rbf:
             median = float(numpy_median(gram))
             if not median > 0:
                 problems.setdefault(name, "its examples are (nearly all) identical: the RBF median distance is 0")
                 gram.zero_()
             else:
-                gram.mul_(-1.0 / (2.0 * spec.sigma**2 * median)).exp_()
+                side.shift[:, i] = _bandwidth_shift(gram, median)
+                rate = 1.0 / (2.0 * spec.sigma**2 * median)
+                derivative = side.derivatives[i] if keep_derivatives else torch.empty_like(gram)
+                torch.mul(gram, rate, out=derivative)  # d K / d log(bandwidth) = K o D / (2 sigma² median)
+                gram.mul_(-rate).exp_()
+                derivative.mul_(gram)
         own_diag = gram.diagonal().clone()
         rows = gram.sum(1)
         total = rows.sum()
-        gram.diagonal().zero_()
         if base == "zero_diag":
+            gram.diagonal().zero_()
             # K = K~ + diag: RV adds the diagonal back, RV2 is K~ itself.
             if spec.transform == "none":
                 diag[:, i] = own_diag
             continue
-        rho = rows - own_diag  # row sums of the zero-diagonal Gram
-        rho_total = rho.sum()
-        gram.sub_(rho[:, None] / (n - 2)).sub_(rho[None, :] / (n - 2)).add_(rho_total / ((n - 1) * (n - 2)))
-        gram.diagonal().zero_()
+        rho, rho_total = _u_centre_(gram)
+        if derivative is not None:
+            _u_centre_(derivative)
+            side.derivative_self[i] = (derivative * gram).sum()
+            if against is not None:
+                side.derivative_cross[:, i] = against.reshape(against.shape[0], -1) @ derivative.reshape(-1)
         # Off the diagonal K = U(K) + rho_i/(n-2) + rho_j/(n-2) - sum(rho)/((n-1)(n-2)).
         if spec.transform == "unbiased":
             continue
@@ -298,7 +369,24 @@ def _side(reps: Representations, spec: GramSpec, device: torch.device, problems:
         elif spec.transform == "none":  # centred linear Gram K itself (linear CKA, RV)
             diag[:, i] = own_diag
         # "zero_diag" (centred RV2): the diagonal stays 0.
-    return _Side(list(prepared.names), bases, add, const, diag, prepared)
+    return side
+
+
+def _bandwidth_terms(side_x: _Side, side_y: _Side, symmetric: bool, sums: "_PairSums"
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(d s / d log h_x (Lx, Ly), shift_x (n, Lx), d s / d log h_y, shift_y (n, Ly)): the first-order
+    effect of each side's RBF bandwidth on every pair's similarity, and how far each left-out example
+    moves it. Frees ``side_x.derivatives``."""
+    derivatives = side_x.derivatives.reshape(side_x.derivatives.shape[0], -1)
+    other = side_x.bases if symmetric else side_y.bases
+    cross_x = derivatives @ other.reshape(other.shape[0], -1).T  # <U(K'_a), B_b>
+    side_x.derivatives = None
+    cross_y = cross_x.T if symmetric else side_y.derivative_cross
+    root = torch.sqrt(torch.outer(sums.self_x, sums.self_y))
+    similarity = sums.cross / root
+    grad_x = cross_x / root - similarity * (side_x.derivative_self / sums.self_x)[:, None]
+    grad_y = cross_y / root - similarity * (side_y.derivative_self / sums.self_y)[None, :]
+    return grad_x, side_x.shift, grad_y, side_y.shift
 
 
 def _additive_products(x: _Side, y: _Side, n: int) -> torch.Tensor:
@@ -386,13 +474,20 @@ def _pair_sums(bx: torch.Tensor, by: Optional[torch.Tensor]) -> _PairSums:
 # --------------------------------------------------------------------------------------------------
 
 
-def _leave_one_out(sums: _PairSums, n: int, base: str) -> torch.Tensor:
-    """(n, Lx, Ly) similarities with example i left out: ``<B_-i, C_-i> = <B, C> - 2 kappa rows_i``."""
+def _leave_one_out(sums: _PairSums, n: int, base: str, bandwidth: Optional[tuple[torch.Tensor, ...]] = None
+                   ) -> torch.Tensor:
+    """(n, Lx, Ly) similarities with example i left out: ``<B_-i, C_-i> = <B, C> - 2 kappa rows_i``;
+    for RBF kernels (``bandwidth``, see :func:`_bandwidth_terms`) plus the first-order effect of the
+    bandwidths the n - 1 examples would have chosen."""
     kappa = (n - 2) / (n - 3) if base == "ucentre" else 1.0
     cross = sums.cross - 2.0 * kappa * sums.rows
     self_x = sums.self_x - 2.0 * kappa * sums.rows_x
     self_y = sums.self_y - 2.0 * kappa * sums.rows_y
-    return cross / torch.sqrt(self_x[:, :, None] * self_y[:, None, :])
+    left_out = cross / torch.sqrt(self_x[:, :, None] * self_y[:, None, :])
+    if bandwidth is not None:
+        grad_x, shift_x, grad_y, shift_y = bandwidth
+        left_out += grad_x[None] * shift_x[:, :, None] + grad_y[None] * shift_y[:, None, :]
+    return left_out
 
 
 def _second_order_variance(sums: _PairSums, similarity: torch.Tensor, n: int) -> torch.Tensor:
@@ -417,10 +512,11 @@ def _second_order_variance(sums: _PairSums, similarity: torch.Tensor, n: int) ->
     return 2.0 * centred / (n * (n - 3)) / scale
 
 
-def _jackknife(sums: _PairSums, n: int, base: str, level: float) -> tuple[torch.Tensor, ...]:
+def _jackknife(sums: _PairSums, n: int, base: str, level: float,
+               bandwidth: Optional[tuple[torch.Tensor, ...]] = None) -> tuple[torch.Tensor, ...]:
     """(estimate, low, high, similarity of the U-statistics) for every pair."""
     similarity = sums.cross / torch.sqrt(torch.outer(sums.self_x, sums.self_y))
-    left_out = _leave_one_out(sums, n, base)
+    left_out = _leave_one_out(sums, n, base, bandwidth)
     edge = 1.0 - _Z_EDGE
     z = torch.atanh(similarity.clamp(-edge, edge))
     z_left = torch.atanh(left_out.clamp(-edge, edge))
@@ -466,11 +562,13 @@ def _interval_matrix(xs: Union[Layers, Representations], ys: Union[Layers, Repre
                        f"a {spec.measure} confidence interval")
 
     problems: dict[str, str] = {}
-    side_x = _side(reps_x, spec, device, problems)
-    side_y = side_x if symmetric else _side(reps_y, spec, device, problems)
+    rbf = spec.kernel == "rbf"
+    side_x = _side(reps_x, spec, device, problems, keep_derivatives=rbf)
+    side_y = side_x if symmetric else _side(reps_y, spec, device, problems, against=side_x.bases if rbf else None)
     sums = _pair_sums(side_x.bases, None if symmetric else side_y.bases)
     base = _u_statistic_base(spec)
-    estimate, low, high, _ = _jackknife(sums, n, base, level)
+    bandwidth = _bandwidth_terms(side_x, side_y, symmetric, sums) if rbf else None
+    estimate, low, high, _ = _jackknife(sums, n, base, level, bandwidth)
 
     # The measure's own point estimate from the same Grams: its transformed Gram is the base plus
     # additive terms off the diagonal and its own diagonal (see _side).
@@ -592,11 +690,11 @@ def similarity_interval(x: TensorLike, y: TensorLike, measure: str = "linear_cka
     Example:
         >>> import torch
         >>> g = torch.Generator().manual_seed(0)
-        >>> x = torch.randn(500, 10, dtype=torch.float64, generator=g)
-        >>> y = x + torch.randn(500, 10, dtype=torch.float64, generator=g)  # population CKA = 0.5
+        >>> x = torch.randn(100, 50, dtype=torch.float64, generator=g)
+        >>> y = x + torch.randn(100, 50, dtype=torch.float64, generator=g)  # population CKA = 0.5
         >>> r = similarity_interval(x, y, "linear_cka", level=0.95)
-        >>> r.low < 0.5 < r.high, round(r.high - r.low, 2)
-        (True, 0.1)
+        >>> round(r.value, 2), round(r.low, 2), round(r.high, 2)  # biased CKA overshoots at p = n / 2
+        (0.66, 0.46, 0.52)
     """
     _check_seed(seed)
     result, problems, label = _interval_matrix({"x": x}, {"y": y}, measure, level, measure_options)

@@ -16,7 +16,7 @@ Three kinds of checks:
 * the permutation test: under independence its p-values are uniform (rejection rate at 5 % within a
   binomial band), they are never 0, and its null mean is the measure's chance level.
 
-CI runs every supported measure at n = 64 and 256 (about 25 s on two cores). The long grid
+CI runs every supported measure at n = 64 and 256 (the file takes about 30 s on two shared cores). The long grid
 (n = 64 ... 1024, more draws and levels) runs with ``REPSIM_SLOW=1`` (several minutes); its table is in
 ``benchmarks/results/inference.md`` (``python benchmarks/bench_inference.py``).
 """
@@ -415,6 +415,31 @@ def test_leave_one_out_rbf_equals_recomputation_at_fixed_bandwidth():
         assert abs(left[i] - expected) < 1e-12
 
 
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_rbf_leave_one_out_follows_the_re_estimated_bandwidth(symmetric):
+    # Recomputed on n - 1 examples, RBF CKA also re-estimates its bandwidth (the median distance). The
+    # first-order bandwidth term must account for most of that change.
+    rng = np.random.default_rng(3)
+    n = 80
+    x = to_torch(rng.standard_normal((n, 6)))
+    y = 0.9 * x + 0.45 * to_torch(rng.standard_normal((n, 6)))
+    spec, problems = gram_spec("rbf_cka"), {}
+    if symmetric:
+        sx = sy = I._side(F.Representations([x, y]), spec, x.device, problems, keep_derivatives=True)
+        sums = I._pair_sums(sx.bases, None)
+    else:
+        sx = I._side(F.Representations([x]), spec, x.device, problems, keep_derivatives=True)
+        sy = I._side(F.Representations([y]), spec, x.device, problems, against=sx.bases)
+        sums = I._pair_sums(sx.bases, sy.bases)
+    bandwidth = I._bandwidth_terms(sx, sy, symmetric, sums)
+    fixed = I._leave_one_out(sums, n, "ucentre")[:, 0, -1].numpy()
+    moving = I._leave_one_out(sums, n, "ucentre", bandwidth)[:, 0, -1].numpy()
+    brute = np.array([float(F.rbf_cka(x[np.delete(np.arange(n), i)], y[np.delete(np.arange(n), i)], debiased=True))
+                      for i in range(n)])
+    assert np.abs(moving - brute).max() < 0.3 * np.abs(fixed - brute).max()  # measured: 0.15
+    assert np.abs(moving - brute).max() < 0.1 * brute.std() * math.sqrt(n)
+
+
 def test_biased_leave_one_out_formula_equals_recomputation():
     # The derivation behind the negative control above (centring depends on all rows).
     x, y = _pair(p=40, q=30)
@@ -516,6 +541,17 @@ def test_interval_shrinks_like_one_over_root_n():
         r = F.similarity_interval(x, y)
         widths[n] = r.high - r.low
     assert 2.5 < widths[100] / widths[1600] < 6.5  # sqrt(16) = 4
+
+
+@pytest.mark.parametrize("measure, options", [("linear_cka", {}), ("rbf_cka", {}), ("rv", {"center": False})])
+def test_accelerator_route_on_cpu_gives_the_same_intervals(monkeypatch, measure, options):
+    # Off the host, Grams come from PreparedLayers.gram without out= buffers; force that path on CPU.
+    xs, ys = _layers(), _layers(seed=1, widths=(5, 70))
+    host = F.interval_matrix(xs, ys, measure, **options)
+    monkeypatch.setattr(I, "host_route", lambda device: False)
+    other = F.interval_matrix(xs, ys, measure, **options)
+    for a, b in ((host.value, other.value), (host.low, other.low), (host.high, other.high)):
+        np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=0, atol=1e-12)
 
 
 def test_representations_cache_is_used_and_left_intact():
