@@ -233,8 +233,9 @@ def coverage(model: Model, interval: Interval, n: int, draws: int = DRAWS, seed:
         centres.append(np.where(inside, (zl + zh) / 2, np.nan))
         errors.append(np.where(inside, (zh - zl) / (2 * q), np.nan))
     centres, errors = np.array(centres), np.array(errors)
-    with np.errstate(invalid="ignore"):
-        ratio = np.nanmean(errors, 0) / np.nanstd(centres, 0)
+    enough = np.isfinite(centres).sum(0) >= 2
+    ratio = np.full(len(population), np.nan)
+    ratio[enough] = np.nanmean(errors[:, enough], 0) / np.nanstd(centres[:, enough], 0)
     return Coverage(hits / draws, ratio)
 
 
