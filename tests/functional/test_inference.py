@@ -365,7 +365,7 @@ def test_coverage_long_grid(measure, n):
     options, _ = COVERAGE_CASES[measure]
     model = _model(measure)
     result = coverage(model, library_interval(measure, **options), n, draws=400, seed=1000 + n)
-    assert ((result.covered >= 0.91) & (result.covered <= 0.985)).all(), (measure, n, str(result))
+    assert ((result.covered >= BAND[0]) & (result.covered <= BAND[1])).all(), (measure, n, str(result))
 
 
 # ---------------------------------------------------------------------------------------------------
