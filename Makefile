@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 TORCH_PIN ?= 2.13.0
 
-.PHONY: test lint demo env bench clean
+.PHONY: test lint demo tensorboard env bench clean
 
 $(BIN)/activate:
 	$(PYTHON) -m venv $(VENV)
@@ -32,6 +32,10 @@ lint: env
 
 demo: env
 	$(BIN)/python examples/quickstart.py
+
+# every image of every logging point: TensorBoard keeps only 10 per tag by default
+tensorboard: env
+	$(BIN)/tensorboard --logdir runs --samples_per_plugin images=1000
 
 bench: env
 	$(BIN)/python -m pip install --quiet -e ".[bench]"

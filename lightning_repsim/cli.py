@@ -24,7 +24,9 @@ Usage::
 ``report``
     Every stored snapshot of each layer against its last one: convergence map, curves, the step
     at which each layer converges (a table in the terminal) and the run's freeze events from its
-    TensorBoard files, as PNG / CSV / text files in ``--out`` (default ``./repsim-report``).
+    TensorBoard files, as PNG / CSV / text files in ``--out`` (default: ``repsim-report`` in the run
+    directory, or ``repsim-report-1``, ... beside an earlier report; an earlier report is never
+    overwritten unless ``--overwrite``).
 ``export``
     Every matrix as tidy rows ``run, step, measure, reference, layer_a, layer_b, value``: each
     step against the final snapshot (per layer), the previous step and the first step (all
@@ -56,26 +58,17 @@ import warnings
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
-
-from tqdm import tqdm
+from typing import TYPE_CHECKING, Any
 
 import lightning_repsim
-from lightning_repsim import report
-from lightning_repsim.analysis import (
-    REFERENCES,
-    ROW_COLUMNS,
-    logged_measures,
-    logged_options,
-    read_freeze_log,
-    similarity_between,
-    similarity_rows,
-    similarity_to_final,
-    write_convergence_report,
-)
 from lightning_repsim.errors import RepSimError, RepSimWarning
-from lightning_repsim.functional._measures import MEASURES, resolve_measures
-from lightning_repsim.store import MANIFEST_NAME, SnapshotStore, open_store, run_store_dirs
+from lightning_repsim.measures import MEASURES, resolve_measures
+
+if TYPE_CHECKING:
+    from lightning_repsim.store import SnapshotStore
+
+# Everything heavy (torch, Matplotlib, TensorBoard) is imported inside the commands, so that
+# `lightning-repsim --help` and argument errors answer at once.
 
 __all__ = ["main"]
 
@@ -106,6 +99,8 @@ class Run:
 
 def _find_store_dir(path: Path) -> Path:
     """The store directory a RUN argument points to (see the module docstring)."""
+    from lightning_repsim.store import MANIFEST_NAME, run_store_dirs
+
     if not path.exists():
         raise CliError(f"{path}: no such directory")
     if not path.is_dir():
@@ -153,6 +148,8 @@ def open_run(path: str, *, allow_damaged: bool = False) -> Run:
             store whose step files are partly missing or truncated.
         RepSimError: the store itself is invalid (bad manifest, unreadable step file).
     """
+    from lightning_repsim.store import open_store, run_store_dirs
+
     store_dir = _find_store_dir(Path(path))
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", RepSimWarning)
@@ -200,12 +197,29 @@ def _pwcca_note(run: Run, layers: Iterable[str]) -> str | None:
 
 
 def _progress_factory(quiet: bool) -> Callable[..., Iterable]:
+    from tqdm import tqdm
+
     disable = quiet or not (hasattr(sys.stderr, "isatty") and sys.stderr.isatty())
 
     def progress(iterable: Iterable, **kwargs: Any) -> Iterable:
         return tqdm(iterable, disable=disable, leave=False, file=sys.stderr, dynamic_ncols=True, **kwargs)
 
     return progress
+
+
+def _report_dir(run: Run, out: str | None, overwrite: bool) -> Path:
+    """Where ``report`` writes: ``--out``, or ``<run dir>/repsim-report`` (``-1``, ``-2``, ... when an earlier
+    report is there). A directory that already holds files is written into only with ``--overwrite``."""
+    if out is not None:
+        path = Path(out)
+        if path.is_dir() and any(path.iterdir()) and not overwrite:
+            raise CliError(f"{path}: holds files already (an earlier report?); pass another --out, or --overwrite")
+        return path
+    base = run.run_dir / "repsim-report"
+    index = 0
+    while (path := base.with_name(base.name + (f"-{index}" if index else ""))).exists() and any(path.iterdir()):
+        index += 1
+    return path
 
 
 def _mkdir(path: Path) -> Path:
@@ -220,6 +234,9 @@ def _mkdir(path: Path) -> Path:
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
+    from lightning_repsim import report
+    from lightning_repsim.analysis import logged_options, similarity_between
+
     progress = _progress_factory(args.quiet)
     measures = _measures(args.measure, ["linear_cka"])
     run_a = open_run(args.run_a, allow_damaged=args.allow_damaged)
@@ -312,6 +329,15 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
+    from lightning_repsim import report
+    from lightning_repsim.analysis import (
+        logged_measures,
+        logged_options,
+        read_freeze_log,
+        similarity_to_final,
+        write_convergence_report,
+    )
+
     progress = _progress_factory(args.quiet)
     if not 0.0 < args.threshold <= 1.0:
         raise CliError(f"--threshold is a fraction of the final similarity in (0, 1], got {args.threshold:g}")
@@ -323,7 +349,7 @@ def cmd_report(args: argparse.Namespace) -> int:
         raise CliError(
             f"{run.name} ({store.path}) holds one snapshot (step {steps[0]}); a convergence report needs at least two"
         )
-    out = _mkdir(Path(args.out))
+    out = _mkdir(_report_dir(run, args.out, args.overwrite))
     notes = list(run.notes)
     if "pwcca" in measures and (note := _pwcca_note(run, layers)):
         notes.append(note)
@@ -384,6 +410,8 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def _references(values: Sequence[str] | None) -> list[str]:
+    from lightning_repsim.analysis import REFERENCES
+
     names = [part.strip() for value in (values or []) for part in value.split(",") if part.strip()]
     unknown = [r for r in names if r not in REFERENCES]
     if unknown:
@@ -392,6 +420,9 @@ def _references(values: Sequence[str] | None) -> list[str]:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
+    from lightning_repsim import report
+    from lightning_repsim.analysis import ROW_COLUMNS, logged_measures, logged_options, similarity_rows
+
     progress = _progress_factory(args.quiet)
     to_stdout = args.out in (None, "-")
     fmt = args.format or ("json" if not to_stdout and args.out.lower().endswith(".json") else "csv")
@@ -538,7 +569,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=0.95,
         help="fraction of the final similarity that counts as converged (default 0.95)",
     )
-    rep.add_argument("--out", default="repsim-report", metavar="DIR", help="output directory (default ./repsim-report)")
+    rep.add_argument(
+        "--out",
+        metavar="DIR",
+        help="output directory (default: RUN's run directory/repsim-report, or repsim-report-1, ... beside an "
+        "earlier report: never overwritten)",
+    )
+    rep.add_argument("--overwrite", action="store_true", help="write into an --out that already holds files")
     rep.set_defaults(func=cmd_report)
 
     export = commands.add_parser(

@@ -7,6 +7,7 @@ modes train for a few epochs); the full runs and their numbers are in examples/R
 
 import csv
 import json
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -28,9 +29,20 @@ def cli(*args):
 
 def test_quickstart_twice_then_compare_the_two_runs(tmp_path):
     """The README's demo, then `lightning-repsim compare` on the two runs it produced (issue 5's 'done when')."""
-    for seed in (0, 1):
+    printed = [
         run(ROOT / "examples" / "quickstart.py", "--epochs", 2, "--seed", seed, "--out", tmp_path / "runs")
+        for seed in (0, 1)
+    ]
     runs = sorted((tmp_path / "runs" / "digits_cnn").iterdir())
+    # the commands it prints work as printed, from the repository root where `make demo` runs it
+    commands = dict(line.split(": ", 1) for line in printed[0].splitlines() if ": " in line)
+    assert "--samples_per_plugin images=1000" in commands["open TensorBoard"]
+    report = subprocess.run(
+        shlex.split(commands["convergence report"]), cwd=ROOT, capture_output=True, text=True, timeout=600
+    )
+    assert report.returncode == 0, report.stderr
+    assert "converged at step" in report.stdout and "froze `features.0`" in report.stdout, report.stdout
+    assert (runs[0] / "repsim-report" / "linear_cka__convergence_map.png").is_file()
     assert [r.name for r in runs] == ["version_0", "version_1"]
     for r in runs:
         assert list(r.glob("events.out.tfevents*")), r

@@ -77,7 +77,7 @@ class RepresentationSimilarity(Callback):
       layer and a table of the step at which each layer reaches ``threshold`` of its final value;
     - ``repsim/probe``: probe size, hash and settings, as text.
 
-    Open it with ``tensorboard --logdir runs --samples_per_plugin images=0`` (TensorBoard keeps
+    Open it with ``tensorboard --logdir runs --samples_per_plugin images=1000`` (TensorBoard keeps
     only 10 images per tag otherwise). PNG and CSV files of every matrix go to
     ``<log_dir>/repsim/figures`` and the snapshot store to ``<log_dir>/repsim``, so a run and its
     store travel together. A fit never writes into another fit's outputs (a reused run directory
