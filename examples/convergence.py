@@ -122,7 +122,7 @@ def main() -> None:
         reference="final",
         measures=measures,
         layers=[nn.ReLU, "classifier.logits"],  # post-activation outputs, then the logits
-        every_n_steps=args.every,
+        every_n_train_steps=args.every,
         max_features=256,  # < n = 397: SVCCA stays defined
         threshold=args.threshold,
     )

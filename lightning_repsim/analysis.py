@@ -471,7 +471,8 @@ def write_convergence_report(
     threshold: float = 0.95,
     title: str | None = None,
     freeze_steps: Sequence[int] = (),
-    tensorboard: report.TensorBoardReporter | None = None,
+    sink: report.TensorBoardReporter | report.LoggerSink | None = None,
+    tag_prefix: str = "repsim",
 ) -> dict[str, ConvergenceReport]:
     """Write the convergence report of each measure: the one writer of the callback and the CLI.
 
@@ -480,8 +481,9 @@ def write_convergence_report(
     ``<measure>__convergence_map.png`` (the layer x step map with each layer's convergence step
     marked), ``<measure>__curves.png`` (one curve per layer; dotted red lines at ``freeze_steps``),
     ``<measure>__final.csv`` (the values, exactly) and ``<measure>__convergence.txt`` (the table of
-    :func:`convergence_table`). With ``tensorboard`` the two images and the table also go to
-    ``repsim/<measure>/final/{convergence_map,curves,convergence_summary}`` at the last step.
+    :func:`convergence_table`). With ``sink`` (the Trainer's loggers, or one TensorBoard writer) the
+    two images and the table also go to
+    ``<tag_prefix>/<measure>/final/{convergence_map,curves,convergence_summary}`` at the last step.
 
     Args:
         values: ``{measure: (L, S) similarities to the final snapshot}``.
@@ -492,7 +494,8 @@ def write_convergence_report(
             (:func:`convergence_steps`, sustained).
         title: a title for the figures (e.g. the run's name).
         freeze_steps: steps at which FreezeTraining froze a unit, marked on the curves.
-        tensorboard: where to log the images and the table as well.
+        sink: where to log the images and the table as well (``log_png`` and ``log_text``).
+        tag_prefix: the first component of their tags (``repsim``, or a named monitor's ``repsim-<name>``).
 
     Returns:
         ``{measure: ConvergenceReport}``.
@@ -510,12 +513,12 @@ def write_convergence_report(
         }
         for step in freeze_steps:  # freeze events against convergence
             figures["curves"].axes[0].axvline(step, color="tab:red", linestyle=":", linewidth=0.9, alpha=0.7)
-        files, prefix = [], f"repsim/{measure}/final"
+        files, prefix = [], f"{tag_prefix}/{measure}/final"
         for kind, figure in figures.items():
             png = report.encode_png(report.figure_to_array(figure))
             files.append(report.write_png_bytes(png, out / f"{measure}__{kind}.png"))
-            if tensorboard is not None:
-                tensorboard.log_png(f"{prefix}/{kind}", png, steps[-1])
+            if sink is not None:
+                sink.log_png(f"{prefix}/{kind}", png, steps[-1])
         files.append(report.write_matrix_csv(out / f"{measure}__final.csv", data, layers, steps, corner="layer"))
         text = convergence_table(layers, converged, data, steps)
         files.append(atomic_write(out / f"{measure}__convergence.txt", text + "\n"))
@@ -525,8 +528,8 @@ def write_convergence_report(
             "the end."
         )
         markdown = caption + "\n\n" + convergence_table(layers, converged, data, steps, fmt="markdown")
-        if tensorboard is not None:
-            tensorboard.log_text(f"{prefix}/convergence_summary", markdown, steps[-1])
+        if sink is not None:
+            sink.log_text(f"{prefix}/convergence_summary", markdown, steps[-1])
         reports[measure] = ConvergenceReport(measure, converged, text, markdown, files)
     return reports
 

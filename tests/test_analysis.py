@@ -504,7 +504,7 @@ def test_convergence_report_to_tensorboard(tmp_path):
             steps,
             tmp_path / "out",
             threshold=0.9,
-            tensorboard=TensorBoardReporter(writer),
+            sink=TensorBoardReporter(writer),
         )
     assert reports["linear_cka"].converged == [10, 20, 40, 80]
     acc = _accumulate(tmp_path / "tb")
@@ -526,7 +526,7 @@ def test_convergence_report_logs_and_saves_the_same_png_bytes(tmp_path):
             [f"layer{i}.conv" for i in range(4)],
             [0, 10, 20, 40, 80, 160],
             tmp_path / "png",
-            tensorboard=TensorBoardReporter(writer),
+            sink=TensorBoardReporter(writer),
         )
     acc = _accumulate(tmp_path / "tb")
     for kind in ("convergence_map", "curves"):

@@ -573,7 +573,7 @@ def test_heatmap_frames_paint_the_same_cell_colours_as_a_full_render():
 
     rows, cols = ["conv1", "conv2", "fc"], ["a", "b", "c", "d"]
     values = np.array([[1.0, 0.2, np.nan, 0.5], [0.9, -0.3, 0.4, 0.0], [0.1, 0.7, 1.4, 0.25]])
-    frames = HeatmapFrames(rows, cols, measure="linear_cka", title="t", col_title="ref")
+    frames = HeatmapFrames(rows, cols, measure="linear_cka", title="t", col_title="ref", annotate=False)
     fast = frames.render(values)
     full_fig = heatmap_figure(values, rows, cols, measure="linear_cka", title="t", col_title="ref", annotate=False)
     full = figure_to_array(full_fig)
@@ -891,3 +891,24 @@ def test_event_checksums_stay_in_python_without_the_c_extension(monkeypatch):
     monkeypatch.setattr(google_crc32c, "implementation", "python")
     assert report.accelerate_event_checksums() is False
     assert record_writer.masked_crc32c is python_crc
+
+
+def test_heatmap_frames_print_cell_values_and_the_step_where_the_full_render_leaves_colour():
+    from lightning_repsim.report import HeatmapFrames
+
+    rows = cols = ["conv1", "conv2", "fc"]
+    values = np.array([[1.0, 0.25, 0.5], [0.25, 1.0, 0.75], [0.5, 0.75, 1.0]])
+    plain = HeatmapFrames(rows, cols, measure="linear_cka", annotate=False).render(values, step=7)
+    printed = HeatmapFrames(rows, cols, measure="linear_cka").render(values, step=7)  # 3 layers: annotated
+    assert plain.shape == printed.shape and (plain != printed).any()
+    # other values print other digits, same colours aside; another step changes the title only
+    frames = HeatmapFrames(rows, cols, measure="linear_cka")
+    first, other_step = frames.render(values, step=7), frames.render(values, step=8)
+    changed_rows = np.flatnonzero((first != other_step).any(axis=(1, 2)))
+    assert changed_rows.size and changed_rows.max() < first.shape[0] * 0.15  # the title band at the top
+    many = [f"l{i}" for i in range(13)]
+    big = np.eye(13)
+    assert np.array_equal(
+        HeatmapFrames(many, many, measure="rv2").render(big),
+        HeatmapFrames(many, many, measure="rv2", annotate=False).render(big),
+    )  # above 12 layers no values are printed by default

@@ -161,10 +161,20 @@ def test_run_store_dirs_lists_the_stores_of_a_run_in_index_order(tmp_path):
     for index in (10, 2, 0):
         SnapshotStore.create(default_store_dir(tmp_path, index), probe_hash="p", n=N)
     (tmp_path / "repsim-3" / "figures").mkdir(parents=True)  # figures only: no store
-    for name in ("repsim-01", "repsim-x", "repsimple"):  # not names a fit gets
+    for name in ("repsim-01", "repsim-", "repsim-1x", "repsimple"):  # not names a fit gets
         SnapshotStore.create(tmp_path / name, probe_hash="p", n=N)
     assert run_store_dirs(tmp_path) == [tmp_path / "repsim", tmp_path / "repsim-2", tmp_path / "repsim-10"]
     assert run_store_dirs(str(tmp_path))[0] == tmp_path / "repsim"
+    # a named monitor's stores (several monitors in one Trainer) follow the unnamed ones, by name then index
+    for index in (1, 0):
+        SnapshotStore.create(default_store_dir(tmp_path, index, name="val_probe"), probe_hash="p", n=N)
+    assert [p.name for p in run_store_dirs(tmp_path)] == [
+        "repsim",
+        "repsim-2",
+        "repsim-10",
+        "repsim-val_probe",
+        "repsim-val_probe-1",
+    ]
 
 
 # ---------------------------------------------------------------- no pickle

@@ -23,7 +23,6 @@ from pathlib import Path
 from typing import Any
 
 from lightning_repsim.errors import RepSimError, RepSimWarning
-from lightning_repsim.report import TensorBoardReporter
 from lightning_repsim.store import SnapshotStore, default_store_dir
 from lightning_repsim.store.format import occupied
 
@@ -63,12 +62,14 @@ def open_run_outputs(
     settings: Mapping[str, Any],
     resumed: Checkpointed | None,
     warn: Warn,
+    name: str | None = None,
 ) -> RunOutputs:
     """Place this fit's outputs under ``run_dir`` and open (or create) its store.
 
-    ``resumed`` is the checkpoint's record when the fit resumes, else ``None``.
+    ``resumed`` is the checkpoint's record when the fit resumes, else ``None``; ``name`` a named
+    monitor's name (its outputs go to ``repsim-<name>``).
     """
-    directory, continued, seed_from, run_id = _place(run_dir, probe_hash, keep_store, write_files, resumed, warn)
+    directory, continued, seed_from, run_id = _place(run_dir, probe_hash, keep_store, write_files, resumed, warn, name)
     run_id = run_id or secrets.token_hex(8)
     store = None
     if seed_from is not None and resumed is not None and resumed.last_logged_step is not None:
@@ -90,15 +91,13 @@ def open_run_outputs(
     return RunOutputs(directory, store, run_id)
 
 
-def run_directory(trainer: Any, log_dir: str | None) -> tuple[Path, TensorBoardReporter | None]:
-    """The fit's run directory (its TensorBoardLogger's, else ``log_dir`` or the Trainer's root) and a
-    TensorBoard reporter when the Trainer has a TensorBoardLogger."""
+def run_directory(trainer: Any, log_dir: str | None) -> Path:
+    """The fit's run directory: its TensorBoardLogger's, else ``log_dir`` (``trainer.log_dir``) or the
+    Trainer's root directory."""
     from pytorch_lightning.loggers import TensorBoardLogger
 
     logger = next((lg for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)), None)
-    if logger is None:
-        return Path(log_dir or trainer.default_root_dir), None
-    return Path(logger.log_dir), TensorBoardReporter(logger.experiment)
+    return Path(log_dir or trainer.default_root_dir) if logger is None else Path(logger.log_dir)
 
 
 def step_folders(figures: Path) -> dict[int, Path]:
@@ -129,7 +128,13 @@ def _holds_this_run(directory: Path, probe_hash: str, keep_store: bool, run_id: 
 
 
 def _place(
-    run_dir: Path, probe_hash: str, keep_store: bool, write_files: bool, resumed: Checkpointed | None, warn: Warn
+    run_dir: Path,
+    probe_hash: str,
+    keep_store: bool,
+    write_files: bool,
+    resumed: Checkpointed | None,
+    warn: Warn,
+    name: str | None = None,
 ) -> tuple[Path, bool, Path | None, str | None]:
     """``(output directory, whether to continue the store there, where to seed it from, run id)``.
 
@@ -138,7 +143,7 @@ def _place(
     starts a new store seeded from it. Otherwise the fit never writes into another fit's outputs:
     when ``<run_dir>/repsim`` holds anything, it takes the first free ``repsim-1``, ``repsim-2``, ...
     """
-    default = default_store_dir(run_dir)
+    default = default_store_dir(run_dir, name=name)
     run_id = None if resumed is None else resumed.run_id
     if not (keep_store or write_files):  # nothing goes to disk
         return default, False, None, run_id
@@ -161,8 +166,8 @@ def _place(
             # run is archived read-only: this fit keeps its own outputs beside its events, starting from
             # copies of the recorded ones up to the checkpoint, which stay as they are.
             seed_from = holders[0]
-    index = next(i for i in itertools.count() if not occupied(default_store_dir(run_dir, i)))
-    directory = default_store_dir(run_dir, index)
+    index = next(i for i in itertools.count() if not occupied(default_store_dir(run_dir, i, name)))
+    directory = default_store_dir(run_dir, index, name)
     last = None if resumed is None else resumed.last_logged_step
     if seed_from is not None:
         elsewhere = seed_from.parent.resolve() != run_dir.resolve()

@@ -35,8 +35,13 @@ class PointReporter:
         layer_names: the monitored layers, in depth order.
         options: ``{measure: options}``.
         references: what the layers are compared with (``"final"`` is handled by :meth:`final`).
-        tensorboard: where images, scalars and text go, or None.
+        sink: the Trainer's loggers (heatmap images, the convergence report), or None.
         figures: ``<output dir>/figures`` for the PNG and CSV files, or None for no files.
+        prefix: the first component of every tag (``repsim``, or ``repsim-<name>``).
+
+    The scalars (each layer against the reference's layer of the same name, tags from
+    :func:`lightning_repsim.report.layer_tags`, in depth order) are returned rather than logged:
+    the callback hands them to the loggers and ``trainer.callback_metrics`` from the training loop.
     """
 
     def __init__(
@@ -44,23 +49,34 @@ class PointReporter:
         layer_names: Sequence[str],
         options: Mapping[str, Mapping[str, Any]],
         references: Sequence[Reference],
-        tensorboard: report.TensorBoardReporter | None,
+        sink: report.LoggerSink | None,
         figures: Path | None,
+        prefix: str = "repsim",
     ) -> None:
         self.layer_names = list(layer_names)
         self.options = options
         self.references = list(references)
-        self.tensorboard = tensorboard
+        self.sink = sink
         self.figures = figures
+        self.prefix = prefix
         self._frames: dict[tuple[str, str, tuple[str, ...]], report.HeatmapFrames] = {}
         self._prepared: dict[str, tuple[Mapping[str, torch.Tensor], Representations]] = {}
 
-    def point(self, features: dict[str, torch.Tensor], previous: dict[str, torch.Tensor] | None, step: int) -> None:
-        """Compare one snapshot with every reference (``previous`` is the last logging point's), draw and write.
+    def scalar_series(self) -> dict[str, list[str]]:
+        """``{category: [tag prefixes]}``: one chart per measure and reference (TensorBoard's custom scalars)."""
+        labels = [ref.label for ref in self.references]
+        return {f"{self.prefix}/{m}": [f"{self.prefix}/{m}/{label}" for label in labels] for m in self.options}
+
+    def point(
+        self, features: dict[str, torch.Tensor], previous: dict[str, torch.Tensor] | None, step: int
+    ) -> dict[str, float]:
+        """Compare one snapshot with every reference (``previous`` is the last logging point's), draw and
+        write; returns the scalars of this point.
 
         Runs on the worker thread when the callback works in the background: it reads nothing that
         the training loop changes.
         """
+        scalars: dict[str, float] = {}
         current = Representations(features, max_cache_bytes=GRAM_CACHE_BYTES)  # shared by every measure
         for ref in self.references:
             if ref.kind == "final":
@@ -71,9 +87,10 @@ class PointReporter:
             for measure, options in self.options.items():
                 # warn=False: NaN layers were reported by name at capture time, once
                 matrix = similarity_matrix(current, other, measure, warn=False, **options)
-                self.matrix(measure, ref.label, matrix, other.names, step)
+                scalars.update(self.matrix(measure, ref.label, matrix, other.names, step))
         if any(ref.kind == "previous" for ref in self.references):
             self._prepared["previous"] = (features, current)  # its Grams serve the next point's "previous"
+        return scalars
 
     def _prepared_reference(
         self, ref: Reference, features: Mapping[str, torch.Tensor] | None, like: Mapping[str, torch.Tensor]
@@ -89,8 +106,10 @@ class PointReporter:
             self._prepared[ref.label] = cached
         return cached[1]
 
-    def matrix(self, measure: str, label: str, matrix: torch.Tensor, ref_names: list[str], step: int) -> None:
-        """Draw and write one matrix of one logging point."""
+    def matrix(
+        self, measure: str, label: str, matrix: torch.Tensor, ref_names: list[str], step: int
+    ) -> dict[str, float]:
+        """Draw and write one matrix of one logging point; returns its per-layer scalars."""
         names = self.layer_names
         values = matrix.cpu().numpy()
         key = (measure, label, tuple(ref_names))
@@ -98,15 +117,16 @@ class PointReporter:
             self._frames[key] = report.HeatmapFrames(
                 names, ref_names, measure=measure, title=f"{measure} vs {label}", row_title="layers", col_title=label
             )
-        png = report.encode_png(self._frames[key].render(values))  # once, for TensorBoard and the file
-        if self.tensorboard is not None:
-            prefix = f"repsim/{measure}/{label}"
-            self.tensorboard.log_png(f"{prefix}/heatmap", png, step)
-            self.tensorboard.log_layer_scalars(prefix, matched_diagonal(values, names, ref_names), step)
+        png = report.encode_png(self._frames[key].render(values, step=step))  # once, for the loggers and the file
+        prefix = f"{self.prefix}/{measure}/{label}"
+        if self.sink is not None:
+            self.sink.log_png(f"{prefix}/heatmap", png, step)
         if self.figures is not None:
             folder = self.figures / STEP_FOLDER.format(step)
             report.write_matrix_csv(folder / f"{measure}__{label}.csv", values, names, ref_names)
             report.write_png_bytes(png, folder / f"{measure}__{label}.png")
+        tags = report.layer_tags(prefix, names)
+        return {tags[name]: value for name, value in matched_diagonal(values, names, ref_names).items()}
 
     def final(
         self,
@@ -115,11 +135,13 @@ class PointReporter:
         threshold: float,
         progress: Callable[[Iterable[str]], Iterable[str]],
         warn: Callable[[str, str], None],
-    ) -> dict[str, str]:
-        """Every stored snapshot of every layer against the last snapshot (Raghu et al. 2017): scalars
-        ``repsim/<measure>/final/<layer>`` at every stored step and the convergence report in ``folder``.
+    ) -> tuple[dict[str, str], list[tuple[int, dict[str, float]]]]:
+        """Every stored snapshot of every layer against the last snapshot (Raghu et al. 2017): the
+        convergence report in ``folder`` (and to the loggers).
 
-        Returns ``{measure: the convergence table}`` (empty when fewer than two snapshots are stored).
+        Returns ``({measure: the convergence table}, [(step, scalars)])``: the scalars
+        ``<prefix>/<measure>/final/<NN>_<layer>`` of every stored step, for the callback to log (both
+        empty when fewer than two snapshots are stored).
         """
         steps = store.steps
         if len(steps) < 2:
@@ -127,7 +149,7 @@ class PointReporter:
                 "final-too-short",
                 "reference='final' needs at least two snapshots; training was too short for a convergence map.",
             )
-            return {}
+            return {}, []
         for name in self.layer_names:
             if "pwcca" in self.options and store.kinds.get(name) != "features":
                 warn(
@@ -138,20 +160,21 @@ class PointReporter:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", RepSimWarning)  # NaN layers were reported by name at capture time
             values = similarity_to_final(store, self.options, progress=progress)
-        if self.tensorboard is not None:
-            for measure, table in values.items():
-                for t, step in enumerate(steps):
-                    scalars = dict(zip(self.layer_names, table[:, t].tolist()))
-                    self.tensorboard.log_layer_scalars(f"repsim/{measure}/final", scalars, step)
+        series: list[tuple[int, dict[str, float]]] = [(step, {}) for step in steps]
+        for measure, table in values.items():
+            tags = report.layer_tags(f"{self.prefix}/{measure}/final", self.layer_names)
+            for t, (_, scalars) in enumerate(series):
+                scalars.update({tags[name]: float(table[i, t]) for i, name in enumerate(self.layer_names)})
         reports = write_convergence_report(
             {m: v.numpy() for m, v in values.items()},
             self.layer_names,
             steps,
             folder,
             threshold=threshold,
-            tensorboard=self.tensorboard,
+            sink=self.sink,
+            tag_prefix=self.prefix,
         )
-        return {measure: written.table for measure, written in reports.items()}
+        return {measure: written.table for measure, written in reports.items()}, series
 
 
 def settings_table(settings: Mapping[str, Any]) -> str:

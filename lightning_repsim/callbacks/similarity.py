@@ -1,6 +1,6 @@
 """RepresentationSimilarity: every layer against a reference, during training, in TensorBoard.
 
-When: at step 0 (the network at init), every ``every_n_epochs`` epochs or ``every_n_steps``
+When: at step 0 (the network at init), every ``every_n_epochs`` epochs or ``every_n_train_steps``
 optimizer steps, and at the end of training. Against what: ``"init"`` (the network before the
 first optimisation step), ``"previous"`` (the previous logging point), another ``nn.Module`` or a
 Lightning checkpoint (its weights in a copy of the trained module), and ``"final"``: at the end of
@@ -14,8 +14,10 @@ draws and writes each logging point, :mod:`._guard` keeps failures from stopping
 
 from __future__ import annotations
 
+import collections
 import functools
 import os
+import re
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -97,7 +99,8 @@ class RepresentationSimilarity(Callback):
             (how YAML names them; see :func:`lightning_repsim.capture.select_layers`).
         reference_layers: the same selector for module / checkpoint references (default: theirs).
         every_n_epochs: log at the end of every n-th training epoch.
-        every_n_steps: log every n optimizer steps instead (then ``every_n_epochs`` is ignored).
+        every_n_train_steps: log every n optimizer steps instead (then ``every_n_epochs`` is ignored), as
+            Lightning's ``ModelCheckpoint`` names it.
         max_features: cap on p per layer for conv maps (adaptive average pooling). 256 by default:
             the callback compares and stores at every logging point, so it keeps each layer small;
             one-off comparisons (:func:`lightning_repsim.compare`, :func:`~lightning_repsim.capture.capture`)
@@ -131,6 +134,10 @@ class RepresentationSimilarity(Callback):
             tensor (default ``model(batch)``); also runs the module / checkpoint references.
             Callables are best module-level functions: YAML names them by import path, and
             ``ddp_spawn`` pickles them.
+        name: tells several monitors of one Trainer apart (say one per probe set): their tags start
+            with ``repsim-<name>/`` instead of ``repsim/`` and their stores and figures go to
+            ``<log_dir>/repsim-<name>``. Needed as soon as a Trainer has two monitors.
+        verbose: print each measure's convergence table at the end of training.
 
     Example:
         >>> import torch, pytorch_lightning as pl
@@ -148,7 +155,7 @@ class RepresentationSimilarity(Callback):
         layers: LayerSelector = None,
         reference_layers: LayerSelector = None,
         every_n_epochs: int | None = 1,
-        every_n_steps: int | None = None,
+        every_n_train_steps: int | None = None,
         max_features: int = 256,
         batch_size: int = 256,
         measure_options: Mapping[str, Mapping[str, Any]] | None = None,
@@ -162,6 +169,8 @@ class RepresentationSimilarity(Callback):
         token_reduction: str = "mean",
         output_selector: OutputSelector = None,
         forward: Callable[[nn.Module, torch.Tensor], Any] | None = None,
+        name: str | None = None,
+        verbose: bool = True,
     ) -> None:
         super().__init__()
         self.options = resolve_measures(measures, measure_options)
@@ -169,11 +178,18 @@ class RepresentationSimilarity(Callback):
         self._references = parse_references(reference)
         if any(r.kind == "final" for r in self._references) and not store:
             raise RepSimValueError("reference='final' is computed from the snapshot store; keep store=True.")
-        for name, value in (("every_n_epochs", every_n_epochs), ("every_n_steps", every_n_steps)):
+        for option, value in (("every_n_epochs", every_n_epochs), ("every_n_train_steps", every_n_train_steps)):
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-                raise RepSimValueError(f"{name} must be a positive int or None; got {value!r}.")
-        if every_n_epochs is None and every_n_steps is None:
-            raise RepSimValueError("set every_n_epochs or every_n_steps (both are None, so nothing would be logged).")
+                raise RepSimValueError(f"{option} must be a positive int or None; got {value!r}.")
+        if every_n_epochs is None and every_n_train_steps is None:
+            raise RepSimValueError(
+                "set every_n_epochs or every_n_train_steps (both are None, so nothing would be logged)."
+            )
+        if name is not None and (not isinstance(name, str) or not re.fullmatch(r"[A-Za-z_][\w.]*", name)):
+            raise RepSimValueError(
+                f"name must be a short identifier (letters, digits, '_' or '.', not starting with a digit), "
+                f"e.g. name='val'; got {name!r}."
+            )
         if not 0.0 < threshold <= 1.0:
             raise RepSimValueError(f"threshold is a fraction of the final similarity in (0, 1]; got {threshold}.")
         check_probe_arguments(probe, max_features, layout, token_reduction, output_selector, forward)
@@ -181,7 +197,9 @@ class RepresentationSimilarity(Callback):
         self.layers = layers
         self.reference_layers = reference_layers
         self.every_n_epochs = every_n_epochs
-        self.every_n_steps = every_n_steps
+        self.every_n_train_steps = every_n_train_steps
+        self.name = name
+        self.verbose = verbose
         self.max_features = max_features
         self.batch_size = batch_size
         self.threshold = threshold
@@ -198,8 +216,9 @@ class RepresentationSimilarity(Callback):
         self._runner: ProbeRunner | None = None
         self._layer_names: list[str] = []
         self._outputs: RunOutputs | None = None
-        self._tensorboard: report.TensorBoardReporter | None = None
+        self._sink: report.LoggerSink | None = None
         self._reporter: PointReporter | None = None
+        self._scalars: collections.deque[tuple[int, dict[str, float]]] = collections.deque()  # to deliver
         self._guard = Guard(strict)
         self._checkpointed: Checkpointed | None = None  # set by load_state_dict when the fit resumes
         self._previous: dict[str, torch.Tensor] | None = None
@@ -217,7 +236,21 @@ class RepresentationSimilarity(Callback):
 
     @property
     def state_key(self) -> str:
-        return self._generate_state_key(references=self.references, measures=list(self.measures))
+        """Tells this monitor's checkpoint state from another's in the same Trainer: its name and every
+        argument that decides what it records."""
+        return self._generate_state_key(
+            name=self.name,
+            references=self.references,
+            measures=list(self.measures),
+            probe=self.probe_source if isinstance(self.probe_source, str | None) else type(self.probe_source).__name__,
+            layers=repr(self.layers),
+            every=(self.every_n_epochs, self.every_n_train_steps),
+        )
+
+    @property
+    def tag_prefix(self) -> str:
+        """The first component of every tag and the store's folder: ``repsim``, or ``repsim-<name>``."""
+        return "repsim" if self.name is None else f"repsim-{self.name}"
 
     @property
     def store_path(self) -> Path | None:
@@ -258,6 +291,14 @@ class RepresentationSimilarity(Callback):
                     "of a Lightning checkpoint."
                 )
         refuse_sharded(trainer.strategy, "RepresentationSimilarity captures whole-layer outputs")
+        monitors = [cb for cb in getattr(trainer, "callbacks", []) if isinstance(cb, RepresentationSimilarity)]
+        alike = [cb for cb in monitors if cb.name == self.name]
+        if len(alike) > 1:
+            raise RepSimValueError(
+                f"the Trainer has {len(alike)} RepresentationSimilarity callbacks named {self.name!r}: their tags and "
+                "snapshot stores would mix. Give each a distinct name, e.g. RepresentationSimilarity(..., name='val') "
+                "and RepresentationSimilarity(..., name='train'); tags then start with repsim-val/, repsim-train/."
+            )
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         background = self.background if self.background is not None else pl_module.device.type != "cpu"
@@ -303,12 +344,13 @@ class RepresentationSimilarity(Callback):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
         step = trainer.global_step
-        if self.every_n_steps and step > 0 and step % self.every_n_steps == 0 and step != self._last_logged_step:
+        every = self.every_n_train_steps
+        if every and step > 0 and step % every == 0 and step != self._last_logged_step:
             self._log_point_guarded(trainer, pl_module, f"step {step}")
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if (
-            self.every_n_steps is None
+            self.every_n_train_steps is None
             and self.every_n_epochs is not None
             and (trainer.current_epoch + 1) % self.every_n_epochs == 0
             and trainer.global_step != self._last_logged_step
@@ -321,8 +363,9 @@ class RepresentationSimilarity(Callback):
         self._finish_background()
         if any(r.kind == "final" for r in self._references) and trainer.is_global_zero:
             self._guard.run(lambda: self._log_final(trainer), "the final-snapshot comparison", trainer.global_step)
-        if self._tensorboard is not None:
-            self._tensorboard.flush()
+        self._deliver(trainer)
+        if self._sink is not None:
+            self._sink.flush()
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         self._finish_background()  # keep every snapshot already taken
@@ -333,6 +376,25 @@ class RepresentationSimilarity(Callback):
     def _log_point_guarded(self, trainer: pl.Trainer, pl_module: pl.LightningModule, what: str) -> None:
         self._guard.run(lambda: self._log_point(trainer, pl_module), what, trainer.global_step)
         self._report_background_failures()
+        self._deliver(trainer)
+
+    def _deliver(self, trainer: pl.Trainer) -> None:
+        """Hand the scalars computed so far to every logger (global rank 0) and to ``trainer.callback_metrics``
+        (every rank, so that EarlyStopping and ModelCheckpoint can monitor them), in the training loop.
+
+        Work done on the worker thread is delivered at the next logging point or at the end of training.
+        Under DDP every rank calls this at the same points and receives rank 0's values.
+        """
+        batch = []
+        while self._scalars:
+            batch.append(self._scalars.popleft())
+        if trainer.world_size > 1:
+            batch = trainer.strategy.broadcast(batch, src=0)
+        sink = self._sink if trainer.is_global_zero else None
+        for step, scalars in batch:
+            if sink is not None:
+                self._guard.run(functools.partial(sink.log_scalars, scalars, step), "logging scalars", step)
+            trainer.callback_metrics.update({tag: torch.tensor(value) for tag, value in scalars.items()})
 
     def _finish_background(self) -> None:
         if self._worker is not None:
@@ -350,7 +412,8 @@ class RepresentationSimilarity(Callback):
         Runs in ``setup``, before Lightning loads a checkpoint's state into the callback on resume.
         """
         self._checkpointed = None
-        self._outputs = self._tensorboard = self._reporter = None
+        self._outputs = self._sink = self._reporter = None
+        self._scalars.clear()
         self._previous = self._previous_step = self._last_logged_step = self._attempted_step = None
         self._unlogged_start = None
         self._guard = Guard(self.strict)
@@ -399,10 +462,9 @@ class RepresentationSimilarity(Callback):
     def _open_outputs(self, trainer: pl.Trainer, log_dir: str | None) -> None:
         assert self._runner is not None
         probe = self._runner.probe
-        run_dir, tensorboard = run_directory(trainer, log_dir)
-        if tensorboard is not None:
-            self._tensorboard = tensorboard
-            self._guard.log_text = lambda text, step: tensorboard.log_text("repsim/errors", text, step)
+        run_dir = run_directory(trainer, log_dir)
+        sink = self._sink = report.LoggerSink(trainer.loggers)
+        self._guard.log_text = lambda text, step: sink.log_text(f"{self.tag_prefix}/errors", text, step)
         settings = {
             "measures": list(self.measures),
             "options": self.options,
@@ -425,19 +487,30 @@ class RepresentationSimilarity(Callback):
             settings=settings,
             resumed=self._checkpointed,
             warn=self._guard.warn_once,
+            name=self.name,
         )
-        if tensorboard is None:
+        if not {"tensorboard", "mlflow", "wandb"} & set(sink.kinds):
             self._guard.warn_once(
-                "no-tensorboard",
-                "RepresentationSimilarity found no TensorBoardLogger: heatmaps "
-                f"and curves go to PNG/CSV files under {self._output_dir} only.",
+                "no-image-logger",
+                "RepresentationSimilarity found no logger that stores images (TensorBoardLogger, MLFlowLogger, "
+                "WandbLogger): the "
+                f"per-layer scalars go to the Trainer's loggers, heatmaps and curves to PNG/CSV files under "
+                f"{self._output_dir} only.",
             )
         figures = self._outputs.directory / "figures" if self.write_files else None
-        self._reporter = PointReporter(self._layer_names, self.options, self._references, self._tensorboard, figures)
-        if self._tensorboard is not None:
-            self._tensorboard.log_text(
-                "repsim/probe", settings_table({"examples": len(probe), "hash": probe.hash, **settings}), 0
-            )
+        self._reporter = PointReporter(
+            self._layer_names, self.options, self._references, sink, figures, prefix=self.tag_prefix
+        )
+        if sink.tensorboard is not None:  # one chart per measure and reference, every layer in depth order
+            series = self._reporter.scalar_series()
+            if any(ref.kind == "final" for ref in self._references):
+                series = {k: [*v, f"{k}/final"] for k, v in series.items()}
+            sink.tensorboard.writer.add_custom_scalars(report.custom_scalars_layout(series))
+        sink.log_text(
+            f"{self.tag_prefix}/probe",
+            settings_table({"examples": len(probe), "hash": probe.hash, **settings}),
+            0,
+        )
 
     def _log_point(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         assert self._runner is not None
@@ -474,13 +547,13 @@ class RepresentationSimilarity(Callback):
             tensors, kinds = compact_features(features)
             self._store.add(step, tensors, kinds, overwrite=self._checkpointed is not None)
         stored()
-        self._reporter.point(features, previous, step)
+        self._scalars.append((step, self._reporter.point(features, previous, step)))
 
     def _log_final(self, trainer: pl.Trainer) -> None:
         """Every stored snapshot against the last one, and the convergence report (Raghu et al. 2017)."""
         assert self._store is not None and self._output_dir is not None and self._reporter is not None
         work = len(self._store.steps) * len(self._layer_names)
-        tables = self._reporter.final(
+        tables, series = self._reporter.final(
             self._store,
             self._output_dir / "figures" / "final",
             self.threshold,
@@ -492,11 +565,13 @@ class RepresentationSimilarity(Callback):
             ),
             warn=self._guard.warn_once,
         )
-        for measure, table in tables.items():
-            rank_zero_info(
-                f"{measure}: step at which each layer reaches {self.threshold:.0%} of its similarity to "
-                f"the final snapshot\n{table}"
-            )
+        self._scalars.extend(series)
+        if self.verbose:
+            for measure, table in tables.items():
+                rank_zero_info(
+                    f"{measure}: step at which each layer reaches {self.threshold:.0%} of its similarity to "
+                    f"the final snapshot\n{table}"
+                )
 
 
 def _to_cpu(features: Mapping[str, torch.Tensor] | None) -> dict[str, torch.Tensor] | None:

@@ -7,6 +7,7 @@ capture, callbacks or the snapshot store.
 * :mod:`~lightning_repsim.report.figures` — heatmaps, convergence maps, per-layer curves;
 * :mod:`~lightning_repsim.report.files` — exact CSV, strict JSON, PNG, each written atomically;
 * :mod:`~lightning_repsim.report.tables` — per-layer tables in markdown or aligned text;
+* :mod:`~lightning_repsim.report.loggers` — scalars, images and text to every Lightning logger;
 * :mod:`~lightning_repsim.report.tensorboard` — tags and a reporter for images, scalars and text.
 """
 
@@ -29,10 +30,13 @@ from lightning_repsim.report.files import (
     write_png_bytes,
     write_rows_csv,
 )
+from lightning_repsim.report.loggers import LoggerSink
 from lightning_repsim.report.tables import comparison_summary, summary_table, text_table
 from lightning_repsim.report.tensorboard import (
     TensorBoardReporter,
     accelerate_event_checksums,
+    custom_scalars_layout,
+    layer_tags,
     log_comparison,
     make_tag,
     sanitize_tag,
@@ -45,15 +49,18 @@ __all__ = [
     "NAN_COLOR",
     "PNG_COMPRESS_LEVEL",
     "HeatmapFrames",
+    "LoggerSink",
     "TensorBoardReporter",
     "accelerate_event_checksums",
     "comparison_summary",
     "convergence_map_figure",
     "curves_figure",
+    "custom_scalars_layout",
     "encode_png",
     "figure_to_array",
     "freeze_figure",
     "heatmap_figure",
+    "layer_tags",
     "log_comparison",
     "make_tag",
     "sanitize_tag",

@@ -21,6 +21,7 @@ Colour scale:
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 from typing import Any, Literal
@@ -365,13 +366,14 @@ class HeatmapFrames:
 
     Labels, axis titles and the colour bar are drawn once by :func:`heatmap_figure`; each
     :meth:`render` then repaints only the cells' pixels with the same colour map and fixed
-    colour range (NaN cells light grey), which takes milliseconds instead of a full matplotlib
-    draw. Values are not written into the cells; use :func:`heatmap_figure` for that.
+    colour range (NaN cells light grey), writes the step beside the title and, up to 12 x 12, the
+    values into the cells (as :func:`heatmap_figure` does), which takes milliseconds instead of a
+    full matplotlib draw.
 
     Example:
         >>> import numpy as np
-        >>> frames = HeatmapFrames(["conv1", "fc"], ["conv1", "fc"], measure="linear_cka")
-        >>> image = frames.render(np.array([[1.0, 0.3], [0.3, np.nan]]))
+        >>> frames = HeatmapFrames(["conv1", "fc"], ["conv1", "fc"], measure="linear_cka", title="linear_cka vs init")
+        >>> image = frames.render(np.array([[1.0, 0.3], [0.3, np.nan]]), step=100)
         >>> image.dtype, image.shape == frames.render(np.eye(2)).shape
         (dtype('uint8'), True)
     """
@@ -386,6 +388,7 @@ class HeatmapFrames:
         row_title: str | None = None,
         col_title: str | None = None,
         value_range: tuple[float, float] | None = None,
+        annotate: bool | None = None,
         dpi: int = _DEFAULT_DPI,
     ) -> None:
         self.shape = (len(row_labels), len(col_labels))
@@ -404,7 +407,8 @@ class HeatmapFrames:
         self._template = figure_to_array(fig)
         height = self._template.shape[0]
         n_rows, n_cols = self.shape
-        to_pixels = fig.axes[0].transData.transform
+        ax = fig.axes[0]
+        to_pixels = ax.transData.transform
         x_edges = to_pixels(np.c_[np.arange(n_cols + 1) - 0.5, np.zeros(n_cols + 1)])[:, 0]
         y_edges = height - to_pixels(np.c_[np.zeros(n_rows + 1), np.arange(n_rows + 1) - 0.5])[:, 1]
         x_edges, y_edges = np.round(x_edges).astype(int), np.round(y_edges).astype(int)
@@ -418,16 +422,80 @@ class HeatmapFrames:
         self._column_widths = np.bincount(column_of, minlength=n_cols)
         self._row_heights = np.bincount(row_of, minlength=n_rows)
         self._norm = Normalize(*colour_range(measure, value_range), clip=True)
+        # where the values and the step go, and in which font (the figure's own, at its size)
+        self._centres = ((x_edges[:-1] + x_edges[1:]) / 2, (y_edges[:-1] + y_edges[1:]) / 2)
+        self._annotate = max(self.shape) <= _ANNOTATE_MAX_CELLS if annotate is None else annotate
+        cell_pt = min((x_edges[1] - x_edges[0]), (y_edges[1] - y_edges[0])) * 72.0 / dpi
+        self._value_px = float(np.clip(0.3 * cell_pt, 5.0, 10.0)) * dpi / 72.0
+        renderer = fig.canvas.get_renderer()  # type: ignore[attr-defined]
+        box = ax.title.get_window_extent(renderer) if ax.get_title() else None
+        self._step_px = 11 * dpi / 72.0
+        self._step_at = (
+            (box.x1 + 0.6 * self._step_px, height - (box.y0 + box.y1) / 2)
+            if box is not None
+            else (x_edges[0], max(self._step_px, y_edges[0] - 1.2 * self._step_px))
+        )
 
-    def render(self, matrix: Any) -> np.ndarray:
-        """The heatmap of ``matrix`` as an ``(H, W, 3)`` ``uint8`` image (for add_image, HWC)."""
+    def render(self, matrix: Any, step: int | None = None) -> np.ndarray:
+        """The heatmap of ``matrix`` as an ``(H, W, 3)`` ``uint8`` image (for add_image, HWC), with
+        ``step`` written beside the title when given."""
         values = as_array(matrix, "matrix", 2)
         if values.shape != self.shape:
             raise RepSimValueError(f"HeatmapFrames was made for {self.shape} matrices; got {values.shape}.")
         colours = _CMAP(self._norm(np.ma.masked_invalid(values)), bytes=True)[..., :3]
         image = self._template.copy()
         image[self._y, self._x] = np.repeat(np.repeat(colours, self._row_heights, axis=0), self._column_widths, axis=1)
+        if self._annotate:
+            light = np.asarray(self._norm(np.nan_to_num(values))) > 0.55  # dark text on light cells
+            for (i, j), v in np.ndenumerate(values):
+                if np.isfinite(v):
+                    text, colour = f"{v:.2f}", (_BLACK if light[i, j] else _WHITE)
+                else:
+                    text, colour = "NaN" if np.isnan(v) else f"{v}", _DIM_GREY
+                _paint_text(image, text, self._value_px, self._centres[0][j], self._centres[1][i], colour, "mm")
+        if step is not None:
+            _paint_text(image, f"step {int(step)}", self._step_px, *self._step_at, _BLACK, "lm")
         return image
+
+
+_BLACK, _WHITE, _DIM_GREY = (0, 0, 0), (255, 255, 255), (105, 105, 105)
+
+
+def _paint_text(
+    image: np.ndarray, text: str, size_px: float, x: float, y: float, colour: tuple[int, ...], anchor: str
+) -> None:
+    """Blend ``text`` (Matplotlib's font, anti-aliased) into ``image`` in place, anchored at ``(x, y)``
+    (PIL's anchors: ``"mm"`` centred, ``"lm"`` left-middle). Glyph masks are cached, so repainting the
+    values of a heatmap costs blits, not text layout."""
+    mask, (dx, dy) = _text_mask(text, round(size_px), anchor)
+    x0, y0 = int(round(x)) + dx, int(round(y)) + dy
+    h, w = mask.shape
+    y1, x1 = min(y0 + h, image.shape[0]), min(x0 + w, image.shape[1])
+    if x0 < 0 or y0 < 0 or x1 <= x0 or y1 <= y0:
+        return
+    alpha = mask[: y1 - y0, : x1 - x0, None].astype(np.float32) / 255.0
+    region = image[y0:y1, x0:x1].astype(np.float32)
+    image[y0:y1, x0:x1] = (region * (1.0 - alpha) + np.asarray(colour, np.float32) * alpha).round().astype(np.uint8)
+
+
+@functools.lru_cache(maxsize=4096)
+def _text_mask(text: str, size_px: int, anchor: str) -> tuple[np.ndarray, tuple[int, int]]:
+    """The coverage mask of ``text`` and its offset from the anchor point."""
+    from PIL import Image, ImageDraw
+
+    font = _truetype(size_px)
+    left, top, right, bottom = font.getbbox(text, anchor=anchor)
+    canvas = Image.new("L", (max(1, right - left), max(1, bottom - top)), 0)
+    ImageDraw.Draw(canvas).text((-left, -top), text, fill=255, font=font, anchor=anchor)
+    return np.asarray(canvas), (left, top)
+
+
+@functools.lru_cache(maxsize=16)
+def _truetype(size_px: int) -> Any:
+    from matplotlib import font_manager
+    from PIL import ImageFont
+
+    return ImageFont.truetype(font_manager.findfont(font_manager.FontProperties(family="DejaVu Sans")), size_px)
 
 
 def convergence_map_figure(

@@ -42,6 +42,8 @@ __all__ = [
     "TensorBoardReporter",
     "accelerate_event_checksums",
     "log_comparison",
+    "custom_scalars_layout",
+    "layer_tags",
     "make_tag",
     "sanitize_tag",
     "scalar_tags",
@@ -116,6 +118,39 @@ def scalar_tags(prefix: str, layer_names: Sequence[str]) -> dict[str, str]:
             stacklevel=2,
         )
     return tags
+
+
+def layer_tags(prefix: str, layer_names: Sequence[str]) -> dict[str, str]:
+    """Map each layer to a scalar tag that sorts by depth: ``f"{prefix}/{index:02d}_{layer}"``.
+
+    TensorBoard (and most dashboards) order tags alphabetically; the zero-padded depth index keeps
+    the layers in the order they run (``classifier.1`` after ``features.7``), and tells two layers
+    whose names sanitise alike apart. The tags are stable across steps and runs of one architecture.
+
+    Example:
+        >>> layer_tags("repsim/rv2/init", ["features.0", "classifier.1"])
+        {'features.0': 'repsim/rv2/init/00_features.0', 'classifier.1': 'repsim/rv2/init/01_classifier.1'}
+    """
+    base = make_tag(prefix)
+    width = max(2, len(str(len(layer_names) - 1)))
+    return {name: f"{base}/{i:0{width}d}_{sanitize_tag(name)}" for i, name in enumerate(layer_names)}
+
+
+def custom_scalars_layout(charts: Mapping[str, Sequence[str]]) -> dict[str, dict[str, list[Any]]]:
+    """A TensorBoard custom-scalars layout with one multi-line chart per tag prefix, grouped by category.
+
+    ``charts`` maps a category (e.g. ``"repsim/linear_cka"``) to tag prefixes (``"repsim/linear_cka/init"``);
+    each chart holds every scalar under its prefix, in tag order (depth order with :func:`layer_tags`).
+    Pass the result to ``SummaryWriter.add_custom_scalars``.
+
+    Example:
+        >>> custom_scalars_layout({"repsim/rv2": ["repsim/rv2/init"]})
+        {'repsim/rv2': {'init': ['Multiline', ['^repsim/rv2/init/']]}}
+    """
+    return {
+        category: {prefix.rsplit("/", 1)[-1]: ["Multiline", [f"^{re.escape(prefix)}/"]] for prefix in prefixes}
+        for category, prefixes in charts.items()
+    }
 
 
 def _torch_file_writer(writer: Any) -> Any:

@@ -68,10 +68,11 @@ MANIFEST_NAME = "manifest.json"
 DEFAULT_MAX_BYTES = 1_000_000_000
 
 STEP_FILE_RE = re.compile(r"^step-(\d+)\.safetensors$")
-_STORE_DIR_RE = re.compile(r"^repsim(?:-([1-9]\d*))?$")
+# repsim, repsim-2; a named monitor's repsim-<name>, repsim-<name>-2 (a name never starts with a digit)
+_STORE_DIR_RE = re.compile(r"^repsim(?:-([A-Za-z_][\w.]*?))?(?:-([1-9]\d*))?$")
 
 
-def default_store_dir(log_dir: PathLike, index: int = 0) -> Path:
+def default_store_dir(log_dir: PathLike, index: int = 0, name: str | None = None) -> Path:
     """Where a run's snapshot store lives: ``<log_dir>/repsim``.
 
     The store sits inside the logger's run directory (e.g. ``lightning_logs/version_3``) so
@@ -83,6 +84,8 @@ def default_store_dir(log_dir: PathLike, index: int = 0) -> Path:
     Args:
         log_dir: the logger's run directory (``trainer.log_dir``).
         index: 0 for the run directory's first store, k for the k-th further one.
+        name: a named monitor's name (several monitors in one Trainer): ``repsim-<name>``,
+            ``repsim-<name>-1``, ...
 
     Returns:
         ``Path(log_dir) / "repsim"``, or ``Path(log_dir) / f"repsim-{index}"`` for ``index >= 1``.
@@ -92,15 +95,19 @@ def default_store_dir(log_dir: PathLike, index: int = 0) -> Path:
         'lightning_logs/version_3/repsim'
         >>> default_store_dir("lightning_logs/version_3", 2).as_posix()
         'lightning_logs/version_3/repsim-2'
+        >>> default_store_dir("lightning_logs/version_3", name="val").as_posix()
+        'lightning_logs/version_3/repsim-val'
     """
     index = as_step(index, "index", "an int")
-    return Path(log_dir) / ("repsim" if index == 0 else f"repsim-{index}")
+    stem = "repsim" if name is None else f"repsim-{name}"
+    return Path(log_dir) / (stem if index == 0 else f"{stem}-{index}")
 
 
 def run_store_dirs(log_dir: PathLike) -> list[Path]:
-    """The stores directly inside a run directory: ``repsim``, ``repsim-1``, ... holding a manifest.
+    """The stores directly inside a run directory: ``repsim``, ``repsim-1``, ... (and a named monitor's
+    ``repsim-<name>``, ``repsim-<name>-1``, ...) holding a manifest.
 
-    Ordered by index, i.e. by the fit that made them (:func:`default_store_dir`).
+    Ordered by name, then by index, i.e. by the fit that made them (:func:`default_store_dir`).
 
     Example:
         >>> import tempfile
@@ -115,8 +122,8 @@ def run_store_dirs(log_dir: PathLike) -> list[Path]:
     for child in Path(log_dir).glob("repsim*"):
         match = _STORE_DIR_RE.match(child.name)
         if match and (child / MANIFEST_NAME).is_file():
-            found.append((int(match.group(1) or 0), child))
-    return [path for _, path in sorted(found)]
+            found.append((match.group(1) or "", int(match.group(2) or 0), child))
+    return [path for _, _, path in sorted(found)]
 
 
 def step_file_name(step: int) -> str:

@@ -6,6 +6,7 @@ similarity values are recomputed from the snapshot store with :func:`linear_cka`
 
 import csv
 import math
+import re
 import shutil
 import textwrap
 import threading
@@ -136,8 +137,14 @@ def read_events(log_dir):
 
 
 def scalars(acc, tag):
-    """step -> value of a scalar tag (the last write wins)."""
-    return {e.step: e.value for e in acc.Scalars(tag)}
+    """step -> value of a layer's scalar (the last write wins); ``tag`` is a logged tag or ``<prefix>/<layer>``,
+    logged as ``<prefix>/<NN>_<layer>`` (the depth index sorts the layers as they run)."""
+    if tag in acc.Tags()["scalars"]:
+        return {e.step: e.value for e in acc.Scalars(tag)}
+    prefix, layer = tag.rsplit("/", 1)
+    logged = [t for t in acc.Tags()["scalars"] if re.fullmatch(rf"{re.escape(prefix)}/\d+_{re.escape(layer)}", t)]
+    assert len(logged) == 1, f"{tag}: {logged} among {acc.Tags()['scalars']}"
+    return {e.step: e.value for e in acc.Scalars(logged[0])}
 
 
 def read_csv(path):
@@ -190,8 +197,11 @@ def test_layer_names_in_execution_order(full_run):
     assert full_run["callback"].layer_names == LAYERS
     assert full_run["store"].layers == LAYERS
     tags = full_run["events"].Tags()["scalars"]
-    for layer in LAYERS:
-        assert f"repsim/linear_cka/init/{layer}" in tags
+    for depth, layer in enumerate(LAYERS):  # the depth index makes TensorBoard's alphabetical order the layers'
+        assert f"repsim/linear_cka/init/{depth:02d}_{layer}" in tags
+    assert sorted(t for t in tags if t.startswith("repsim/linear_cka/init/")) == [
+        f"repsim/linear_cka/init/{depth:02d}_{layer}" for depth, layer in enumerate(LAYERS)
+    ]
 
 
 def test_snapshot_store_steps(full_run):
@@ -315,7 +325,7 @@ def test_png_and_csv_files_per_logging_point(full_run):
     "options, max_epochs, expected",
     [
         (dict(every_n_epochs=2), 3, [0, 8, 12]),  # the end of epoch 2, then the final step
-        (dict(every_n_steps=3), 2, [0, 3, 6, 8]),  # every 3 optimizer steps, then the final step
+        (dict(every_n_train_steps=3), 2, [0, 3, 6, 8]),  # every 3 optimizer steps, then the final step
     ],
 )
 def test_cadence(tmp_path, options, max_epochs, expected):
@@ -835,13 +845,13 @@ class DDPChecks(Callback):
             assert cb.store_path is not None
             assert open_store(cb.store_path).steps == [0, 2, 4]
         else:
-            assert cb.store_path is None and cb._tensorboard is None
+            assert cb.store_path is None and cb._sink is None
 
 
 def test_ddp_spawn_two_cpu_processes(tmp_path):
     # No TensorBoardLogger: the callback falls back to trainer.log_dir, a broadcast from rank 0
     # that every rank must join (a rank-0-only call hangs the run).
-    callback = monitor(every_n_steps=2, reference=["init", "previous"], write_files=True)
+    callback = monitor(every_n_train_steps=2, reference=["init", "previous"], write_files=True)
     trainer = make_trainer(
         tmp_path, [callback, DDPChecks()], logger=False, max_epochs=2, devices=2, strategy="ddp_spawn"
     )
@@ -868,7 +878,7 @@ def test_ddp_spawn_numbers_equal_one_process_and_tensorboard_is_written_once(tmp
     model = Net()
     initial = Net()
     initial.load_state_dict(model.state_dict())
-    callback = monitor(every_n_steps=2, reference=["init", "final"])
+    callback = monitor(every_n_train_steps=2, reference=["init", "final"])
     trainer = make_trainer(tmp_path, [callback, DDPChecks()], max_epochs=2, devices=2, strategy="ddp_spawn")
     trainer.fit(model, train_loader())  # ddp_spawn copies rank 0's trained weights back into `model`
     events = list(Path(tmp_path).rglob("events.out.tfevents*"))
@@ -1077,7 +1087,7 @@ def test_lightning_cli_yaml_sets_every_argument_and_fit_runs(tmp_path):
         layers: [torch.nn.Tanh, "m*"]
         reference_layers: torch.nn.Linear
         every_n_epochs: null
-        every_n_steps: 2
+        every_n_train_steps: 2
         max_features: 64
         batch_size: 16
         measure_options: {{svcca: {{keep: 0.99}}}}
@@ -1094,7 +1104,7 @@ def test_lightning_cli_yaml_sets_every_argument_and_fit_runs(tmp_path):
     assert isinstance(callback._reference("module").source, Other)
     assert callback.measures == ("linear_cka", "svcca")
     assert callback.layers == ["torch.nn.Tanh", "m*"] and callback.reference_layers == "torch.nn.Linear"
-    assert (callback.every_n_epochs, callback.every_n_steps) == (None, 2)
+    assert (callback.every_n_epochs, callback.every_n_train_steps) == (None, 2)
     assert (callback.max_features, callback.batch_size, callback.max_store_bytes) == (64, 16, 100_000_000)
     assert callback.options["svcca"] == {"keep": 0.99}
     assert (callback.threshold, callback.keep_store, callback.write_files) == (0.9, True, True)
@@ -1183,8 +1193,8 @@ def test_missing_checkpoint_reference(tmp_path):
     "options, match",
     [
         (dict(every_n_epochs=0), "every_n_epochs must be a positive int"),
-        (dict(every_n_steps=-1), "every_n_steps must be a positive int"),
-        (dict(every_n_epochs=None), "set every_n_epochs or every_n_steps"),
+        (dict(every_n_train_steps=-1), "every_n_train_steps must be a positive int"),
+        (dict(every_n_epochs=None), "set every_n_epochs or every_n_train_steps"),
         (dict(measures=("nope",)), "unknown measure 'nope'"),
         (dict(measures=()), "measures is empty"),
         (dict(measure_options={"rv2": {}}), "not among measures"),
@@ -1212,7 +1222,7 @@ def test_invalid_constructor_arguments(options, match):
 
 def test_nan_activations_warn_once_per_layer_and_training_continues(tmp_path):
     torch.manual_seed(0)
-    callback = monitor(reference=["init", "previous", "final"], every_n_steps=2)
+    callback = monitor(reference=["init", "previous", "final"], every_n_train_steps=2)
     trainer = make_trainer(tmp_path, [callback], max_epochs=2)
     records = fit_recording(trainer, NaNNet())
     assert trainer.global_step == 8  # training ran to the end
@@ -1239,7 +1249,7 @@ def _raise(*args, **kwargs):
 
 def test_exception_in_monitor_does_not_kill_fit(tmp_path, monkeypatch):
     monkeypatch.setattr("lightning_repsim.callbacks._reporting.similarity_matrix", _raise)
-    callback = monitor(reference=["init", "final"], every_n_steps=2)
+    callback = monitor(reference=["init", "final"], every_n_train_steps=2)
     trainer = make_trainer(tmp_path, [callback], max_epochs=1)
     records = fit_recording(trainer, NaNNet())
     assert trainer.global_step == STEPS_PER_EPOCH

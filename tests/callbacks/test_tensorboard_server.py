@@ -56,7 +56,7 @@ def logged_run(tmp_path_factory):
         probe=PROBE,
         reference=["init", "previous"],
         measures=("linear_cka", "rv2"),
-        every_n_steps=2,
+        every_n_train_steps=2,
         write_files=False,
     )
     trainer = pl.Trainer(
