@@ -8,7 +8,8 @@ half of training. Afterwards (from a clone: ``make tensorboard``):
     tensorboard --logdir runs --samples_per_plugin images=1000
 
 shows, under IMAGES, the labelled layer x layer heatmaps per step and the layer x step convergence
-map; under SCALARS, one curve per layer (repsim/<measure>/<reference>/<layer>); under TEXT, the
+map; under SCALARS, one curve per layer (repsim/<measure>/<reference>/<NN>_<layer>, in depth order),
+and under CUSTOM SCALARS one chart per measure and reference with every layer; under TEXT, the
 probe, the step at which each layer reached 95 % of its final similarity and which layer froze when
 (``freeze/*``). The same figures are written as PNG and CSV under
 runs/digits_cnn/version_N/repsim/figures, and ``lightning-repsim report runs/digits_cnn/version_N``

@@ -33,7 +33,7 @@ from lightning_repsim.callbacks.freeze_schedules import (
     isolated_rng,
 )
 from lightning_repsim.capture import Probe, top_level_blocks
-from lightning_repsim.errors import RepSimError, RepSimValueError
+from lightning_repsim.errors import RepSimError, RepSimValueError, RepSimWarning
 
 __all__ = ["FreezeTraining"]
 
@@ -184,6 +184,7 @@ class FreezeTraining(Callback):
 
         # per-fit runtime
         self._module: pl.LightningModule | None = None
+        self._logged: tuple[int, dict[str, float]] | None = None  # the last values logged, and their step
         self._frozen_params: list[nn.Parameter] = []
         self._frozen_bn: list[_BatchNorm] = []
 
@@ -250,6 +251,7 @@ class FreezeTraining(Callback):
         if stage != "fit":
             return
         self._module = pl_module
+        self._logged = None
         self._check_strategy(trainer.strategy)
         if self.schedule.uses_fractions:
             total = trainer.estimated_stepping_batches
@@ -477,7 +479,17 @@ class FreezeTraining(Callback):
         total = _count(pl_module.parameters())
         return _count(self._frozen_params) / total if total else 0.0
 
+    @override
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._units is not None:
+            self._log_metrics(trainer)  # the curves reach the last step
+
     def _log_metrics(self, trainer: pl.Trainer, events: list[tuple[str, str]] | None = None) -> None:
+        """``freeze/frozen_fraction`` and ``freeze/frozen_units`` as true step plots: at a change, the old
+        value once more at the step before, so that a logger's line jumps instead of ramping between events.
+
+        A logger that fails (a full disk, a dead writer) costs a warning, never the fit.
+        """
         if not trainer.is_global_zero or self._module is None:
             return
         step = trainer.global_step
@@ -485,13 +497,27 @@ class FreezeTraining(Callback):
             "freeze/frozen_fraction": self._frozen_fraction(self._module),
             "freeze/frozen_units": float(len(self._frozen)),
         }
+        points = []
+        if self._logged is not None and self._logged[1] != metrics and self._logged[0] < step - 1:
+            points.append((step - 1, self._logged[1]))
+        if self._logged is None or self._logged != (step, metrics):
+            points.append((step, metrics))
+        self._logged = (step, metrics)
+        text = "\n".join(
+            f"step {step} (epoch {trainer.current_epoch}): froze `{unit}` ({why})" for unit, why in events or []
+        )
         for logger in trainer.loggers:
-            logger.log_metrics(metrics, step=step)
-            if events and isinstance(logger, TensorBoardLogger):
-                text = "\n".join(
-                    f"step {step} (epoch {trainer.current_epoch}): froze `{unit}` ({why})" for unit, why in events
+            try:
+                for at, values in points:
+                    logger.log_metrics(values, step=at)
+                if text and isinstance(logger, TensorBoardLogger):
+                    logger.experiment.add_text("freeze/events", text, global_step=step)
+            except Exception as err:  # logging must never stop training
+                rank_zero_warn(
+                    f"FreezeTraining could not log to {type(logger).__name__} ({type(err).__name__}: {err}); "
+                    "freezing goes on.",
+                    category=RepSimWarning,
                 )
-                logger.experiment.add_text("freeze/events", text, global_step=step)
 
 
 def _count(params: Any) -> int:

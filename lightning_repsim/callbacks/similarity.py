@@ -69,12 +69,14 @@ class RepresentationSimilarity(Callback):
     for module / checkpoint references), and every measure is computed for all layer pairs
     against each reference. See :mod:`lightning_repsim.functional` for the measures' conventions.
 
-    TensorBoard (when the Trainer has a ``TensorBoardLogger``; only global rank 0 writes):
+    Logged (only global rank 0 writes; ``repsim-<name>/`` instead of ``repsim/`` for a named monitor):
 
-    - ``repsim/<measure>/<reference>/heatmap``: the L x L_ref heatmap image, layer names on both
-      axes, colour range fixed per measure so frames are comparable across steps;
-    - ``repsim/<measure>/<reference>/<layer>``: scalar, layer i against the reference's layer of
-      the same name (or the same index when the architectures differ but have as many layers);
+    - ``repsim/<measure>/<reference>/<NN>_<layer>``: scalar, layer i (``NN``: its depth) against the
+      reference's layer of the same name (or the same index when the architectures differ but have as
+      many layers), to every Lightning logger and to ``trainer.callback_metrics`` (so ``EarlyStopping``
+      can monitor it);
+    - ``repsim/<measure>/<reference>/heatmap``: the L x L_ref heatmap image (step in the title, values
+      in the cells up to 12 layers, colour range fixed per measure), to TensorBoard, MLflow and W&B;
     - ``repsim/<measure>/final/...``: at the end, the layer x step convergence map, one curve per
       layer and a table of the step at which each layer reaches ``threshold`` of its final value;
     - ``repsim/probe``: probe size, hash and settings, as text.

@@ -5,8 +5,10 @@ Tag scheme (see :func:`make_tag` and :func:`scalar_tags`):
     ============================================  =========  ===================================
     tag                                           kind       content
     ============================================  =========  ===================================
-    ``repsim/<measure>/<reference>/<layer>``      scalar     similarity of one layer to its
-                                                             counterpart in ``<reference>``
+    ``repsim/<measure>/<reference>/<NN>_<layer>`` scalar     similarity of one layer to its
+                                                             counterpart in ``<reference>``;
+                                                             ``NN``: depth, so tags sort as
+                                                             the layers run (:func:`layer_tags`)
     ``repsim/<measure>/<reference>/heatmap``      image      all pairs of layers
     ``repsim/<measure>/final/convergence_map``    image      layer x step map (vs final snapshot)
     ``repsim/<measure>/final/curves``             image      one curve per layer

@@ -445,12 +445,14 @@ def test_logging_to_tensorboard(tmp_path):
     logger.experiment.flush()
     acc = EventAccumulator(str(tmp_path / "run" / "version_0"), size_guidance={"scalars": 0, "tensors": 0})
     acc.Reload()
+    # a true step plot: the old value once more at the step before each freeze, and the last step logged
     units = [(e.step, e.value) for e in acc.Scalars("freeze/frozen_units")]
-    assert units == [(0, 0.0), (8, 1.0), (16, 2.0)]
+    assert units == [(0, 0.0), (7, 0.0), (8, 1.0), (15, 1.0), (16, 2.0), (24, 2.0)]
     n1, n2 = sum(p.numel() for p in Net().block1.parameters()), sum(p.numel() for p in Net().block2.parameters())
     total = sum(p.numel() for p in Net().parameters())
     fractions = [e.value for e in acc.Scalars("freeze/frozen_fraction")]
-    assert fractions == pytest.approx([0.0, n1 / total, (n1 + n2) / total])
+    first, second = n1 / total, (n1 + n2) / total
+    assert fractions == pytest.approx([0.0, 0.0, first, first, second, second])
     texts = {e.step: e.tensor_proto.string_val[0].decode() for e in acc.Tensors("freeze/events/text_summary")}
     assert sorted(texts) == [8, 16]
     assert "froze `block1`" in texts[8] and "linear schedule" in texts[8] and "froze `block2`" in texts[16]
