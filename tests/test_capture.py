@@ -804,3 +804,23 @@ def test_probe_is_copied_to_the_gpu_once_across_captures():
     assert len(probe._on_device) == 1
     base = probe.to("cuda").data_ptr()
     assert len(seen) == 4 and base not in seen  # each batch is a device-side copy of a slice of the cached probe
+
+
+def test_probe_from_a_shuffling_loader_is_the_datasets_first_examples_every_time():
+    x = torch.randn(40, 3)
+    dataset = TensorDataset(x, torch.arange(40))
+    probes = [Probe(DataLoader(dataset, batch_size=7, shuffle=True), max_examples=16) for _ in range(3)]
+    assert all(torch.equal(p.inputs, x[:16]) for p in probes)
+    assert len({p.hash for p in probes}) == 1
+    # the loader's own order where it is sequential; the whole dataset when it is smaller than asked
+    assert torch.equal(Probe(DataLoader(dataset, batch_size=7), max_examples=16).inputs, x[:16])
+    assert torch.equal(Probe(DataLoader(dataset, batch_size=64, shuffle=True), max_examples=512).inputs, x)
+
+
+def test_probe_from_a_loader_with_a_custom_sampler_follows_the_sampler():
+    from torch.utils.data import SubsetRandomSampler
+
+    x = torch.randn(30, 2)
+    sampler = SubsetRandomSampler(list(range(10, 20)), generator=torch.Generator().manual_seed(0))
+    probe = Probe(DataLoader(TensorDataset(x), batch_size=4, sampler=sampler))
+    assert sorted(probe.inputs[:, 0].tolist()) == sorted(x[10:20, 0].tolist())

@@ -8,6 +8,7 @@ stored snapshot is compared with the last one and the convergence report is writ
 
 from __future__ import annotations
 
+import tempfile
 import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
@@ -17,6 +18,7 @@ import torch
 
 from lightning_repsim import report
 from lightning_repsim.analysis import similarity_to_final, write_convergence_report
+from lightning_repsim.callbacks._guard import Guard
 from lightning_repsim.callbacks._outputs import STEP_FOLDER
 from lightning_repsim.callbacks._probing import Reference
 from lightning_repsim.errors import RepSimWarning
@@ -26,6 +28,8 @@ from lightning_repsim.store import SnapshotStore
 # Each side of a comparison keeps its n x n Grams between measures and logging points (a fixed
 # reference is prepared once for the whole run) within this much memory; past it they are recomputed.
 GRAM_CACHE_BYTES = 128 << 20
+
+FIGURE_FILES = "the figure files"
 
 
 class PointReporter:
@@ -38,6 +42,8 @@ class PointReporter:
         sink: the Trainer's loggers (heatmap images, the convergence report), or None.
         figures: ``<output dir>/figures`` for the PNG and CSV files, or None for no files.
         prefix: the first component of every tag (``repsim``, or ``repsim-<name>``).
+        guard: the callback's guard, which switches a failing output (the figure files) off; None
+            lets failures raise.
 
     The scalars (each layer against the reference's layer of the same name, tags from
     :func:`lightning_repsim.report.layer_tags`, in depth order) are returned rather than logged:
@@ -52,6 +58,7 @@ class PointReporter:
         sink: report.LoggerSink | None,
         figures: Path | None,
         prefix: str = "repsim",
+        guard: Guard | None = None,
     ) -> None:
         self.layer_names = list(layer_names)
         self.options = options
@@ -59,6 +66,7 @@ class PointReporter:
         self.sink = sink
         self.figures = figures
         self.prefix = prefix
+        self.guard = guard
         self._frames: dict[tuple[str, str, tuple[str, ...]], report.HeatmapFrames] = {}
         self._prepared: dict[str, tuple[Mapping[str, torch.Tensor], Representations]] = {}
 
@@ -123,8 +131,15 @@ class PointReporter:
             self.sink.log_png(f"{prefix}/heatmap", png, step)
         if self.figures is not None:
             folder = self.figures / STEP_FOLDER.format(step)
-            report.write_matrix_csv(folder / f"{measure}__{label}.csv", values, names, ref_names)
-            report.write_png_bytes(png, folder / f"{measure}__{label}.png")
+
+            def write() -> None:
+                report.write_matrix_csv(folder / f"{measure}__{label}.csv", values, names, ref_names)
+                report.write_png_bytes(png, folder / f"{measure}__{label}.png")
+
+            if self.guard is None:
+                write()
+            else:
+                self.guard.output(FIGURE_FILES, step, write)
         tags = report.layer_tags(prefix, names)
         return {tags[name]: value for name, value in matched_diagonal(values, names, ref_names).items()}
 
@@ -165,15 +180,26 @@ class PointReporter:
             tags = report.layer_tags(f"{self.prefix}/{measure}/final", self.layer_names)
             for t, (_, scalars) in enumerate(series):
                 scalars.update({tags[name]: float(table[i, t]) for i, name in enumerate(self.layer_names)})
-        reports = write_convergence_report(
-            {m: v.numpy() for m, v in values.items()},
-            self.layer_names,
-            steps,
-            folder,
-            threshold=threshold,
-            sink=self.sink,
-            tag_prefix=self.prefix,
-        )
+
+        def write(out: Path) -> dict[str, Any]:
+            return write_convergence_report(
+                {m: v.numpy() for m, v in values.items()},
+                self.layer_names,
+                steps,
+                out,
+                threshold=threshold,
+                sink=self.sink,
+                tag_prefix=self.prefix,
+            )
+
+        reports = None
+        if self.guard is None:
+            reports = write(folder)
+        elif FIGURE_FILES not in self.guard.off:
+            reports = self.guard.output(FIGURE_FILES, steps[-1], lambda: write(folder))
+        if reports is None:  # no files: the loggers still get the report, drawn in a scratch folder
+            with tempfile.TemporaryDirectory(prefix="repsim-final-") as scratch:
+                reports = write(Path(scratch))
         return {measure: written.table for measure, written in reports.items()}, series
 
 

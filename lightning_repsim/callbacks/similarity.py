@@ -363,7 +363,12 @@ class RepresentationSimilarity(Callback):
         if trainer.global_step not in (self._last_logged_step, self._attempted_step):  # a failed step is not retried
             self._log_point_guarded(trainer, pl_module, "the last step")
         self._finish_background()
-        if any(r.kind == "final" for r in self._references) and trainer.is_global_zero:
+        if (
+            any(r.kind == "final" for r in self._references)
+            and trainer.is_global_zero
+            and self._store is not None
+            and "the snapshot store" not in self._guard.off
+        ):
             self._guard.run(lambda: self._log_final(trainer), "the final-snapshot comparison", trainer.global_step)
         self._deliver(trainer)
         if self._sink is not None:
@@ -465,7 +470,7 @@ class RepresentationSimilarity(Callback):
         assert self._runner is not None
         probe = self._runner.probe
         run_dir = run_directory(trainer, log_dir)
-        sink = self._sink = report.LoggerSink(trainer.loggers)
+        sink = self._sink = report.LoggerSink(trainer.loggers, on_failure=self._guard.switch_off)
         self._guard.log_text = lambda text, step: sink.log_text(f"{self.tag_prefix}/errors", text, step)
         settings = {
             "measures": list(self.measures),
@@ -479,17 +484,21 @@ class RepresentationSimilarity(Callback):
             "layers": self._layer_names,
             "layer_selector": repr(self.layers),
         }
-        self._outputs = open_run_outputs(
-            run_dir,
-            probe_hash=probe.hash,
-            n=len(probe),
-            keep_store=self.keep_store,
-            write_files=self.write_files,
-            max_store_bytes=self.max_store_bytes,
-            settings=settings,
-            resumed=self._checkpointed,
-            warn=self._guard.warn_once,
-            name=self.name,
+        self._outputs = self._guard.output(
+            f"the snapshot store and figures under {run_dir}",
+            trainer.global_step,
+            lambda: open_run_outputs(
+                run_dir,
+                probe_hash=probe.hash,
+                n=len(probe),
+                keep_store=self.keep_store,
+                write_files=self.write_files,
+                max_store_bytes=self.max_store_bytes,
+                settings=settings,
+                resumed=self._checkpointed,
+                warn=self._guard.warn_once,
+                name=self.name,
+            ),
         )
         if not {"tensorboard", "mlflow", "wandb"} & set(sink.kinds):
             self._guard.warn_once(
@@ -499,15 +508,20 @@ class RepresentationSimilarity(Callback):
                 f"per-layer scalars go to the Trainer's loggers, heatmaps and curves to PNG/CSV files under "
                 f"{self._output_dir} only.",
             )
-        figures = self._outputs.directory / "figures" if self.write_files else None
+        figures = self._outputs.directory / "figures" if self.write_files and self._outputs is not None else None
         self._reporter = PointReporter(
-            self._layer_names, self.options, self._references, sink, figures, prefix=self.tag_prefix
+            self._layer_names,
+            self.options,
+            self._references,
+            sink,
+            figures,
+            prefix=self.tag_prefix,
+            guard=self._guard,
         )
-        if sink.tensorboard is not None:  # one chart per measure and reference, every layer in depth order
-            series = self._reporter.scalar_series()
-            if any(ref.kind == "final" for ref in self._references):
-                series = {k: [*v, f"{k}/final"] for k, v in series.items()}
-            sink.tensorboard.writer.add_custom_scalars(report.custom_scalars_layout(series))
+        series = self._reporter.scalar_series()  # one chart per measure and reference, every layer in depth order
+        if any(ref.kind == "final" for ref in self._references):
+            series = {k: [*v, f"{k}/final"] for k, v in series.items()}
+        sink.custom_scalars(report.custom_scalars_layout(series))
         sink.log_text(
             f"{self.tag_prefix}/probe",
             settings_table({"examples": len(probe), "hash": probe.hash, **settings}),
@@ -545,9 +559,11 @@ class RepresentationSimilarity(Callback):
         Runs on the worker thread when ``background``: it reads nothing that the training loop changes.
         """
         assert self._reporter is not None
-        if self._store is not None:
+        store = self._store
+        if store is not None:
             tensors, kinds = compact_features(features)
-            self._store.add(step, tensors, kinds, overwrite=self._checkpointed is not None)
+            overwrite = self._checkpointed is not None
+            self._guard.output("the snapshot store", step, lambda: store.add(step, tensors, kinds, overwrite=overwrite))
         stored()
         self._scalars.append((step, self._reporter.point(features, previous, step)))
 

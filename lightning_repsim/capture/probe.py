@@ -22,12 +22,16 @@ class Probe:
     * a tensor;
     * an ``(x, y)`` tuple (``x`` is used);
     * a list of tensors — batches, concatenated along dim 0;
-    * a ``DataLoader`` (or any iterable of batches) — iterated once; of each batch the
-      tensor itself, or its first element when it is a tuple / list (``(x, y)`` batches),
-      or its ``"input"`` / ``"x"`` / first tensor value when it is a mapping. The global
-      CPU RNG state is restored afterwards, so building a probe does not shift training's
-      random stream (a shuffling loader still gives a different probe each time: pass
-      ``shuffle=False`` for a fixed probe).
+    * a ``DataLoader`` over a map-style dataset with its default sampler, shuffling or not:
+      the first ``max_examples`` examples *of the dataset*, in index order, collated by the
+      loader's ``collate_fn``. A shuffling loader thus gives the same probe in every fit, on
+      resume and across runs (for the sequential sampler it is the loader's own order);
+    * any other iterable of batches (an iterable dataset, a custom sampler): iterated once.
+
+    Of each batch, the tensor itself, or its first element when it is a tuple / list
+    (``(x, y)`` batches), or its ``"input"`` / ``"x"`` / first tensor value when it is a
+    mapping. The global CPU RNG state is restored afterwards, so building a probe does not
+    shift training's random stream.
 
     Args:
         data: one of the sources above, or another :class:`Probe` (copied).
@@ -97,6 +101,9 @@ class Probe:
         chunks, count = [], 0
         # iterating a DataLoader draws a seed from the global RNG: keep the training stream intact
         with torch.random.fork_rng(devices=[]):
+            from_dataset = cls._from_dataset(data, max_examples)
+            if from_dataset is not None:
+                return from_dataset
             for batch in data:
                 x = cls._batch_inputs(batch).detach().cpu()
                 chunks.append(x)
@@ -106,6 +113,29 @@ class Probe:
         if not chunks:
             raise RepSimValueError("The probe data loader yielded no batches.")
         return torch.cat(chunks)
+
+    @classmethod
+    def _from_dataset(cls, loader: Any, max_examples: int | None) -> torch.Tensor | None:
+        """The first examples of a DataLoader's map-style dataset in index order (None: not such a loader)."""
+        from torch.utils.data import DataLoader, IterableDataset, RandomSampler, SequentialSampler
+
+        if not isinstance(loader, DataLoader) or loader.batch_size is None:
+            return None
+        if isinstance(loader.dataset, IterableDataset) or type(loader.sampler) not in (
+            SequentialSampler,
+            RandomSampler,
+        ):
+            return None
+        try:
+            size = len(loader.dataset)  # type: ignore[arg-type]
+        except TypeError:
+            return None
+        count = size if max_examples is None else min(size, max_examples)
+        chunks = []
+        for start in range(0, count, loader.batch_size):
+            items = [loader.dataset[i] for i in range(start, min(count, start + loader.batch_size))]
+            chunks.append(cls._batch_inputs(loader.collate_fn(items)).detach().cpu())
+        return torch.cat(chunks) if chunks else None
 
     @property
     def inputs(self) -> torch.Tensor:

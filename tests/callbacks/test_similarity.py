@@ -156,10 +156,10 @@ def repsim_warnings(records, text=""):
     return [str(w.message) for w in records if issubclass(w.category, RepSimWarning) and text in str(w.message)]
 
 
-def fit_recording(trainer, model, **kwargs):
+def fit_recording(trainer, model, train_dataloaders=None, **kwargs):
     with warnings.catch_warnings(record=True) as records:
         warnings.simplefilter("always")
-        trainer.fit(model, train_loader(), **kwargs)
+        trainer.fit(model, train_dataloaders or train_loader(), **kwargs)
     return records
 
 
@@ -446,6 +446,29 @@ def test_resume_continues_store_and_keeps_init(tmp_path):
         # "previous" continues across the resume: step 12 is compared with step 8
         expected = float(linear_cka(store.get(12, layer), store.get(8, layer)))
         assert previous_values[12] == pytest.approx(expected, abs=1e-5)
+
+
+def test_resume_with_the_default_probe_and_a_shuffling_train_loader(tmp_path):
+    # no validation loader: the default probe comes from the training data, which the loader shuffles
+    def shuffled():
+        return DataLoader(TensorDataset(*make_data(N_TRAIN, seed=0)), batch_size=BATCH, shuffle=True)
+
+    def run(max_epochs, ckpt_path=None):
+        callback = RepresentationSimilarity(reference=["init", "final"], measures=("linear_cka",), write_files=False)
+        checkpoint = ModelCheckpoint(dirpath=str(tmp_path / "ckpt"), save_last=True)
+        logger = TensorBoardLogger(str(tmp_path), name="run", version=0)
+        trainer = make_trainer(
+            tmp_path, [callback, checkpoint], logger=logger, max_epochs=max_epochs, enable_checkpointing=True
+        )
+        records = fit_recording(trainer, Net(), train_dataloaders=shuffled(), ckpt_path=ckpt_path)
+        return callback, records
+
+    first, _ = run(2)
+    second, records = run(3, ckpt_path=str(tmp_path / "ckpt" / "last.ckpt"))
+    assert not repsim_warnings(records)
+    assert second.probe.hash == first.probe.hash
+    assert torch.equal(second.probe.inputs, make_data(N_TRAIN, seed=0)[0])  # the dataset's examples, in order
+    assert open_store(second.store_path).steps == [0, 4, 8, 12]
 
 
 class _Preempted(Callback):
