@@ -173,7 +173,7 @@ def checksum(tensor: torch.Tensor) -> str:
         '6522df69'
     """
     raw = tensor.detach().reshape(-1).contiguous().view(torch.uint8).numpy()
-    return f"{zlib.crc32(memoryview(raw)):08x}"
+    return f"{zlib.crc32(raw.data):08x}"
 
 
 def _identity(probe_hash: str, run_id: str | None, tensors: Mapping[str, torch.Tensor]) -> dict[str, str]:
