@@ -145,8 +145,9 @@ def test_verify_an_intact_store_and_a_manifest_run_id_that_is_not_a_string(tmp_p
 # ---------------------------------------------------------------- format 1 stays readable
 
 
-def as_format_1(store):
-    """Rewrite ``store`` as lightning_repsim wrote it before format 2: no run id, no checksums, no probe."""
+def as_format_1(store, run_id="from-the-callback"):
+    """Rewrite ``store`` as lightning_repsim wrote it before format 2: no run id, no checksums, no probe; the
+    callback kept its ``run_id`` in the settings."""
     m = manifest(store.path)
     for entry in m["steps"]:
         file = store.path / entry["file"]
@@ -158,7 +159,7 @@ def as_format_1(store):
         entry["nbytes"] = len(blob)
         del entry["format_version"]
     m["format_version"] = 1
-    m["settings"]["run_id"] = "from-the-callback"  # the callback kept its run id in the settings then
+    m["settings"]["run_id"] = run_id
     del m["run_id"], m["probe"]
     (store.path / MANIFEST_NAME).write_text(json.dumps(m))
     return store.path
