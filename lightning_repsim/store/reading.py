@@ -50,7 +50,6 @@ class StoreReader:
         self._dropped: list[int] = list(manifest["thinned"]["dropped_steps"])
         self._lost: list[int] = list(manifest["lost_steps"])
         self._probe: dict[str, Any] | None = manifest["probe"]
-        self._skipped: list[int] = []  # damaged or foreign steps left out (open(..., skip_damaged=True))
 
     @property
     def steps(self) -> list[int]:
@@ -216,7 +215,6 @@ class StoreReader:
                 if not skip_damaged:
                     raise
                 warnings.warn(f"skipping step {entry['step']}: {one_line(err)}", RepSimWarning, stacklevel=3)
-                self._skipped.append(entry["step"])
                 continue
             if why is None:
                 kept.append(entry)
