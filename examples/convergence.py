@@ -222,6 +222,8 @@ def main(argv: list[str] | None = None) -> dict:
             "p_value": round(float(p_value), 4),
             "median_conv": float(np.median(conv_layers)),
             "median_fc": float(np.median(fc_layers)),
+            "first_step": steps[1],
+            "at_first_step": [round(float(v), 3) for v in values[:, 1]],
         }
 
     # compact summary figure: convergence step against depth, one line per measure, and the curves

@@ -87,12 +87,18 @@ def fmt_convergence(r: dict) -> dict[str, str]:
         rows.append(
             [
                 f"{i + 1} {layer}",
+                f"{linear['at_first_step'][i]:.3f}",
                 linear["converged"][i],
                 "—" if between is None else f"{between[0]}–{between[1]}",
                 *([svcca["converged"][i]] if svcca else []),
             ]
         )
-    headers = ["layer", "linear CKA: converged at step", f"between ({r['interval']:g} intervals)"]
+    headers = [
+        "layer",
+        f"linear CKA at step {linear['first_step']}",
+        "converged at step",
+        f"converged between ({r['interval']:g} intervals)",
+    ]
     headers += ["SVCCA: converged at step"] if svcca else []
     lines = [
         f"{r['epochs']} epochs ({r['steps']} steps), snapshot every {r['every']} steps, val_acc {r['val_acc']:.3f}; "
