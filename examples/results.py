@@ -110,14 +110,13 @@ def fmt_convergence(r: dict) -> dict[str, str]:
         + (f", SVCCA {svcca['spearman']:+.2f} (p = {svcca['p_value']:.3f})" if svcca else "")
         + f"; median step: conv layers {linear['median_conv']:g}, fc layers and logits {linear['median_fc']:g}.",
     ]
-    conv = [c for c in linear["between"][:6] if c]
-    fc = [c for c in linear["between"][6:] if c]
+    ranges = ", ".join(
+        f"{layer} {'—' if b is None else (str(b[0]) if b[0] == b[1] else f'{b[0]}–{b[1]}')}"
+        for layer, b in zip(linear["layers"], linear["between"])
+    )
     readme = (
-        f"linear CKA: Spearman ρ(depth, convergence step) = {linear['spearman']:+.2f}; relu1–relu6 converged "
-        f"between steps {min(c[0] for c in conv)} and {max(c[1] for c in conv)} (median point estimate "
-        f"{linear['median_conv']:g}), the fully connected layers and logits between {min(c[0] for c in fc)} and "
-        f"{max(c[1] for c in fc)} (median {linear['median_fc']:g}); "
-        + (f"SVCCA ρ = {svcca['spearman']:+.2f}." if svcca else "")
+        f"linear CKA: Spearman ρ(depth, convergence step) = {linear['spearman']:+.2f}; converged between "
+        f"({r['interval']:g} intervals): {ranges}" + (f"; SVCCA ρ = {svcca['spearman']:+.2f}." if svcca else ".")
     )
     return {"convergence": "\n".join(lines), "readme-convergence": readme}
 
