@@ -131,12 +131,15 @@ class Comparison:
         )
 
     def to_csv(self, directory: str | Path) -> list[Path]:
-        """One CSV per measure, ``<directory>/<measure>.csv``, rows layers_a, columns layers_b."""
+        """One CSV per measure, ``<directory>/<measure>.csv``, rows layers_a, columns layers_b; with intervals
+        also ``<measure>__low.csv`` and ``<measure>__high.csv``, laid out alike."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
+        tables = [(m, "", matrix) for m, matrix in self.matrices.items()]
+        tables += [(m, f"__{end}", bound[m]) for end, bound in (("low", self.low), ("high", self.high)) for m in bound]
         return [
-            report.write_matrix_csv(directory / f"{m}.csv", matrix.cpu().numpy(), self.layers_a, self.layers_b)
-            for m, matrix in self.matrices.items()
+            report.write_matrix_csv(directory / f"{m}{suffix}.csv", t.cpu().numpy(), self.layers_a, self.layers_b)
+            for m, suffix, t in tables
         ]
 
 

@@ -118,6 +118,11 @@ def test_plot_outlines_ties_when_intervals_are_known(stores, tmp_path):
     assert TIES_CAPTION in figure.axes[0].get_title()
     expected = row_ties(result["linear_cka"].numpy(), result.low["linear_cka"], result.high["linear_cka"])
     assert len(figure.axes[0].patches) == 2 * int(expected.sum())  # a white line on a black one
+    files = result.to_csv(tmp_path / "csv")
+    assert [f.name for f in files] == ["linear_cka.csv", "linear_cka__low.csv", "linear_cka__high.csv"]
+    with open(files[1], newline="") as handle:
+        rows = list(csv.reader(handle))
+    assert float(rows[2][1]) == pytest.approx(float(result.low["linear_cka"][1, 0]), rel=1e-15)
     plain = similarity_between(a, b, "linear_cka").plot()
     assert TIES_CAPTION not in plain.axes[0].get_title() and not plain.axes[0].patches
 
