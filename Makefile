@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 TORCH_PIN ?= 2.13.0
 
-.PHONY: test lint demo tensorboard screenshots env bench clean
+.PHONY: test lint demo tensorboard screenshots env bench results clean
 
 $(BIN)/activate:
 	$(PYTHON) -m venv $(VENV)
@@ -44,6 +44,11 @@ screenshots: env
 bench: env
 	$(BIN)/python -m pip install --quiet -e ".[bench]"
 	$(BIN)/python benchmarks/run_all.py
+
+# rerun every example at its documented settings and rewrite the generated blocks
+# (<!-- results:NAME -->) of README.md and examples/RESULTS*.md from what they printed
+results: env
+	$(BIN)/python examples/results.py --logs examples/output/results-logs
 
 clean:
 	rm -rf $(VENV) build *.egg-info

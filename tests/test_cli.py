@@ -520,3 +520,52 @@ def test_report_writes_the_callbacks_convergence_table_byte_for_byte(tmp_path):
     for measure in ("linear_cka", "rv2"):  # the callback's default measures, recorded in the store
         for name in (f"{measure}__convergence.txt", f"{measure}__final.csv"):
             assert (out / name).read_bytes() == (by_callback / name).read_bytes(), name
+
+
+# ----------------------------------------------------------------------------- --interval
+
+
+def test_compare_export_and_report_with_interval(runs, tmp_path, capsys):
+    """--interval: compare writes <measure>__intervals.csv (value, low, high per cell) and outlines ties;
+    export gains columns low and high; report prints each layer's 'converged between' range.
+    Every number read back equals similarity_interval on the stored features."""
+    from lightning_repsim.functional import similarity_interval
+
+    store_a, store_b = open_store(runs["a"] / "repsim"), open_store(runs["b"] / "repsim")
+    out = tmp_path / "cmp"
+    argv = ["compare", str(runs["a"]), str(runs["b"]), "--measure", "linear_cka,svcca", "--interval", "0.9"]
+    assert main([*argv, "--out", str(out), "-q"]) == 0
+    with open(out / "linear_cka__intervals.csv", newline="") as handle:
+        cells = list(csv.DictReader(handle))
+    assert len(cells) == len(LAYERS) ** 2 and list(cells[0]) == ["layer_a", "layer_b", "value", "low", "high"]
+    for cell in cells[:: len(LAYERS) + 1] + cells[1:2]:  # the diagonal and one off-diagonal cell
+        want = similarity_interval(store_a.get(10, cell["layer_a"]), store_b.get(10, cell["layer_b"]), level=0.9)
+        got = (float(cell["value"]), float(cell["low"]), float(cell["high"]))
+        assert got == pytest.approx((want.value, want.low, want.high), abs=1e-7), cell
+    with open(out / "svcca__intervals.csv", newline="") as handle:
+        assert all(math.isnan(float(row["low"])) for row in csv.DictReader(handle))
+    summary = json.loads((out / "compare.json").read_text())
+    assert summary["interval"] == 0.9 and len(summary["measures"]["linear_cka"]["low"]) == len(LAYERS)
+    assert main(argv[:5] + ["--out", str(tmp_path / "plain"), "-q"]) == 0
+    assert not list((tmp_path / "plain").glob("*__intervals.csv"))
+
+    out_csv = tmp_path / "x.csv"
+    assert main(["export", str(runs["a"]), "--measure", "linear_cka", "--interval", "0.9", "--out", str(out_csv)]) == 0
+    with open(out_csv, newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    assert list(rows[0])[-2:] == ["low", "high"] and len(rows) == n_rows(1, ["final", "previous", "init"])
+    row = next(
+        r for r in rows if (r["step"], r["reference"], r["layer_a"], r["layer_b"]) == ("5", "init", "fc", "conv")
+    )
+    want = similarity_interval(store_a.get(5, "fc"), store_a.get(0, "conv"), level=0.9)
+    assert (float(row["low"]), float(row["high"])) == pytest.approx((want.low, want.high), abs=1e-7)
+    assert all(float(r["low"]) <= float(r["high"]) for r in rows)
+
+    capsys.readouterr()
+    assert (
+        main(["report", str(runs["a"]), "--measure", "linear_cka", "--interval", "0.9", "--out", str(tmp_path / "r")])
+        == 0
+    )
+    printed = capsys.readouterr().out
+    assert "converged between" in printed and (tmp_path / "r" / "linear_cka__final_low.csv").is_file()
+    check_error(capsys, ["export", str(runs["a"]), "--interval", "95"], "--interval", "between 0 and 1")
