@@ -22,7 +22,6 @@ Colour scale:
 from __future__ import annotations
 
 import functools
-import math
 from collections.abc import Sequence
 from typing import Any, Literal
 
@@ -32,8 +31,6 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.cm import ScalarMappable
 from matplotlib.colors import Normalize
 from matplotlib.figure import Figure
-from matplotlib.layout_engine import LayoutEngine
-from matplotlib.spines import Spine
 
 from lightning_repsim.errors import RepSimValueError
 from lightning_repsim.report._common import (
@@ -44,235 +41,27 @@ from lightning_repsim.report._common import (
     figure_to_array,
     measure_label,
 )
+from lightning_repsim.report._layout import (
+    ANNOTATE_MAX_CELLS,
+    CMAP,
+    DEFAULT_DPI,
+    NAN_COLOR,
+    annotate_cells,
+    axes_inches,
+    colorbar,
+    matrix_image,
+    nan_note,
+    new_figure,
+    set_layer_ticks,
+    set_title,
+    shorten_all,
+    text_inches,
+    tick_font,
+    tick_stride,
+)
 from lightning_repsim.report.ties import TIES_CAPTION, outline_cells
 
 __all__ = ["NAN_COLOR", "HeatmapFrames", "convergence_map_figure", "curves_figure", "freeze_figure", "heatmap_figure"]
-
-#: Colour of NaN / non-finite cells in heatmaps and convergence maps.
-NAN_COLOR = "#d3d3d3"  # light grey: outside viridis, readable on white paper
-
-_CMAP = colormaps["viridis"].with_extremes(bad=NAN_COLOR)
-
-# Layout constants (inches / points). Cells are about 0.2 in; axes grow with the number of
-# layers between the two bounds, and tick labels shrink from 10 pt down to 5 pt to fit.
-_CELL_IN = 0.2
-_MIN_AXES_IN = 2.4
-_MAX_AXES_IN = 11.0
-_MIN_FONT_PT = 5.0
-_MAX_FONT_PT = 10.0
-_MAX_LABEL_CHARS = 40
-_ANNOTATE_MAX_CELLS = 12  # write the numbers into the cells up to 12 x 12
-_DEFAULT_DPI = 100
-
-
-# --------------------------------------------------------------------------- layout helpers
-
-
-class _MarginLayout(LayoutEngine):
-    """Fit one axes, and optionally a colour bar to its right, into the figure at draw time.
-
-    The only layouts drawn here are "axes + colour bar" and "axes + legend outside on the
-    right", so instead of the general constrained layout (a constraint solver run twice, each
-    time measuring every artist) this measures how far the tick labels, axis labels, titles and
-    legend of each axes stick out of it (``get_tightbbox(for_layout_only=True)``), then sizes
-    the axes so that all of it lies inside the figure with a small padding. The colour bar has a
-    fixed width and the axes' height. One measuring pass is enough here: how far labels stick
-    out hardly depends on the axes' size (by a pixel or so, through auto tick locators and the
-    legend's anchor in axes coordinates, which the padding absorbs). The figure size never
-    changes, and the layout is redone at every draw (after a change, at another dpi...), as
-    with Matplotlib's own engines. A draw costs about 20 ms less than with
-    ``layout="constrained"`` (whose solver measures every artist several times).
-    """
-
-    _adjust_compatible = False
-    _colorbar_gridspec = False
-
-    def __init__(
-        self,
-        ax: Any,
-        cax: Any = None,
-        *,
-        pad_in: float = 0.04,
-        gap_in: float = 0.05,
-        cbar_width_in: float = 0.16,
-        passes: int = 1,
-    ) -> None:
-        super().__init__()
-        self._ax, self._cax = ax, cax
-        self._params = {"pad_in": pad_in, "gap_in": gap_in, "cbar_width_in": cbar_width_in, "passes": passes}
-
-    def set(self, **kwargs: Any) -> None:
-        unknown = set(kwargs) - set(self._params)
-        if unknown:
-            raise TypeError(f"unknown layout parameter(s): {sorted(unknown)}")
-        self._params.update(kwargs)
-
-    @staticmethod
-    def _overhang(fig: Figure, ax: Any, renderer: Any) -> tuple[float, float, float, float]:
-        """Pixels by which ``ax``'s decorations stick out (left, right, bottom, top)."""
-        box = ax.get_position(original=True).transformed(fig.transFigure)
-        # Spines and the background patch lie on the axes' edges (a spine sticks out by half
-        # its line width, which the padding absorbs); measuring them would update every tick.
-        extra = [a for a in ax.get_default_bbox_extra_artists() if not isinstance(a, Spine) and a is not ax.patch]
-        tight = ax.get_tightbbox(renderer, for_layout_only=True, bbox_extra_artists=extra)
-        if tight is None:
-            return 0.0, 0.0, 0.0, 0.0
-        return (
-            max(0.0, box.x0 - tight.x0),
-            max(0.0, tight.x1 - box.x1),
-            max(0.0, box.y0 - tight.y0),
-            max(0.0, tight.y1 - box.y1),
-        )
-
-    def execute(self, fig: Figure) -> None:
-        get_renderer = getattr(fig, "_get_renderer", None)
-        renderer = get_renderer() if get_renderer is not None else fig.canvas.get_renderer()  # type: ignore[attr-defined]
-        width, height = fig.bbox.width, fig.bbox.height
-        px = fig.dpi  # pixels per inch
-        pad, gap = self._params["pad_in"] * px, self._params["gap_in"] * px
-        cbar_w = self._params["cbar_width_in"] * px if self._cax is not None else 0.0
-        for _ in range(int(self._params["passes"])):
-            left, right, bottom, top = self._overhang(fig, self._ax, renderer)
-            c_left = c_right = c_bottom = c_top = 0.0
-            if self._cax is not None:
-                c_left, c_right, c_bottom, c_top = self._overhang(fig, self._cax, renderer)
-            x0 = pad + left
-            y0 = pad + max(bottom, c_bottom)
-            side = (right + gap + c_left + cbar_w + c_right) if self._cax is not None else right
-            ax_w = width - x0 - side - pad
-            ax_h = height - y0 - pad - max(top, c_top)
-            if ax_w < 1.0 or ax_h < 1.0:  # the figure is too small for its labels: leave it be
-                return
-            self._ax.set_position([x0 / width, y0 / height, ax_w / width, ax_h / height])
-            self._ax.set_in_layout(True)  # set_position() takes an axes out of layouts
-            if self._cax is not None:
-                cx = x0 + ax_w + right + gap + c_left
-                self._cax.set_position([cx / width, y0 / height, cbar_w / width, ax_h / height])
-                self._cax.set_in_layout(True)
-
-
-def _new_figure(
-    width_in: float, height_in: float, dpi: int = _DEFAULT_DPI, *, colorbar: bool = False
-) -> tuple[Figure, Any, Any]:
-    """A figure on its own Agg canvas (never registered with pyplot), with its main axes and,
-    if asked, an axes for a colour bar on its right (else ``None``); laid out by
-    :class:`_MarginLayout` at draw time."""
-    fig = Figure(figsize=(width_in, height_in), dpi=dpi)
-    FigureCanvasAgg(fig)
-    ax = fig.add_subplot()
-    cax = fig.add_axes((0.9, ax.get_position().y0, 0.03, ax.get_position().height)) if colorbar else None
-    fig.set_layout_engine(_MarginLayout(ax, cax))
-    return fig, ax, cax
-
-
-def _shorten(label: str, max_chars: int = _MAX_LABEL_CHARS) -> str:
-    """Shorten a long label from the left, on dot boundaries where possible.
-
-    The end of a module name tells layers apart, so that is kept:
-    ``model.encoder.layers.3.self_attention.out_proj`` -> ``...layers.3.self_attention.out_proj``
-    (with a one-character ellipsis).
-    """
-    if len(label) <= max_chars:
-        return label
-    tail = ""
-    for part in reversed(label.split(".")):
-        candidate = part if not tail else f"{part}.{tail}"
-        if len(candidate) + 1 > max_chars:
-            break
-        tail = candidate
-    if not tail:
-        tail = label[-(max_chars - 1) :]
-    return "\u2026" + tail
-
-
-def _shorten_all(labels: Sequence[str], max_chars: int = _MAX_LABEL_CHARS) -> list[str]:
-    """Shorten every label, unless that would make two different labels look the same."""
-    short = [_shorten(s, max_chars) for s in labels]
-    if len(set(short)) < len(set(labels)):
-        return list(labels)
-    return short
-
-
-def _axes_inches(n: int) -> float:
-    return float(np.clip(n * _CELL_IN, _MIN_AXES_IN, _MAX_AXES_IN))
-
-
-def _tick_font(n: int, axes_in: float) -> float:
-    cell_pt = axes_in * 72.0 / n
-    return float(np.clip(0.6 * cell_pt, _MIN_FONT_PT, _MAX_FONT_PT))
-
-
-def _tick_stride(n: int, axes_in: float, font_pt: float) -> int:
-    """Label every k-th tick so that labels never overlap (k = 1 up to ~100 layers)."""
-    cell_pt = axes_in * 72.0 / n
-    return max(1, math.ceil(1.2 * font_pt / cell_pt))
-
-
-def _text_inches(labels: Sequence[str], font_pt: float) -> float:
-    longest = max((len(s) for s in labels), default=0)
-    return longest * font_pt * 0.62 / 72.0
-
-
-def _set_layer_ticks(ax: Any, axis: Literal["x", "y"], shown: list[str], font_pt: float, stride: int) -> None:
-    """Label every ``stride``-th cell with its layer name (x labels rotated by 90 degrees), with
-    short tick marks.
-
-    The style is set before the ticks exist, so each tick is created with it instead of being
-    restyled afterwards (a tick is five artists; restyling them costs milliseconds per figure).
-    """
-    idx = list(range(0, len(shown), stride))
-    ax.tick_params(axis=axis, length=2, labelsize=font_pt, labelrotation=90 if axis == "x" else 0)
-    (ax.set_xticks if axis == "x" else ax.set_yticks)(idx, [shown[i] for i in idx])
-
-
-def _set_title(ax: Any, title: str, font_pt: float) -> None:
-    """Title the axes at its top edge (plus Matplotlib's title padding).
-
-    An explicit ``y`` turns off Matplotlib's automatic title placement, which measures the
-    y axis at every draw to dodge tick labels on top of the axes; the figures here have none.
-    """
-    ax.set_title(title, fontsize=font_pt, y=1.0)
-
-
-def _nan_note(values: np.ndarray) -> str:
-    n_nan = int(np.isnan(values).sum())
-    n_inf = int(np.isinf(values).sum())
-    if n_nan + n_inf == 0:
-        return ""
-    what = "NaN" if n_inf == 0 else ("Inf" if n_nan == 0 else "NaN/Inf")
-    cells = n_nan + n_inf
-    return f"grey = {what} ({cells} cell{'s' if cells != 1 else ''})"
-
-
-def _matrix_image(ax: Any, values: np.ndarray, lo: float, hi: float) -> Any:
-    """Draw a matrix as cells (row 0 at the top, NaN cells in the colour map's "bad" grey)."""
-    return ax.imshow(
-        np.ma.masked_invalid(values),
-        cmap=_CMAP,
-        vmin=lo,
-        vmax=hi,
-        origin="upper",
-        aspect="auto",
-        interpolation="nearest",
-    )
-
-
-def _colorbar(fig: Figure, mappable: Any, cax: Any, label: str, note: str, lo: float) -> Any:
-    # A range that starts below 0 (debiased CKA, RV2) can be undershot: show the arrow.
-    cbar = fig.colorbar(mappable, cax=cax, extend="min" if lo < 0 else "neither")
-    cbar.set_label(label + (f"\n{note}" if note else ""), fontsize=10)
-    cbar.ax.tick_params(labelsize=8)
-    return cbar
-
-
-def _annotate(ax: Any, values: np.ndarray, lo: float, hi: float, font_pt: float) -> None:
-    norm = Normalize(lo, hi, clip=True)
-    for (i, j), v in np.ndenumerate(values):
-        if np.isfinite(v):
-            text, colour = f"{v:.2f}", ("black" if norm(v) > 0.55 else "white")
-        else:
-            text, colour = "NaN" if np.isnan(v) else f"{v}", "dimgray"
-        ax.text(j, i, text, ha="center", va="center", fontsize=font_pt, color=colour)
 
 
 # --------------------------------------------------------------------------- figures
@@ -289,7 +78,7 @@ def heatmap_figure(
     col_title: str | None = None,
     value_range: tuple[float, float] | None = None,
     annotate: bool | None = None,
-    dpi: int = _DEFAULT_DPI,
+    dpi: int = DEFAULT_DPI,
     ties: Any = None,
 ) -> Figure:
     """Draw a layer x layer similarity matrix as a heatmap.
@@ -344,16 +133,16 @@ def heatmap_figure(
     cols = check_labels(col_labels, n_cols, "col_labels", "columns")
     lo, hi = colour_range(measure, value_range)
 
-    axes_w, axes_h = _axes_inches(n_cols), _axes_inches(n_rows)
-    font = min(_tick_font(n_cols, axes_w), _tick_font(n_rows, axes_h))
-    shown_rows, shown_cols = _shorten_all(rows), _shorten_all(cols)
-    width = axes_w + _text_inches(shown_rows, font) + 1.6 + (0.3 if row_title else 0.0)
-    height = axes_h + _text_inches(shown_cols, font) + 0.5 + (0.4 if title else 0.0) + (0.3 if col_title else 0.0)
+    axes_w, axes_h = axes_inches(n_cols), axes_inches(n_rows)
+    font = min(tick_font(n_cols, axes_w), tick_font(n_rows, axes_h))
+    shown_rows, shown_cols = shorten_all(rows), shorten_all(cols)
+    width = axes_w + text_inches(shown_rows, font) + 1.6 + (0.3 if row_title else 0.0)
+    height = axes_h + text_inches(shown_cols, font) + 0.5 + (0.4 if title else 0.0) + (0.3 if col_title else 0.0)
     height += 0.4 if ties is not None else 0.0  # the legend line
-    fig, ax, cax = _new_figure(width, height, dpi, colorbar=True)
-    image = _matrix_image(ax, values, lo, hi)
-    _set_layer_ticks(ax, "x", shown_cols, font, _tick_stride(n_cols, axes_w, font))
-    _set_layer_ticks(ax, "y", shown_rows, font, _tick_stride(n_rows, axes_h, font))
+    fig, ax, cax = new_figure(width, height, dpi, colorbar=True)
+    image = matrix_image(ax, values, lo, hi)
+    set_layer_ticks(ax, "x", shown_cols, font, tick_stride(n_cols, axes_w, font))
+    set_layer_ticks(ax, "y", shown_rows, font, tick_stride(n_rows, axes_h, font))
     if row_title:
         ax.set_ylabel(row_title)
     if col_title:
@@ -364,11 +153,11 @@ def heatmap_figure(
         outline_cells(ax, ties)
         title = f"{title}\n{TIES_CAPTION}" if title else TIES_CAPTION
     if title:
-        _set_title(ax, title, 11)
-    if annotate or (annotate is None and max(n_rows, n_cols) <= _ANNOTATE_MAX_CELLS):
+        set_title(ax, title, 11)
+    if annotate or (annotate is None and max(n_rows, n_cols) <= ANNOTATE_MAX_CELLS):
         cell_pt = min(axes_w / n_cols, axes_h / n_rows) * 72.0
-        _annotate(ax, values, lo, hi, float(np.clip(0.3 * cell_pt, 5.0, 10.0)))
-    _colorbar(fig, image, cax, measure_label(measure), _nan_note(values), lo)
+        annotate_cells(ax, values, lo, hi, float(np.clip(0.3 * cell_pt, 5.0, 10.0)))
+    colorbar(fig, image, cax, measure_label(measure), nan_note(values), lo)
     return fig
 
 
@@ -400,7 +189,7 @@ class HeatmapFrames:
         col_title: str | None = None,
         value_range: tuple[float, float] | None = None,
         annotate: bool | None = None,
-        dpi: int = _DEFAULT_DPI,
+        dpi: int = DEFAULT_DPI,
     ) -> None:
         self.shape = (len(row_labels), len(col_labels))
         fig = heatmap_figure(
@@ -435,7 +224,7 @@ class HeatmapFrames:
         self._norm = Normalize(*colour_range(measure, value_range), clip=True)
         # where the values and the step go, and in which font (the figure's own, at its size)
         self._centres = ((x_edges[:-1] + x_edges[1:]) / 2, (y_edges[:-1] + y_edges[1:]) / 2)
-        self._annotate = max(self.shape) <= _ANNOTATE_MAX_CELLS if annotate is None else annotate
+        self._annotate = max(self.shape) <= ANNOTATE_MAX_CELLS if annotate is None else annotate
         cell_pt = min((x_edges[1] - x_edges[0]), (y_edges[1] - y_edges[0])) * 72.0 / dpi
         self._value_px = float(np.clip(0.3 * cell_pt, 5.0, 10.0)) * dpi / 72.0
         renderer = fig.canvas.get_renderer()  # type: ignore[attr-defined]
@@ -453,7 +242,7 @@ class HeatmapFrames:
         values = as_array(matrix, "matrix", 2)
         if values.shape != self.shape:
             raise RepSimValueError(f"HeatmapFrames was made for {self.shape} matrices; got {values.shape}.")
-        colours = _CMAP(self._norm(np.ma.masked_invalid(values)), bytes=True)[..., :3]
+        colours = CMAP(self._norm(np.ma.masked_invalid(values)), bytes=True)[..., :3]
         image = self._template.copy()
         image[self._y, self._x] = np.repeat(np.repeat(colours, self._row_heights, axis=0), self._column_widths, axis=1)
         if self._annotate:
@@ -521,7 +310,7 @@ def convergence_map_figure(
     sustained: bool = True,
     title: str | None = None,
     value_range: tuple[float, float] | None = None,
-    dpi: int = _DEFAULT_DPI,
+    dpi: int = DEFAULT_DPI,
 ) -> Figure:
     """Draw a layer x step map of each layer's similarity to a reference (the final snapshot).
 
@@ -567,17 +356,17 @@ def convergence_map_figure(
     lo, hi = colour_range(measure, value_range)
 
     axes_w = float(np.clip(n_steps * 0.25, 4.0, 10.0))
-    axes_h = _axes_inches(n_layers)
-    font = _tick_font(n_layers, axes_h)
-    shown = _shorten_all(names)
-    width = axes_w + _text_inches(shown, font) + 1.9
+    axes_h = axes_inches(n_layers)
+    font = tick_font(n_layers, axes_h)
+    shown = shorten_all(names)
+    width = axes_w + text_inches(shown, font) + 1.9
     height = axes_h + 1.0 + (0.4 if title else 0.0) + (0.3 if converged is not None else 0.0)
-    fig, ax, cax = _new_figure(width, height, dpi, colorbar=True)
-    image = _matrix_image(ax, data, lo, hi)
-    _set_layer_ticks(ax, "y", shown, font, _tick_stride(n_layers, axes_h, font))
+    fig, ax, cax = new_figure(width, height, dpi, colorbar=True)
+    image = matrix_image(ax, data, lo, hi)
+    set_layer_ticks(ax, "y", shown, font, tick_stride(n_layers, axes_h, font))
     n_xticks = min(n_steps, max(2, int(axes_w / 0.6)))
     x_idx = sorted({int(round(i)) for i in np.linspace(0, n_steps - 1, n_xticks)})
-    ax.tick_params(axis="x", length=2, labelsize=8)  # before the ticks exist, see _set_layer_ticks
+    ax.tick_params(axis="x", length=2, labelsize=8)  # before the ticks exist, see set_layer_ticks
     ax.set_xticks(x_idx, [str(step_list[i]) for i in x_idx])
     ax.set_xlabel("step")
     if converged is not None:
@@ -602,10 +391,10 @@ def convergence_map_figure(
             )
         how = "held to the end" if sustained else "first reached"
         level = f"\u2265 {threshold:g} \u00d7 final value, " if threshold is not None else ""
-        _set_title(ax, (f"{title}\n" if title else "") + f"\u25cb convergence: {level}{how}", 9 if not title else 10)
+        set_title(ax, (f"{title}\n" if title else "") + f"\u25cb convergence: {level}{how}", 9 if not title else 10)
     elif title:
-        _set_title(ax, title, 11)
-    _colorbar(fig, image, cax, f"{measure_label(measure)} to {reference}", _nan_note(data), lo)
+        set_title(ax, title, 11)
+    colorbar(fig, image, cax, f"{measure_label(measure)} to {reference}", nan_note(data), lo)
     return fig
 
 
@@ -620,7 +409,7 @@ def curves_figure(
     title: str | None = None,
     value_range: tuple[float, float] | None = None,
     xscale: Literal["auto", "linear", "log"] = "auto",
-    dpi: int = _DEFAULT_DPI,
+    dpi: int = DEFAULT_DPI,
 ) -> Figure:
     """Plot one similarity-vs-step curve per layer, coloured by depth.
 
@@ -666,9 +455,9 @@ def curves_figure(
     lo, hi = colour_range(measure, value_range)
 
     use_legend = n_layers <= 12
-    shown = _shorten_all(names)
-    legend_w = _text_inches(shown, 8.0) + 0.8 if use_legend else 1.8
-    fig, ax, cax = _new_figure(6.5 + legend_w, 4.2 + (0.3 if title else 0.0), dpi, colorbar=not use_legend)
+    shown = shorten_all(names)
+    legend_w = text_inches(shown, 8.0) + 0.8 if use_legend else 1.8
+    fig, ax, cax = new_figure(6.5 + legend_w, 4.2 + (0.3 if title else 0.0), dpi, colorbar=not use_legend)
     colours = colormaps["viridis"](np.linspace(0.0, 0.9, n_layers))
     marker = "o" if n_steps <= 30 else None
     for row, name in enumerate(names):
@@ -682,7 +471,7 @@ def curves_figure(
     ax.set_ylabel(f"{measure_label(measure)} to {reference}")
     ax.grid(True, linewidth=0.4, alpha=0.5)
     if title:
-        _set_title(ax, title, 11)
+        set_title(ax, title, 11)
     if use_legend:
         handles, labels = ax.get_legend_handles_labels()
         labels = shown + labels[n_layers:]  # the threshold line, if any, comes last
@@ -723,7 +512,7 @@ def freeze_figure(
     units: Sequence[tuple[int, float]],
     event_steps: Sequence[int],
     *,
-    dpi: int = _DEFAULT_DPI,
+    dpi: int = DEFAULT_DPI,
 ) -> Figure:
     """Freeze training over time: the fraction of parameters frozen (a step plot), the number of
     frozen units (dashed, right axis) and a dotted line at each freeze event.
