@@ -129,22 +129,20 @@ def gemm_dtype(device: torch.device, requested: torch.dtype | str | None = None)
 
 
 def reduced_float32_matmul(device: torch.device) -> bool:
-    """Whether float32 matmuls on ``device`` may run at reduced precision (TF32 on CUDA, bf16 in oneDNN
-    on CPU) under the process's current settings: read only, through either the legacy
-    (``allow_tf32``, ``set_float32_matmul_precision``) or the newer ``fp32_precision`` API; a state
-    that cannot be read (torch refuses to read a mix of the two APIs) counts as reduced."""
+    """Whether float32 matmuls on ``device`` may run at reduced precision (TF32 on CUDA, bf16/TF32 in
+    oneDNN on CPU) under the process's current settings. Read only: the ``fp32_precision`` API
+    (torch >= 2.9, which also reflects ``allow_tf32`` and ``set_float32_matmul_precision``), else the
+    legacy flags; a state torch refuses to read counts as reduced."""
     if device.type not in ("cpu", "cuda"):
         return False
+    backend = torch.backends.cuda.matmul if device.type == "cuda" else getattr(torch.backends.mkldnn, "matmul", None)
     try:
-        if torch.get_float32_matmul_precision() != "highest":
-            return True
-        backend = (
-            torch.backends.cuda.matmul if device.type == "cuda" else getattr(torch.backends.mkldnn, "matmul", None)
-        )
-        for precision in (getattr(backend, "fp32_precision", None), getattr(torch.backends, "fp32_precision", None)):
-            if isinstance(precision, str) and precision not in ("none", "ieee"):
-                return True
-        return device.type == "cuda" and bool(torch.backends.cuda.matmul.allow_tf32)
+        precisions = [getattr(backend, "fp32_precision", None), getattr(torch.backends, "fp32_precision", None)]
+        if any(isinstance(p, str) for p in precisions):
+            return any(isinstance(p, str) and p not in ("none", "ieee") for p in precisions)
+        if device.type == "cpu":
+            return False  # before the fp32_precision API, CPU float32 matmuls were always full precision
+        return bool(torch.backends.cuda.matmul.allow_tf32) or torch.get_float32_matmul_precision() != "highest"
     except RuntimeError:
         return True
 
