@@ -312,7 +312,7 @@ class RepresentationSimilarity(Callback):
                 f"the probe set changed since the checkpoint (hash {expected} then, {probe.hash} now); "
                 "resume with the same probe so the store stays comparable."
             )
-        check_probe_size(probe, self.options)
+        check_probe_size(probe)
         self._runner = ProbeRunner(
             probe,
             self.layers,

@@ -89,6 +89,16 @@ def few_examples_message(measure: str, n: int) -> str:
     )
 
 
+def too_small_probe(n: int, what: str = "the probe") -> str:
+    """The configuration error for a probe of fewer than 4 examples (the callbacks and ``compare()``)."""
+    return (
+        f"{what} has {n} example(s); similarity measures need at least {MIN_MEANINGFUL_EXAMPLES}: with 2 "
+        "every centred Gram matrix has rank 1 and every similarity is exactly 1, with 3 they say little "
+        f"more. Pass probe= with more examples (e.g. 'val:512', or a tensor of >= {MIN_MEANINGFUL_EXAMPLES}; "
+        "hundreds give stable estimates)."
+    )
+
+
 def named_layers(layers: Layers, default_prefix: str) -> tuple[list[str], list[torch.Tensor]]:
     """Split a list or a name→tensor mapping into (names, 2-D tensors)."""
     if isinstance(layers, Mapping):
