@@ -10,7 +10,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_repsim.callbacks import RepresentationSimilarity
 from lightning_repsim.store import open_store
-from tests.test_capture_inplace import C, S, ResNetLike
+from tests.test_capture_inplace import C, ResNetLike, S
 
 PROBE = torch.randn(24, C, S, S, generator=torch.Generator().manual_seed(11))
 
