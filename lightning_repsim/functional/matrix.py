@@ -56,7 +56,7 @@ def similarity_matrix(
             report them themselves; the NaN cells are the same).
         product_dtype: precision of the large products (Grams, ``Xᵀ Y``) of the Gram-based measures;
             everything else, centring and every sum over products included, stays in float64.
-            ``None``: float64 on CPU, float32 with TF32 disabled on accelerators. ``torch.float32``
+            ``None``: float64 on CPU, float32 on accelerators. ``torch.float32``
             on CPU is about twice as fast and agrees with float64 to about 1e-7 (float32 peers:
             1e-4); ``torch.float64`` on an accelerator buys the last digits. Layers are scaled by
             powers of two into float32's safe range first. Where the process lets float32 matmuls run

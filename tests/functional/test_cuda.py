@@ -49,56 +49,7 @@ def test_cuda_float64_products_match_cpu_to_the_last_digits(measure):
     torch.testing.assert_close(gpu.cpu(), cpu, atol=1e-12, rtol=0)
 
 
-def _fit_and_check_callback(tmp_path, accelerator: str) -> None:
-    """RepresentationSimilarity end to end under bf16-mixed with its worker thread on: the process's
-    TF32 / matmul-precision settings are the same at every training step and after fit as the user set
-    them, and the logged similarities equal a CPU float64 computation on the stored features."""
-    from lightning_repsim.callbacks import RepresentationSimilarity
-    from lightning_repsim.store import open_store
-    from tests.callbacks.test_similarity import PROBE, Net, make_trainer, train_loader
-    from tests.functional.test_precision import precision_state
-
-    class Recording(Net):
-        def __init__(self):
-            super().__init__()
-            self.states: list[dict[str, object]] = []
-
-        def training_step(self, batch, batch_idx):
-            self.states.append(precision_state())
-            return super().training_step(batch, batch_idx)
-
-    measures = ("linear_cka", "debiased_cka", "rbf_cka", "rv2")
-    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = True, True  # the user's choice
-    try:
-        before = precision_state()
-        callback = RepresentationSimilarity(
-            probe=PROBE, reference="init", measures=measures, background=True, write_files=False
-        )
-        model = Recording()
-        trainer = make_trainer(
-            tmp_path, [callback], logger=False, accelerator=accelerator, precision="bf16-mixed", max_epochs=2
-        )
-        trainer.fit(model, train_loader())
-        after = precision_state()
-    finally:
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
-    assert model.states and all(state == before for state in model.states), "a flag changed during training"
-    assert after == before
-    store = open_store(callback.store_path)
-    init, last = store.get(store.steps[0]), store.get(store.steps[-1])
-    checked = 0
-    for measure in measures:
-        prefix = f"repsim/{measure}/init/"
-        for tag, value in trainer.callback_metrics.items():
-            if not tag.startswith(prefix):
-                continue
-            layer = tag[len(prefix) :].split("_", 1)[1]  # "02_head" -> "head"
-            expected = F.similarity_matrix([last[layer].double().cpu()], [init[layer].double().cpu()], measure)
-            assert abs(float(value) - float(expected)) < 1e-5, (tag, float(value), float(expected))
-            checked += 1
-    assert checked == len(measures) * len(store.layers)
-
-
 def test_callback_end_to_end_bf16_mixed_worker_thread_on_cuda(tmp_path):
-    _fit_and_check_callback(tmp_path, "gpu")
+    from tests.callbacks.test_similarity_precision import fit_and_check_precision_state
+
+    fit_and_check_precision_state(tmp_path, "gpu")
