@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 TORCH_PIN ?= 2.13.0
 
-.PHONY: test lint demo tensorboard env bench clean
+.PHONY: test lint demo tensorboard screenshots env bench clean
 
 $(BIN)/activate:
 	$(PYTHON) -m venv $(VENV)
@@ -26,8 +26,8 @@ test: env
 
 # ruff (lint and format) on everything, mypy on the package; configured in pyproject.toml
 lint: env
-	$(BIN)/ruff check lightning_repsim tests examples benchmarks
-	$(BIN)/ruff format --check lightning_repsim tests examples benchmarks
+	$(BIN)/ruff check lightning_repsim tests examples benchmarks docs
+	$(BIN)/ruff format --check lightning_repsim tests examples benchmarks docs
 	$(BIN)/mypy
 
 demo: env
@@ -36,6 +36,10 @@ demo: env
 # every image of every logging point: TensorBoard keeps only 10 per tag by default
 tensorboard: env
 	$(BIN)/tensorboard --logdir runs --samples_per_plugin images=1000
+
+# the README's TensorBoard screenshots, from the runs/ that make demo wrote (needs Debian's chromium)
+screenshots: env
+	$(BIN)/python docs/screenshots.py --logdir runs --size 1400,900
 
 bench: env
 	$(BIN)/python -m pip install --quiet -e ".[bench]"

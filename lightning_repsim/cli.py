@@ -14,6 +14,7 @@ Usage::
     lightning-repsim report RUN [--measure M ...] [--threshold 0.95] [--out DIR]
     lightning-repsim export RUN [--format csv|json] [--out FILE] [--measure M ...]
                             [--reference final|previous|init ...]
+    lightning-repsim verify RUN [RUN ...]
 
 ``compare``
     The L_a x L_b matrix of every layer of run A against every layer of run B at one step, per
@@ -31,6 +32,10 @@ Usage::
     Every matrix as tidy rows ``run, step, measure, reference, layer_a, layer_b, value``: each
     step against the final snapshot (per layer), the previous step and the first step (all
     pairs of layers), as CSV or JSON (NaN becomes ``null``), to ``--out`` or standard output.
+``verify``
+    Reads every byte of each store and checks it against the manifest and the checksums: prints
+    ``OK`` per store, or ``DAMAGED`` and one line per damaged or foreign file; exit status 1 when
+    any store is damaged.
 
 ``--measure`` may be repeated or given a comma list (``--measure linear_cka,rv2``). Each
 measure's options (``debiased``, ``sigma``, ``center``, ``keep``) are those the run was logged
@@ -39,7 +44,10 @@ layers and is NaN (with a note) for a layer stored as a Gram factor (p > n).
 
 Errors in the input (a missing run, a directory without a store, a corrupt or damaged store,
 probe sets that differ, an unknown step or measure) exit with status 2 and one line on standard
-error starting with ``lightning-repsim: error:``. Progress bars go to standard error, only when
+error starting with ``lightning-repsim: error:``. A step file that is missing, truncated, damaged
+(its checksum fails) or foreign (another run's, or recorded on another probe) is such an error;
+with ``--allow-damaged`` the command leaves it out and goes on with the intact snapshots, with
+one note per file left out. Progress bars go to standard error, only when
 it is a terminal, and never with ``--quiet``.
 
 Example:
@@ -61,7 +69,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import lightning_repsim
-from lightning_repsim.errors import RepSimError, RepSimWarning
+from lightning_repsim.errors import RepSimError, RepSimIntegrityError, RepSimWarning
 from lightning_repsim.measures import MEASURES, resolve_measures
 
 if TYPE_CHECKING:
@@ -74,6 +82,9 @@ __all__ = ["main"]
 
 PROG = "lightning-repsim"
 _SHOWN_CANDIDATES = 5
+_DAMAGED_HINT = (
+    "pass --allow-damaged to use the intact snapshots; 'lightning-repsim verify RUN' lists the damaged files"
+)
 
 
 class CliError(Exception):
@@ -143,23 +154,26 @@ def _run_name(run_dir: Path) -> str:
 def open_run(path: str, *, allow_damaged: bool = False) -> Run:
     """Resolve and open a RUN argument read-only.
 
+    With ``allow_damaged`` every step file is read whole and checked; a missing, truncated, damaged
+    or foreign one is left out, with one note each.
+
     Raises:
         CliError: nothing usable at ``path``, an empty store, or (without ``allow_damaged``) a
-            store whose step files are partly missing or truncated.
-        RepSimError: the store itself is invalid (bad manifest, unreadable step file).
+            store whose step files are partly missing, truncated, another run's or damaged.
+        RepSimError: the store itself is invalid (bad manifest).
     """
     from lightning_repsim.store import open_store, run_store_dirs
 
     store_dir = _find_store_dir(Path(path))
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", RepSimWarning)
-        store = open_store(store_dir)
+        try:
+            store = open_store(store_dir, skip_damaged=allow_damaged)
+        except RepSimIntegrityError as err:
+            raise CliError(f"damaged snapshot store: {_one_line(err)} ({_DAMAGED_HINT})") from None
     damage = [_one_line(w.message) for w in caught if issubclass(w.category, RepSimWarning)]
     if damage and not allow_damaged:
-        raise CliError(
-            f"damaged snapshot store: {damage[0]} (copy the run again, or pass --allow-damaged "
-            "to use the intact snapshots)"
-        )
+        raise CliError(f"damaged snapshot store: {damage[0]} ({_DAMAGED_HINT})")
     if not store.steps:
         raise CliError(f"{store_dir}: the store holds no snapshots yet")
     if store_dir in run_store_dirs(store_dir.parent):  # repsim/, or repsim-N/ of a later fit into the same run
@@ -457,6 +471,37 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+# --------------------------------------------------------------------------- verify
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    from lightning_repsim.store import open_store
+
+    damaged = 0
+    for path in args.run:
+        store_dir = _find_store_dir(Path(path))
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", RepSimWarning)
+            try:
+                store = open_store(store_dir, skip_damaged=True)
+            except RepSimError as err:  # the manifest itself: nothing of the store can be trusted
+                print(f"DAMAGED {store_dir}\n  {_one_line(err)}")
+                damaged += 1
+                continue
+            problems = [_one_line(w.message) for w in caught if issubclass(w.category, RepSimWarning)]
+        problems += store.verify()  # the saved probe (the steps were read whole on opening)
+        probe = "probe saved" if store.has_probe else "no probe saved"
+        checks = "checksums verified" if store.run_id is not None else "format 1: no checksums, headers checked"
+        if problems:
+            damaged += 1
+            print(f"DAMAGED {store_dir}: {len(problems)} problem(s), {len(store.steps)} intact step(s)")
+            for problem in problems:
+                print(f"  {problem}")
+        else:
+            print(f"OK {store_dir}: {len(store.steps)} step(s), {len(store.layers)} layer(s), {probe}, {checks}")
+    return 1 if damaged else 0
+
+
 # --------------------------------------------------------------------------- argument parsing
 
 
@@ -488,7 +533,7 @@ _MEASURE_HELP = "similarity measure; repeat or give a comma list. Choices: " + "
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The ``lightning-repsim`` argument parser (subcommands compare, report, export)."""
+    """The ``lightning-repsim`` argument parser (subcommands compare, report, export, verify)."""
     formatter = argparse.RawDescriptionHelpFormatter
     parser = _Parser(
         prog=PROG,
@@ -497,7 +542,8 @@ def build_parser() -> argparse.ArgumentParser:
         "snapshot stores that RepresentationSimilarity writes (<log_dir>/repsim). No model is re-run.",
         epilog=f"examples:\n  {PROG} compare runs/seed0/version_0 runs/seed1/version_0 --measure linear_cka,rv2\n"
         f"  {PROG} report runs/seed0/version_0 --threshold 0.9\n"
-        f"  {PROG} export runs/seed0/version_0 --format json --out seed0.json\n\n"
+        f"  {PROG} export runs/seed0/version_0 --format json --out seed0.json\n"
+        f"  {PROG} verify runs/seed0/version_0\n\n"
         f"'{PROG} COMMAND --help' describes each command.",
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {lightning_repsim.__version__}")
@@ -506,8 +552,8 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument(
         "--allow-damaged",
         action="store_true",
-        help="use the intact snapshots of a store whose step files are partly missing or truncated "
-        "(otherwise an error)",
+        help="use the intact snapshots of a store whose step files are partly missing, truncated, damaged "
+        "or another run's, with a note per file left out (otherwise an error)",
     )
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True, parser_class=_Parser)
 
@@ -608,6 +654,19 @@ def build_parser() -> argparse.ArgumentParser:
         help="final, previous or init; repeat or give a comma list (default: all three)",
     )
     export.set_defaults(func=cmd_export)
+
+    verify = commands.add_parser(
+        "verify",
+        formatter_class=formatter,
+        help="check every byte of one or more stores",
+        description="Read every step file and the saved probe of each store and check them against the manifest "
+        "(step, layers, shapes, probe hash, run id) and their checksums. Prints OK per intact store, or "
+        "DAMAGED and one line per damaged or foreign file. Exit status 0 when all are intact, 1 when any "
+        "is damaged, 2 on an error (no store at RUN).",
+        epilog=f"examples:\n  {PROG} verify runs/seed0/version_0\n  {PROG} verify runs/*/version_0",
+    )
+    verify.add_argument("run", metavar="RUN", nargs="+", help=_RUN_HELP)
+    verify.set_defaults(func=cmd_verify)
     return parser
 
 
@@ -630,6 +689,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     except (RepSimError, OSError) as err:  # RepSimValueError included; e.g. a corrupt store
         what = _one_line(err) if isinstance(err, RepSimError) else f"{type(err).__name__}: {_one_line(err)}"
+        if isinstance(err, RepSimIntegrityError):  # a step file damaged after it was opened (a checksum on read)
+            what += f" ({_DAMAGED_HINT})"
         print(f"{PROG}: error: {what}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

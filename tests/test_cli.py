@@ -333,6 +333,13 @@ def damaged_copy(runs, tmp_path, how):
     elif how == "garbage step":
         step_file = run / "repsim" / "step-0000000005.safetensors"
         step_file.write_bytes(b"\0" * step_file.stat().st_size)
+    elif how == "foreign step":  # the same step of a run on another probe set, copied in
+        shutil.copy(runs["other"] / "repsim" / "step-0000000005.safetensors", run / "repsim")
+    elif how == "flipped byte":  # the last byte of the last tensor: a float32's top byte, the value stays finite
+        step_file = run / "repsim" / "step-0000000005.safetensors"
+        data = bytearray(step_file.read_bytes())
+        data[-1] ^= 0x01
+        step_file.write_bytes(bytes(data))
     return run
 
 
@@ -342,11 +349,42 @@ def damaged_copy(runs, tmp_path, how):
         ("corrupt manifest", "not valid JSON"),
         ("truncated step", "truncated"),
         ("garbage step", "not a readable safetensors file"),
+        ("foreign step", "recorded on probe 'probe-2'"),
+        ("flipped byte", "fails its checksum"),
     ],
 )
 def test_damaged_stores_are_one_line_errors(runs, tmp_path, capsys, how, fragment):
     run = damaged_copy(runs, tmp_path, how)
-    check_error(capsys, ["report", str(run), "--out", str(tmp_path / "o")], fragment)
+    line = check_error(capsys, ["report", str(run), "--out", str(tmp_path / "o")], fragment)
+    if how != "corrupt manifest":
+        assert "--allow-damaged" in line and ("step 5" if how == "truncated step" else "step-0000000005") in line
+
+
+@pytest.mark.parametrize("how", ["garbage step", "foreign step", "flipped byte"])
+def test_allow_damaged_skips_a_damaged_or_foreign_step_file_with_a_note(runs, tmp_path, capsys, how):
+    run = damaged_copy(runs, tmp_path, how)
+    assert main(["export", str(run), "--allow-damaged", "--reference", "final", "--measure", "rv"]) == 0
+    captured = capsys.readouterr()
+    assert len(captured.out.strip().splitlines()) - 1 == n_rows(1, ["final"], steps=2)
+    (note,) = [line for line in captured.err.splitlines() if "note:" in line]
+    assert "skipping step 5" in note and "step-0000000005.safetensors" in note
+
+
+def test_verify_says_ok_or_lists_the_damaged_files(runs, tmp_path, capsys):
+    assert main(["verify", str(runs["a"]), str(runs["b"])]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 2 and all(line.startswith("OK ") and "checksums verified" in line for line in lines)
+    run = damaged_copy(runs, tmp_path, "flipped byte")
+    shutil.copy(runs["other"] / "repsim" / "step-0000000010.safetensors", run / "repsim")
+    assert main(["verify", str(runs["a"]), str(run)]) == 1
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith("OK ") and out[1].startswith(f"DAMAGED {run / 'repsim'}: 2 problem(s), 1 intact step")
+    assert "step-0000000005.safetensors" in out[2] and "fails its checksum" in out[2]
+    assert "step-0000000010.safetensors" in out[3] and "'probe-2'" in out[3]
+    (run / "repsim" / "manifest.json").write_text("{")
+    assert main(["verify", str(run)]) == 1
+    assert "not valid JSON" in capsys.readouterr().out
+    check_error(capsys, ["verify", str(tmp_path / "missing")], "no such directory")
 
 
 def test_allow_damaged_uses_the_intact_snapshots(runs, tmp_path, capsys):
@@ -380,7 +418,7 @@ def test_user_errors_exit_2_with_one_line(runs, tmp_path, capsys):
     check_error(capsys, ["export", str(tmp_path / "fresh")], "no snapshots yet")
 
 
-@pytest.mark.parametrize("command", [[], ["compare"], ["report"], ["export"]])
+@pytest.mark.parametrize("command", [[], ["compare"], ["report"], ["export"], ["verify"]])
 def test_help_has_examples(capsys, command):
     assert main([*command, "--help"]) == 0
     text = capsys.readouterr().out
