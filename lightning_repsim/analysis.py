@@ -42,6 +42,7 @@ from lightning_repsim.convergence import (
 from lightning_repsim.errors import RepSimError, RepSimValueError
 from lightning_repsim.functional import Representations, similarity_matrix
 from lightning_repsim.functional._measures import MEASURES, resolve_measures, resolve_options
+from lightning_repsim.functional._validation import MIN_MEANINGFUL_EXAMPLES, too_small_probe
 from lightning_repsim.functional.intervals import INTERVAL_MEASURES, interval_matrix
 from lightning_repsim.store import SnapshotStore, StepLike, open_store
 
@@ -188,7 +189,7 @@ def compare(
 
     Raises:
         RepSimValueError: a model that is not an ``nn.Module`` (a checkpoint path: load it
-            first), no probe, or an unknown measure or option.
+            first), no probe or one of fewer than 4 examples, or an unknown measure or option.
 
     Example:
         >>> import torch
@@ -212,6 +213,8 @@ def compare(
         raise RepSimValueError("compare() needs a probe: a tensor, an (x, y) tuple or a DataLoader of inputs.")
     options = resolve_measures(measures, measure_options)
     probe = probe if isinstance(probe, Probe) else Probe(probe)
+    if len(probe) < MIN_MEANINGFUL_EXAMPLES:
+        raise RepSimValueError(too_small_probe(len(probe), "compare()'s probe"))
     features_a = capture(model_a, probe, layers, batch_size=batch_size, max_features=max_features, **capture_options)
     features_b = None
     if model_b is not None:

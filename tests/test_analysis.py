@@ -173,6 +173,15 @@ def test_other_bad_inputs():
         result["rv2"]
 
 
+@pytest.mark.parametrize("n", [1, 2, 3])
+def test_probe_of_fewer_than_four_examples_is_refused(n):
+    # With 2 examples every centred Gram has rank 1, so every cell would be exactly 1 whatever the models.
+    with pytest.raises(RepSimValueError, match=rf"compare\(\)'s probe has {n} example\(s\); .*at least 4") as info:
+        compare(model_a(), model_b(), probe=PROBE[:n], measures=("linear_cka", "rv2"))
+    assert "Pass probe= with more examples" in str(info.value)
+    assert compare(model_a(), model_b(), probe=PROBE[:4], measures=("linear_cka",))["linear_cka"].shape[0] > 0
+
+
 @pytest.mark.parametrize(
     "first",
     [

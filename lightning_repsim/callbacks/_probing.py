@@ -24,7 +24,7 @@ from torch import nn
 from lightning_repsim.capture import LayerSelector, OutputSelector, Probe, capture
 from lightning_repsim.capture.outputs import check_reduction
 from lightning_repsim.errors import RepSimValueError
-from lightning_repsim.functional._measures import gram_spec
+from lightning_repsim.functional._validation import MIN_MEANINGFUL_EXAMPLES, too_small_probe
 
 KEYWORDS = ("init", "previous", "final")
 PROBE_SPEC = re.compile(r"^(val|train):(\d+)$")
@@ -79,11 +79,13 @@ def check_probe_arguments(
         )
     if forward is not None and not callable(forward):
         raise RepSimValueError(f"forward must be None or a callable forward(model, batch); got {forward!r}.")
-    if isinstance(probe, str) and (not PROBE_SPEC.match(probe) or int(probe.split(":")[1]) < 1):
+    if isinstance(probe, str) and not PROBE_SPEC.match(probe):
         raise RepSimValueError(
-            f"probe string must look like 'val:512' or 'train:512' (a split and a positive "
-            f"number of examples); got {probe!r}."
+            f"probe string must look like 'val:512' or 'train:512' (a split and a number of examples, "
+            f"at least {MIN_MEANINGFUL_EXAMPLES}); got {probe!r}."
         )
+    if isinstance(probe, str) and int(probe.split(":")[1]) < MIN_MEANINGFUL_EXAMPLES:
+        raise RepSimValueError(too_small_probe(int(probe.split(":")[1]), f"probe={probe!r}"))
 
 
 def materialise_probe(source: Any, trainer: pl.Trainer) -> Probe:
@@ -102,15 +104,11 @@ def materialise_probe(source: Any, trainer: pl.Trainer) -> Probe:
     return Probe(loader, max_examples=count)
 
 
-def check_probe_size(probe: Probe, options: Mapping[str, Mapping[str, Any]]) -> None:
-    """Refuse a probe too small for the measures (the unbiased HSIC needs 4 examples, the others 2)."""
-    needs_four = [m for m, o in options.items() if m not in ("svcca", "pwcca") and gram_spec(m, **o).min_examples > 2]
-    minimum = 4 if needs_four else 2
-    if len(probe) < minimum:
-        raise RepSimValueError(
-            f"the probe has {len(probe)} example(s); {', '.join(needs_four) or 'the measures'} need at "
-            f"least {minimum}. Use a larger probe."
-        )
+def check_probe_size(probe: Probe) -> None:
+    """Refuse a probe of fewer than 4 examples: the unbiased HSIC needs 4, and below 4 every other
+    measure is (close to) 1 whatever the model does."""
+    if len(probe) < MIN_MEANINGFUL_EXAMPLES:
+        raise RepSimValueError(too_small_probe(len(probe)))
 
 
 def _dataloader(trainer: pl.Trainer, split: str) -> Any:

@@ -25,6 +25,7 @@ import torch
 from lightning_repsim.capture import capture, name_matches
 from lightning_repsim.errors import RepSimValueError, RepSimWarning
 from lightning_repsim.functional import cka, gram_linear
+from lightning_repsim.functional._validation import MIN_MEANINGFUL_EXAMPLES
 
 if TYPE_CHECKING:
     import pytorch_lightning as pl
@@ -333,7 +334,7 @@ class SimilaritySchedule(FreezeSchedule):
         check_every_n_steps: optimizer steps between checks; ``None`` checks at the end of every
             training epoch.
         probe: a fixed tensor of model inputs (rows are examples).
-        probe_size: examples collected from the first training batches when ``probe`` is ``None``.
+        probe_size: examples collected from the first training batches when ``probe`` is ``None`` (at least 4).
         source: ``"probe"`` (the internal probe pass) or ``"external"`` (fed values only).
         max_features: cap on the columns of a conv unit's features (the callbacks, which measure
             during training, default to 256; offline analyses to 4096).
@@ -363,10 +364,17 @@ class SimilaritySchedule(FreezeSchedule):
             isinstance(check_every_n_steps, bool) or not isinstance(check_every_n_steps, int) or check_every_n_steps < 1
         ):
             raise RepSimValueError(f"check_every_n_steps must be a positive int or None; got {check_every_n_steps!r}.")
-        if isinstance(probe_size, bool) or not isinstance(probe_size, int) or probe_size < 2:
-            raise RepSimValueError(f"probe_size must be an int >= 2 (CKA needs examples); got {probe_size!r}.")
-        if probe is not None and (not isinstance(probe, torch.Tensor) or probe.ndim == 0 or probe.shape[0] < 2):
-            raise RepSimValueError("probe must be a tensor of model inputs with at least 2 rows (examples).")
+        if isinstance(probe_size, bool) or not isinstance(probe_size, int) or probe_size < MIN_MEANINGFUL_EXAMPLES:
+            raise RepSimValueError(
+                f"probe_size must be an int >= {MIN_MEANINGFUL_EXAMPLES} (below that every CKA is close to 1 "
+                f"whatever the layer does); got {probe_size!r}."
+            )
+        if probe is not None and (
+            not isinstance(probe, torch.Tensor) or probe.ndim == 0 or probe.shape[0] < MIN_MEANINGFUL_EXAMPLES
+        ):
+            raise RepSimValueError(
+                f"probe must be a tensor of model inputs with at least {MIN_MEANINGFUL_EXAMPLES} rows (examples)."
+            )
         if source not in ("probe", "external"):
             raise RepSimValueError(f"source must be one of ['probe', 'external']; got {source!r}.")
         if isinstance(max_features, bool) or not isinstance(max_features, int) or max_features < 1:

@@ -318,7 +318,7 @@ class RepresentationSimilarity(Callback):
         probe = materialise_probe(self.probe_source, trainer)
         if self._checkpointed is not None and self._checkpointed.probe_hash not in (None, probe.hash):
             probe = self._resumed_probe(self._checkpointed, probe, run_directory(trainer, run_dir))
-        check_probe_size(probe, self.options)
+        check_probe_size(probe)
         self._runner = ProbeRunner(
             probe,
             self.layers,

@@ -248,7 +248,10 @@ def reduce_output(
     """Map one layer's output ``(N, *)`` to features ``(N, p)``: rows are examples.
 
     The output is detached and upcast to at least float32 (fp16 / bf16 / integers → float32,
-    float64 stays), and stays on its device. Then, by layout (see the module docstring for
+    float64 stays), and stays on its device. The result never shares memory with ``output``: a
+    later in-place operation of the model (``nn.ReLU(inplace=True)``, a residual ``out +=
+    identity``) cannot change what was recorded; a copy is made only where the reduction itself
+    did not make one (a 2-D output, a flatten or token view). Then, by layout (see the module docstring for
     the ``"auto"`` rule and for ``batch_first=False`` sequence modules):
 
     * ``(N,)`` → ``(N, 1)``; ``(N, p)`` → as is, whatever the layout.
@@ -287,6 +290,26 @@ def reduce_output(
         >>> reduce_output(torch.randn(2, 3, dtype=torch.float16)).dtype
         torch.float32
     """
+    features = _reduce(output, module, name, layout, token_reduction, max_features, _warned)
+    return features.clone() if _shares_memory(features, output) else features
+
+
+def _shares_memory(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether ``a`` is (a view of) ``b``'s storage, so that writing into ``b`` would change ``a``."""
+    if a.numel() == 0:
+        return False
+    return a.device == b.device and a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
+
+
+def _reduce(
+    output: torch.Tensor,
+    module: nn.Module | None,
+    name: str,
+    layout: str,
+    token_reduction: str,
+    max_features: int,
+    _warned: set[str] | None,
+) -> torch.Tensor:
     x = _upcast(output)
     if x.ndim == 3 and not _batch_first(module) and isinstance(module, _SEQUENCE_TYPES):
         x = x.transpose(0, 1)
@@ -312,7 +335,7 @@ def reduce_output(
                 f"{x.shape[1] * x.shape[2]} features > max_features={max_features}; "
                 "consider token_reduction='mean'.",
                 RepSimWarning,
-                stacklevel=2,
+                stacklevel=3,
             )
         return x.reshape(n, -1)
     channels, spatial = x.shape[1], list(x.shape[2:])
@@ -324,7 +347,7 @@ def reduce_output(
                 f"using global average pooling (p={channels}). Raise max_features to keep "
                 "spatial detail, or select fewer layers.",
                 RepSimWarning,
-                stacklevel=2,
+                stacklevel=3,
             )
         sizes = [1] * len(spatial)
     return _adaptive_avg_pool(x, sizes).reshape(n, -1)

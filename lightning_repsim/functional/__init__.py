@@ -2,8 +2,9 @@
 
 Every function takes 2-D tensors whose rows are examples and whose columns are neurons; x (n, p)
 and y (n, q) must describe the same n examples in the same order. Results are float64 on the
-inputs' device: CPU work runs in float64, CUDA products in float32 with TF32 disabled and every
-reduction in float64.
+inputs' device: CPU work runs in float64, CUDA products in float32 (float64 where the process allows
+TF32: no global flag is ever changed) and every reduction in float64. Gram-based measures propagate
+gradients to inputs that require grad.
 
 Modules: :mod:`~lightning_repsim.functional.cka`, :mod:`~lightning_repsim.functional.rv` and
 :mod:`~lightning_repsim.functional.cca` hold the single-pair measures, :mod:`~lightning_repsim.functional.gram`

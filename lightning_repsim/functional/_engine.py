@@ -33,11 +33,11 @@ from lightning_repsim.errors import RepSimValueError
 from lightning_repsim.functional._measures import GramSpec
 from lightning_repsim.functional._validation import (
     Layers,
-    exact_float32,
     finite_or_zero,
     gemm_dtype,
     is_negligible,
     named_layers,
+    no_autocast,
     product_nt,
     self_product,
 )
@@ -174,7 +174,7 @@ class PreparedLayers:
                 self.feature(i)
 
     def _prepare_torch(self, i: int) -> torch.Tensor:
-        x, bad = finite_or_zero(self.sources[i].to(device=self.device, dtype=torch.float64))
+        x, bad = finite_or_zero(self.sources[i].detach().to(device=self.device, dtype=torch.float64))
         if bad:
             self.problems[self.names[i]] = "it contains NaN or Inf"
         raw_norm = torch.linalg.vector_norm(x)
@@ -458,7 +458,7 @@ def _squared_cross_norms(xs: list[torch.Tensor], ys: list[torch.Tensor], symmetr
     owner = torch.repeat_interleave(torch.arange(len(ys), device=device), sizes)
     starts = torch.cumsum(sizes, 0) - sizes
     out = torch.zeros(len(xs), len(ys), dtype=torch.float64, device=device)
-    with exact_float32():
+    with no_autocast(device):
         for i, x in enumerate(xs):
             first = int(starts[i]) if symmetric else 0
             column_sums = (x.T @ stacked_y[:, first:]).to(torch.float64).square().sum(0)
@@ -693,7 +693,8 @@ def gram_similarity(
     """
     prepared_x = reps_x.prepared(spec, device, product_dtype)
     prepared_y = None if reps_y is None else reps_y.prepared(spec, device, product_dtype)
-    cross, self_x, self_y, problems = hsic_matrices(prepared_x, prepared_y, spec, n, method)
+    with no_autocast(device):  # the products in the dtype chosen, not a surrounding step's bf16
+        cross, self_x, self_y, problems = hsic_matrices(prepared_x, prepared_y, spec, n, method)
     scale = spec.hsic_scale(n)
     dead_x = degenerate_layers(prepared_x.names, self_x, _energy_scale(prepared_x, spec, n) * scale, spec, problems)
     dead_y = (

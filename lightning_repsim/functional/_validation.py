@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import warnings
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 import torch
@@ -42,7 +42,22 @@ def as_matrix(x: TensorLike, name: str) -> torch.Tensor:
         raise RepSimValueError(f"{name} has shape {tuple(x.shape)}: it has no features (p = 0).")
     if not x.is_floating_point():
         x = x.to(torch.float64)
-    return x.detach()
+    return x  # not detached: the single-pair measures propagate gradients (the engine detaches itself)
+
+
+def needs_grad(*mats: torch.Tensor) -> bool:
+    """Whether autograd is recording and any of ``mats`` requires grad."""
+    return torch.is_grad_enabled() and any(m.requires_grad for m in mats)
+
+
+def refuse_grad(measure: str, *mats: torch.Tensor) -> None:
+    """Raise for a measure that cannot propagate gradients when an input requires grad (rather than
+    silently detaching it)."""
+    if needs_grad(*mats):
+        raise RepSimValueError(
+            f"{measure} does not propagate gradients, and an input requires grad; pass x.detach() to "
+            "measure it, or use linear_cka, debiased CKA or rbf_cka as a loss term."
+        )
 
 
 def check_examples(shapes: Mapping[str, torch.Size], min_n: int, what: str) -> int:
@@ -58,6 +73,30 @@ def check_examples(shapes: Mapping[str, torch.Size], min_n: int, what: str) -> i
     if n < min_n:
         raise RepSimValueError(f"{what} needs at least {min_n} examples (rows); got n = {n}.")
     return n
+
+
+#: Below this many examples every similarity is (nearly) 1 whatever the representations: with 2 every
+#: centred Gram has rank 1 (all centred Grams are multiples of one matrix), with 3 rank <= 2.
+MIN_MEANINGFUL_EXAMPLES = 4
+
+
+def few_examples_message(measure: str, n: int) -> str:
+    """The warning for an estimate from fewer than :data:`MIN_MEANINGFUL_EXAMPLES` examples."""
+    return (
+        f"{measure} from n = {n} examples is trivially (close to) 1 whatever the representations: "
+        f"with n = 2 every centred Gram matrix has rank 1. Use at least {MIN_MEANINGFUL_EXAMPLES} "
+        "examples (a probe of hundreds for stable estimates)."
+    )
+
+
+def too_small_probe(n: int, what: str = "the probe") -> str:
+    """The configuration error for a probe of fewer than 4 examples (the callbacks and ``compare()``)."""
+    return (
+        f"{what} has {n} example(s); similarity measures need at least {MIN_MEANINGFUL_EXAMPLES}: with 2 "
+        "every centred Gram matrix has rank 1 and every similarity is exactly 1, with 3 they say little "
+        f"more. Pass probe= with more examples (e.g. 'val:512', or a tensor of >= {MIN_MEANINGFUL_EXAMPLES}; "
+        "hundreds give stable estimates)."
+    )
 
 
 def named_layers(layers: Layers, default_prefix: str) -> tuple[list[str], list[torch.Tensor]]:
@@ -81,35 +120,50 @@ def named_layers(layers: Layers, default_prefix: str) -> tuple[list[str], list[t
 
 def gemm_dtype(device: torch.device, requested: torch.dtype | str | None = None) -> torch.dtype:
     """Precision of the large products: ``requested`` (float32 or float64) when given, else float64 on
-    CPU and float32 (TF32 off) on accelerators."""
+    CPU and float32 on accelerators; float32 becomes float64 wherever the process lets float32
+    matmuls run at reduced precision (TF32 or bf16, see :func:`reduced_float32_matmul`), since the
+    library never changes those process-wide settings itself."""
     if requested is None:
-        return torch.float64 if device.type == "cpu" else torch.float32
-    dtype = (
-        {"float32": torch.float32, "float64": torch.float64}.get(requested, requested)
-        if isinstance(requested, str)
-        else requested
-    )
-    if dtype not in (torch.float32, torch.float64):
-        raise RepSimValueError(
-            f"product_dtype must be torch.float32, torch.float64 (or their names) or None for "
-            f"the device's default; got {requested!r}."
-        )
+        dtype = torch.float64 if device.type == "cpu" else torch.float32
+    else:
+        names = {"float32": torch.float32, "float64": torch.float64}
+        dtype = names.get(requested, requested) if isinstance(requested, str) else requested  # type: ignore[arg-type]
+        if dtype not in (torch.float32, torch.float64):
+            raise RepSimValueError(
+                f"product_dtype must be torch.float32, torch.float64 (or their names) or None for "
+                f"the device's default; got {requested!r}."
+            )
+    if dtype == torch.float32 and reduced_float32_matmul(device):
+        return torch.float64
     return dtype
 
 
-@contextlib.contextmanager
-def exact_float32() -> Iterator[None]:
-    """Disable TF32 for the products inside (Ampere/Hopper would otherwise lose ~3 digits)."""
-    matmul, cudnn = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-    precision = torch.get_float32_matmul_precision()
-    torch.backends.cuda.matmul.allow_tf32 = False
-    torch.backends.cudnn.allow_tf32 = False
-    torch.set_float32_matmul_precision("highest")
+def reduced_float32_matmul(device: torch.device) -> bool:
+    """Whether float32 matmuls on ``device`` may run at reduced precision (TF32 on CUDA, bf16/TF32 in
+    oneDNN on CPU) under the process's current settings. Read only: the ``fp32_precision`` API
+    (torch >= 2.9, which also reflects ``allow_tf32`` and ``set_float32_matmul_precision``), else the
+    legacy flags; a state torch refuses to read counts as reduced."""
+    if device.type not in ("cpu", "cuda"):
+        return False
+    backend = torch.backends.cuda.matmul if device.type == "cuda" else getattr(torch.backends.mkldnn, "matmul", None)
     try:
-        yield
-    finally:
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = matmul, cudnn
-        torch.set_float32_matmul_precision(precision)
+        precisions = [getattr(backend, "fp32_precision", None), getattr(torch.backends, "fp32_precision", None)]
+        if any(isinstance(p, str) for p in precisions):
+            return any(isinstance(p, str) and p not in ("none", "ieee") for p in precisions)
+        if device.type == "cpu":
+            return False  # before the fp32_precision API, CPU float32 matmuls were always full precision
+        return bool(torch.backends.cuda.matmul.allow_tf32) or torch.get_float32_matmul_precision() != "highest"
+    except RuntimeError:
+        return True
+
+
+def no_autocast(device: torch.device) -> contextlib.AbstractContextManager[object]:
+    """Autocast off for ``device``'s type inside (a thread-local setting, restored on exit): the
+    products run in the dtype the engine chose, not in the bf16/fp16 of a surrounding mixed-precision
+    step. Changes no process-wide state."""
+    if torch.amp.is_autocast_available(device.type):
+        return torch.autocast(device.type, enabled=False)
+    return contextlib.nullcontext()
 
 
 # Below this many multiply-adds a product stays in torch while torch runs several threads: waking
@@ -138,7 +192,7 @@ def self_product(x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tens
             return torch.from_numpy(array @ array.T)
         np.matmul(array, array.T, out=out.numpy())
         return out
-    with exact_float32():
+    with no_autocast(x.device):
         if out is not None and cpu:
             return torch.mm(x, x.T, out=out)
         product = x @ x.T

@@ -8,17 +8,21 @@ columns give correct values, and no correlation exceeds 1.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from lightning_repsim.errors import RepSimValueError
+from lightning_repsim.errors import RepSimValueError, RepSimWarning
 from lightning_repsim.functional._validation import (
+    MIN_MEANINGFUL_EXAMPLES,
     TensorLike,
     as_matrix,
     check_examples,
+    few_examples_message,
     finite_or_zero,
+    refuse_grad,
     warn_degenerate,
 )
 
@@ -104,6 +108,7 @@ def canonical_correlations(x: TensorLike, y: TensorLike) -> torch.Tensor:
         [1.0, 1.0, 1.0]
     """
     x, y = as_matrix(x, "x"), as_matrix(y, "y")
+    refuse_grad("canonical_correlations", x, y)
     check_examples({"x": x.shape, "y": y.shape}, 2, "canonical correlation")
     bx, by = _basis(x, None), _basis(y.to(x.device), None)
     return torch.linalg.svdvals(bx.basis.T @ by.basis).clamp(0.0, 1.0)
@@ -187,8 +192,11 @@ def _pair(x: TensorLike, y: TensorLike, measure: str, **options: Any) -> torch.T
     x, y = as_matrix(x, "x"), as_matrix(y, "y")
     if x.device != y.device:
         raise RepSimValueError(f"x and y must be on one device; got {x.device} and {y.device}.")
+    refuse_grad(measure, x, y)
     n = check_examples({"x": x.shape, "y": y.shape}, 2, measure)
     result, problems = cca_matrix(["x"], [x], (["y"], [y]), n, measure, **options)
+    if n < MIN_MEANINGFUL_EXAMPLES:
+        warnings.warn(few_examples_message(measure, n), RepSimWarning, stacklevel=3)
     warn_degenerate(problems, measure)
     return result[0, 0]
 

@@ -7,9 +7,18 @@ import warnings
 import torch
 
 from lightning_repsim.errors import RepSimValueError, RepSimWarning
+from lightning_repsim.functional._autograd import gram_terms
 from lightning_repsim.functional._engine import cosine, degenerate_layers, hsic_matrices, prepare_layers
 from lightning_repsim.functional._measures import gram_spec
-from lightning_repsim.functional._validation import TensorLike, as_matrix, check_examples, warn_degenerate
+from lightning_repsim.functional._validation import (
+    MIN_MEANINGFUL_EXAMPLES,
+    TensorLike,
+    as_matrix,
+    check_examples,
+    few_examples_message,
+    needs_grad,
+    warn_degenerate,
+)
 from lightning_repsim.functional.gram import hsic
 from lightning_repsim.functional.matrix import similarity_matrix
 
@@ -30,6 +39,8 @@ def cka(gram_x: torch.Tensor, gram_y: torch.Tensor, debiased: bool = False) -> t
         1.0
     """
     xy, xx, yy = hsic(gram_x, gram_y, debiased), hsic(gram_x, gram_x, debiased), hsic(gram_y, gram_y, debiased)
+    if not debiased and gram_x.shape[0] < MIN_MEANINGFUL_EXAMPLES:
+        warnings.warn(few_examples_message("CKA", gram_x.shape[0]), RepSimWarning, stacklevel=2)
     if not (float(xx) > 0 and float(yy) > 0):
         warnings.warn(
             f"CKA is NaN: HSIC(K, K) = {float(xx):.3g} and HSIC(L, L) = {float(yy):.3g} must be positive "
@@ -57,6 +68,9 @@ def linear_cka(x: TensorLike, y: TensorLike, debiased: bool = False) -> torch.Te
 
     Returns:
         0-d float64 tensor; NaN with one :class:`RepSimWarning` for a constant side or NaN/Inf input.
+
+    Gradients flow to an input that requires grad, so ``1 - linear_cka(student, teacher)`` is a
+    loss term (see the README's "CKA as a loss term").
 
     Example:
         >>> import torch
@@ -109,6 +123,7 @@ def minibatch_cka(x: TensorLike, y: TensorLike, batch_size: int) -> torch.Tensor
             f"batch_size must be an int >= 4 (the unbiased HSIC needs 4 examples); got {batch_size!r}."
         )
     spec = gram_spec("debiased_cka")
+    differentiable = needs_grad(x, y)  # then in plain float64 torch, as similarity_matrix does
     totals = None
     problems: dict[str, str] = {}
     for start in range(0, n, batch_size):
@@ -121,12 +136,19 @@ def minibatch_cka(x: TensorLike, y: TensorLike, batch_size: int) -> torch.Tensor
                 stacklevel=2,
             )
             break
-        block_x = prepare_layers(["x"], [x[start:stop]], spec, x.device)
-        block_y = prepare_layers(["y"], [y[start:stop].to(x.device)], spec, x.device)
-        cross, self_x, self_y, block_problems = hsic_matrices(block_x, block_y, spec, stop - start)
-        problems.update(block_problems)
         scale = spec.hsic_scale(stop - start)
-        terms = torch.stack([cross[0, 0], self_x[0], self_y[0], block_x.energy[0] * scale, block_y.energy[0] * scale])
+        if differentiable:
+            vectors, energy = gram_terms(["x", "y"], [x[start:stop], y[start:stop].to(x.device)], spec, problems)
+            products = vectors @ vectors.T * scale
+            terms = torch.stack([products[0, 1], products[0, 0], products[1, 1], energy[0] * scale, energy[1] * scale])
+        else:
+            block_x = prepare_layers(["x"], [x[start:stop]], spec, x.device)
+            block_y = prepare_layers(["y"], [y[start:stop].to(x.device)], spec, x.device)
+            cross, self_x, self_y, block_problems = hsic_matrices(block_x, block_y, spec, stop - start)
+            problems.update(block_problems)
+            terms = torch.stack(
+                [cross[0, 0], self_x[0], self_y[0], block_x.energy[0] * scale, block_y.energy[0] * scale]
+            )
         totals = terms if totals is None else totals + terms
     assert totals is not None  # n >= 4 gives at least one block of 4 rows
     dead_x = degenerate_layers(["x"], totals[1:2], totals[3:4], spec, problems)

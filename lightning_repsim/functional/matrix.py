@@ -6,12 +6,25 @@ Validates the inputs and the measure, then hands the Gram-based measures to the 
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 
-from lightning_repsim.errors import RepSimValueError
+from lightning_repsim.errors import RepSimValueError, RepSimWarning
+from lightning_repsim.functional._autograd import differentiable_matrix
 from lightning_repsim.functional._engine import Representations, gram_similarity
 from lightning_repsim.functional._measures import CCA_MEASURES, gram_spec, resolve_options
-from lightning_repsim.functional._validation import Layers, check_examples, gemm_dtype, warn_degenerate
+from lightning_repsim.functional._validation import (
+    MIN_MEANINGFUL_EXAMPLES,
+    Layers,
+    check_examples,
+    few_examples_message,
+    gemm_dtype,
+    needs_grad,
+    no_autocast,
+    refuse_grad,
+    warn_degenerate,
+)
 from lightning_repsim.functional.cca import cca_matrix
 
 __all__ = ["similarity_matrix"]
@@ -43,19 +56,29 @@ def similarity_matrix(
             report them themselves; the NaN cells are the same).
         product_dtype: precision of the large products (Grams, ``Xᵀ Y``) of the Gram-based measures;
             everything else, centring and every sum over products included, stays in float64.
-            ``None``: float64 on CPU, float32 with TF32 disabled on accelerators. ``torch.float32``
+            ``None``: float64 on CPU, float32 on accelerators. ``torch.float32``
             on CPU is about twice as fast and agrees with float64 to about 1e-7 (float32 peers:
             1e-4); ``torch.float64`` on an accelerator buys the last digits. Layers are scaled by
-            powers of two into float32's safe range first. SVCCA and PWCCA (SVDs) ignore it.
+            powers of two into float32's safe range first. Where the process lets float32 matmuls run
+            at reduced precision (TF32, ``torch.set_float32_matmul_precision("high")``, the
+            ``fp32_precision`` API), float32 products are done in float64 instead: the library reads
+            those settings and never changes them. SVCCA and PWCCA (SVDs) and inputs that require
+            grad (float64 throughout) ignore it. Autocast is off inside: a bf16 step gives the same
+            values as a float32 one.
         **options: the measure's options (``debiased``, ``sigma``, ``center``, ``keep``).
 
     Returns:
         float64 tensor on the inputs' device; entry (i, j) equals the single-pair function on
         ``(xs[i], ys[j])``. Degenerate layers give NaN rows/columns and one :class:`RepSimWarning`.
+        When an input requires grad (and autograd is recording), the Gram-based measures propagate
+        gradients to it (CKA as a loss term); otherwise the result has no graph. Fewer than 4
+        examples give one :class:`RepSimWarning`: with 2 every centred Gram has rank 1 and every
+        similarity is 1, with 3 the values say little more.
 
     Raises:
         RepSimValueError: unknown measure or option, inputs that are not 2-D, different numbers of
-            examples, too few examples, or inputs on different devices.
+            examples, too few examples, inputs on different devices, or an input that requires grad
+            with SVCCA or PWCCA (not differentiable here: detach it, or use a CKA).
 
     Example:
         >>> import torch
@@ -83,22 +106,31 @@ def similarity_matrix(
     device = devices.pop()
     gemm_dtype(device, product_dtype)  # validated for every measure, though only Gram products use it
     shapes = {name: m.shape for name, m in zip(names_x + names_y, mats_x + mats_y)}
+    other = None if symmetric else (names_y, mats_y)
+    differentiable = needs_grad(*mats_x, *mats_y)
 
-    if measure in CCA_MEASURES:
-        n = check_examples(shapes, 2, measure)
-        result, problems = cca_matrix(names_x, mats_x, None if symmetric else (names_y, mats_y), n, measure, **options)
-        label = measure
-    else:
-        spec = gram_spec(measure, **options)
-        n = check_examples(
-            shapes,
-            spec.min_examples,
-            spec.measure.replace("_", " ") if spec.transform != "unbiased" else f"{spec.measure} (unbiased HSIC)",
-        )
-        result, problems = gram_similarity(
-            reps_x, None if symmetric else reps_y, spec, n, device, method, product_dtype
-        )
-        label = spec.measure
+    with no_autocast(device):
+        if measure in CCA_MEASURES:
+            refuse_grad(measure, *mats_x, *mats_y)
+            n = check_examples(shapes, 2, measure)
+            result, problems = cca_matrix(names_x, mats_x, other, n, measure, **options)
+            label = measure
+        else:
+            spec = gram_spec(measure, **options)
+            label = spec.measure
+            n = check_examples(
+                shapes,
+                spec.min_examples,
+                label.replace("_", " ") if spec.transform != "unbiased" else f"{label} (unbiased HSIC)",
+            )
+            if differentiable:
+                result, problems = differentiable_matrix(names_x, mats_x, other, spec)
+            else:
+                result, problems = gram_similarity(
+                    reps_x, None if symmetric else reps_y, spec, n, device, method, product_dtype
+                )
+    if warn and n < MIN_MEANINGFUL_EXAMPLES:
+        warnings.warn(few_examples_message(label, n), RepSimWarning, stacklevel=2)
     if warn:
         warn_degenerate(problems, label)
     return result

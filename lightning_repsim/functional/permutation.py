@@ -213,7 +213,7 @@ def permutation_test(
     options = resolve_options(measure, measure_options)
     count = _check_permutations(n_permutations)
     seed = _check_seed(seed)
-    x, y = as_matrix(x, "x"), as_matrix(y, "y")
+    x, y = as_matrix(x, "x").detach(), as_matrix(y, "y").detach()  # a test of significance, not a loss
     if x.device != y.device:
         raise RepSimValueError(
             f"x and y must be on one device; got {x.device} and {y.device}. Move them with .to(device) first."

@@ -619,3 +619,11 @@ def test_ddp_spawn_two_processes():
         max_steps=12,
     )
     trainer.fit(Net(), loader(16 * N_BATCHES))
+
+
+@pytest.mark.parametrize("size", [2, 3])
+def test_similarity_schedule_refuses_fewer_than_four_probe_examples(size):
+    with pytest.raises(RepSimValueError, match=r"probe_size must be an int >= 4 \(below that every CKA"):
+        SimilaritySchedule(probe_size=size)
+    with pytest.raises(RepSimValueError, match="at least 4 rows"):
+        SimilaritySchedule(probe=torch.randn(size, 3))

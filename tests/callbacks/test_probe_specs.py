@@ -151,14 +151,43 @@ def test_val_n_without_validation_data_is_an_error_before_training(tmp_path):
     assert model.train_steps_run == 0  # no fallback to training data for an explicit "val:N"
 
 
-@pytest.mark.parametrize(
-    "spec", ["val:abc", "test:5", "val:", ":5", "val:-3", "val:5 ", "VAL:5", "val:5:6", "val:0", "train:00"]
-)
+@pytest.mark.parametrize("spec", ["val:abc", "test:5", "val:", ":5", "val:-3", "val:5 ", "VAL:5", "val:5:6"])
 def test_malformed_spec_is_refused_at_construction(spec):
     with pytest.raises(
         RepSimValueError,
         match=r"probe string must look like 'val:512' or 'train:512' \(a split and "
-        r"a positive number of examples\); got ",
+        r"a number of examples, at least 4\); got ",
     ) as info:
         RepresentationSimilarity(probe=spec)
     assert repr(spec) in str(info.value)
+
+
+@pytest.mark.parametrize("spec", ["val:0", "train:00", "val:2", "train:3"])
+def test_spec_of_fewer_than_four_examples_is_refused_at_construction(spec):
+    count = int(spec.split(":")[1])
+    with pytest.raises(
+        RepSimValueError, match=rf"probe={spec!r} has {count} example\(s\); similarity measures need at least 4"
+    ) as info:
+        RepresentationSimilarity(probe=spec)
+    assert "every similarity is exactly 1" in str(info.value) and "Pass probe= with more examples" in str(info.value)
+
+
+@pytest.mark.parametrize("measures", [("linear_cka",), ("rv2", "svcca"), ("rbf_cka",)])
+@pytest.mark.parametrize("n", [2, 3])
+def test_probe_of_fewer_than_four_examples_is_refused_before_training(tmp_path, n, measures):
+    # With 2 examples every centred Gram has rank 1: every linear CKA / RV2 cell would be exactly 1.
+    model = Net()
+    callback = RepresentationSimilarity(probe=X_VAL[:n], reference="init", measures=measures, write_files=False)
+    trainer = pl.Trainer(
+        default_root_dir=str(tmp_path), max_epochs=1, limit_train_batches=1, accelerator="cpu", logger=False,
+        callbacks=[callback], enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
+    )  # fmt: skip
+    with pytest.raises(RepSimValueError, match=rf"the probe has {n} example\(s\); .*at least 4.*Pass probe="):
+        trainer.fit(model, train_dataloaders=loader(X_TRAIN, Y_TRAIN, 16))
+    assert model.train_steps_run == 0
+
+
+def test_probe_of_four_examples_is_accepted(tmp_path):
+    callback, model = fit(tmp_path, X_VAL[:4], train_dataloaders=loader(X_TRAIN, Y_TRAIN, 16))
+    assert_probe(callback, X_VAL[:4])
+    assert model.train_steps_run == 1

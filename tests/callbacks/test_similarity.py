@@ -1190,7 +1190,7 @@ def test_layer_selector_matching_nothing_fails_before_training(tmp_path):
 def test_probe_too_small_for_debiased_cka(tmp_path):
     model = Net()
     callback = monitor(probe=PROBE[:3], measure_options={"linear_cka": {"debiased": True}})
-    with pytest.raises(ValueError, match="3 example.*at least 4"):
+    with pytest.raises(ValueError, match=r"3 example.*at least 4"):
         make_trainer(tmp_path, [callback]).fit(model, train_loader())
     assert model.train_steps_run == 0
 

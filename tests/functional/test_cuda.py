@@ -1,4 +1,5 @@
-"""On a GPU: results on CUDA tensors agree with the float64 CPU computation to 1e-5 (TF32 off).
+"""On a GPU: results on CUDA tensors agree with the float64 CPU computation to 1e-5 whatever the user's
+TF32 settings (the library reads them and upcasts, never writes them); the callback end to end.
 
 Skipped without CUDA; run it where a GPU is available (``pytest tests/functional/test_cuda.py``).
 """
@@ -18,10 +19,11 @@ def test_cuda_matches_float64_cpu(measure, shape):
     n, p = shape
     x = torch.randn(n, p, generator=g) + 3.0
     layers = {"a": x, "b": torch.tanh(x @ torch.randn(p, 96, generator=g) / p**0.5), "c": x[:, : p // 4] ** 2}
-    torch.backends.cuda.matmul.allow_tf32 = True  # the library must disable it for its own products
+    torch.backends.cuda.matmul.allow_tf32 = True  # the library must not be affected by it, nor change it
     try:
         cpu = F.similarity_matrix({k: v.double() for k, v in layers.items()}, measure=measure)
         gpu = F.similarity_matrix({k: v.cuda() for k, v in layers.items()}, measure=measure)
+        assert torch.backends.cuda.matmul.allow_tf32  # still the user's setting
     finally:
         torch.backends.cuda.matmul.allow_tf32 = False
     assert gpu.device.type == "cuda" and gpu.dtype == torch.float64
@@ -45,3 +47,9 @@ def test_cuda_float64_products_match_cpu_to_the_last_digits(measure):
     cpu = F.similarity_matrix(layers, measure=measure)
     gpu = F.similarity_matrix([m.cuda() for m in layers], measure=measure, product_dtype=torch.float64)
     torch.testing.assert_close(gpu.cpu(), cpu, atol=1e-12, rtol=0)
+
+
+def test_callback_end_to_end_bf16_mixed_worker_thread_on_cuda(tmp_path):
+    from tests.callbacks.test_similarity_precision import fit_and_check_precision_state
+
+    fit_and_check_precision_state(tmp_path, "gpu")

@@ -1,6 +1,7 @@
 """Input handling shared by every measure: shapes, sample sizes, dtypes and degenerate input."""
 
 import math
+import warnings
 
 import numpy as np
 import pytest
@@ -92,11 +93,13 @@ def test_unbiased_estimator_needs_four_examples(name):
         _call(name, x, y)
 
 
-def test_three_examples_are_enough_for_biased_measures():
+def test_three_examples_are_computed_for_biased_measures_but_warned_about():
     x, y = _pair(n=3, p=2, q=2)
     tx, ty = to_torch(x), to_torch(y)
-    np.testing.assert_allclose(float(F.linear_cka(tx, ty)), R.linear_cka(x, y), atol=1e-10)
-    np.testing.assert_allclose(float(F.rv2(tx, ty)), R.rv2(x, y), atol=1e-10)
+    with pytest.warns(RepSimWarning, match=r"n = 3 examples is trivially"):
+        np.testing.assert_allclose(float(F.linear_cka(tx, ty)), R.linear_cka(x, y), atol=1e-10)
+    with pytest.warns(RepSimWarning, match=r"rv2 from n = 3"):
+        np.testing.assert_allclose(float(F.rv2(tx, ty)), R.rv2(x, y), atol=1e-10)
 
 
 def test_minibatch_smaller_than_four_is_rejected():
@@ -242,3 +245,30 @@ def test_mixed_dtypes():
     assert_scalar64(got)
     expected = R.linear_cka(to_torch(x).float().double().numpy(), to_torch(y).to(torch.bfloat16).double().numpy())
     assert abs(float(got) - expected) <= 1e-6
+
+
+@pytest.mark.parametrize(
+    "measure, options",
+    [("linear_cka", {}), ("rbf_cka", {}), ("rv", {}), ("rv2", {}), ("rv2", {"center": False})],
+)
+def test_two_examples_give_a_trivial_one_and_a_warning(measure, options):
+    # n = 2: every centred Gram is a multiple of [[1, -1], [-1, 1]], so unrelated layers look identical.
+    g = torch.Generator().manual_seed(5)
+    x, y = torch.randn(2, 7, generator=g, dtype=torch.float64), torch.randn(2, 3, generator=g, dtype=torch.float64)
+    with pytest.warns(RepSimWarning, match=r"from n = 2 examples is trivially \(close to\) 1.*at least 4"):
+        value = F.similarity_matrix([x], [y], measure, **options)
+    assert abs(float(value)) == pytest.approx(1.0, abs=1e-12)
+    with pytest.warns(RepSimWarning, match="n = 2 examples"):
+        getattr(F, measure)(x, y, **options)
+
+
+def test_gram_level_cka_warns_below_four_examples_and_four_are_quiet():
+    x = torch.randn(3, 4, dtype=torch.float64)
+    with pytest.warns(RepSimWarning, match="CKA from n = 3"):
+        F.cka(F.gram_linear(x), F.gram_linear(x**2))
+    x4, y4 = torch.randn(4, 4, dtype=torch.float64), torch.randn(4, 2, dtype=torch.float64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        F.linear_cka(x4, y4)
+        F.similarity_matrix([x4, y4], measure="debiased_cka")
+        F.cka(F.gram_linear(x4), F.gram_linear(y4))
