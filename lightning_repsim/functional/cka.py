@@ -8,8 +8,9 @@ import torch
 
 from lightning_repsim.errors import RepSimValueError, RepSimWarning
 from lightning_repsim.functional._autograd import gram_terms
-from lightning_repsim.functional._engine import cosine, degenerate_layers, hsic_matrices, prepare_layers
+from lightning_repsim.functional._engine import cosine, degenerate_layers, hsic_matrices
 from lightning_repsim.functional._measures import gram_spec
+from lightning_repsim.functional._prepared import prepare_layers
 from lightning_repsim.functional._validation import (
     MIN_MEANINGFUL_EXAMPLES,
     TensorLike,

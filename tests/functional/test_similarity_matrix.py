@@ -177,7 +177,7 @@ def test_representations_reused_across_measures_equal_fresh_calls(method):
 def test_representations_compute_each_gram_once(monkeypatch):
     import sys
 
-    engine = sys.modules["lightning_repsim.functional._engine"]
+    engine = sys.modules["lightning_repsim.functional._prepared"]  # where the Grams are formed and cached
     calls = []
     original = engine.self_product
     monkeypatch.setattr(engine, "self_product", lambda x, **kw: calls.append(x.shape) or original(x, **kw))
@@ -277,6 +277,7 @@ def test_accelerator_route_agrees_with_host_route(monkeypatch, measure, options,
     import sys
 
     engine = sys.modules["lightning_repsim.functional._engine"]
+    prepared = sys.modules["lightning_repsim.functional._prepared"]
     xs = {f"x{i}": to_torch(a + 5.0) for i, a in enumerate(_layers(0))}
     xs["x1"] = xs["x1"].clone()
     xs["x1"][0, 0] = float("inf")
@@ -288,7 +289,8 @@ def test_accelerator_route_agrees_with_host_route(monkeypatch, measure, options,
             with pytest.warns(RepSimWarning, match="x1: it contains NaN or Inf"):
                 host = F.similarity_matrix(xs, other, measure, method=method, product_dtype=product_dtype, **options)
             with monkeypatch.context() as patch:
-                patch.setattr(engine, "host_route", lambda device: False)
+                for module in (engine, prepared):  # the route is taken in both
+                    patch.setattr(module, "host_route", lambda device: False)
                 with pytest.warns(RepSimWarning, match="x1: it contains NaN or Inf"):
                     torch_only = F.similarity_matrix(
                         xs, other, measure, method=method, product_dtype=product_dtype, **options
@@ -314,8 +316,8 @@ def test_float32_products_keep_far_offsets_and_extreme_scales(monkeypatch, kind,
     of the untouched layers, on both routes and without a warning."""
     import sys
 
-    engine = sys.modules["lightning_repsim.functional._engine"]
-    monkeypatch.setattr(engine, "host_route", lambda device: host)
+    for module in ("_engine", "_prepared"):  # the route is taken in both
+        monkeypatch.setattr(sys.modules[f"lightning_repsim.functional.{module}"], "host_route", lambda device: host)
     layers = [to_torch(a) for a in _layers(0)]
     moved = [(m + value if kind == "offset" else m * value).to(dtype) for m in layers]
     for measure in ("linear_cka", "rv2", "debiased_cka", "rbf_cka"):
