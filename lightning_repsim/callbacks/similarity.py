@@ -46,6 +46,7 @@ from lightning_repsim.callbacks._probing import (
 )
 from lightning_repsim.callbacks._reporting import PointReporter, settings_table
 from lightning_repsim.callbacks._strategy import refuse_sharded
+from lightning_repsim.callbacks._validation_pass import ValidationRecording
 from lightning_repsim.capture import LayerSelector, OutputSelector, Probe
 from lightning_repsim.errors import RepSimError, RepSimValueError
 from lightning_repsim.functional._measures import resolve_measures
@@ -229,6 +230,7 @@ class RepresentationSimilarity(Callback):
         self._attempted_step: int | None = None
         self._unlogged_start: dict[str, torch.Tensor] | None = None
         self._worker: Background | None = None
+        self._riding: ValidationRecording | None = None  # the probe recorded during validation
 
     # ------------------------------------------------------------------ configuration
 
@@ -359,6 +361,50 @@ class RepresentationSimilarity(Callback):
         ):
             self._log_point_guarded(trainer, pl_module, f"epoch {trainer.current_epoch}")
 
+    def on_validation_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Record the probe during this validation when it runs on the weights of the next logging point
+        (at the end of a logging epoch): that point then needs no probe pass of its own."""
+        self._drop_recording()
+        if (
+            self._runner is None
+            or trainer.sanity_checking
+            or trainer.state.fn != "fit"  # not validate()
+            or self.every_n_train_steps is not None
+            or self.every_n_epochs is None
+            or (trainer.current_epoch + 1) % self.every_n_epochs
+            or self.forward is not None  # a custom forward: the validation step cannot tell it ran it
+            or trainer.world_size > 1  # each rank validates its own share of the examples
+        ):
+            return
+        self._riding = ValidationRecording(self._runner, trainer, pl_module, trainer.global_step)
+
+    def on_validation_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int, dataloader_idx: int = 0
+    ) -> None:
+        if self._riding is not None:
+            self._riding.batch_start(batch_idx, dataloader_idx)
+
+    def on_validation_batch_end(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
+        if self._riding is not None:
+            self._riding.release()
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._riding is not None:
+            self._riding.remove()
+
+    def _drop_recording(self) -> None:
+        if self._riding is not None:
+            self._riding.remove()
+            self._riding = None
+
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.global_step not in (self._last_logged_step, self._attempted_step):  # a failed step is not retried
             self._log_point_guarded(trainer, pl_module, "the last step")
@@ -375,6 +421,7 @@ class RepresentationSimilarity(Callback):
             self._sink.flush()
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        self._drop_recording()
         self._finish_background()  # keep every snapshot already taken
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -423,6 +470,7 @@ class RepresentationSimilarity(Callback):
         self._scalars.clear()
         self._previous = self._previous_step = self._last_logged_step = self._attempted_step = None
         self._unlogged_start = None
+        self._drop_recording()
         self._guard = Guard(self.strict)
         for ref in self._references:  # "init" is set and modules are captured again at fit start
             ref.features = None
@@ -534,7 +582,7 @@ class RepresentationSimilarity(Callback):
         features = (
             self._unlogged_start
             if step == 0 and self._unlogged_start is not None
-            else self._runner.trained(trainer, pl_module)
+            else self._features(trainer, pl_module)
         )
         self._unlogged_start = None
         self._attempted_step = step
@@ -546,6 +594,15 @@ class RepresentationSimilarity(Callback):
             else:
                 self._worker.submit(f"the snapshot of global step {step}", work, context=step)
         self._previous, self._previous_step, self._last_logged_step = features, step, step
+
+    def _features(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, torch.Tensor]:
+        """The probe's features at this step: recorded during this step's validation, else by a probe pass."""
+        assert self._runner is not None
+        riding, self._riding = self._riding, None
+        recorded = None if riding is None else riding.take(trainer.global_step)
+        if recorded is not None and list(recorded) == self._layer_names:
+            return recorded
+        return self._runner.trained(trainer, pl_module)
 
     def _compare_and_write(
         self,
