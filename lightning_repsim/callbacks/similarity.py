@@ -8,8 +8,9 @@ training, every stored snapshot against the last one, from the snapshot store on
 
 The callback decides *when* and *against what*; beside it, :mod:`._probing` runs the probe and the
 references, :mod:`._outputs` places the store and figures (resume included), :mod:`._reporting`
-draws and writes each logging point, :mod:`._guard` keeps failures from stopping the fit, and
-:mod:`._background` runs the comparing and writing on a worker thread.
+draws and writes each logging point, :mod:`._guard` keeps failures from stopping the fit,
+:mod:`._background` runs the comparing and writing on a worker thread, and :mod:`._validation_pass`
+records the probe during Lightning's own validation when that runs on a logging point's weights.
 """
 
 from __future__ import annotations
@@ -69,6 +70,10 @@ class RepresentationSimilarity(Callback):
     rule of :func:`lightning_repsim.capture.reduce_output`, the same for the trained model and
     for module / checkpoint references), and every measure is computed for all layer pairs
     against each reference. See :mod:`lightning_repsim.functional` for the measures' conventions.
+    When the probe is the validation loader's first examples (``"val:N"``, the default) and validation
+    runs at the end of a logging epoch, the hooks record them during that validation instead and
+    the point runs no probe pass of its own (the same numbers; any batch whose input is not the
+    probe's next examples, in order, falls back to the probe pass).
 
     Logged (only global rank 0 writes; ``repsim-<name>/`` instead of ``repsim/`` for a named monitor):
 
