@@ -45,7 +45,7 @@ from lightning_repsim.callbacks._probing import (
     materialise_probe,
     parse_references,
 )
-from lightning_repsim.callbacks._reporting import PointReporter, settings_table
+from lightning_repsim.callbacks._reporting import IMAGE_LOGGERS, PointReporter, settings_table
 from lightning_repsim.callbacks._strategy import refuse_sharded
 from lightning_repsim.callbacks._validation_pass import ValidationRecording
 from lightning_repsim.capture import LayerSelector, OutputSelector, Probe
@@ -553,7 +553,7 @@ class RepresentationSimilarity(Callback):
                 name=self.name,
             ),
         )
-        if not {"tensorboard", "mlflow", "wandb"} & set(sink.kinds):
+        if not IMAGE_LOGGERS & set(sink.kinds):
             self._guard.warn_once(
                 "no-image-logger",
                 "RepresentationSimilarity found no logger that stores images (TensorBoardLogger, MLFlowLogger, "
