@@ -215,15 +215,22 @@ class ProbeRunner:
 
 
 def check_features(features: Mapping[str, torch.Tensor], step: int, warn: Callable[[str, str], None]) -> None:
-    """Warn once per layer about NaN/Inf activations (divergence) or a layer constant over the probe."""
-    for name, x in features.items():
-        if not bool(torch.isfinite(x).all()):
+    """Warn once per layer about NaN/Inf activations (divergence) or a layer constant over the probe.
+
+    Every layer is checked on its own device and the verdicts come to the host in one transfer, not
+    two synchronisations per layer."""
+    if not features:
+        return
+    flags = [_verdict(x) for x in features.values()]
+    verdicts = torch.stack([f.to(flags[0].device) for f in flags]).tolist()
+    for name, (finite, constant) in zip(features, verdicts, strict=True):
+        if not finite:
             warn(
                 f"nonfinite:{name}",
                 f"layer {name!r} produced NaN/Inf activations at step {step}: its similarities are NaN; "
                 "training continues.",
             )
-        elif _is_constant(x):
+        elif constant:
             warn(
                 f"constant:{name}",
                 f"layer {name!r} is constant over the probe at step {step} (a dead layer?): its centred "
@@ -231,10 +238,14 @@ def check_features(features: Mapping[str, torch.Tensor], step: int, warn: Callab
             )
 
 
-def _is_constant(x: torch.Tensor) -> bool:
-    """No variation over the probe examples (relative to the magnitude, as the functional API decides)."""
-    x = x.to(torch.float64)
-    return float((x - x.mean(0)).square().sum()) <= 1e-20 * float(x.square().sum())
+def _verdict(x: torch.Tensor) -> torch.Tensor:
+    """``[all finite, constant over the probe]`` of one layer, as a boolean tensor on its device.
+
+    Constant: no variation over the probe examples, relative to the magnitude, as the functional API decides."""
+    x64 = x.to(torch.float64)
+    finite = torch.isfinite(x).all()
+    constant = (x64 - x64.mean(0)).square().sum() <= 1e-20 * x64.square().sum()
+    return torch.stack([finite, constant])
 
 
 def describe(value: Any) -> Any:

@@ -31,6 +31,9 @@ GRAM_CACHE_BYTES = 128 << 20
 
 FIGURE_FILES = "the figure files"
 
+#: The loggers that store images (``report.LoggerSink.kinds``).
+IMAGE_LOGGERS = frozenset({"tensorboard", "mlflow", "wandb"})
+
 
 class PointReporter:
     """Compares each snapshot with the references and draws and writes the results, for one fit.
@@ -117,16 +120,24 @@ class PointReporter:
     def matrix(
         self, measure: str, label: str, matrix: torch.Tensor, ref_names: list[str], step: int
     ) -> dict[str, float]:
-        """Draw and write one matrix of one logging point; returns its per-layer scalars."""
+        """Draw and write one matrix of one logging point; returns its per-layer scalars.
+
+        Nothing is drawn while no output takes the image (no logger that stores images, no figure files)."""
         names = self.layer_names
         values = matrix.cpu().numpy()
+        prefix = f"{self.prefix}/{measure}/{label}"
+        tags = report.layer_tags(prefix, names)
+        scalars = {tags[name]: value for name, value in matched_diagonal(values, names, ref_names).items()}
+        files = self.figures is not None and (self.guard is None or FIGURE_FILES not in self.guard.off)
+        images = self.sink is not None and bool(IMAGE_LOGGERS & set(self.sink.kinds))
+        if not (files or images):
+            return scalars
         key = (measure, label, tuple(ref_names))
         if key not in self._frames:  # labels and colour bar are drawn once; each step repaints the cells
             self._frames[key] = report.HeatmapFrames(
                 names, ref_names, measure=measure, title=f"{measure} vs {label}", row_title="layers", col_title=label
             )
         png = report.encode_png(self._frames[key].render(values, step=step))  # once, for the loggers and the file
-        prefix = f"{self.prefix}/{measure}/{label}"
         if self.sink is not None:
             self.sink.log_png(f"{prefix}/heatmap", png, step)
         if self.figures is not None:
@@ -140,8 +151,7 @@ class PointReporter:
                 write()
             else:
                 self.guard.output(FIGURE_FILES, step, write)
-        tags = report.layer_tags(prefix, names)
-        return {tags[name]: value for name, value in matched_diagonal(values, names, ref_names).items()}
+        return scalars
 
     def final(
         self,

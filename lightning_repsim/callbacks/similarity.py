@@ -8,8 +8,9 @@ training, every stored snapshot against the last one, from the snapshot store on
 
 The callback decides *when* and *against what*; beside it, :mod:`._probing` runs the probe and the
 references, :mod:`._outputs` places the store and figures (resume included), :mod:`._reporting`
-draws and writes each logging point, :mod:`._guard` keeps failures from stopping the fit, and
-:mod:`._background` runs the comparing and writing on a worker thread.
+draws and writes each logging point, :mod:`._guard` keeps failures from stopping the fit,
+:mod:`._background` runs the comparing and writing on a worker thread, and :mod:`._validation_pass`
+records the probe during Lightning's own validation when that runs on a logging point's weights.
 """
 
 from __future__ import annotations
@@ -51,8 +52,9 @@ from lightning_repsim.callbacks._probing import (
     materialise_probe,
     parse_references,
 )
-from lightning_repsim.callbacks._reporting import PointReporter, settings_table
+from lightning_repsim.callbacks._reporting import IMAGE_LOGGERS, PointReporter, settings_table
 from lightning_repsim.callbacks._strategy import refuse_sharded
+from lightning_repsim.callbacks._validation_pass import ValidationRecording
 from lightning_repsim.capture import LayerSelector, OutputSelector, Probe
 from lightning_repsim.errors import RepSimError, RepSimValueError
 from lightning_repsim.functional._measures import resolve_measures
@@ -77,6 +79,10 @@ class RepresentationSimilarity(Callback):
     rule of :func:`lightning_repsim.capture.reduce_output`, the same for the trained model and
     for module / checkpoint references), and every measure is computed for all layer pairs
     against each reference. See :mod:`lightning_repsim.functional` for the measures' conventions.
+    When the probe is the validation loader's first examples (``"val:N"``, the default) and validation
+    runs at the end of a logging epoch, the hooks record them during that validation instead and
+    the point runs no probe pass of its own (the same numbers; any batch whose input is not the
+    probe's next examples, in order, falls back to the probe pass).
 
     Logged (only global rank 0 writes; ``repsim-<name>/`` instead of ``repsim/`` for a named monitor):
 
@@ -238,6 +244,7 @@ class RepresentationSimilarity(Callback):
         self._attempted_step: int | None = None
         self._unlogged_start: dict[str, torch.Tensor] | None = None
         self._worker: Background | None = None
+        self._riding: ValidationRecording | None = None  # the probe recorded during validation
 
     # ------------------------------------------------------------------ configuration
 
@@ -364,6 +371,50 @@ class RepresentationSimilarity(Callback):
         ):
             self._log_point_guarded(trainer, pl_module, f"epoch {trainer.current_epoch}")
 
+    def on_validation_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Record the probe during this validation when it runs on the weights of the next logging point
+        (at the end of a logging epoch): that point then needs no probe pass of its own."""
+        self._drop_recording()
+        if (
+            self._runner is None
+            or trainer.sanity_checking
+            or trainer.state.fn != "fit"  # not validate()
+            or self.every_n_train_steps is not None
+            or self.every_n_epochs is None
+            or (trainer.current_epoch + 1) % self.every_n_epochs
+            or self.forward is not None  # a custom forward: the validation step cannot tell it ran it
+            or trainer.world_size > 1  # each rank validates its own share of the examples
+        ):
+            return
+        self._riding = ValidationRecording(self._runner, trainer, pl_module, trainer.global_step)
+
+    def on_validation_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int, dataloader_idx: int = 0
+    ) -> None:
+        if self._riding is not None:
+            self._riding.batch_start(batch_idx, dataloader_idx)
+
+    def on_validation_batch_end(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
+        if self._riding is not None:
+            self._riding.release()
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._riding is not None:
+            self._riding.remove()
+
+    def _drop_recording(self) -> None:
+        if self._riding is not None:
+            self._riding.remove()
+            self._riding = None
+
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.global_step not in (self._last_logged_step, self._attempted_step):  # a failed step is not retried
             self._log_point_guarded(trainer, pl_module, "the last step")
@@ -380,6 +431,7 @@ class RepresentationSimilarity(Callback):
             self._sink.flush()
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        self._drop_recording()
         self._finish_background()  # keep every snapshot already taken
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -428,6 +480,7 @@ class RepresentationSimilarity(Callback):
         self._scalars.clear()
         self._previous = self._previous_step = self._last_logged_step = self._attempted_step = None
         self._unlogged_start = None
+        self._drop_recording()
         self._guard = Guard(self.strict)
         for ref in self._references:  # "init" is set and modules are captured again at fit start
             ref.features = None
@@ -533,7 +586,7 @@ class RepresentationSimilarity(Callback):
             ),
         )
         self._save_probe(probe, trainer.global_step)
-        if not {"tensorboard", "mlflow", "wandb"} & set(sink.kinds):
+        if not IMAGE_LOGGERS & set(sink.kinds):
             self._guard.warn_once(
                 "no-image-logger",
                 "RepresentationSimilarity found no logger that stores images (TensorBoardLogger, MLFlowLogger, "
@@ -580,7 +633,7 @@ class RepresentationSimilarity(Callback):
         features = (
             self._unlogged_start
             if step == 0 and self._unlogged_start is not None
-            else self._runner.trained(trainer, pl_module)
+            else self._features(trainer, pl_module)
         )
         self._unlogged_start = None
         self._attempted_step = step
@@ -592,6 +645,15 @@ class RepresentationSimilarity(Callback):
             else:
                 self._worker.submit(f"the snapshot of global step {step}", work, context=step)
         self._previous, self._previous_step, self._last_logged_step = features, step, step
+
+    def _features(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, torch.Tensor]:
+        """The probe's features at this step: recorded during this step's validation, else by a probe pass."""
+        assert self._runner is not None
+        riding, self._riding = self._riding, None
+        recorded = None if riding is None else riding.take(trainer.global_step)
+        if recorded is not None and list(recorded) == self._layer_names:
+            return recorded
+        return self._runner.trained(trainer, pl_module)
 
     def _compare_and_write(
         self,

@@ -115,7 +115,40 @@ def capture(
     device = _model_device(model)
     # validates batch_size before any hook is placed; a Probe copies itself to the device once
     batches = probe.batches(batch_size, device=device)
+    recorder, selected, modules = _recording(
+        model,
+        layers,
+        layouts=layouts,
+        token_reduction=token_reduction,
+        max_features=max_features,
+        output_selector=output_selector,
+    )
+    handles = _install(recorder, selected, modules)
+    try:
+        with eval_mode(model), torch.no_grad():
+            for batch in batches:
+                batch = batch.clone()  # a forward that changes its input in place must not change the probe
+                recorder.start_batch(batch.shape[0])
+                if forward is None:
+                    model(batch)
+                else:
+                    forward(model, batch)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return recorder.features(selected)
 
+
+def _recording(
+    model: nn.Module,
+    layers: LayerSelector,
+    *,
+    layouts: dict[str, str],
+    token_reduction: str,
+    max_features: int,
+    output_selector: OutputSelector,
+) -> tuple[_Recorder, list[str], dict[str, nn.Module]]:
+    """The recorder of one pass over ``model`` (already unwrapped), the selected layer names and the modules."""
     modules = dict(model.named_modules())
     if layers is None:
         # the deepest executed modules holding parameters, decided during the first batch
@@ -129,7 +162,6 @@ def capture(
     else:
         deeper = {}
         selected = select_layers(model, list(modules), layers)
-
     recorder = _Recorder(
         modules,
         deeper,
@@ -139,23 +171,49 @@ def capture(
         max_features=max_features,
         output_selector=output_selector,
     )
+    return recorder, selected, modules
+
+
+def _install(
+    recorder: _Recorder,
+    selected: list[str],
+    modules: dict[str, nn.Module],
+    gate: Callable[[], bool] | None = None,
+    on_error: Callable[[Exception], None] | None = None,
+) -> list[Any]:
+    """The recorder's hooks on the selected modules (the handles, to remove them). With ``gate``, a hook
+    records only while ``gate()`` is true; with ``on_error``, a hook's exception goes there instead of
+    stopping the forward."""
     handles = []
     try:
         for name in selected:
-            handles.append(modules[name].register_forward_pre_hook(recorder.pre_hook(name)))
-            handles.append(modules[name].register_forward_hook(recorder.hook(name)))
-        with eval_mode(model), torch.no_grad():
-            for batch in batches:
-                batch = batch.clone()  # a forward that changes its input in place must not change the probe
-                recorder.start_batch(batch.shape[0])
-                if forward is None:
-                    model(batch)
-                else:
-                    forward(model, batch)
-    finally:
+            pre_hook, hook = recorder.pre_hook(name), recorder.hook(name)
+            if gate is not None:
+                pre_hook, hook = _gated(pre_hook, gate, on_error), _gated(hook, gate, on_error)
+            handles.append(modules[name].register_forward_pre_hook(pre_hook))
+            handles.append(modules[name].register_forward_hook(hook))
+    except BaseException:
         for handle in handles:
             handle.remove()
-    return recorder.features(selected)
+        raise
+    return handles
+
+
+def _gated(
+    hook: Callable[..., None], gate: Callable[[], bool], on_error: Callable[[Exception], None] | None
+) -> Callable[..., None]:
+    def gated(*args: Any) -> None:
+        if not gate():
+            return
+        if on_error is None:
+            hook(*args)
+            return
+        try:
+            hook(*args)
+        except Exception as err:  # the caller's forward goes on; the recording is abandoned
+            on_error(err)
+
+    return gated
 
 
 class _Recorder:
@@ -190,13 +248,15 @@ class _Recorder:
         self.superseded: set[str] = set()  # default layers with an executed parameter-holding descendant
         self.misshapen: dict[str, tuple[int, ...]] = {}  # default layers without one row per example
         self.rows = 0  # examples in the batch being run
+        self.keep: int | None = None  # record only the batch's first rows (None: all)
         self.examples_axis: dict[str, int] = {}  # 0: (N, ...); 1: (T, N, ...) inside a sequence-first model
         # chunks with T == N, until a batch tells: (index, (features read on axis 0, on axis 1))
         self.undecided: dict[str, list[tuple[int, tuple[torch.Tensor, torch.Tensor]]]] = {}
 
-    def start_batch(self, rows: int) -> None:
+    def start_batch(self, rows: int, keep: int | None = None) -> None:
+        """A forward of ``rows`` examples starts; of each layer's output only the first ``keep`` rows are kept."""
         self.seen_this_batch.clear()
-        self.rows = rows
+        self.rows, self.keep = rows, keep
 
     def layout_of(self, name: str) -> str:
         for pattern, value in self.layouts.items():
@@ -219,7 +279,7 @@ class _Recorder:
         return hook
 
     def reduced(self, name: str, module: nn.Module, layout: str, x: torch.Tensor, axis: int) -> torch.Tensor:
-        return reduce_output(
+        features = reduce_output(
             x.transpose(0, 1) if axis == 1 else x,
             module=module,
             name=name,
@@ -228,6 +288,7 @@ class _Recorder:
             max_features=self.max_features,
             _warned=self.warned,
         )
+        return features if self.keep is None else features[: self.keep]
 
     def record(self, name: str, module: nn.Module, layout: str, output: Any) -> None:
         if name in self.seen_this_batch or name in self.superseded:
