@@ -96,9 +96,12 @@ class RepresentationSimilarity(Callback):
         reference: ``"final"``, ``"init"``, ``"previous"``, an ``nn.Module``, a checkpoint path,
             or a list of these (in YAML, a module is given by ``class_path`` and ``init_args``).
         measures: measure names, or one name (see :data:`lightning_repsim.functional.MEASURES`).
-        layers: ``None`` for every leaf module with parameters, in execution order; or names,
-            glob patterns or module types: classes, or import paths such as ``"torch.nn.Linear"``
-            (how YAML names them; see :func:`lightning_repsim.capture.select_layers`).
+        layers: ``None`` for the model's blocks, in execution order (each transformer / ResNet block of
+            a stack, a conv or linear with the norm and activation after it, the embeddings, the head:
+            the rule of :mod:`lightning_repsim.capture.blocks`; found once per fit from the probe's
+            first two examples); or names, glob patterns or module types: classes, or import paths such
+            as ``"torch.nn.Linear"`` (how YAML names them; see :func:`lightning_repsim.capture.select_layers`),
+            each the named module's own output.
         reference_layers: the same selector for module / checkpoint references (default: theirs).
         every_n_epochs: log at the end of every n-th training epoch.
         every_n_train_steps: log every n optimizer steps instead (then ``every_n_epochs`` is ignored), as
@@ -483,6 +486,7 @@ class RepresentationSimilarity(Callback):
             "forward": describe(self.forward),
             "layers": self._layer_names,
             "layer_selector": repr(self.layers),
+            "block_outputs": self._runner.block_outputs(trainer.lightning_module),
         }
         self._outputs = self._guard.output(
             f"the snapshot store and figures under {run_dir}",
