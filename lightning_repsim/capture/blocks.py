@@ -9,10 +9,11 @@ One rule, applied to the modules in the order they first run in one forward pass
 * **Conv / linear groups.** Any other module is looked into down to its leaves (a module whose
   parameterised children never run, such as ``nn.MultiheadAttention``, counts as a leaf). A leaf
   with parameters (a conv, a linear, an RNN...) opens a group, and the normalisation, activation
-  and dropout modules that run right after it join that group; anything else closes it. Token and
-  position embeddings that run one after the other form one group (their sum, as the following
-  norm or dropout sees it). A normalisation that runs with no group open (a final ``LayerNorm``
-  before the head) opens a group that the next conv / linear joins.
+  and dropout modules of the same parent module that run right after it join that group; anything
+  else closes it. Token and position embeddings that run one after the other form one group (their
+  sum, as the following norm or dropout sees it). A normalisation that runs with no group open to
+  it (a final ``LayerNorm`` after the transformer blocks) opens a group that the next conv / linear
+  joins: it goes with the head.
 * **Names and outputs.** A group is named by the outermost module that holds its conv / linear /
   first embedding (its norm when it has none) and nothing outside the group, and its output is
   the output of its *last* module: in a flat ``nn.Sequential``, row ``"features.0"`` of a
@@ -37,17 +38,20 @@ from typing import Any
 
 from torch import nn
 from torch.nn.modules.batchnorm import _NormBase
+from torch.nn.modules.conv import _ConvNd
 from torch.nn.modules.dropout import _DropoutNd
 
 from lightning_repsim.capture.layers import _first_calls, _has_parameters, _unwrap
+from lightning_repsim.capture.outputs import _LAST_AXIS_TYPES, _SEQUENCE_TYPES
 from lightning_repsim.errors import RepSimValueError
 
-__all__ = ["Block", "default_blocks", "no_block_error"]
+__all__ = ["Block", "default_blocks", "no_block_error", "reads_tokens"]
 
 _CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
 _NORMS: tuple[type, ...] = (_NormBase, nn.LayerNorm, nn.GroupNorm, nn.LocalResponseNorm)
 if hasattr(nn, "RMSNorm"):  # torch >= 2.4
     _NORMS += (nn.RMSNorm,)
+_TOKEN_TYPES = _SEQUENCE_TYPES + _LAST_AXIS_TYPES
 
 
 @dataclass(frozen=True)
@@ -66,6 +70,18 @@ def no_block_error(model: nn.Module, argument: str) -> RepSimValueError:
         f"no layer with parameters found in {type(model).__name__} (no module with parameters runs in its "
         f"forward pass, apart from the model's own parameters); pass {argument}=[...] naming the modules to use."
     )
+
+
+def reads_tokens(model: nn.Module, block: Block) -> bool:
+    """Whether a 3-D output of ``block`` is read as tokens ``(N, T, D)`` under ``layout="auto"``: the block
+    holds a sequence module, an embedding or a module acting on the last axis (``nn.Linear``,
+    ``nn.LayerNorm``: a transformer's) and no convolution or batch / instance norm (a 1-d conv net's
+    ``(N, C, L)``)."""
+    model = _unwrap(model)
+    inside = [m for path in block.modules for m in model.get_submodule(path).modules()]
+    if any(isinstance(m, (_ConvNd, _NormBase)) for m in inside):
+        return False
+    return any(isinstance(m, _TOKEN_TYPES) or _is_embedding(m) or _is_norm(m) for m in inside)
 
 
 def _is_norm(module: nn.Module) -> bool:
@@ -111,17 +127,22 @@ def _items(path: str, module: nn.Module, ran: set[str], param_ran: set[str]) -> 
             yield from _items(child_path, child, ran, param_ran)
 
 
+def _parent(path: str) -> str:
+    return path.rpartition(".")[0]
+
+
 def _groups(items: Sequence[tuple[str, str]], modules: dict[str, nn.Module]) -> list[tuple[str, list[str]]]:
     """Group the leaves (see the module docstring): ``(kind, members)`` with kind ``"block"`` or ``"group"``."""
     groups: list[tuple[str, list[str]]] = []
-    open_: list[str] | None = None  # the open group's members
+    open_: list[str] = []  # the open group's members
     core: str | None = None  # "core", "embedding", or None for a group opened by a norm
+    home = ""  # the module holding the group's first module: followers join from there only
 
     def close() -> None:
         nonlocal open_, core
         if open_:
             groups.append(("group", open_))
-        open_, core = None, None
+        open_, core = [], None
 
     for kind, path in items:
         module = modules[path]
@@ -129,23 +150,26 @@ def _groups(items: Sequence[tuple[str, str]], modules: dict[str, nn.Module]) -> 
             close()
             groups.append(("block", [path]))
         elif _is_embedding(module):
-            if open_ is not None and core == "embedding" and _is_embedding(modules[open_[-1]]):
+            if core == "embedding" and _is_embedding(modules[open_[-1]]) and _parent(path) == home:
                 open_.append(path)
             else:
                 close()
-                open_, core = [path], "embedding"
+                open_, core, home = [path], "embedding", _parent(path)
         elif _is_follower(module):
-            if open_ is not None:
+            if open_ and _parent(path) == home:
                 open_.append(path)
             elif _is_norm(module) and _has_parameters(module):
-                open_, core = [path], None
-        elif _has_parameters(module):
-            if open_ is not None and core is None:  # a leading norm: the head it precedes joins it
-                open_.append(path)
-                core = "core"
+                close()
+                open_, core, home = [path], None, _parent(path)
             else:
                 close()
-                open_, core = [path], "core"
+        elif _has_parameters(module):
+            if open_ and core is None:  # a norm with nothing before it: the conv / linear it precedes joins it
+                open_.append(path)
+                core, home = "core", _parent(path)
+            else:
+                close()
+                open_, core, home = [path], "core", _parent(path)
         else:
             close()
     close()

@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from lightning_repsim.capture.blocks import Block
+from lightning_repsim.capture.blocks import Block, reads_tokens
 from lightning_repsim.capture.layers import (
     LayerSelector,
     _has_parameters,
@@ -183,6 +183,7 @@ def capture_blocks(
         max_features=max_features,
         output_selector=output_selector,
         names=named,
+        token_blocks=[block.output for block in blocks if reads_tokens(model, block)],
     )
     _run(model, probe_or_tensor, list(named), recorder, batch_size, forward)
     return {named[output]: x for output, x in recorder.features(list(named)).items()}
@@ -242,9 +243,11 @@ class _Recorder:
         max_features: int,
         output_selector: OutputSelector,
         names: Mapping[str, str] | None = None,
+        token_blocks: Sequence[str] = (),
     ) -> None:
         self.modules, self.deeper, self.explicit = modules, deeper, explicit
         self.names = dict(names or {})  # module path -> the name its features go by (a block's)
+        self.token_blocks = set(token_blocks)  # block outputs whose 3-D outputs are tokens under "auto"
         self.layouts, self.token_reduction, self.max_features = layouts, token_reduction, max_features
         self.output_selector = output_selector
         self.first_call: dict[str, int] = {}  # order of first *start* (pre-hook), containers first
@@ -304,6 +307,8 @@ class _Recorder:
             self.superseded.add(name)
             return
         tensor = select_output(output, self.output_selector, name=name)
+        if layout == "auto" and tensor.ndim == 3 and name in self.token_blocks:
+            layout = "tokens"  # a transformer block's (N, T, D)
         rows = self.rows
         axis = _examples_axis(tensor, rows, module)
         if axis == -1:
