@@ -126,8 +126,9 @@ class RepresentationSimilarity(Callback):
             keeps every core busy and a worker would only compete with it.
         layout: how 3-D and wider outputs are read: ``"conv"`` (``(N, C, *S)``, pooled to
             ``max_features``), ``"tokens"`` (``(N, T, *D)``, reduced by ``token_reduction``), or
-            ``"auto"`` (tokens for sequence modules and modules acting on the last axis, conv maps
-            otherwise; see :mod:`lightning_repsim.capture`), or a mapping from layer name or glob
+            ``"auto"`` (tokens for sequence modules, modules acting on the last axis and default blocks
+            holding them without a conv or batch norm, i.e. transformer blocks; conv maps otherwise; see
+            :mod:`lightning_repsim.capture`), or a mapping from layer name or glob
             to one of these, e.g. ``{"encoder.*": "tokens"}``.
         token_reduction: ``(N, T, D)`` → ``(N, D)`` by the ``"mean"`` over tokens, the
             ``"first"`` or ``"last"`` token, or ``"flatten"`` to ``(N, T * D)``.
