@@ -331,6 +331,18 @@ def test_default_units_are_blocks_with_their_activation():
     assert freeze.unit_output("net.0") == "net.1"
 
 
+def test_external_similarity_of_a_blocks_member_module_counts_for_its_unit():
+    class Feed(Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            if trainer.global_step == 1:  # the ReLU net.1 belongs to unit net.0; net.3 to net.2
+                freeze.update_similarity(1, {"net.1": 0.999, "net.3": 0.5})
+
+    freeze = FreezeTraining(schedule=SimilaritySchedule(source="external", patience=1), verbose=False)
+    make_trainer([freeze, Feed()], max_steps=3).fit(Wrapper(), loader())
+    assert freeze.history == [{"step": 1, "values": {"net.0": 0.999, "net.2": 0.5}}]
+    assert freeze.frozen_units == ["net.0"]
+
+
 def test_state_keeps_each_units_modules_and_loads_version_1():
     freeze = FreezeTraining(verbose=False)
     make_trainer([freeze], max_steps=6).fit(Wrapper(), loader())
