@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 TORCH_PIN ?= 2.13.0
 
-.PHONY: test lint demo tensorboard env bench clean
+.PHONY: test lint demo tensorboard screenshots env bench results clean
 
 $(BIN)/activate:
 	$(PYTHON) -m venv $(VENV)
@@ -26,8 +26,8 @@ test: env
 
 # ruff (lint and format) on everything, mypy on the package; configured in pyproject.toml
 lint: env
-	$(BIN)/ruff check lightning_repsim tests examples benchmarks
-	$(BIN)/ruff format --check lightning_repsim tests examples benchmarks
+	$(BIN)/ruff check lightning_repsim tests examples benchmarks docs
+	$(BIN)/ruff format --check lightning_repsim tests examples benchmarks docs
 	$(BIN)/mypy
 
 demo: env
@@ -37,9 +37,18 @@ demo: env
 tensorboard: env
 	$(BIN)/tensorboard --logdir runs --samples_per_plugin images=1000
 
+# the README's TensorBoard screenshots, from the runs/ that make demo wrote (needs Debian's chromium)
+screenshots: env
+	$(BIN)/python docs/screenshots.py --logdir runs --size 1400,900
+
 bench: env
 	$(BIN)/python -m pip install --quiet -e ".[bench]"
 	$(BIN)/python benchmarks/run_all.py
+
+# rerun every example at its documented settings and rewrite the generated blocks
+# (<!-- results:NAME -->) of README.md and examples/RESULTS*.md from what they printed
+results: env
+	$(BIN)/python examples/results.py --logs examples/output/results-logs
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -8,7 +8,7 @@ Three parts, written to ``benchmarks/results/inference.md``:
   calls, on CPU with one thread (torch and BLAS). The issue's target: the interval costs at most 10x
   the matrix at n = 512. Also one ``permutation_test`` of 1000 permutations.
 * **Coverage.** Over repeated draws from models whose population similarity is known in closed form
-  (the models of ``tests/functional/test_inference.py``: Gaussian layers with y = x Q + noise, an RBF
+  (the models of ``tests/functional/test_intervals.py``: Gaussian layers with y = x Q + noise, an RBF
   model with Gaussian integrals), the fraction of 95 % intervals that hold it, for every supported
   measure, n = 64 ... 1024 and population values 0 (independent layers), 0.05, 0.5, 0.95 and 0.99;
   then the alternatives the method was chosen over, on the same harness.
@@ -58,8 +58,9 @@ import numpy as np
 import torch
 
 from lightning_repsim import functional as F
-from lightning_repsim.functional import intervals as inference
-from tests.functional import test_inference as sim
+from lightning_repsim.functional import _jackknife as jackknife
+from tests.functional import test_intervals as sim
+from tests.functional import test_permutation as null_sim
 
 RESULTS = HERE / "results" / "inference.md"
 WIDTHS = (64, 64, 128, 128, 256, 256, 512, 512, 768, 768, 1024, 1024)
@@ -195,14 +196,14 @@ def alternatives(ns: tuple[int, ...], draws: int) -> list[dict]:
         "decay p=20": sim.linear_model(20, "decay", levels=sim.LEVELS),
     }
     rows = []
-    original = inference._second_order_variance
+    original = jackknife._second_order_variance
 
     def uncorrected(x, ys):
-        inference._second_order_variance = lambda sums, s, n: torch.zeros_like(s)
+        jackknife._second_order_variance = lambda sums, s, n: torch.zeros_like(s)
         try:
             return sim.library_interval("linear_cka")(x, ys)
         finally:
-            inference._second_order_variance = original
+            jackknife._second_order_variance = original
 
     methods = {
         "percentile bootstrap of linear CKA (200 resamples)": (sim.percentile_bootstrap(), max(20, draws // 3)),
@@ -241,7 +242,7 @@ def permutation_uniformity(draws: int) -> list[dict]:
         g = np.random.default_rng(17)
         ps = np.array(
             [
-                F.permutation_test(*sim._independent(g, n, p, q), measure, 99, seed=i, **options).p_value
+                F.permutation_test(*null_sim._independent(g, n, p, q), measure, 99, seed=i, **options).p_value
                 for i in range(draws)
             ]
         )

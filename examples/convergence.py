@@ -45,7 +45,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from digits import DigitsCNN, digits_dataloaders
 
 from lightning_repsim import RepresentationSimilarity
-from lightning_repsim.analysis import convergence_steps
+from lightning_repsim.analysis import convergence_interval, convergence_steps, final_intervals
+from lightning_repsim.store import open_store
 
 
 class PlainCNN(DigitsCNN):
@@ -88,7 +89,8 @@ def read_final_csv(path: Path) -> tuple[list[str], list[int], np.ndarray]:
     return layers, steps, values
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> dict:
+    """Run the example; print the findings and return them as numbers (examples/results.py formats them)."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--epochs", type=int, default=15)
     parser.add_argument("--every", type=int, default=5, help="snapshot every n optimizer steps (22 steps/epoch)")
@@ -100,9 +102,12 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     parser.add_argument("--out", default="examples/output/convergence")
     parser.add_argument("--quick", action="store_true", help="4 epochs, a snapshot every 4 steps")
-    args = parser.parse_args()
+    parser.add_argument(
+        "--interval", type=float, default=0.95, help="coverage of the convergence steps' intervals (linear CKA)"
+    )
+    args = parser.parse_args(argv)
     if args.quick:
-        args.epochs, args.every = 4, 4
+        args.epochs, args.every = min(args.epochs, 4), 4
     torch.set_num_threads(args.threads)
     logging.getLogger("pytorch_lightning").setLevel(logging.ERROR)
     warnings.filterwarnings("ignore", message=".*does not have many workers.*")
@@ -147,9 +152,26 @@ def main() -> None:
         f"({trainer.global_step} steps); snapshot every {args.every} steps; fit incl. monitor {fit_seconds:.1f} s"
     )
     summary: dict[str, tuple[list[str], list[int], np.ndarray, list]] = {}
+    results: dict = {
+        "epochs": args.epochs,
+        "every": args.every,
+        "steps": int(trainer.global_step),
+        "val_acc": round(float(trainer.callback_metrics["val_acc"]), 4),
+        "threshold": args.threshold,
+        "interval": args.interval,
+        "measures": {},
+    }
+    # each step's similarity to the final snapshot with its confidence interval, from the run's store
+    store = open_store(monitor.store_path)
+    bounds = final_intervals(store, {"linear_cka": {}}, args.interval)["linear_cka"]
     for measure in measures:
         layers, steps, values = read_final_csv(folder / f"{measure}__final.csv")
         converged = convergence_steps(values, steps, args.threshold)
+        between = (
+            convergence_interval(values, bounds[1].numpy(), bounds[2].numpy(), steps, args.threshold)
+            if measure == "linear_cka"
+            else [None] * len(layers)
+        )
         first_reach = convergence_steps(values, steps, args.threshold, sustained=False)
         summary[measure] = (layers, steps, values, converged)
         short = [name.split(".")[-1] for name in layers]
@@ -163,12 +185,13 @@ def main() -> None:
         )
         print(
             f"{'depth':>5} {'layer':<8} {'at step ' + str(steps[1]):>12} {'at step ' + str(steps[early]):>12} "
-            f"{'converged':>10} {'first reach':>12}"
+            f"{'converged':>10} {'between':>10} {'first reach':>12}"
         )
+        shown = ["-" if b is None else f"{b[0]}-{b[1]}" for b in between]
         for i, name in enumerate(short):
             print(
                 f"{i + 1:>5} {name:<8} {values[i, 1]:>12.3f} {values[i, early]:>12.3f} "
-                f"{str(converged[i]):>10} {str(first_reach[i]):>12}"
+                f"{str(converged[i]):>10} {shown[i]:>10} {str(first_reach[i]):>12}"
             )
         print(
             f"Spearman(depth, convergence step) = {rho:+.2f} (p = {p_value:.3f}, {len(ok)} layers); "
@@ -186,6 +209,22 @@ def main() -> None:
             f"median convergence step: conv layers {np.median(conv_layers):.0f}, fc layers and logits "
             f"{np.median(fc_layers):.0f}"
         )
+        if measure == "linear_cka":
+            print(
+                f"converged between a and b: from a on every step's {args.interval:g} interval of its similarity "
+                "to the final snapshot reaches the threshold, from b on every one lies above it"
+            )
+        results["measures"][measure] = {
+            "layers": short,
+            "converged": converged,
+            "between": [None if b is None else list(b) for b in between],
+            "spearman": round(float(rho), 4),
+            "p_value": round(float(p_value), 4),
+            "median_conv": float(np.median(conv_layers)),
+            "median_fc": float(np.median(fc_layers)),
+            "first_step": steps[1],
+            "at_first_step": [round(float(v), 3) for v in values[:, 1]],
+        }
 
     # compact summary figure: convergence step against depth, one line per measure, and the curves
     figure, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
@@ -224,6 +263,7 @@ def main() -> None:
     )
     print(f"CSV: {', '.join(str(p) for p in sorted(folder.glob('*.csv')))}")
     print(f"runtime: {time.perf_counter() - start:.1f} s")
+    return results
 
 
 if __name__ == "__main__":

@@ -279,7 +279,8 @@ def diagonal_figure(pairs: list[tuple[str, str]], comparisons: dict, measure: st
     return fig
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> dict:
+    """Run the example; print the findings and return them as numbers (examples/results.py formats them)."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--epochs", type=int, default=20)
     parser.add_argument("--random-n", default="1,2,3,4", help="comma-separated n for 'random net n' (1..4)")
@@ -297,7 +298,7 @@ def main() -> None:
     )
     parser.add_argument("--timing-repeats", type=int, default=5, help="rounds of the step-time micro-benchmark")
     parser.add_argument("--quick", action="store_true", help="3 epochs, random nets 1 and 3 (a smoke test)")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if args.quick:
         args.epochs, args.random_n, args.timing_repeats = 3, "1,3", 2
     random_ns = [int(n) for n in args.random_n.split(",") if n.strip()]
@@ -450,6 +451,20 @@ def main() -> None:
         f"heatmaps/, csv/, summary.json"
     )
     print(f"total {summary['total_s']:.0f} s (training {train_s:.0f} s)")
+    return {
+        "epochs": args.epochs,
+        "random_n": random_ns,
+        "names": dict(names),
+        "accuracy": {k: round(float(v), 3) for k, v in acc.items()},
+        "diagonal": {
+            m: {
+                f"{a}_vs_{b}": [round(float(v), 3) for v in comparisons[(a, b)][m].diagonal().tolist()]
+                for a, b in pairs
+            }
+            for m in MEASURES
+        },
+        "labels": list(LABELS),
+    }
 
 
 if __name__ == "__main__":

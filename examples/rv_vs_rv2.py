@@ -66,7 +66,8 @@ def run(n: int, ps: list[int], reps: int, seed: int) -> dict[str, np.ndarray]:
     return values
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> dict:
+    """Run the example; print the findings and return them as numbers (examples/results.py formats them)."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n", type=int, default=50, help="examples (rows), fixed")
     parser.add_argument("--pmin", type=int, default=5)
@@ -77,7 +78,7 @@ def main() -> None:
     parser.add_argument("--out", default="examples/output/rv_vs_rv2")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     parser.add_argument("--quick", action="store_true", help="6 points, 5 repetitions")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if args.quick:
         args.points, args.reps = 6, 5
 
@@ -153,6 +154,14 @@ def main() -> None:
     figure.savefig(out / "rv_vs_rv2.png", dpi=130)
     print(f"figure: {out / 'rv_vs_rv2.png'}\ntable: {out / 'rv_vs_rv2.csv'}")
     print(f"runtime: {time.perf_counter() - start:.1f} s")
+    return {
+        "n": n,
+        "reps": args.reps,
+        "p": [int(p) for p in ps],
+        "mean": {m: [round(float(v.mean()), 3) for v in values[m]] for m in MEASURES},
+        "theory_rv": [round(t, 3) for t in theory_rv],
+        "theory_rv2c": [round(t, 3) for t in theory_rv2c],
+    }
 
 
 if __name__ == "__main__":

@@ -59,7 +59,9 @@ from digits import N_TRAIN, DigitsCNN, digits_dataloaders, digits_tensors
 
 from lightning_repsim import RepSimWarning, compare
 from lightning_repsim.capture import capture
-from lightning_repsim.functional import Representations, similarity_matrix
+from lightning_repsim.functional import Representations, interval_matrix, similarity_matrix
+from lightning_repsim.functional.intervals import INTERVAL_MEASURES
+from lightning_repsim.report import row_ties
 
 # measure label -> (library measure, options)
 MEASURES = OrderedDict(
@@ -100,6 +102,11 @@ PAPER_FOR = {
     "SVCCA (ρ̄, keep 0.99)": "SVCCA (ρ̄)",
     "PWCCA": "PWCCA",
 }
+
+
+def names_of(label: str) -> str:
+    """The library measure of a row label."""
+    return MEASURES[label][0]
 
 
 def tiny10_convs(w: int) -> list[tuple[int, int, int, int, int]]:
@@ -168,7 +175,8 @@ def train(seed: int, epochs: int) -> tuple[Tiny10, float]:
     return model.eval(), float(trainer.callback_metrics["val_acc"])
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> dict:
+    """Run the example; print the findings and return them as numbers (examples/results.py formats them)."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, default=5)
     parser.add_argument("--first-seed", type=int, default=0, help="the seeds are first-seed, first-seed + 1, ...")
@@ -193,9 +201,12 @@ def main() -> None:
         help="torch CPU threads (1 is as fast for these small nets and robust on a busy machine)",
     )
     parser.add_argument("--quick", action="store_true", help="3 seeds, 3 epochs")
-    args = parser.parse_args()
+    parser.add_argument(
+        "--interval", type=float, default=0.95, help="coverage of the intervals that tell a tie from a miss"
+    )
+    args = parser.parse_args(argv)
     if args.quick:
-        args.seeds, args.epochs = 3, 3
+        args.seeds, args.epochs = min(args.seeds, 3), min(args.epochs, 3)
     import logging
 
     logging.getLogger("pytorch_lightning").setLevel(logging.ERROR)
@@ -227,6 +238,9 @@ def main() -> None:
     near = dict.fromkeys(MEASURES, 0)  # argmax within one layer of the right one
     gaps = {label: [] for label in MEASURES}  # per miss: the row's maximum minus the same-layer value
     nan_rows = dict.fromkeys(MEASURES, 0)
+    # misses that are statistical ties: the same-layer cell's interval overlaps the best cell's
+    # ("overlap"), or the same-layer value lies inside the best cell's interval ("inside")
+    ties = {label: {"overlap": 0, "inside": 0} for label in MEASURES if names_of(label) in INTERVAL_MEASURES}
     confusion = dict.fromkeys(MEASURES)
     # the CCA family needs a lower feature cap than the CKA family (see the docstring). Each network's
     # layers are captured once per cap; Representations keeps their centred features and Grams for
@@ -245,16 +259,24 @@ def main() -> None:
         total = 0
         first_pair = None
         for a, b in itertools.permutations(range(args.seeds), 2):
-            matrices = {}
+            matrices, bounds = {}, {}
             for label, cap in caps.items():
-                matrix = similarity_matrix(
-                    representations[cap][a], representations[cap][b], names[label], **options[label]
-                )
+                if label in ties:
+                    result = interval_matrix(
+                        representations[cap][a], representations[cap][b], names[label], args.interval, **options[label]
+                    )
+                    matrix = result.value
+                    bounds[label] = (result.low.cpu().numpy(), result.high.cpu().numpy())
+                else:
+                    matrix = similarity_matrix(
+                        representations[cap][a], representations[cap][b], names[label], **options[label]
+                    )
                 matrices[label] = matrix.cpu().numpy()
             if first_pair is None:
                 first_pair = (a, b, matrices)
             total += n_layers
             for label, matrix in matrices.items():
+                tied = row_ties(matrix, *bounds[label]) if label in bounds else None
                 if confusion[label] is None:
                     confusion[label] = np.zeros((n_layers, n_layers), dtype=int)
                 for i in range(n_layers):
@@ -268,6 +290,10 @@ def main() -> None:
                     near[label] += int(abs(j - i) <= 1)
                     if j != i:
                         gaps[label].append(float(row[j] - row[i]))
+                        if tied is not None:
+                            low, high = bounds[label][0][i, j], bounds[label][1][i, j]
+                            ties[label]["overlap"] += int(tied[i, i])
+                            ties[label]["inside"] += int(low <= row[i] <= high)
     compare_seconds = time.perf_counter() - t0
 
     n = probe.shape[0]
@@ -291,15 +317,39 @@ def main() -> None:
             )
         )
     print("\nLayer-identification accuracy (argmax over the other seed's layers == same layer)")
-    print(f"{'measure':<24} {'ours (digits)':>14} {'within ±1':>10} {'NaN rows':>9} {'paper':>7}")
+    print(
+        f"{'measure':<24} {'ours (digits)':>14} {'within ±1':>10} {'NaN rows':>9} {'misses':>7} "
+        f"{'ties':>5} {'inside':>7} {'paper':>7}"
+    )
     rows = []
+    results: dict = {
+        "seeds": args.seeds,
+        "epochs": args.epochs,
+        "val_acc_mean": round(float(np.mean(accuracies)), 4),
+        "cases": total,
+        "interval": args.interval,
+        "measures": {},
+    }
     for label in MEASURES:
         accuracy = 100.0 * hits[label] / total
         paper = PAPER.get(PAPER_FOR.get(label, ""), None)
+        misses = total - hits[label]
+        tie = ties.get(label)
         print(
-            f"{label:<24} {accuracy:>13.1f}% {100.0 * near[label] / total:>9.1f}% {nan_rows[label]:>9d} "
+            f"{label:<24} {accuracy:>13.1f}% {100.0 * near[label] / total:>9.1f}% {nan_rows[label]:>9d} {misses:>7d} "
+            + (f"{tie['overlap']:>5d} {tie['inside']:>7d} " if tie else f"{'—':>5} {'—':>7} ")
             + (f"{paper:>6.1f}%" if paper is not None else f"{'—':>7}")
         )
+        results["measures"][label] = {
+            "accuracy": round(accuracy, 1),
+            "within_one": round(100.0 * near[label] / total, 1),
+            "nan_rows": nan_rows[label],
+            "misses": misses,
+            "ties": None if tie is None else tie["overlap"],
+            "ties_inside": None if tie is None else tie["inside"],
+            "median_gap": round(float(np.median(gaps[label])), 4) if gaps[label] else None,
+            "paper": paper,
+        }
         rows.append(
             [
                 label,
@@ -318,6 +368,10 @@ def main() -> None:
     )
 
     print(f"chance (uniform argmax): {100.0 / len(layer_names):.1f}%")
+    print(
+        f"ties: misses whose same-layer {args.interval:g} interval overlaps the best layer's; inside: misses whose "
+        "same-layer value lies inside the best layer's interval (no interval for SVCCA and PWCCA)"
+    )
     print("\nhow near the misses are: the row's maximum minus the same-layer value")
     for label, gap in gaps.items():
         if gap:
@@ -413,6 +467,7 @@ def main() -> None:
         f"runtime: {time.perf_counter() - start:.1f} s (training {train_seconds:.1f} s, "
         f"comparisons {compare_seconds:.1f} s)"
     )
+    return results
 
 
 if __name__ == "__main__":

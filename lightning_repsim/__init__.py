@@ -10,7 +10,7 @@ from typing import Any
 
 __version__ = "0.1.0"
 
-from lightning_repsim.errors import RepSimError, RepSimValueError, RepSimWarning
+from lightning_repsim.errors import RepSimError, RepSimIntegrityError, RepSimValueError, RepSimWarning
 
 _LAZY = {
     "FreezeTraining": "lightning_repsim.callbacks.freeze",
@@ -38,6 +38,7 @@ __all__ = [
     "FreezeTraining",
     "LayerSimilarity",
     "RepSimError",
+    "RepSimIntegrityError",
     "RepSimValueError",
     "RepSimWarning",
     "RepresentationSimilarity",

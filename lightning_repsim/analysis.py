@@ -28,12 +28,21 @@ from matplotlib.figure import Figure
 from torch import nn
 
 from lightning_repsim import report
-from lightning_repsim._io import PathLike, atomic_write
+from lightning_repsim._io import PathLike
 from lightning_repsim.capture import LayerSelector, Probe, capture, select_names
+from lightning_repsim.convergence import (
+    ConvergenceReport,
+    convergence_interval,
+    convergence_steps,
+    convergence_table,
+    final_intervals,
+    similarity_to_final,
+    write_convergence_report,
+)
 from lightning_repsim.errors import RepSimError, RepSimValueError
 from lightning_repsim.functional import Representations, similarity_matrix
 from lightning_repsim.functional._measures import MEASURES, resolve_measures, resolve_options
-from lightning_repsim.report import _common as report_common
+from lightning_repsim.functional.intervals import INTERVAL_MEASURES, interval_matrix
 from lightning_repsim.store import SnapshotStore, StepLike, open_store
 
 __all__ = [
@@ -43,12 +52,16 @@ __all__ = [
     "REFERENCES",
     "ROW_COLUMNS",
     "compare",
+    "convergence_interval",
     "convergence_steps",
     "convergence_table",
+    "final_intervals",
+    "INTERVAL_COLUMNS",
     "logged_measures",
     "logged_options",
     "read_freeze_log",
     "similarity_between",
+    "similarity_bounds",
     "similarity_rows",
     "similarity_to_final",
     "write_convergence_report",
@@ -67,6 +80,9 @@ class Comparison:
 
     ``matrices[measure][i, j]`` is the similarity of ``layers_a[i]`` and ``layers_b[j]`` (float64).
     ``steps`` are the two stored steps compared (``similarity_between``; ``None`` for ``compare``).
+    With ``interval=`` given, ``low[measure]`` and ``high[measure]`` are the per-cell confidence
+    interval's ends at coverage ``level`` (:func:`~lightning_repsim.functional.interval_matrix`; NaN
+    for SVCCA and PWCCA, which have no interval); otherwise ``low`` and ``high`` are empty.
     """
 
     layers_a: list[str]
@@ -76,6 +92,9 @@ class Comparison:
     n: int
     names: tuple[str, str] = field(default=("model A", "model B"))
     steps: tuple[int, int] | None = None
+    low: dict[str, torch.Tensor] = field(default_factory=dict)
+    high: dict[str, torch.Tensor] = field(default_factory=dict)
+    level: float | None = None
 
     def __getitem__(self, measure: str) -> torch.Tensor:
         if measure not in self.matrices:
@@ -98,18 +117,29 @@ class Comparison:
             row_title=row_title,
             col_title=col_title,
             title=f"{measure}: {self.names[0]} vs {self.names[1]} (n = {self.n})",
+            ties=self._ties(measure),
         )
         if path is not None:
             report.save_png(figure, path)
         return figure
 
+    def _ties(self, measure: str) -> np.ndarray | None:
+        if measure not in self.low:
+            return None
+        return report.row_ties(
+            self[measure].cpu().numpy(), self.low[measure].cpu().numpy(), self.high[measure].cpu().numpy()
+        )
+
     def to_csv(self, directory: str | Path) -> list[Path]:
-        """One CSV per measure, ``<directory>/<measure>.csv``, rows layers_a, columns layers_b."""
+        """One CSV per measure, ``<directory>/<measure>.csv``, rows layers_a, columns layers_b; with intervals
+        also ``<measure>__low.csv`` and ``<measure>__high.csv``, laid out alike."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
+        tables = [(m, "", matrix) for m, matrix in self.matrices.items()]
+        tables += [(m, f"__{end}", bound[m]) for end, bound in (("low", self.low), ("high", self.high)) for m in bound]
         return [
-            report.write_matrix_csv(directory / f"{m}.csv", matrix.cpu().numpy(), self.layers_a, self.layers_b)
-            for m, matrix in self.matrices.items()
+            report.write_matrix_csv(directory / f"{m}{suffix}.csv", t.cpu().numpy(), self.layers_a, self.layers_b)
+            for m, suffix, t in tables
         ]
 
 
@@ -125,6 +155,7 @@ def compare(
     batch_size: int | None = 256,
     max_features: int = 4096,
     names: tuple[str, str] = ("model A", "model B"),
+    interval: float | None = None,
     **capture_options: Any,
 ) -> Comparison:
     """Compare every layer of ``model_a`` with every layer of ``model_b`` on a fixed probe set.
@@ -148,6 +179,10 @@ def compare(
             4096 features per layer; the callback, which compares at every logging point,
             defaults to 256.
         names: labels of the two models in figures.
+        interval: a coverage such as 0.95: also compute each cell's confidence interval for the
+            population similarity (``result.low``, ``result.high``; see
+            :func:`~lightning_repsim.functional.interval_matrix`), all pairs at once from the Grams.
+            ``None`` (default): values only.
         **capture_options: ``layout``, ``token_reduction``, ``output_selector``, ``forward``
             (see :func:`lightning_repsim.capture.capture`).
 
@@ -190,8 +225,10 @@ def compare(
         )
         device = next(iter(features_a.values())).device
         features_b = {k: v.to(device) for k, v in features_b.items()}
-    matrices = {m: similarity_matrix(features_a, features_b, m, **o) for m, o in options.items()}
-    return Comparison(
+    series_a = Representations(features_a)  # shared by the measures and the intervals
+    series_b = None if features_b is None else Representations(features_b)
+    matrices = {m: similarity_matrix(series_a, series_b, m, **o) for m, o in options.items()}
+    result = Comparison(
         list(features_a),
         list(features_a if features_b is None else features_b),
         matrices,
@@ -199,6 +236,40 @@ def compare(
         len(probe),
         names,
     )
+    if interval is not None:
+        _add_intervals(result, series_a, series_b, options, interval)
+    return result
+
+
+def similarity_bounds(
+    xs: Representations,
+    ys: Representations | None,
+    measure: str,
+    options: Mapping[str, Any],
+    level: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(low, high)``: each cell's ``level`` confidence interval (:func:`interval_matrix`), float64 on
+    the CPU; all NaN for SVCCA and PWCCA, which have no interval."""
+    rows, cols = len(xs), len(xs if ys is None else ys)
+    if measure not in INTERVAL_MEASURES:
+        nan = torch.full((rows, cols), float("nan"), dtype=torch.float64)
+        return nan, nan.clone()
+    bounds = interval_matrix(xs, ys, measure, level, warn=False, **options)
+    return bounds.low.cpu(), bounds.high.cpu()
+
+
+def _add_intervals(
+    result: Comparison,
+    xs: Representations,
+    ys: Representations | None,
+    options: Mapping[str, Mapping[str, Any]],
+    level: float,
+) -> None:
+    if isinstance(level, bool) or not isinstance(level, (int, float)) or not 0.0 < float(level) < 1.0:
+        raise RepSimValueError(f"interval is a coverage strictly between 0 and 1 (e.g. 0.95), got {level!r}.")
+    result.level = float(level)
+    for measure in result.matrices:
+        result.low[measure], result.high[measure] = similarity_bounds(xs, ys, measure, options[measure], level)
 
 
 def _as_store(store: Any, what: str) -> SnapshotStore:
@@ -232,6 +303,7 @@ def similarity_between(
     measure_options: Mapping[str, Mapping[str, Any]] | None = None,
     names: tuple[str, str] = ("store A", "store B"),
     progress: Progress | None = None,
+    interval: float | None = None,
 ) -> Comparison:
     """Every layer of one stored snapshot against every layer of another, from two stores.
 
@@ -258,6 +330,8 @@ def similarity_between(
             their defaults (the CLI passes the options each run was logged with).
         names: labels of the two stores in figures.
         progress: wraps the iteration over measures (e.g. a tqdm factory).
+        interval: a coverage such as 0.95: also each cell's confidence interval (``result.low``,
+            ``result.high``, as :func:`compare`); ``None`` (default): values only.
 
     Returns:
         A :class:`Comparison` (``.plot()``, ``.to_csv()``) whose ``steps`` are the two steps compared.
@@ -315,7 +389,7 @@ def similarity_between(
             sub = similarity_matrix(sub_a, sub_b, measure, **options[measure])
             values[torch.tensor(rows)[:, None], torch.tensor(cols)[None, :]] = sub.cpu()
         matrices[measure] = values
-    return Comparison(
+    result = Comparison(
         names_a,
         names_b,
         matrices,
@@ -324,214 +398,9 @@ def similarity_between(
         tuple(names),  # type: ignore[arg-type]
         steps=(at_a, at_b),
     )
-
-
-# --------------------------------------------------------------------------- convergence
-
-
-def similarity_to_final(
-    store: SnapshotStore,
-    measure_options: Mapping[str, Mapping[str, Any]],
-    *,
-    progress: Progress | None = None,
-) -> dict[str, torch.Tensor]:
-    """Every stored snapshot of each layer against that layer's last snapshot.
-
-    The convergence view of Raghu et al. (2017): ``{measure: (L, S) float64}``, rows the layers
-    in store order, columns the stored steps; the last column is 1 for a finite layer. One layer
-    at a time (memory: one layer's snapshots), one similarity call per layer and measure. PWCCA
-    needs the neurons, so it is NaN for layers stored as Gram factors (``kind="gram_factor"``).
-
-    Args:
-        store: an open store with at least one snapshot.
-        measure_options: ``{measure: options}``, e.g. ``{"linear_cka": {}, "svcca": {"keep": 0.99}}``.
-        progress: wraps the iteration over layers (e.g. a tqdm factory).
-    """
-    steps, layers = store.steps, store.layers
-    values = {m: torch.full((len(layers), len(steps)), float("nan"), dtype=torch.float64) for m in measure_options}
-    for i, name in enumerate(layers if progress is None else progress(layers)):
-        snapshots = [store.read(step, [name])[name] for step in steps]
-        series, final = Representations(snapshots), Representations(snapshots[-1:])  # shared by the measures
-        for measure, options in measure_options.items():
-            if measure == "pwcca" and store.kinds.get(name) != "features":
-                continue
-            values[measure][i] = similarity_matrix(series, final, measure, **options)[:, 0].cpu()
-    return values
-
-
-def convergence_steps(
-    values: Any,
-    steps: Sequence[int],
-    threshold: float = 0.95,
-    *,
-    sustained: bool = True,
-) -> list[int | None]:
-    """Per layer, the step at which it converges: the bottom-up convergence summary.
-
-    A layer's level is ``threshold * final`` where ``final = values[layer, -1]`` (its value at
-    the last step; 1 when the values are similarities to the final snapshot). The layer has
-    converged at step ``steps[t]`` where ``t`` is
-
-    * ``sustained=True`` (default): the first index from which **every** later value is
-      ``>= level``, i.e. the layer reaches the level and stays there until the end. A transient
-      spike followed by a dip does not count, which is what "this layer had settled by step s"
-      means.
-    * ``sustained=False``: the first index whose value is ``>= level`` (first reach).
-
-    NaN values never satisfy the condition. The result is ``None`` for a layer whose final
-    value is not finite or not positive (a relative level is meaningless then), and never
-    ``None`` otherwise, since the last step always satisfies ``final >= threshold * final``.
-
-    Args:
-        values: ``(n_layers, n_steps)`` similarities in step order.
-        steps: strictly increasing global steps, one per column.
-        threshold: fraction of the final value, in ``(0, 1]``.
-        sustained: require the level to hold until the last step (default) or only to be
-            reached once.
-
-    Returns:
-        One entry per layer: a value from ``steps``, or ``None``.
-
-    Raises:
-        RepSimValueError: if ``threshold`` is outside ``(0, 1]`` or the shapes do not match.
-
-    Example:
-        >>> convergence_steps([[0.2, 0.97, 0.5, 0.98, 1.0],
-        ...                    [0.1, 0.3, 0.6, 0.9, 1.0]], [0, 10, 20, 30, 40], 0.95)
-        [30, 40]
-        >>> convergence_steps([[0.2, 0.97, 0.5, 0.98, 1.0]], [0, 10, 20, 30, 40], 0.95,
-        ...                   sustained=False)
-        [10]
-    """
-    if not (isinstance(threshold, (int, float)) and 0.0 < float(threshold) <= 1.0):
-        raise RepSimValueError(f"`threshold` is a fraction of the final similarity in (0, 1], got {threshold!r}.")
-    data = report_common.as_array(values, "values", 2)
-    step_list = report_common.check_steps(steps, data.shape[1])
-    result: list[int | None] = []
-    for row in data:
-        final = row[-1]
-        if not (np.isfinite(final) and final > 0.0):
-            result.append(None)
-            continue
-        with np.errstate(invalid="ignore"):
-            ok = row >= float(threshold) * final  # NaN -> False
-        if sustained:
-            failing = np.flatnonzero(~ok)
-            index = int(failing[-1]) + 1 if failing.size else 0
-        else:
-            index = int(np.argmax(ok))  # ok[-1] is True, so argmax finds the first True
-        result.append(step_list[index] if index < len(step_list) else None)
+    if interval is not None:
+        _add_intervals(result, series_a, None if same else series_b, options, interval)
     return result
-
-
-@dataclass
-class ConvergenceReport:
-    """One measure's convergence report, as :func:`write_convergence_report` wrote it."""
-
-    measure: str
-    converged: list[int | None]  # per layer, from convergence_steps
-    table: str  # the aligned text table of <measure>__convergence.txt
-    markdown: str  # the same table for TensorBoard's text plugin, with a one-line caption
-    files: list[Path]
-
-
-def convergence_table(
-    layers: Sequence[str],
-    converged: Sequence[int | None],
-    values: np.ndarray,
-    steps: Sequence[int],
-    *,
-    fmt: str = "text",
-) -> str:
-    """Each layer's convergence step and its first snapshot's similarity to the final one (how far it moved).
-
-    Example:
-        >>> import numpy as np
-        >>> print(convergence_table(["conv1", "fc"], [10, 20], np.array([[0.4, 1.0, 1.0], [0.1, 0.5, 1.0]]),
-        ...                         [0, 10, 20]))
-        #  layer  converged at step  at step 0
-        0  conv1                 10     0.4000
-        1  fc                    20     0.1000
-    """
-    return report.summary_table(
-        layers,
-        converged,
-        final_values=list(values[:, 0]),
-        fmt=fmt,  # type: ignore[arg-type]
-        final_header=f"at step {steps[0]}",
-    )
-
-
-def write_convergence_report(
-    values: Mapping[str, Any],
-    layers: Sequence[str],
-    steps: Sequence[int],
-    out: PathLike,
-    *,
-    threshold: float = 0.95,
-    title: str | None = None,
-    freeze_steps: Sequence[int] = (),
-    sink: report.TensorBoardReporter | report.LoggerSink | None = None,
-    tag_prefix: str = "repsim",
-) -> dict[str, ConvergenceReport]:
-    """Write the convergence report of each measure: the one writer of the callback and the CLI.
-
-    For every measure, from ``values[measure]`` (``(L, S)``: each stored step of each layer against
-    its last one, from :func:`similarity_to_final`), into the directory ``out``:
-    ``<measure>__convergence_map.png`` (the layer x step map with each layer's convergence step
-    marked), ``<measure>__curves.png`` (one curve per layer; dotted red lines at ``freeze_steps``),
-    ``<measure>__final.csv`` (the values, exactly) and ``<measure>__convergence.txt`` (the table of
-    :func:`convergence_table`). With ``sink`` (the Trainer's loggers, or one TensorBoard writer) the
-    two images and the table also go to
-    ``<tag_prefix>/<measure>/final/{convergence_map,curves,convergence_summary}`` at the last step.
-
-    Args:
-        values: ``{measure: (L, S) similarities to the final snapshot}``.
-        layers: the L layer names, input first.
-        steps: the S stored steps, ascending.
-        out: the output directory (created).
-        threshold: the fraction of the final similarity that counts as converged
-            (:func:`convergence_steps`, sustained).
-        title: a title for the figures (e.g. the run's name).
-        freeze_steps: steps at which FreezeTraining froze a unit, marked on the curves.
-        sink: where to log the images and the table as well (``log_png`` and ``log_text``).
-        tag_prefix: the first component of their tags (``repsim``, or a named monitor's ``repsim-<name>``).
-
-    Returns:
-        ``{measure: ConvergenceReport}``.
-    """
-    out = Path(out)
-    reports = {}
-    for measure, table in values.items():
-        data = report_common.as_array(table, f"values[{measure!r}]", 2)
-        converged = convergence_steps(data, steps, threshold)
-        figures = {
-            "convergence_map": report.convergence_map_figure(
-                data, layers, steps, measure=measure, converged=converged, threshold=threshold, title=title
-            ),
-            "curves": report.curves_figure(data, layers, steps, measure=measure, threshold=threshold, title=title),
-        }
-        for step in freeze_steps:  # freeze events against convergence
-            figures["curves"].axes[0].axvline(step, color="tab:red", linestyle=":", linewidth=0.9, alpha=0.7)
-        files, prefix = [], f"{tag_prefix}/{measure}/final"
-        for kind, figure in figures.items():
-            png = report.encode_png(report.figure_to_array(figure))
-            files.append(report.write_png_bytes(png, out / f"{measure}__{kind}.png"))
-            if sink is not None:
-                sink.log_png(f"{prefix}/{kind}", png, steps[-1])
-        files.append(report.write_matrix_csv(out / f"{measure}__final.csv", data, layers, steps, corner="layer"))
-        text = convergence_table(layers, converged, data, steps)
-        files.append(atomic_write(out / f"{measure}__convergence.txt", text + "\n"))
-        caption = (
-            f"**{report_common.md_escape(report.MEASURE_LABELS.get(measure, measure))} to the final snapshot**: "
-            f"the step at which each layer reaches {threshold:g} \u00d7 its final value and stays there until "
-            "the end."
-        )
-        markdown = caption + "\n\n" + convergence_table(layers, converged, data, steps, fmt="markdown")
-        if sink is not None:
-            sink.log_text(f"{prefix}/convergence_summary", markdown, steps[-1])
-        reports[measure] = ConvergenceReport(measure, converged, text, markdown, files)
-    return reports
 
 
 # --------------------------------------------------------------------------- runs, read back
@@ -562,6 +431,8 @@ def logged_options(store: SnapshotStore, measures: Sequence[str]) -> dict[str, d
 REFERENCES = ("final", "previous", "init")
 #: The columns of :func:`similarity_rows`.
 ROW_COLUMNS = ("run", "step", "measure", "reference", "layer_a", "layer_b", "value")
+#: The two columns :func:`similarity_rows` adds with ``interval=``.
+INTERVAL_COLUMNS = ("low", "high")
 
 
 def similarity_rows(
@@ -572,6 +443,7 @@ def similarity_rows(
     run: str = "",
     measure_options: Mapping[str, Mapping[str, Any]] | None = None,
     progress: Callable[..., Iterable[Any]] | None = None,
+    interval: float | None = None,
 ) -> list[tuple[Any, ...]]:
     """Every similarity a store gives, as tidy rows ``(run, step, measure, reference, layer_a, layer_b, value)``.
 
@@ -588,20 +460,29 @@ def similarity_rows(
         run: the run's name, the first column.
         measure_options: per-measure options (default: each measure's defaults).
         progress: ``progress(iterable, desc=..., unit=...)`` wraps the loops (e.g. tqdm).
+        interval: a coverage such as 0.95: each row gains the two columns of
+            :data:`INTERVAL_COLUMNS`, the ends of the value's confidence interval
+            (:func:`~lightning_repsim.functional.interval_matrix`; NaN for SVCCA and PWCCA).
     """
+    if interval is not None and (
+        isinstance(interval, bool) or not isinstance(interval, (int, float)) or not 0.0 < float(interval) < 1.0
+    ):
+        raise RepSimValueError(f"interval is a coverage strictly between 0 and 1 (e.g. 0.95), got {interval!r}.")
     options = resolve_measures(measures, measure_options)
     measures = list(options)
     wrap = progress or (lambda iterable, **_: iterable)
     steps, layers = store.steps, store.layers
     rows: list[tuple[Any, ...]] = []
     if "final" in references:
-        values = similarity_to_final(
-            store, options, progress=lambda names: wrap(names, desc="layers vs final snapshot", unit="layer")
-        )
+        layer_progress = lambda names: wrap(names, desc="layers vs final snapshot", unit="layer")
+        if interval is None:
+            values = {m: (v,) for m, v in similarity_to_final(store, options, progress=layer_progress).items()}
+        else:
+            values = final_intervals(store, options, interval, progress=layer_progress)  # type: ignore[assignment]
         for measure in measures:
             data = values[measure]
             rows += [
-                (run, step, measure, "final", name, name, float(data[i, t]))
+                (run, step, measure, "final", name, name, *(float(d[i, t]) for d in data))
                 for t, step in enumerate(steps)
                 for i, name in enumerate(layers)
             ]
@@ -616,9 +497,11 @@ def similarity_rows(
                     continue
                 other = earlier if reference == "previous" else first
                 for measure in measures:
-                    data = _stored_matrix(store, current, other, measure, options[measure])
+                    cells = [_stored_matrix(store, current, other, measure, options[measure])]
+                    if interval is not None:
+                        cells += similarity_bounds(current, other, measure, options[measure], interval)
                     rows += [
-                        (run, step, measure, reference, a, b, float(data[i, j]))
+                        (run, step, measure, reference, a, b, *(float(d[i, j]) for d in cells))
                         for i, a in enumerate(layers)
                         for j, b in enumerate(layers)
                     ]

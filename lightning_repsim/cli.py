@@ -10,10 +10,11 @@ store (``lightning_logs``). A run directory that several fits wrote into holds o
 Usage::
 
     lightning-repsim compare RUN_A RUN_B [--step last|N] [--measure M ...] [--out DIR]
-                             [--tensorboard]
-    lightning-repsim report RUN [--measure M ...] [--threshold 0.95] [--out DIR]
+                             [--tensorboard] [--interval 0.95]
+    lightning-repsim report RUN [--measure M ...] [--threshold 0.95] [--out DIR] [--interval 0.95]
     lightning-repsim export RUN [--format csv|json] [--out FILE] [--measure M ...]
-                            [--reference final|previous|init ...]
+                            [--reference final|previous|init ...] [--interval 0.95]
+    lightning-repsim verify RUN [RUN ...]
 
 ``compare``
     The L_a x L_b matrix of every layer of run A against every layer of run B at one step, per
@@ -31,6 +32,15 @@ Usage::
     Every matrix as tidy rows ``run, step, measure, reference, layer_a, layer_b, value``: each
     step against the final snapshot (per layer), the previous step and the first step (all
     pairs of layers), as CSV or JSON (NaN becomes ``null``), to ``--out`` or standard output.
+``verify``
+    Reads every byte of each store and checks it against the manifest and the checksums: prints
+    ``OK`` per store, or ``DAMAGED`` and one line per damaged or foreign file; exit status 1 when
+    any store is damaged.
+
+``--interval LEVEL`` adds confidence intervals (:func:`lightning_repsim.functional.interval_matrix`):
+columns ``low`` and ``high`` (``export``; ``compare``'s ``<measure>__intervals.csv``, with the cells
+tied with their row's best outlined in the heatmap), or each layer's convergence step as a range
+(``report``). Without it nothing extra is computed.
 
 ``--measure`` may be repeated or given a comma list (``--measure linear_cka,rv2``). Each
 measure's options (``debiased``, ``sigma``, ``center``, ``keep``) are those the run was logged
@@ -39,7 +49,10 @@ layers and is NaN (with a note) for a layer stored as a Gram factor (p > n).
 
 Errors in the input (a missing run, a directory without a store, a corrupt or damaged store,
 probe sets that differ, an unknown step or measure) exit with status 2 and one line on standard
-error starting with ``lightning-repsim: error:``. Progress bars go to standard error, only when
+error starting with ``lightning-repsim: error:``. A step file that is missing, truncated, damaged
+(its checksum fails) or foreign (another run's, or recorded on another probe) is such an error;
+with ``--allow-damaged`` the command leaves it out and goes on with the intact snapshots, with
+one note per file left out. Progress bars go to standard error, only when
 it is a terminal, and never with ``--quiet``.
 
 Example:
@@ -56,12 +69,12 @@ import math
 import sys
 import warnings
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import lightning_repsim
-from lightning_repsim.errors import RepSimError, RepSimWarning
+from lightning_repsim._cli_runs import DAMAGED_HINT, CliError, Run, _one_line, find_store_dir, open_run
+from lightning_repsim.errors import RepSimError, RepSimIntegrityError, RepSimWarning
 from lightning_repsim.measures import MEASURES, resolve_measures
 
 if TYPE_CHECKING:
@@ -73,101 +86,6 @@ if TYPE_CHECKING:
 __all__ = ["main"]
 
 PROG = "lightning-repsim"
-_SHOWN_CANDIDATES = 5
-
-
-class CliError(Exception):
-    """A user error: printed as one line ``lightning-repsim: error: ...``, exit status 2."""
-
-
-def _one_line(text: Any) -> str:
-    return " ".join(str(text).split())
-
-
-# --------------------------------------------------------------------------- runs and stores
-
-
-@dataclass
-class Run:
-    """One run's store, opened read-only, with the names the CLI shows for it."""
-
-    name: str  # short label: "version_3" -> "run/version_3"; its repsim-1 store -> "run/version_3/repsim-1"
-    run_dir: Path  # where the TensorBoard event files are (the store's parent)
-    store: SnapshotStore
-    notes: list[str] = field(default_factory=list)
-
-
-def _find_store_dir(path: Path) -> Path:
-    """The store directory a RUN argument points to (see the module docstring)."""
-    from lightning_repsim.store import MANIFEST_NAME, run_store_dirs
-
-    if not path.exists():
-        raise CliError(f"{path}: no such directory")
-    if not path.is_dir():
-        raise CliError(f"{path}: not a directory (pass a run directory or its repsim/ store)")
-    if (path / MANIFEST_NAME).exists():
-        return path
-    found = run_store_dirs(path)
-    if len(found) > 1:
-        raise CliError(
-            f"{path}: holds {len(found)} snapshot stores, one per fit into this run directory "
-            f"({_shown(found)}); pass one of them"
-        )
-    for pattern in ("*", "*/*"):
-        if found:
-            break
-        found = [store for run in sorted(path.glob(pattern)) for store in run_store_dirs(run)]
-        if len(found) > 1:
-            raise CliError(f"{path}: holds {len(found)} runs with a snapshot store ({_shown(found)}); pass one of them")
-    if found:
-        return found[0]
-    raise CliError(
-        f"{path}: no snapshot store here (looked for {MANIFEST_NAME} in it, in repsim/ or repsim-N/ and in "
-        "*/repsim*/); is this a run directory written with RepresentationSimilarity(store=True)?"
-    )
-
-
-def _shown(stores: Sequence[Path]) -> str:
-    """Store directories as a short list: the run directory for a run's first store, else the store itself."""
-    names = [str(p.parent) if p.name == "repsim" else str(p) for p in stores]
-    return ", ".join(names[:_SHOWN_CANDIDATES]) + (", ..." if len(names) > _SHOWN_CANDIDATES else "")
-
-
-def _run_name(run_dir: Path) -> str:
-    run_dir = run_dir.resolve()
-    if run_dir.name.startswith("version_") and run_dir.parent.name:
-        return f"{run_dir.parent.name}/{run_dir.name}"
-    return run_dir.name or str(run_dir)
-
-
-def open_run(path: str, *, allow_damaged: bool = False) -> Run:
-    """Resolve and open a RUN argument read-only.
-
-    Raises:
-        CliError: nothing usable at ``path``, an empty store, or (without ``allow_damaged``) a
-            store whose step files are partly missing or truncated.
-        RepSimError: the store itself is invalid (bad manifest, unreadable step file).
-    """
-    from lightning_repsim.store import open_store, run_store_dirs
-
-    store_dir = _find_store_dir(Path(path))
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always", RepSimWarning)
-        store = open_store(store_dir)
-    damage = [_one_line(w.message) for w in caught if issubclass(w.category, RepSimWarning)]
-    if damage and not allow_damaged:
-        raise CliError(
-            f"damaged snapshot store: {damage[0]} (copy the run again, or pass --allow-damaged "
-            "to use the intact snapshots)"
-        )
-    if not store.steps:
-        raise CliError(f"{store_dir}: the store holds no snapshots yet")
-    if store_dir in run_store_dirs(store_dir.parent):  # repsim/, or repsim-N/ of a later fit into the same run
-        run_dir = store_dir.parent
-        name = _run_name(run_dir) + ("" if store_dir.name == "repsim" else f"/{store_dir.name}")
-    else:
-        run_dir, name = store_dir, _run_name(store_dir)
-    return Run(name, run_dir, store, notes=damage)
 
 
 # --------------------------------------------------------------------------- measures
@@ -238,6 +156,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     from lightning_repsim.analysis import logged_options, similarity_between
 
     progress = _progress_factory(args.quiet)
+    _check_interval(args.interval)
     measures = _measures(args.measure, ["linear_cka"])
     run_a = open_run(args.run_a, allow_damaged=args.allow_damaged)
     run_b = open_run(args.run_b, allow_damaged=args.allow_damaged)
@@ -254,6 +173,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
         measure_options=options,
         names=(run_a.name, run_b.name),
         progress=lambda items: progress(items, desc="measures", unit="measure"),
+        interval=args.interval,
     )
     assert result.steps is not None  # a comparison of stored snapshots knows its steps
     (step_a, step_b), layers_a, layers_b = result.steps, result.layers_a, result.layers_b
@@ -271,12 +191,25 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
     title_a, title_b = f"{run_a.name} (step {step_a})", f"{run_b.name} (step {step_b})"
     written = []
+    bounds = {m: (result.low[m].numpy(), result.high[m].numpy()) for m in result.low}
     for measure, values in matrices.items():
         written.append(
             report.write_matrix_csv(
                 out / f"{measure}.csv", values, layers_a, layers_b, corner=f"{run_a.name} \\ {run_b.name}"
             )
         )
+        ties = None
+        if measure in bounds:
+            low, high = bounds[measure]
+            cells = [
+                (a, b, float(values[i, j]), float(low[i, j]), float(high[i, j]))
+                for i, a in enumerate(layers_a)
+                for j, b in enumerate(layers_b)
+            ]
+            path = out / f"{measure}__intervals.csv"
+            report.write_rows_csv(path, ("layer_a", "layer_b", "value", "low", "high"), cells)
+            written.append(path)
+            ties = report.row_ties(values, low, high)
         fig = report.heatmap_figure(
             values,
             layers_a,
@@ -284,7 +217,9 @@ def cmd_compare(args: argparse.Namespace) -> int:
             measure=measure,
             row_title=title_a,
             col_title=title_b,
-            title=f"{report.MEASURE_LABELS.get(measure, measure)}, n = {run_a.store.n}",
+            title=f"{report.MEASURE_LABELS.get(measure, measure)}, n = {run_a.store.n}"
+            + ("" if ties is None else f"; {args.interval:g} intervals"),
+            ties=ties,
         )
         written.append(report.save_png(fig, out / f"{measure}.png"))
     written.append(
@@ -295,7 +230,15 @@ def cmd_compare(args: argparse.Namespace) -> int:
                 "run_b": {"name": run_b.name, "store": str(run_b.store.path), "step": step_b, "layers": layers_b},
                 "probe_hash": run_a.store.probe_hash,
                 "n": run_a.store.n,
-                "measures": {m: {"options": options[m], "matrix": v} for m, v in matrices.items()},
+                "measures": {
+                    m: {
+                        "options": options[m],
+                        "matrix": v,
+                        **({"low": bounds[m][0], "high": bounds[m][1]} if m in bounds else {}),
+                    }
+                    for m, v in matrices.items()
+                },
+                "interval": args.interval,
                 "notes": notes,
                 "library_version": lightning_repsim.__version__,
             },
@@ -331,6 +274,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
 def cmd_report(args: argparse.Namespace) -> int:
     from lightning_repsim import report
     from lightning_repsim.analysis import (
+        final_intervals,
         logged_measures,
         logged_options,
         read_freeze_log,
@@ -353,11 +297,15 @@ def cmd_report(args: argparse.Namespace) -> int:
     notes = list(run.notes)
     if "pwcca" in measures and (note := _pwcca_note(run, layers)):
         notes.append(note)
-    values = similarity_to_final(
-        store,
-        logged_options(store, measures),
-        progress=lambda layers: progress(layers, desc="layers vs final snapshot", unit="layer"),
-    )
+    _check_interval(args.interval)
+    layer_progress = lambda layers: progress(layers, desc="layers vs final snapshot", unit="layer")
+    intervals = None
+    if args.interval is None:
+        values = similarity_to_final(store, logged_options(store, measures), progress=layer_progress)
+    else:
+        with_bounds = final_intervals(store, logged_options(store, measures), args.interval, progress=layer_progress)
+        values = {m: v for m, (v, _, _) in with_bounds.items()}
+        intervals = {m: (low.numpy(), high.numpy()) for m, (_, low, high) in with_bounds.items()}
     freeze = read_freeze_log(run.run_dir)
     freeze_steps = sorted({s for s, _ in freeze.events})
 
@@ -374,13 +322,22 @@ def cmd_report(args: argparse.Namespace) -> int:
         threshold=args.threshold,
         title=run.name,
         freeze_steps=freeze_steps,
+        intervals=intervals,
+        level=args.interval,
     )
     for measure, result in reports.items():
         written += result.files
         label = report.MEASURE_LABELS.get(measure, measure)
         print(
             f"\n{label} to the final snapshot (step {steps[-1]}): the step from which each layer stays at "
-            f">= {args.threshold:g} x its final value\n{result.table}"
+            f">= {args.threshold:g} x its final value"
+            + (
+                ""
+                if args.interval is None
+                else f"; converged between a and b: from a on every step's {args.interval:g} interval reaches "
+                "that level, from b on every one lies above it"
+            )
+            + f"\n{result.table}"
         )
 
     print()
@@ -419,14 +376,27 @@ def _references(values: Sequence[str] | None) -> list[str]:
     return list(dict.fromkeys(names)) or list(REFERENCES)
 
 
+def _check_interval(level: float | None) -> None:
+    if level is not None and not 0.0 < level < 1.0:
+        raise CliError(f"--interval is a coverage strictly between 0 and 1 (e.g. 0.95), got {level:g}")
+
+
 def cmd_export(args: argparse.Namespace) -> int:
     from lightning_repsim import report
-    from lightning_repsim.analysis import ROW_COLUMNS, logged_measures, logged_options, similarity_rows
+    from lightning_repsim.analysis import (
+        INTERVAL_COLUMNS,
+        ROW_COLUMNS,
+        logged_measures,
+        logged_options,
+        similarity_rows,
+    )
 
     progress = _progress_factory(args.quiet)
     to_stdout = args.out in (None, "-")
     fmt = args.format or ("json" if not to_stdout and args.out.lower().endswith(".json") else "csv")
     references = _references(args.reference)
+    _check_interval(args.interval)
+    columns = ROW_COLUMNS + (INTERVAL_COLUMNS if args.interval is not None else ())
     run = open_run(args.run, allow_damaged=args.allow_damaged)
     measures = _measures(args.measure, logged_measures(run.store))
     rows = similarity_rows(
@@ -436,25 +406,59 @@ def cmd_export(args: argparse.Namespace) -> int:
         run=run.name,
         measure_options=logged_options(run.store, measures),
         progress=progress,
+        interval=args.interval,
     )
     if fmt == "json":
-        records = [dict(zip(ROW_COLUMNS, row)) for row in rows]
+        records = [dict(zip(columns, row)) for row in rows]
         if to_stdout:
             for record in records:
-                record["value"] = record["value"] if math.isfinite(record["value"]) else None
+                for key in ("value", *INTERVAL_COLUMNS):
+                    if key in record:
+                        record[key] = record[key] if math.isfinite(record[key]) else None
             sys.stdout.write(json.dumps(records, indent=1, allow_nan=False) + "\n")
         else:
             report.write_json(args.out, records)  # NaN -> null
     elif to_stdout:
-        report.write_rows_csv(sys.stdout, ROW_COLUMNS, rows)
+        report.write_rows_csv(sys.stdout, columns, rows)
     else:
         _mkdir(Path(args.out).parent)
-        report.write_rows_csv(args.out, ROW_COLUMNS, rows)
+        report.write_rows_csv(args.out, columns, rows)
     for note in run.notes + ([n] if "pwcca" in measures and (n := _pwcca_note(run, run.store.layers)) else []):
         print(f"{PROG}: note: {note}", file=sys.stderr)
     if not (args.quiet or to_stdout):
         print(f"wrote {len(rows)} rows ({', '.join(measures)}; {', '.join(references)}) to {args.out}")
     return 0
+
+
+# --------------------------------------------------------------------------- verify
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    from lightning_repsim.store import open_store
+
+    damaged = 0
+    for path in args.run:
+        store_dir = find_store_dir(Path(path))
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", RepSimWarning)
+            try:
+                store = open_store(store_dir, skip_damaged=True)
+            except RepSimError as err:  # the manifest itself: nothing of the store can be trusted
+                print(f"DAMAGED {store_dir}\n  {_one_line(err)}")
+                damaged += 1
+                continue
+            problems = [_one_line(w.message) for w in caught if issubclass(w.category, RepSimWarning)]
+        problems += store.verify()  # the saved probe (the steps were read whole on opening)
+        probe = "probe saved" if store.has_probe else "no probe saved"
+        checks = "checksums verified" if store.run_id is not None else "format 1: no checksums, headers checked"
+        if problems:
+            damaged += 1
+            print(f"DAMAGED {store_dir}: {len(problems)} problem(s), {len(store.steps)} intact step(s)")
+            for problem in problems:
+                print(f"  {problem}")
+        else:
+            print(f"OK {store_dir}: {len(store.steps)} step(s), {len(store.layers)} layer(s), {probe}, {checks}")
+    return 1 if damaged else 0
 
 
 # --------------------------------------------------------------------------- argument parsing
@@ -487,8 +491,17 @@ _RUN_HELP = (
 _MEASURE_HELP = "similarity measure; repeat or give a comma list. Choices: " + ", ".join(MEASURES)
 
 
+_INTERVAL_ARG = {
+    "type": float,
+    "metavar": "LEVEL",
+    "help": "also the LEVEL (e.g. 0.95) confidence interval of every value: columns low and high "
+    "(compare: <measure>__intervals.csv, and cells tied with their row's best outlined in the heatmap); "
+    "empty (NaN) for svcca and pwcca, which have none (default: values only)",
+}
+
+
 def build_parser() -> argparse.ArgumentParser:
-    """The ``lightning-repsim`` argument parser (subcommands compare, report, export)."""
+    """The ``lightning-repsim`` argument parser (subcommands compare, report, export, verify)."""
     formatter = argparse.RawDescriptionHelpFormatter
     parser = _Parser(
         prog=PROG,
@@ -497,7 +510,8 @@ def build_parser() -> argparse.ArgumentParser:
         "snapshot stores that RepresentationSimilarity writes (<log_dir>/repsim). No model is re-run.",
         epilog=f"examples:\n  {PROG} compare runs/seed0/version_0 runs/seed1/version_0 --measure linear_cka,rv2\n"
         f"  {PROG} report runs/seed0/version_0 --threshold 0.9\n"
-        f"  {PROG} export runs/seed0/version_0 --format json --out seed0.json\n\n"
+        f"  {PROG} export runs/seed0/version_0 --format json --out seed0.json\n"
+        f"  {PROG} verify runs/seed0/version_0\n\n"
         f"'{PROG} COMMAND --help' describes each command.",
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {lightning_repsim.__version__}")
@@ -506,8 +520,8 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument(
         "--allow-damaged",
         action="store_true",
-        help="use the intact snapshots of a store whose step files are partly missing or truncated "
-        "(otherwise an error)",
+        help="use the intact snapshots of a store whose step files are partly missing, truncated, damaged "
+        "or another run's, with a note per file left out (otherwise an error)",
     )
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True, parser_class=_Parser)
 
@@ -542,6 +556,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="also write a TensorBoard run to DIR/tensorboard (heatmaps, same-layer scalars)",
     )
+    compare.add_argument("--interval", **_INTERVAL_ARG)  # type: ignore[arg-type]
     compare.set_defaults(func=cmd_compare)
 
     rep = commands.add_parser(
@@ -576,6 +591,13 @@ def build_parser() -> argparse.ArgumentParser:
         "earlier report: never overwritten)",
     )
     rep.add_argument("--overwrite", action="store_true", help="write into an --out that already holds files")
+    rep.add_argument(
+        "--interval",
+        type=float,
+        metavar="LEVEL",
+        help="also give each layer's convergence step as a range 'converged between a-b' from the LEVEL (e.g. "
+        "0.95) confidence interval of every step's similarity to the final one (slower; default: none)",
+    )
     rep.set_defaults(func=cmd_report)
 
     export = commands.add_parser(
@@ -607,7 +629,21 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="R",
         help="final, previous or init; repeat or give a comma list (default: all three)",
     )
+    export.add_argument("--interval", **_INTERVAL_ARG)  # type: ignore[arg-type]
     export.set_defaults(func=cmd_export)
+
+    verify = commands.add_parser(
+        "verify",
+        formatter_class=formatter,
+        help="check every byte of one or more stores",
+        description="Read every step file and the saved probe of each store and check them against the manifest "
+        "(step, layers, shapes, probe hash, run id) and their checksums. Prints OK per intact store, or "
+        "DAMAGED and one line per damaged or foreign file. Exit status 0 when all are intact, 1 when any "
+        "is damaged, 2 on an error (no store at RUN).",
+        epilog=f"examples:\n  {PROG} verify runs/seed0/version_0\n  {PROG} verify runs/*/version_0",
+    )
+    verify.add_argument("run", metavar="RUN", nargs="+", help=_RUN_HELP)
+    verify.set_defaults(func=cmd_verify)
     return parser
 
 
@@ -630,6 +666,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     except (RepSimError, OSError) as err:  # RepSimValueError included; e.g. a corrupt store
         what = _one_line(err) if isinstance(err, RepSimError) else f"{type(err).__name__}: {_one_line(err)}"
+        if isinstance(err, RepSimIntegrityError):  # a step file damaged after it was opened (a checksum on read)
+            what += f" ({DAMAGED_HINT})"
         print(f"{PROG}: error: {what}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -16,3 +16,8 @@ class RepSimValueError(RepSimError, ValueError):
 
 class RepSimWarning(UserWarning):
     """Degenerate input (a dead layer, NaN/Inf, an under-determined CCA) or a lossy fallback."""
+
+
+class RepSimIntegrityError(RepSimError):
+    """A stored file that is damaged (its bytes fail their checksum, its header disagrees with the
+    manifest) or foreign (written by another run, or on another probe set); the message names the file."""

@@ -333,6 +333,13 @@ def damaged_copy(runs, tmp_path, how):
     elif how == "garbage step":
         step_file = run / "repsim" / "step-0000000005.safetensors"
         step_file.write_bytes(b"\0" * step_file.stat().st_size)
+    elif how == "foreign step":  # the same step of a run on another probe set, copied in
+        shutil.copy(runs["other"] / "repsim" / "step-0000000005.safetensors", run / "repsim")
+    elif how == "flipped byte":  # the last byte of the last tensor: a float32's top byte, the value stays finite
+        step_file = run / "repsim" / "step-0000000005.safetensors"
+        data = bytearray(step_file.read_bytes())
+        data[-1] ^= 0x01
+        step_file.write_bytes(bytes(data))
     return run
 
 
@@ -342,11 +349,42 @@ def damaged_copy(runs, tmp_path, how):
         ("corrupt manifest", "not valid JSON"),
         ("truncated step", "truncated"),
         ("garbage step", "not a readable safetensors file"),
+        ("foreign step", "recorded on probe 'probe-2'"),
+        ("flipped byte", "fails its checksum"),
     ],
 )
 def test_damaged_stores_are_one_line_errors(runs, tmp_path, capsys, how, fragment):
     run = damaged_copy(runs, tmp_path, how)
-    check_error(capsys, ["report", str(run), "--out", str(tmp_path / "o")], fragment)
+    line = check_error(capsys, ["report", str(run), "--out", str(tmp_path / "o")], fragment)
+    if how != "corrupt manifest":
+        assert "--allow-damaged" in line and ("step 5" if how == "truncated step" else "step-0000000005") in line
+
+
+@pytest.mark.parametrize("how", ["garbage step", "foreign step", "flipped byte"])
+def test_allow_damaged_skips_a_damaged_or_foreign_step_file_with_a_note(runs, tmp_path, capsys, how):
+    run = damaged_copy(runs, tmp_path, how)
+    assert main(["export", str(run), "--allow-damaged", "--reference", "final", "--measure", "rv"]) == 0
+    captured = capsys.readouterr()
+    assert len(captured.out.strip().splitlines()) - 1 == n_rows(1, ["final"], steps=2)
+    (note,) = [line for line in captured.err.splitlines() if "note:" in line]
+    assert "skipping step 5" in note and "step-0000000005.safetensors" in note
+
+
+def test_verify_says_ok_or_lists_the_damaged_files(runs, tmp_path, capsys):
+    assert main(["verify", str(runs["a"]), str(runs["b"])]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 2 and all(line.startswith("OK ") and "checksums verified" in line for line in lines)
+    run = damaged_copy(runs, tmp_path, "flipped byte")
+    shutil.copy(runs["other"] / "repsim" / "step-0000000010.safetensors", run / "repsim")
+    assert main(["verify", str(runs["a"]), str(run)]) == 1
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith("OK ") and out[1].startswith(f"DAMAGED {run / 'repsim'}: 2 problem(s), 1 intact step")
+    assert "step-0000000005.safetensors" in out[2] and "fails its checksum" in out[2]
+    assert "step-0000000010.safetensors" in out[3] and "'probe-2'" in out[3]
+    (run / "repsim" / "manifest.json").write_text("{")
+    assert main(["verify", str(run)]) == 1
+    assert "not valid JSON" in capsys.readouterr().out
+    check_error(capsys, ["verify", str(tmp_path / "missing")], "no such directory")
 
 
 def test_allow_damaged_uses_the_intact_snapshots(runs, tmp_path, capsys):
@@ -380,7 +418,7 @@ def test_user_errors_exit_2_with_one_line(runs, tmp_path, capsys):
     check_error(capsys, ["export", str(tmp_path / "fresh")], "no snapshots yet")
 
 
-@pytest.mark.parametrize("command", [[], ["compare"], ["report"], ["export"]])
+@pytest.mark.parametrize("command", [[], ["compare"], ["report"], ["export"], ["verify"]])
 def test_help_has_examples(capsys, command):
     assert main([*command, "--help"]) == 0
     text = capsys.readouterr().out
@@ -482,3 +520,52 @@ def test_report_writes_the_callbacks_convergence_table_byte_for_byte(tmp_path):
     for measure in ("linear_cka", "rv2"):  # the callback's default measures, recorded in the store
         for name in (f"{measure}__convergence.txt", f"{measure}__final.csv"):
             assert (out / name).read_bytes() == (by_callback / name).read_bytes(), name
+
+
+# ----------------------------------------------------------------------------- --interval
+
+
+def test_compare_export_and_report_with_interval(runs, tmp_path, capsys):
+    """--interval: compare writes <measure>__intervals.csv (value, low, high per cell) and outlines ties;
+    export gains columns low and high; report prints each layer's 'converged between' range.
+    Every number read back equals similarity_interval on the stored features."""
+    from lightning_repsim.functional import similarity_interval
+
+    store_a, store_b = open_store(runs["a"] / "repsim"), open_store(runs["b"] / "repsim")
+    out = tmp_path / "cmp"
+    argv = ["compare", str(runs["a"]), str(runs["b"]), "--measure", "linear_cka,svcca", "--interval", "0.9"]
+    assert main([*argv, "--out", str(out), "-q"]) == 0
+    with open(out / "linear_cka__intervals.csv", newline="") as handle:
+        cells = list(csv.DictReader(handle))
+    assert len(cells) == len(LAYERS) ** 2 and list(cells[0]) == ["layer_a", "layer_b", "value", "low", "high"]
+    for cell in cells[:: len(LAYERS) + 1] + cells[1:2]:  # the diagonal and one off-diagonal cell
+        want = similarity_interval(store_a.get(10, cell["layer_a"]), store_b.get(10, cell["layer_b"]), level=0.9)
+        got = (float(cell["value"]), float(cell["low"]), float(cell["high"]))
+        assert got == pytest.approx((want.value, want.low, want.high), abs=1e-7), cell
+    with open(out / "svcca__intervals.csv", newline="") as handle:
+        assert all(math.isnan(float(row["low"])) for row in csv.DictReader(handle))
+    summary = json.loads((out / "compare.json").read_text())
+    assert summary["interval"] == 0.9 and len(summary["measures"]["linear_cka"]["low"]) == len(LAYERS)
+    assert main(argv[:5] + ["--out", str(tmp_path / "plain"), "-q"]) == 0
+    assert not list((tmp_path / "plain").glob("*__intervals.csv"))
+
+    out_csv = tmp_path / "x.csv"
+    assert main(["export", str(runs["a"]), "--measure", "linear_cka", "--interval", "0.9", "--out", str(out_csv)]) == 0
+    with open(out_csv, newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    assert list(rows[0])[-2:] == ["low", "high"] and len(rows) == n_rows(1, ["final", "previous", "init"])
+    row = next(
+        r for r in rows if (r["step"], r["reference"], r["layer_a"], r["layer_b"]) == ("5", "init", "fc", "conv")
+    )
+    want = similarity_interval(store_a.get(5, "fc"), store_a.get(0, "conv"), level=0.9)
+    assert (float(row["low"]), float(row["high"])) == pytest.approx((want.low, want.high), abs=1e-7)
+    assert all(float(r["low"]) <= float(r["high"]) for r in rows)
+
+    capsys.readouterr()
+    assert (
+        main(["report", str(runs["a"]), "--measure", "linear_cka", "--interval", "0.9", "--out", str(tmp_path / "r")])
+        == 0
+    )
+    printed = capsys.readouterr().out
+    assert "converged between" in printed and (tmp_path / "r" / "linear_cka__final_low.csv").is_file()
+    check_error(capsys, ["export", str(runs["a"]), "--interval", "95"], "--interval", "between 0 and 1")

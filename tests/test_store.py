@@ -4,12 +4,14 @@ import json
 import os
 import pickle
 import random
+import re
 import signal
 import struct
 import subprocess
 import sys
 import time
 import warnings
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -110,9 +112,11 @@ def test_manifest_content(tmp_path):
     store.add(1500, snapshot(1500))
     m = manifest(store.path)
     assert m["format"] == FORMAT_NAME == "lightning_repsim.store"
-    assert m["format_version"] == FORMAT_VERSION == 1
+    assert m["format_version"] == FORMAT_VERSION == 2
     assert m["library_version"] == lightning_repsim.__version__
     assert m["probe_hash"] == "probe-abc"
+    assert re.fullmatch(r"[0-9a-f]{16}", m["run_id"]) and m["run_id"] == store.run_id
+    assert m["probe"] is None and not store.has_probe
     assert m["n"] == N
     assert m["dtype"] == "float32"
     assert m["layers"] == list(LAYERS)
@@ -121,6 +125,7 @@ def test_manifest_content(tmp_path):
     assert m["max_bytes"] == 123_456_789
     assert [s["step"] for s in m["steps"]] == [0, 1500]
     assert [s["file"] for s in m["steps"]] == ["step-0000000000.safetensors", "step-0000001500.safetensors"]
+    assert [s["format_version"] for s in m["steps"]] == [2, 2]
     for entry in m["steps"]:
         file = store.path / entry["file"]
         assert entry["nbytes"] == file.stat().st_size
@@ -129,6 +134,9 @@ def test_manifest_content(tmp_path):
             meta = f.metadata()
             assert meta["step"] == str(entry["step"])
             assert meta["format"] == FORMAT_NAME and meta["probe_hash"] == "probe-abc"
+            assert meta["format_version"] == "2" and meta["run_id"] == m["run_id"]
+            crc = json.loads(meta["crc32"])  # the CRC-32 of each tensor's raw bytes
+            assert crc == {name: f"{zlib.crc32(f.get_tensor(name).numpy().tobytes()):08x}" for name in LAYERS}
     assert m["thinned"]["stride"] == 1 and m["thinned"]["dropped_steps"] == []
     assert "rule" in m["thinned"]
     assert m["lost_steps"] == []
@@ -717,7 +725,7 @@ def _corrupt(path, how):
     [
         ("bad json", r"manifest\.json: not valid JSON \("),
         ("wrong format", r"manifest\.json: format is 'something.else', expected 'lightning_repsim.store'"),
-        ("newer version", r"manifest\.json: format_version 2 .* is newer than the 1 .* upgrade lightning_repsim"),
+        ("newer version", r"manifest\.json: format_version 3 .* is newer than the 2 .* upgrade lightning_repsim"),
         ("path traversal", r"manifest\.json: step 0: file must be 'step-0000000000\.safetensors'"),
         ("unsorted steps", r"manifest\.json: steps are not strictly increasing"),
         ("kinds incomplete", r"manifest\.json: kinds must map every layer"),

@@ -8,6 +8,10 @@ moves to ``superseded/after-step-N/`` (nothing stored is deleted). When the logg
 a new version, or several fits resume one checkpoint, or the run is archived read-only, the
 resumed fit writes its own outputs beside its events, starting from copies of the recorded ones up
 to the checkpoint, and the recorded ones stay as they are.
+
+The store keeps the probe inputs themselves (:meth:`~lightning_repsim.store.SnapshotStore.save_probe`):
+a resumed fit whose default probe now yields other examples takes the saved ones
+(:func:`stored_probe`).
 """
 
 from __future__ import annotations
@@ -22,8 +26,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
+
+from lightning_repsim.capture import Probe
 from lightning_repsim.errors import RepSimError, RepSimWarning
-from lightning_repsim.store import SnapshotStore, default_store_dir
+from lightning_repsim.store import SnapshotStore, default_store_dir, open_store
 from lightning_repsim.store.format import occupied
 
 #: The figures of one logging point, under ``<output dir>/figures``.
@@ -77,18 +84,42 @@ def open_run_outputs(
     if keep_store and store is None:
         if continued:
             store = SnapshotStore.open(directory, mode="a", probe_hash=probe_hash)
-            run_id = store.settings.get("run_id") or run_id
+            run_id = store.run_id or run_id
         else:
             store = SnapshotStore.create(
-                directory,
-                probe_hash=probe_hash,
-                n=n,
-                settings={**settings, "run_id": run_id},
-                max_bytes=max_store_bytes,
+                directory, probe_hash=probe_hash, n=n, settings=settings, max_bytes=max_store_bytes, run_id=run_id
             )
     if continued and resumed is not None and resumed.last_logged_step is not None:
         _set_aside_after(directory, store, resumed.last_logged_step, warn)
     return RunOutputs(directory, store, run_id)
+
+
+def stored_probe(resumed: Checkpointed, run_dir: Path, name: str | None = None) -> tuple[torch.Tensor, Path] | None:
+    """The probe inputs saved with the checkpointed fit's store, and where: the store the checkpoint records,
+    else this run directory's, when it is that fit's (same probe hash and run id) and its saved probe hashes as
+    the checkpoint's did. None when there is none (an older store, a probe that was not a tensor, damage)."""
+    candidates = [Path(resumed.output_dir)] if resumed.output_dir else []
+    for directory in dict.fromkeys([*candidates, default_store_dir(run_dir, name=name)]):
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", RepSimWarning)  # damage is reported once it is opened for appending
+                store = open_store(directory)
+                if store.probe_hash != resumed.probe_hash or not store.has_probe:
+                    continue
+                if resumed.run_id is not None and _run_id(store) not in (None, resumed.run_id):
+                    continue
+                inputs = store.load_probe()
+        except (RepSimError, OSError):
+            continue
+        if isinstance(inputs, torch.Tensor) and Probe(inputs).hash == resumed.probe_hash:
+            return inputs, directory
+    return None
+
+
+def _run_id(store: SnapshotStore) -> str | None:
+    """A store's run id; a format-1 store's is in its settings, where the callback kept it."""
+    recorded = store.settings.get("run_id")
+    return store.run_id or (recorded if isinstance(recorded, str) else None)
 
 
 def run_directory(trainer: Any, log_dir: str | None) -> Path:
@@ -124,7 +155,7 @@ def _holds_this_run(directory: Path, probe_hash: str, keep_store: bool, run_id: 
     except RepSimError:
         return False
     # a checkpoint without a run id (state version 1) takes the store by its probe alone, as it did then
-    return store.probe_hash == probe_hash and run_id in (None, store.settings.get("run_id"))
+    return store.probe_hash == probe_hash and run_id in (None, _run_id(store))
 
 
 def _place(

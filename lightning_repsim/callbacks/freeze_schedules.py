@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from lightning_repsim.capture import Block, capture_blocks, name_matches
-from lightning_repsim.errors import RepSimValueError
+from lightning_repsim.errors import RepSimValueError, RepSimWarning
 from lightning_repsim.functional import cka, gram_linear
 
 if TYPE_CHECKING:
@@ -386,6 +386,7 @@ class SimilaritySchedule(FreezeSchedule):
         self._reference: dict[str, torch.Tensor] = {}
         # per-fit runtime
         self._probe_chunks: list[torch.Tensor] = []
+        self._batches_seen = 0
         self._feeds: list[tuple[int, dict[str, float]]] = []
 
     def __repr__(self) -> str:
@@ -405,6 +406,7 @@ class SimilaritySchedule(FreezeSchedule):
 
     def start(self, trainer: pl.Trainer, units: list[str], freeze_last: bool) -> None:
         self._probe_chunks = []
+        self._batches_seen = 0
 
     def collect(self, callback: FreezeTraining, trainer: pl.Trainer, batch: Any) -> None:
         if self.source != "probe" or self._probe is not None:
@@ -413,9 +415,30 @@ class SimilaritySchedule(FreezeSchedule):
         inputs = callback.batch_inputs(batch).detach()
         have = sum(c.shape[0] for c in self._probe_chunks)
         self._probe_chunks.append(inputs[: self.probe_size - have].cpu().clone())
+        self._batches_seen += 1
         if have + self._probe_chunks[-1].shape[0] >= self.probe_size:
             self._probe = torch.cat(self._probe_chunks)
             self._probe_chunks = []
+        elif self._batches_seen == 1:
+            self._warn_if_probe_cannot_fill(trainer, rows=inputs.shape[0])
+
+    def _warn_if_probe_cannot_fill(self, trainer: pl.Trainer, rows: int) -> None:
+        """Say once, at the first batch, when this fit ends before ``probe_size`` examples are seen."""
+        try:
+            steps = float(trainer.estimated_stepping_batches)
+        except Exception:  # an unsized loader: the length of training is unknown
+            return
+        batches = steps * max(1, int(getattr(trainer, "accumulate_grad_batches", 1)))
+        if math.isfinite(batches) and rows * batches < self.probe_size:
+            from pytorch_lightning.utilities.rank_zero import rank_zero_warn
+
+            rank_zero_warn(
+                f"FreezeTraining: the similarity schedule collects its probe from the first {self.probe_size} "
+                f"training examples, but this fit sees only about {int(rows * batches)} ({int(batches)} batches of "
+                f"{rows}): no check will run and nothing will freeze. Pass SimilaritySchedule(probe_size=...) "
+                "no larger than that, or probe=<a tensor of inputs>.",
+                category=RepSimWarning,
+            )
 
     def due(
         self,

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import collections
 import functools
+import logging
 import os
 import re
 from collections.abc import Callable, Mapping, Sequence
@@ -32,7 +33,13 @@ from tqdm.auto import tqdm
 from lightning_repsim import report
 from lightning_repsim.callbacks._background import Background, one_cpu_thread
 from lightning_repsim.callbacks._guard import Guard
-from lightning_repsim.callbacks._outputs import Checkpointed, RunOutputs, open_run_outputs, run_directory
+from lightning_repsim.callbacks._outputs import (
+    Checkpointed,
+    RunOutputs,
+    open_run_outputs,
+    run_directory,
+    stored_probe,
+)
 from lightning_repsim.callbacks._probing import (
     KEYWORDS,
     ProbeRunner,
@@ -50,12 +57,14 @@ from lightning_repsim.capture import LayerSelector, OutputSelector, Probe
 from lightning_repsim.errors import RepSimError, RepSimValueError
 from lightning_repsim.functional._measures import resolve_measures
 from lightning_repsim.store import DEFAULT_MAX_BYTES, SnapshotStore, compact_features
+from lightning_repsim.store.format import probe_tensors
 
 # jsonargparse (LightningCLI) tries a Union's members in order and str takes anything, so lists
 # and modules (YAML: class_path / init_args) come before str.
 ReferenceLike = nn.Module | str | os.PathLike[str]
 References = Sequence[ReferenceLike] | ReferenceLike
 _STATE_VERSION = 2
+_log = logging.getLogger(__name__)
 
 
 class RepresentationSimilarity(Callback):
@@ -309,13 +318,10 @@ class RepresentationSimilarity(Callback):
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         background = self.background if self.background is not None else pl_module.device.type != "cpu"
         self._worker = Background(initializer=one_cpu_thread) if background and not self.strict else None
+        run_dir = trainer.log_dir  # a broadcast from rank 0 under DDP: every rank must call it
         probe = materialise_probe(self.probe_source, trainer)
-        expected = None if self._checkpointed is None else self._checkpointed.probe_hash
-        if expected and expected != probe.hash:
-            raise RepSimError(
-                f"the probe set changed since the checkpoint (hash {expected} then, {probe.hash} now); "
-                "resume with the same probe so the store stays comparable."
-            )
+        if self._checkpointed is not None and self._checkpointed.probe_hash not in (None, probe.hash):
+            probe = self._resumed_probe(self._checkpointed, probe, run_directory(trainer, run_dir))
         check_probe_size(probe, self.options)
         self._runner = ProbeRunner(
             probe,
@@ -333,7 +339,6 @@ class RepresentationSimilarity(Callback):
         for ref in self._references:
             if ref.kind == "module":
                 ref.features = self._runner.reference(ref, trainer, pl_module)
-        run_dir = trainer.log_dir  # a broadcast from rank 0 under DDP: every rank must call it
         if trainer.is_global_zero:
             self._open_outputs(trainer, run_dir)
         if self._checkpointed is None:
@@ -465,6 +470,33 @@ class RepresentationSimilarity(Callback):
         if init is not None:
             init.features = state_dict.get("init")
 
+    def _resumed_probe(self, resumed: Checkpointed, probe: Probe, run_dir: Path) -> Probe:
+        """The probe of a resumed fit whose probe yields other examples than the checkpointed fit's: with a
+        probe the user did not give as data ("val:N", "train:N"), the one saved with the store; else an error."""
+        given = self.probe_source if isinstance(self.probe_source, str) else None
+        spec = given or "the default probe 'val:512'"
+        if self.probe_source is None or given is not None:
+            found = stored_probe(resumed, run_dir, self.name)
+            if found is not None:
+                rank_zero_info(
+                    f"RepresentationSimilarity: {spec} now yields other examples than when the checkpoint was saved "
+                    f"(probe hash {probe.hash}, then {resumed.probe_hash}: random transforms, or changed data?); "
+                    f"the resumed fit uses the probe saved with its snapshot store {found[1]}, so that every "
+                    "snapshot stays comparable."
+                )
+                return Probe(found[0])
+            raise RepSimError(
+                f"the probe set changed since the checkpoint: {spec} now yields other examples (probe hash "
+                f"{probe.hash}, then {resumed.probe_hash}) and no probe saved with the checkpointed fit's snapshot "
+                "store was found. Pass the interrupted fit's probe examples as probe= (a tensor), or start a new run "
+                "(without ckpt_path, or with a new logger version) to monitor with the new probe."
+            )
+        raise RepSimError(
+            f"the probe set changed since the checkpoint (probe hash {resumed.probe_hash} then, {probe.hash} now): "
+            "the snapshots would not be comparable. Resume with the same probe= data as the interrupted fit, or "
+            "start a new run (without ckpt_path, or with a new logger version) to monitor with the new probe."
+        )
+
     # ------------------------------------------------------------------ the work
 
     def _reference(self, kind: str) -> Reference | None:
@@ -505,6 +537,7 @@ class RepresentationSimilarity(Callback):
                 name=self.name,
             ),
         )
+        self._save_probe(probe, trainer.global_step)
         if not {"tensorboard", "mlflow", "wandb"} & set(sink.kinds):
             self._guard.warn_once(
                 "no-image-logger",
@@ -532,6 +565,19 @@ class RepresentationSimilarity(Callback):
             settings_table({"examples": len(probe), "hash": probe.hash, **settings}),
             0,
         )
+
+    def _save_probe(self, probe: Probe, step: int) -> None:
+        """Save the probe inputs with a store that has none yet (a new one, or one of an older lightning_repsim),
+        so that a resume or a later comparison can use the very same examples. A failed write is one warning."""
+        store = self._store
+        if store is None or store.has_probe or store.probe_hash != probe.hash:
+            return
+        try:
+            probe_tensors(probe.inputs)
+        except RepSimValueError as err:
+            _log.debug("RepresentationSimilarity does not save the probe with the store: %s", err)
+            return
+        self._guard.output("the probe saved with the snapshot store", step, lambda: store.save_probe(probe.inputs))
 
     def _log_point(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         assert self._runner is not None

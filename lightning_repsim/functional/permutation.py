@@ -24,9 +24,10 @@ from lightning_repsim.functional._engine import (
     degenerate_layers,
     transformed_gram,
 )
+from lightning_repsim.functional._jackknife import BLOCK_ENTRIES
 from lightning_repsim.functional._measures import CCA_MEASURES, GramSpec, gram_spec, resolve_options
 from lightning_repsim.functional._validation import TensorLike, as_matrix, check_examples, warn_degenerate
-from lightning_repsim.functional.intervals import _BLOCK_ENTRIES, _check_seed
+from lightning_repsim.functional.intervals import _check_seed
 
 __all__ = ["PermutationTest", "permutation_test"]
 
@@ -89,7 +90,7 @@ def _gram_null(
     n = gram_x.shape[0]
     observed = (gram_x * gram_y).sum()
     null = torch.empty(perms.shape[0], dtype=torch.float64, device=gram_x.device)
-    block = max(1, _BLOCK_ENTRIES // (n * n))
+    block = max(1, BLOCK_ENTRIES // (n * n))
     for start in range(0, perms.shape[0], block):
         idx = perms[start : start + block]
         permuted = gram_y[idx[:, :, None], idx[:, None, :]]
@@ -118,7 +119,7 @@ def _feature_null(
 
     observed = inner(fx, fy, norms_x, norms_y)
     null = torch.empty(perms.shape[0], dtype=torch.float64, device=fx.device)
-    block = max(1, _BLOCK_ENTRIES // (n * max(fx.shape[1], fy.shape[1])))
+    block = max(1, BLOCK_ENTRIES // (n * max(fx.shape[1], fy.shape[1])))
     sums = norms_x.sum() * norms_y.sum()
     for start in range(0, perms.shape[0], block):
         idx = perms[start : start + block]
@@ -144,7 +145,7 @@ def _cca_null(
     kx, ky = bx.basis.shape[1], by.basis.shape[1]
     weights_x = bx.basis.T @ bx.centred  # (kx, p): the x side's variates against its neurons
     weights_y = by.basis.T @ by.centred  # unchanged by permuting y's rows
-    block = max(1, _BLOCK_ENTRIES // (n * ky + kx * ky))
+    block = max(1, BLOCK_ENTRIES // (n * ky + kx * ky))
     for start in range(0, perms.shape[0], block):
         blocks = bx.basis.T @ by.basis[perms[start : start + block]]  # (b, kx, ky)
         if measure == "svcca":

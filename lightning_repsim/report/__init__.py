@@ -7,6 +7,7 @@ capture, callbacks or the snapshot store.
 * :mod:`~lightning_repsim.report.figures` — heatmaps, convergence maps, per-layer curves;
 * :mod:`~lightning_repsim.report.files` — exact CSV, strict JSON, PNG, each written atomically;
 * :mod:`~lightning_repsim.report.tables` — per-layer tables in markdown or aligned text;
+* :mod:`~lightning_repsim.report.ties` — which cells tie with their row's best, given intervals;
 * :mod:`~lightning_repsim.report.loggers` — scalars, images and text to every Lightning logger;
 * :mod:`~lightning_repsim.report.tensorboard` — tags and a reporter for images, scalars and text.
 """
@@ -42,12 +43,14 @@ from lightning_repsim.report.tensorboard import (
     sanitize_tag,
     scalar_tags,
 )
+from lightning_repsim.report.ties import TIES_CAPTION, outline_cells, row_ties
 
 __all__ = [
     "MEASURE_LABELS",
     "MEASURE_RANGES",
     "NAN_COLOR",
     "PNG_COMPRESS_LEVEL",
+    "TIES_CAPTION",
     "HeatmapFrames",
     "LoggerSink",
     "TensorBoardReporter",
@@ -63,6 +66,8 @@ __all__ = [
     "layer_tags",
     "log_comparison",
     "make_tag",
+    "outline_cells",
+    "row_ties",
     "sanitize_tag",
     "save_image_png",
     "save_png",

@@ -44,6 +44,7 @@ from lightning_repsim.report._common import (
     figure_to_array,
     measure_label,
 )
+from lightning_repsim.report.ties import TIES_CAPTION, outline_cells
 
 __all__ = ["NAN_COLOR", "HeatmapFrames", "convergence_map_figure", "curves_figure", "freeze_figure", "heatmap_figure"]
 
@@ -289,6 +290,7 @@ def heatmap_figure(
     value_range: tuple[float, float] | None = None,
     annotate: bool | None = None,
     dpi: int = _DEFAULT_DPI,
+    ties: Any = None,
 ) -> Figure:
     """Draw a layer x layer similarity matrix as a heatmap.
 
@@ -315,6 +317,9 @@ def heatmap_figure(
             for a measure not in :data:`MEASURE_RANGES`).
         annotate: write the values into the cells; default: only up to 12 x 12.
         dpi: resolution of the figure (pixels per inch), for :func:`figure_to_array`.
+        ties: an optional boolean mask of the matrix's shape (from
+            :func:`~lightning_repsim.report.ties.row_ties`): those cells are outlined and the title
+            gains the legend line :data:`~lightning_repsim.report.ties.TIES_CAPTION`.
 
     Returns:
         A :class:`~matplotlib.figure.Figure` on an Agg canvas; ``fig.axes[0]`` is the heatmap,
@@ -344,6 +349,7 @@ def heatmap_figure(
     shown_rows, shown_cols = _shorten_all(rows), _shorten_all(cols)
     width = axes_w + _text_inches(shown_rows, font) + 1.6 + (0.3 if row_title else 0.0)
     height = axes_h + _text_inches(shown_cols, font) + 0.5 + (0.4 if title else 0.0) + (0.3 if col_title else 0.0)
+    height += 0.4 if ties is not None else 0.0  # the legend line
     fig, ax, cax = _new_figure(width, height, dpi, colorbar=True)
     image = _matrix_image(ax, values, lo, hi)
     _set_layer_ticks(ax, "x", shown_cols, font, _tick_stride(n_cols, axes_w, font))
@@ -352,6 +358,11 @@ def heatmap_figure(
         ax.set_ylabel(row_title)
     if col_title:
         ax.set_xlabel(col_title)
+    if ties is not None:
+        if np.shape(ties) != values.shape:
+            raise RepSimValueError(f"`ties` has shape {np.shape(ties)}, the matrix {values.shape}.")
+        outline_cells(ax, ties)
+        title = f"{title}\n{TIES_CAPTION}" if title else TIES_CAPTION
     if title:
         _set_title(ax, title, 11)
     if annotate or (annotate is None and max(n_rows, n_cols) <= _ANNOTATE_MAX_CELLS):

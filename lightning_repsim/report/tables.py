@@ -22,6 +22,7 @@ def summary_table(
     fmt: Literal["markdown", "text"] = "markdown",
     step_header: str = "converged at step",
     final_header: str = "final value",
+    extra: Mapping[str, Sequence[str]] | None = None,
 ) -> str:
     """Tabulate each layer's convergence step, in depth order.
 
@@ -37,6 +38,8 @@ def summary_table(
         fmt: ``"markdown"`` or ``"text"``.
         step_header: header of the step column.
         final_header: header of the final-value column.
+        extra: more columns after the step column, ``{header: one preformatted cell per layer}``
+            (e.g. the convergence step's interval).
 
     Raises:
         RepSimValueError: on lengths that differ or an unknown ``fmt``.
@@ -63,6 +66,12 @@ def summary_table(
         [str(i), name, "not reached" if s is None else str(int(s))]
         for i, (name, s) in enumerate(zip(names, conv_steps))
     ]
+    for header, cells in (extra or {}).items():
+        if len(cells) != len(names):
+            raise RepSimValueError(f"column {header!r} has {len(cells)} entries for {len(names)} layers.")
+        headers.append(header)
+        for row, cell in zip(rows, cells):
+            row.append(str(cell))
     if final_values is not None:
         headers.append(final_header)
         for row, v in zip(rows, final_values):

@@ -8,16 +8,12 @@ here: tensors are stored exactly as given (cast to float32), and similarity meas
 them later. The store keeps them so that any two steps, or two runs, can be compared later
 without re-running a model (:func:`lightning_repsim.analysis.similarity_between`).
 
-The on-disk format is :mod:`lightning_repsim.store.format`; nothing is ever pickled, so opening someone
-else's run reads data and never executes code.
-
-Crash safety: every file is written to a temporary file in the same directory (a hidden name
-ending in ``.tmp``), flushed, ``os.fsync``-ed and moved into place with ``os.replace``; the
-manifest is rewritten the same way after each step file lands. Whenever the process dies, the
-directory holds a valid store with every snapshot completed before the kill. On opening,
-temporary files and step files absent from the manifest are ignored (and deleted when opened
-for appending); a manifest step whose file is missing or truncated is dropped with a
-:class:`~lightning_repsim.errors.RepSimWarning`.
+The on-disk format, its integrity checks (probe hash, run id, checksums) and its crash safety are
+:mod:`lightning_repsim.store.format`; nothing is ever pickled, so opening someone else's run reads
+data and never executes code. Reading is :class:`~lightning_repsim.store.reading.StoreReader`, which
+this class extends with writing. The probe inputs themselves can be saved with the store
+(:meth:`SnapshotStore.save_probe`), so that a resumed fit or a later comparison uses the very same
+examples.
 
 A store has one writer at a time (global rank zero); any number of readers may open it, also
 while it is being written.
@@ -40,9 +36,10 @@ import contextlib
 import json
 import operator
 import os
+import secrets
 import shutil
 import warnings
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -56,48 +53,42 @@ from lightning_repsim.store.format import (
     FORMAT_NAME,
     FORMAT_VERSION,
     MANIFEST_NAME,
+    PROBE_FILE,
     STEP_FILE_RE,
     as_step,
+    encode_probe,
     encode_snapshot,
     occupied,
     one_line,
     read_manifest,
-    read_step_file,
     step_file_name,
     write_manifest,
 )
+from lightning_repsim.store.reading import StepLike, StoreReader
 from lightning_repsim.store.thinning import THINNING_RULE, plan_for_new
 
 __all__ = ["SnapshotStore", "StepLike", "open_store"]
 
-StepLike = int | str
-_STEPS_SHOWN = 20
 
-
-def open_store(path: PathLike, *, probe_hash: str | None = None) -> SnapshotStore:
-    """Open an existing store read-only (same as ``SnapshotStore.open(path, mode="r")``).
+def open_store(path: PathLike, *, probe_hash: str | None = None, skip_damaged: bool = False) -> SnapshotStore:
+    """Open an existing store read-only (same as ``SnapshotStore.open(path, mode="r", ...)``).
 
     Args:
         path: the store directory.
         probe_hash: if given, the store's probe hash must equal it.
+        skip_damaged: read every step file whole and leave out a damaged or foreign one, with one
+            :class:`~lightning_repsim.errors.RepSimWarning` each, instead of raising.
 
     Raises:
         RepSimError: no store at ``path``, a corrupt or newer-format store, or a probe-hash
             mismatch; the one-line message names the file and what is wrong.
+        RepSimIntegrityError: (without ``skip_damaged``) a step file that is another run's, recorded
+            on another probe, or does not match the manifest.
     """
-    return SnapshotStore.open(path, mode="r", probe_hash=probe_hash)
+    return SnapshotStore.open(path, mode="r", probe_hash=probe_hash, skip_damaged=skip_damaged)
 
 
-def _show_steps(steps: Sequence[int]) -> str:
-    if len(steps) <= _STEPS_SHOWN:
-        return str(list(steps))
-    half = _STEPS_SHOWN // 2
-    head = ", ".join(map(str, steps[:half]))
-    tail = ", ".join(map(str, steps[-half:]))
-    return f"[{head}, ... ({len(steps) - 2 * half} more) ..., {tail}]"
-
-
-class SnapshotStore:
+class SnapshotStore(StoreReader):
     """Per-step, per-layer ``(n, r)`` float32 tensors of one run, in a directory on disk.
 
     Rows are the ``n`` probe examples (the same examples, in the same order, at every step);
@@ -128,21 +119,6 @@ class SnapshotStore:
         mode: ``"r"`` (read-only) or ``"a"`` (append).
     """
 
-    def __init__(self, path: Path, mode: str, manifest: dict[str, Any]) -> None:
-        # Private: use create(), open() or open_store().
-        self.path = path
-        self.mode = mode
-        self._probe_hash: str = manifest["probe_hash"]
-        self._n: int = manifest["n"]
-        self._layers: list[str] = list(manifest["layers"])
-        self._kinds: dict[str, str] = dict(manifest["kinds"])
-        self._settings: dict[str, Any] = manifest["settings"]
-        self._max_bytes: int = manifest["max_bytes"]
-        self._entries: list[dict[str, Any]] = [dict(e) for e in manifest["steps"]]
-        self._stride: int = manifest["thinned"]["stride"]
-        self._dropped: list[int] = list(manifest["thinned"]["dropped_steps"])
-        self._lost: list[int] = list(manifest["lost_steps"])
-
     # ------------------------------------------------------------------ construction
 
     @classmethod
@@ -155,6 +131,7 @@ class SnapshotStore:
         settings: Mapping[str, Any] | None = None,
         max_bytes: int = DEFAULT_MAX_BYTES,
         exist_ok: bool = False,
+        run_id: str | None = None,
     ) -> SnapshotStore:
         """Make a new, empty store at ``path`` (created with parents) and open it for appending.
 
@@ -170,6 +147,8 @@ class SnapshotStore:
             exist_ok: if a store already exists at ``path``, open it for appending instead of
                 failing (its probe hash and ``n`` must match; its settings are kept and the
                 ``max_bytes`` given here applies).
+            run_id: the store's run id, written in the manifest and in every step file so that a
+                file of another run is refused (default: 16 random hex digits).
 
         Raises:
             RepSimValueError: an invalid argument.
@@ -181,6 +160,8 @@ class SnapshotStore:
             raise RepSimValueError(f"probe_hash must be a non-empty str, got {probe_hash!r}")
         if isinstance(n, bool) or not isinstance(n, int) or n < 1:
             raise RepSimValueError(f"n (probe examples) must be an int >= 1, got {n!r}")
+        if run_id is not None and (not isinstance(run_id, str) or not run_id):
+            raise RepSimValueError(f"run_id must be a non-empty str, got {run_id!r}")
         max_bytes = cls._check_max_bytes(max_bytes)
         settings = {} if settings is None else settings
         if not isinstance(settings, Mapping):
@@ -205,6 +186,7 @@ class SnapshotStore:
         path.mkdir(parents=True, exist_ok=True)
         manifest: dict[str, Any] = {
             "probe_hash": probe_hash,
+            "run_id": run_id or secrets.token_hex(8),
             "n": n,
             "layers": [],
             "kinds": {},
@@ -213,6 +195,7 @@ class SnapshotStore:
             "steps": [],
             "thinned": {"stride": 1, "dropped_steps": []},
             "lost_steps": [],
+            "probe": None,
         }
         store = cls(path, "a", manifest)
         store._commit()
@@ -226,13 +209,16 @@ class SnapshotStore:
         *,
         probe_hash: str | None = None,
         max_bytes: int | None = None,
+        skip_damaged: bool = False,
     ) -> SnapshotStore:
         """Open an existing store.
 
-        Every step file's header is checked against the manifest. A manifest step whose file
-        is missing or shorter than recorded (a copy or crash artefact) is dropped with one
-        :class:`~lightning_repsim.errors.RepSimWarning`; in ``mode="a"`` this is written back to
-        the manifest (``lost_steps``) and leftover temporary and unlisted step files are deleted.
+        Every step file's header is checked against the manifest: step, layers, shapes, probe hash
+        and run id. A manifest step whose file is missing or shorter than recorded (a copy or crash
+        artefact) is dropped with one :class:`~lightning_repsim.errors.RepSimWarning`; in
+        ``mode="a"`` this is written back to the manifest (``lost_steps``) and leftover temporary and
+        unlisted step files are deleted. Appending to a store of ``format_version`` 1 upgrades its
+        manifest (a run id is drawn); its old step files keep their lighter checks.
 
         Args:
             path: the store directory.
@@ -240,17 +226,24 @@ class SnapshotStore:
             probe_hash: if given, the store's probe hash must equal it.
             max_bytes: ``mode="a"`` only: a new disk budget (recorded in the manifest); by
                 default the store keeps its own.
+            skip_damaged: ``mode="r"`` only: read every step file whole (checksums included) and
+                leave out each damaged or foreign one with a RepSimWarning naming it, instead of
+                raising.
 
         Raises:
             RepSimValueError: an invalid ``mode`` or ``max_bytes``.
             RepSimError: no store at ``path``; bad JSON, a wrong format name or a newer
                 ``format_version`` in the manifest; a step file that does not match the
                 manifest; a probe-hash mismatch. The one-line message names the file.
+            RepSimIntegrityError: (the RepSimError of a step file) another run's or probe's file,
+                or one that does not match the manifest.
         """
         if mode not in ("r", "a"):
             raise RepSimValueError(f"mode must be 'r' (read-only) or 'a' (append), got {mode!r}")
         if max_bytes is not None and mode != "a":
             raise RepSimValueError("max_bytes can only be changed when opening with mode='a'")
+        if skip_damaged and mode != "r":
+            raise RepSimValueError("skip_damaged=True reads a store: open it with mode='r'")
         path = Path(path)
         manifest = read_manifest(path)
         if probe_hash is not None and probe_hash != manifest["probe_hash"]:
@@ -260,9 +253,12 @@ class SnapshotStore:
                 "(use a new store directory) or this is another run's store"
             )
         store = cls(path, mode, manifest)
-        lost = store._check_files()
+        lost = store._check_files(skip_damaged)
         if mode == "a":
-            changed = bool(lost)
+            changed = bool(lost) or manifest["format_version"] < FORMAT_VERSION or store._probe != manifest["probe"]
+            if store._run_id is None:  # a format-1 store: its run id, if the callback kept one, else a new one
+                recorded = store._settings.get("run_id")
+                store._run_id = recorded if isinstance(recorded, str) and recorded else secrets.token_hex(8)
             if max_bytes is not None and cls._check_max_bytes(max_bytes) != store._max_bytes:
                 store._max_bytes = max_bytes
                 changed = True
@@ -276,160 +272,6 @@ class SnapshotStore:
         if isinstance(max_bytes, bool) or not isinstance(max_bytes, int) or max_bytes < 1:
             raise RepSimValueError(f"max_bytes must be an int >= 1, got {max_bytes!r}")
         return max_bytes
-
-    # ------------------------------------------------------------------ reading
-
-    @property
-    def steps(self) -> list[int]:
-        """The stored steps, ascending."""
-        return [e["step"] for e in self._entries]
-
-    @property
-    def layers(self) -> list[str]:
-        """Layer names in capture order (empty until the first :meth:`add`)."""
-        return list(self._layers)
-
-    @property
-    def kinds(self) -> dict[str, str]:
-        """Layer name -> what its columns are, e.g. ``"features"`` or ``"gram_factor"``."""
-        return dict(self._kinds)
-
-    @property
-    def probe_hash(self) -> str:
-        """Identifies the probe set; compare stores only when these agree."""
-        return self._probe_hash
-
-    @property
-    def n(self) -> int:
-        """Number of probe examples: the row count of every stored tensor."""
-        return self._n
-
-    @property
-    def settings(self) -> dict[str, Any]:
-        """The caller's free-form settings record (a copy)."""
-        return json.loads(json.dumps(self._settings))
-
-    @property
-    def max_bytes(self) -> int:
-        """Disk budget of the step files, in bytes."""
-        return self._max_bytes
-
-    @property
-    def nbytes(self) -> int:
-        """Bytes taken by the kept step files (the manifest is not counted)."""
-        return sum(e["nbytes"] for e in self._entries)
-
-    @property
-    def thinned(self) -> dict[str, Any]:
-        """``{"stride": int, "dropped_steps": list[int]}``: what budget thinning removed."""
-        return {"stride": self._stride, "dropped_steps": list(self._dropped)}
-
-    def __len__(self) -> int:
-        return len(self._entries)
-
-    def __iter__(self) -> Iterator[int]:
-        """Iterate over the stored steps, ascending (``for step in store: store.get(step)``)."""
-        return iter(self.steps)
-
-    def __contains__(self, step: object) -> bool:
-        return any(e["step"] == step for e in self._entries)
-
-    def __repr__(self) -> str:
-        return (
-            f"SnapshotStore({str(self.path)!r}, mode={self.mode!r}, steps={len(self)}, "
-            f"layers={len(self._layers)}, n={self._n}, nbytes={self.nbytes})"
-        )
-
-    def get(self, step: StepLike, layer: str | None = None) -> dict[str, torch.Tensor] | torch.Tensor:
-        """Load one step's tensors.
-
-        Args:
-            step: a stored step (int) or ``"last"``.
-            layer: one layer name; by default all layers.
-
-        Returns:
-            ``{layer: (n, r) float32 CPU tensor}`` in capture order, or the single tensor when
-            ``layer`` is given.
-
-        Raises:
-            RepSimValueError: an unknown step (the message lists the stored ones) or layer.
-            RepSimError: the step file is missing or does not match the manifest.
-        """
-        if layer is None:
-            return self.read(step)
-        if layer not in self._kinds:
-            raise RepSimValueError(f"unknown layer {layer!r}; the store has layers {self._layers}")
-        return self.read(step, [layer])[layer]
-
-    def read(self, step: StepLike, layers: Sequence[str] | None = None) -> dict[str, torch.Tensor]:
-        """Load the tensors of ``layers`` (default: every layer, in capture order) at one step.
-
-        Raises:
-            RepSimValueError: an unknown step or layer.
-            RepSimError: the step file is missing or does not match the manifest.
-        """
-        entry = self._entry(step)
-        names = list(self._layers) if layers is None else list(layers)
-        unknown = [name for name in names if name not in self._kinds]
-        if unknown:
-            raise RepSimValueError(f"unknown layer(s) {unknown}; the store has layers {self._layers}")
-        file = self.path / entry["file"]
-        size = _file_size(file)
-        if size is None:
-            raise RepSimError(f"{file}: missing (thinned, truncated or deleted after the store was opened)")
-        if size != entry["nbytes"]:
-            raise RepSimError(f"{file}: {size} bytes, the manifest says {entry['nbytes']}")
-        return read_step_file(file, step=entry["step"], layers=self._layers, n=self._n, names=names)
-
-    def resolve_step(self, step: StepLike) -> int:
-        """The stored step that ``step`` (an int or ``"last"``) names.
-
-        Raises:
-            RepSimValueError: not an int or ``"last"``, an empty store, or a step that is not stored
-                (the message lists the stored ones and says when thinning dropped it).
-        """
-        return int(self._entry(step)["step"])
-
-    def _entry(self, step: StepLike) -> dict[str, Any]:
-        if isinstance(step, str):
-            if step != "last":
-                raise RepSimValueError(f"step must be an int or 'last', got {step!r}")
-            if not self._entries:
-                raise RepSimValueError(f"{self.path}: the store holds no steps yet")
-            return self._entries[-1]
-        value = as_step(step, expected="an int or 'last'")
-        for entry in self._entries:
-            if entry["step"] == value:
-                return entry
-        hint = f"; step {value} was dropped by budget thinning" if value in self._dropped else ""
-        raise RepSimValueError(f"{self.path}: no step {value}{hint}; stored steps: {_show_steps(self.steps)}")
-
-    def _check_files(self) -> list[int]:
-        """Drop manifest steps whose file is missing or truncated; check every header."""
-        kept, lost = [], []
-        for entry in self._entries:
-            file = self.path / entry["file"]
-            size = _file_size(file)
-            if size is None or size < entry["nbytes"]:
-                lost.append(
-                    (entry["step"], "missing" if size is None else f"truncated, {size} of {entry['nbytes']} bytes")
-                )
-                continue
-            if size > entry["nbytes"]:
-                raise RepSimError(f"{file}: {size} bytes, the manifest says {entry['nbytes']}")
-            read_step_file(file, step=entry["step"], layers=self._layers, n=self._n)
-            kept.append(entry)
-        if lost:
-            what = ", ".join(f"step {s} ({why})" for s, why in lost)
-            warnings.warn(
-                f"{self.path}: dropping {len(lost)} snapshot(s) listed in {MANIFEST_NAME} whose "
-                f"file is damaged: {what}; the other {len(kept)} step(s) are intact",
-                RepSimWarning,
-                stacklevel=3,
-            )
-            self._entries = kept
-            self._lost = sorted(set(self._lost) | {s for s, _ in lost})
-        return [s for s, _ in lost]
 
     # ------------------------------------------------------------------ writing
 
@@ -490,7 +332,7 @@ class SnapshotStore:
                     f"checkpoint, call truncate_after(<checkpoint step>) first, or pass "
                     f"overwrite=True to replace step {step} and drop the steps after it"
                 )
-        blob = encode_snapshot(step, self._probe_hash, data)
+        blob = encode_snapshot(step, self._probe_hash, data, self._run_id)
 
         # Plan the thinning before touching the disk, so an impossible budget changes nothing.
         kept = [e for e in self._entries if e["step"] < step]
@@ -521,7 +363,7 @@ class SnapshotStore:
 
         name = step_file_name(step)
         atomic_write(self.path / name, blob, durable=True)
-        entry = {"step": step, "file": name, "nbytes": len(blob)}
+        entry = {"step": step, "file": name, "nbytes": len(blob), "format_version": FORMAT_VERSION}
         self._commit(
             entries=self._entries + [entry],
             layers=layers,
@@ -529,6 +371,31 @@ class SnapshotStore:
             stride=stride,
             lost=[s for s in self._lost if s < step],
         )
+
+    def save_probe(self, inputs: Any) -> None:
+        """Save the probe inputs with the store (``probe.safetensors``, checksummed; replaces a saved one).
+
+        Args:
+            inputs: the probe inputs: a tensor (any dtype safetensors holds), a tuple of tensors or a
+                dict of str -> tensor; :meth:`load_probe` gives them back as such, on the CPU.
+
+        Raises:
+            RepSimValueError: ``inputs`` of another type, or of a dtype safetensors cannot hold.
+            RepSimError: the store was opened read-only.
+            OSError: writing failed; the store is as before the call.
+
+        Example:
+            >>> import tempfile, torch
+            >>> with tempfile.TemporaryDirectory() as tmp:
+            ...     store = SnapshotStore.create(tmp, probe_hash="p", n=3)
+            ...     store.save_probe(torch.arange(6).reshape(3, 2))
+            ...     open_store(tmp).load_probe().tolist()
+            [[0, 1], [2, 3], [4, 5]]
+        """
+        self._require_writable()
+        blob = encode_probe(inputs, self._probe_hash, self._run_id)
+        atomic_write(self.path / PROBE_FILE, blob, durable=True)
+        self._commit(probe={"file": PROBE_FILE, "nbytes": len(blob)})
 
     def truncate_after(self, step: int, *, move_to: PathLike | None = None) -> list[int]:
         """Drop every snapshot after ``step`` (used when resuming from an earlier checkpoint).
@@ -569,6 +436,8 @@ class SnapshotStore:
             if removed and move_to is not None:  # the moved steps stay a store of their own
                 aside = Path(move_to)
                 aside.mkdir(parents=True, exist_ok=True)
+                if self._probe is not None:
+                    _link_or_copy(self.path / PROBE_FILE, aside / PROBE_FILE)
                 write_manifest(aside, {**self._manifest(), "steps": [dict(e) for e in removed]})
             self._commit(
                 entries=[e for e in self._entries if e["step"] <= step],
@@ -614,11 +483,8 @@ class SnapshotStore:
             raise RepSimValueError(f"copy_until: {dest} is not empty; give a new directory.")
         dest.mkdir(parents=True, exist_ok=True)
         kept = [e for e in self._entries if e["step"] <= step]
-        for entry in kept:
-            try:
-                os.link(self.path / entry["file"], dest / entry["file"])
-            except OSError:
-                shutil.copy2(self.path / entry["file"], dest / entry["file"])
+        for name in [e["file"] for e in kept] + ([PROBE_FILE] if self._probe is not None else []):
+            _link_or_copy(self.path / name, dest / name)
         manifest = self._manifest()
         manifest["steps"] = [dict(e) for e in kept]
         manifest["thinned"]["dropped_steps"] = [s for s in self._dropped if s <= step]
@@ -671,6 +537,7 @@ class SnapshotStore:
             "format": FORMAT_NAME,
             "format_version": FORMAT_VERSION,
             "library_version": lightning_repsim.__version__,
+            "run_id": self._run_id,
             "probe_hash": self._probe_hash,
             "n": self._n,
             "dtype": "float32",
@@ -685,6 +552,7 @@ class SnapshotStore:
                 "dropped_steps": list(self._dropped),
             },
             "lost_steps": list(self._lost),
+            "probe": None if self._probe is None else dict(self._probe),
         }
 
     def _commit(self, **changes: Any) -> None:
@@ -717,9 +585,9 @@ class SnapshotStore:
                     child.unlink()
 
 
-def _file_size(file: Path) -> int | None:
-    """The size of ``file`` in bytes, or None when it is missing."""
+def _link_or_copy(source: Path, dest: Path) -> None:
+    """Hard-link ``source`` to ``dest`` (a store's data files are never rewritten in place), else copy it."""
     try:
-        return file.stat().st_size
-    except FileNotFoundError:
-        return None
+        os.link(source, dest)
+    except OSError:
+        shutil.copy2(source, dest)

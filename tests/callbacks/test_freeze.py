@@ -5,6 +5,7 @@ the unit froze, with controls showing that the same tensors did change while tra
 """
 
 import types
+import warnings
 
 import pytest
 import pytorch_lightning as pl
@@ -397,6 +398,21 @@ def test_similarity_schedule_internal_probe_epoch_checks():
     assert [sorted(h["values"]) for h in freeze.history] == [["block1", "block2"], ["block2"], []][:2]
     assert all(0 < v <= 1 + 1e-9 for h in freeze.history for v in h["values"].values())
     assert freeze.state_dict()["probe"].shape == (20, 6)
+
+
+@pytest.mark.parametrize(("max_steps", "warns"), [(24, True), (40, False)])
+def test_similarity_schedule_says_once_when_its_probe_cannot_fill(max_steps, warns):
+    # 8 examples per batch: 24 steps see 192 < 256 examples, 40 steps see 320
+    freeze = FreezeTraining(schedule=SimilaritySchedule(probe_size=256, check_every_n_steps=4), verbose=False)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        make_trainer([freeze], max_steps=max_steps).fit(Net(), loader(n=8 * 50))
+    said = [str(w.message) for w in caught if "nothing will freeze" in str(w.message)]
+    if warns:
+        assert len(said) == 1 and "first 256 training examples" in said[0] and "about 192" in said[0], said
+        assert freeze.events == []
+    else:
+        assert said == []
 
 
 def test_similarity_schedule_waits_for_the_lowest_unit():

@@ -726,7 +726,7 @@ def test_a_second_fresh_fit_into_the_same_run_directory_gets_its_own_store(tmp_p
     store = open_store(second.store_path)
     assert store.steps == [0, 4, 8]
     assert (store.probe_hash == open_store(first.store_path).probe_hash) == (probe == "same")
-    assert store.settings["run_id"] != open_store(first.store_path).settings["run_id"]
+    assert store.run_id != open_store(first.store_path).run_id
     assert (second.store_path / "figures" / "step-00000008" / "linear_cka__init.csv").exists()
     assert (second.store_path / "figures" / "final" / "linear_cka__final.csv").exists()
     if logger == "tb":  # the second fit's own event file holds its heatmaps and scalars

@@ -34,7 +34,7 @@ import torch
 
 from lightning_repsim import functional as F
 from lightning_repsim.errors import RepSimValueError
-from lightning_repsim.functional import intervals as I
+from lightning_repsim.functional import _jackknife as J
 from lightning_repsim.functional._measures import gram_spec
 from tests import reference as R
 from tests.helpers import call_recording, to_torch
@@ -368,7 +368,7 @@ def test_jackknife_of_the_biased_estimator_fails_the_coverage_test():
 def test_uncorrected_jackknife_variance_fails_the_calibration_test(monkeypatch):
     # Without the second-order correction the jackknife over-estimates the variance where the
     # degenerate part of the U-statistic matters (effective dimension 50 at n = 64).
-    monkeypatch.setattr(I, "_second_order_variance", lambda sums, s, n: torch.zeros_like(s))
+    monkeypatch.setattr(J, "_second_order_variance", lambda sums, s, n: torch.zeros_like(s))
     result = coverage(_model("linear_cka"), library_interval("linear_cka"), 64, draws=150)
     assert result.se_ratio[1] > 1.15, result.se_ratio
 
@@ -398,9 +398,9 @@ def _pair(n=30, p=6, q=5, seed=0, shift=0.0):
 def _sums(x, y, measure, **options):
     spec = gram_spec(measure, **options)
     problems = {}
-    sx = I._side(F.Representations([x]), spec, x.device, problems)
-    sy = I._side(F.Representations([y]), spec, x.device, problems)
-    return I._pair_sums(sx.bases, sy.bases), I._u_statistic_base(spec), spec
+    sx = J.make_side(F.Representations([x]), spec, x.device, problems)
+    sy = J.make_side(F.Representations([y]), spec, x.device, problems)
+    return J.pair_sums(sx.bases, sy.bases), J.u_statistic_base(spec), spec
 
 
 @pytest.mark.parametrize(
@@ -416,7 +416,7 @@ def _sums(x, y, measure, **options):
 def test_leave_one_out_equals_recomputation(measure, options, brute):
     x, y = _pair(shift=2.0)
     sums, base, _ = _sums(x, y, measure, **options)
-    left = I._leave_one_out(sums, x.shape[0], base)[:, 0, 0].numpy()
+    left = J._leave_one_out(sums, x.shape[0], base)[:, 0, 0].numpy()
     keep = lambda i: torch.cat([torch.arange(i), torch.arange(i + 1, x.shape[0])])
     expected = [float(brute(x[keep(i)], y[keep(i)])) for i in range(x.shape[0])]
     np.testing.assert_allclose(left, expected, rtol=0, atol=1e-12)
@@ -426,7 +426,7 @@ def test_leave_one_out_rbf_equals_recomputation_at_fixed_bandwidth():
     # The jackknife holds the bandwidth (sigma² x the full sample's median distance) fixed.
     x, y = _pair()
     sums, base, _ = _sums(x, y, "rbf_cka", sigma=0.6)
-    left = I._leave_one_out(sums, x.shape[0], base)[:, 0, 0].numpy()
+    left = J._leave_one_out(sums, x.shape[0], base)[:, 0, 0].numpy()
     kx, ky = R.gram_rbf(x.numpy(), 0.6), R.gram_rbf(y.numpy(), 0.6)
     for i in range(x.shape[0]):
         keep = np.delete(np.arange(x.shape[0]), i)
@@ -444,15 +444,15 @@ def test_rbf_leave_one_out_follows_the_re_estimated_bandwidth(symmetric):
     y = 0.9 * x + 0.45 * to_torch(rng.standard_normal((n, 6)))
     spec, problems = gram_spec("rbf_cka"), {}
     if symmetric:
-        sx = sy = I._side(F.Representations([x, y]), spec, x.device, problems, keep_derivatives=True)
-        sums = I._pair_sums(sx.bases, None)
+        sx = sy = J.make_side(F.Representations([x, y]), spec, x.device, problems, keep_derivatives=True)
+        sums = J.pair_sums(sx.bases, None)
     else:
-        sx = I._side(F.Representations([x]), spec, x.device, problems, keep_derivatives=True)
-        sy = I._side(F.Representations([y]), spec, x.device, problems, against=sx.bases)
-        sums = I._pair_sums(sx.bases, sy.bases)
-    bandwidth = I._bandwidth_terms(sx, sy, symmetric, sums)
-    fixed = I._leave_one_out(sums, n, "ucentre")[:, 0, -1].numpy()
-    moving = I._leave_one_out(sums, n, "ucentre", bandwidth)[:, 0, -1].numpy()
+        sx = J.make_side(F.Representations([x]), spec, x.device, problems, keep_derivatives=True)
+        sy = J.make_side(F.Representations([y]), spec, x.device, problems, against=sx.bases)
+        sums = J.pair_sums(sx.bases, sy.bases)
+    bandwidth = J.bandwidth_terms(sx, sy, symmetric, sums)
+    fixed = J._leave_one_out(sums, n, "ucentre")[:, 0, -1].numpy()
+    moving = J._leave_one_out(sums, n, "ucentre", bandwidth)[:, 0, -1].numpy()
     brute = np.array(
         [
             float(F.rbf_cka(x[np.delete(np.arange(n), i)], y[np.delete(np.arange(n), i)], debiased=True))
@@ -478,10 +478,10 @@ def test_second_order_term_equals_explicit_kernel(measure, options):
     x, y = _pair(n=25)
     n = x.shape[0]
     sums, base, spec = _sums(x, y, measure, **options)
-    got = float(I._second_order_variance(sums, sums.cross / torch.sqrt(torch.outer(sums.self_x, sums.self_y)), n))
+    got = float(J._second_order_variance(sums, sums.cross / torch.sqrt(torch.outer(sums.self_x, sums.self_y)), n))
     problems = {}
-    b = I._side(F.Representations([x]), spec, x.device, problems).bases[0].numpy()
-    c = I._side(F.Representations([y]), spec, x.device, problems).bases[0].numpy()
+    b = J.make_side(F.Representations([x]), spec, x.device, problems).bases[0].numpy()
+    c = J.make_side(F.Representations([y]), spec, x.device, problems).bases[0].numpy()
     cross, sxx, syy = (b * c).sum(), (b * b).sum(), (c * c).sum()
     s = cross / math.sqrt(sxx * syy)
     g = s * n * (n - 1) * (b * c / cross - b * b / (2 * sxx) - c * c / (2 * syy))
@@ -587,7 +587,7 @@ def test_accelerator_route_on_cpu_gives_the_same_intervals(monkeypatch, measure,
     # Off the host, Grams come from PreparedLayers.gram without out= buffers; force that path on CPU.
     xs, ys = _layers(), _layers(seed=1, widths=(5, 70))
     host = F.interval_matrix(xs, ys, measure, **options)
-    monkeypatch.setattr(I, "host_route", lambda device: False)
+    monkeypatch.setattr(J, "host_route", lambda device: False)
     other = F.interval_matrix(xs, ys, measure, **options)
     for a, b in ((host.value, other.value), (host.low, other.low), (host.high, other.high)):
         np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=0, atol=1e-12)
