@@ -205,6 +205,28 @@ def test_attention_whose_projections_never_run_is_one_leaf():
     assert names(blocks_of(Attend(), torch.randn(2, 3, 8))) == ["attn", "head"]
 
 
+def test_a_parameter_free_rotary_embedding_does_not_join_the_token_embedding():
+    class RotaryEmbedding(nn.Module):  # as in Llama: cos / sin of the positions, no parameters
+        def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            angles = torch.arange(x.shape[1], dtype=x.dtype)[:, None] * torch.ones(x.shape[-1])
+            return angles.cos()[None], angles.sin()[None]
+
+    class Llamaish(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.embed_tokens = nn.Embedding(10, 8)
+            self.rotary_emb = RotaryEmbedding()
+            self.head = nn.Linear(8, 2)
+
+        def forward(self, ids: torch.Tensor) -> torch.Tensor:
+            h = self.embed_tokens(ids)
+            cos, sin = self.rotary_emb(h)
+            return self.head((h * cos + h * sin).mean(1))
+
+    blocks = blocks_of(Llamaish(), torch.randint(0, 10, (2, 5)))
+    assert [(b.name, b.output) for b in blocks] == [("embed_tokens", "embed_tokens"), ("head", "head")]
+
+
 def test_modules_that_never_run_and_the_roots_own_parameters_are_no_block():
     class Odd(nn.Module):
         def __init__(self) -> None:

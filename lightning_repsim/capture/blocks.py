@@ -89,7 +89,10 @@ def _is_norm(module: nn.Module) -> bool:
 
 
 def _is_embedding(module: nn.Module) -> bool:
-    return isinstance(module, (nn.Embedding, nn.EmbeddingBag)) or "Embedding" in type(module).__name__
+    """A learned embedding (a parameter-free "RotaryEmbedding" computing sines is none)."""
+    return isinstance(module, (nn.Embedding, nn.EmbeddingBag)) or (
+        "Embedding" in type(module).__name__ and _has_parameters(module)
+    )
 
 
 def _is_follower(module: nn.Module) -> bool:
