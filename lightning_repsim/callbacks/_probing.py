@@ -12,8 +12,9 @@ from __future__ import annotations
 import copy
 import os
 import re
+import weakref
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -21,8 +22,18 @@ import pytorch_lightning as pl
 import torch
 from torch import nn
 
-from lightning_repsim.capture import LayerSelector, OutputSelector, Probe, capture
+from lightning_repsim.capture import (
+    Block,
+    LayerSelector,
+    OutputSelector,
+    Probe,
+    capture,
+    capture_blocks,
+    default_blocks,
+)
+from lightning_repsim.capture.blocks import no_block_error
 from lightning_repsim.capture.outputs import check_reduction
+from lightning_repsim.capture.recorder import _model_device
 from lightning_repsim.errors import RepSimValueError
 from lightning_repsim.functional._validation import MIN_MEANINGFUL_EXAMPLES, too_small_probe
 
@@ -145,6 +156,9 @@ class ProbeRunner:
     token_reduction: str
     output_selector: OutputSelector
     forward: Callable[[nn.Module, torch.Tensor], Any] | None
+    _blocks: weakref.WeakKeyDictionary[nn.Module, list[Block]] = field(
+        default_factory=weakref.WeakKeyDictionary, init=False, repr=False
+    )
 
     def features(
         self, module: nn.Module, layers: LayerSelector = None, trainer: pl.Trainer | None = None
@@ -162,17 +176,40 @@ class ProbeRunner:
                     return model(batch) if user_forward is None else user_forward(model, batch)
 
             forward = forward_with_precision
-        return capture(
-            module,
-            self.probe,
-            self.layers if layers is None else layers,
-            batch_size=self.batch_size,
-            max_features=self.max_features,
-            layout=self.layout,
-            token_reduction=self.token_reduction,
-            output_selector=self.output_selector,
-            forward=forward,
-        )
+        selector = self.layers if layers is None else layers
+        settings: dict[str, Any] = {
+            "batch_size": self.batch_size,
+            "max_features": self.max_features,
+            "layout": self.layout,
+            "token_reduction": self.token_reduction,
+            "output_selector": self.output_selector,
+            "forward": forward,
+        }
+        if selector is not None:
+            return capture(module, self.probe, selector, **settings)
+        return capture_blocks(module, self.probe, self.blocks(module, forward, trainer is not None), **settings)
+
+    def blocks(
+        self, module: nn.Module, forward: Callable[[nn.Module, torch.Tensor], Any] | None, trained: bool
+    ) -> list[Block]:
+        """The default layers of ``module``: its blocks (:func:`lightning_repsim.capture.default_blocks`), found
+        once per module by a forward pass of the probe's first two examples."""
+        found = self._blocks.get(module)
+        if found is None:
+            inputs = next(self.probe.batches(2, device=_model_device(module)))
+            found = default_blocks(module, lambda: module(inputs) if forward is None else forward(module, inputs))
+            if not found:
+                raise no_block_error(module, "layers" if trained else "reference_layers")
+            self._blocks[module] = found
+        return found
+
+    def known_blocks(self, module: nn.Module) -> list[Block] | None:
+        """The default layers of ``module`` when a probe pass has found them, else None."""
+        return self._blocks.get(module)
+
+    def block_outputs(self, module: nn.Module) -> dict[str, str]:
+        """``{block: the module whose output it is}`` of the default layers of ``module`` (empty when explicit)."""
+        return {block.name: block.output for block in self._blocks.get(module, [])}
 
     def trained(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, torch.Tensor]:
         """The trained module's features; a probe it cannot run is reported as such, with its shape."""

@@ -26,7 +26,7 @@ from torch import nn
 from lightning_repsim.callbacks._probing import ProbeRunner
 from lightning_repsim.capture.layers import _unwrap
 from lightning_repsim.capture.outputs import check_reduction
-from lightning_repsim.capture.recorder import _install, _recording
+from lightning_repsim.capture.recorder import _install, _recording, block_recording
 
 
 class ValidationRecording:
@@ -39,6 +39,7 @@ class ValidationRecording:
     def __init__(self, runner: ProbeRunner, trainer: pl.Trainer, pl_module: pl.LightningModule, step: int) -> None:
         self.runner = runner
         self.trainer = trainer
+        self.pl_module = pl_module  # the key of the runner's default blocks
         self.module = _unwrap(pl_module)
         self.step = step
         self.n = len(runner.probe)
@@ -65,14 +66,20 @@ class ValidationRecording:
             return
         try:
             runner = self.runner
-            self._recorder, self._selected, modules = _recording(
-                self.module,
-                runner.layers,
-                layouts=check_reduction(runner.max_features, runner.layout, runner.token_reduction),
-                token_reduction=runner.token_reduction,
-                max_features=runner.max_features,
-                output_selector=runner.output_selector,
-            )
+            settings: dict[str, Any] = {
+                "layouts": check_reduction(runner.max_features, runner.layout, runner.token_reduction),
+                "token_reduction": runner.token_reduction,
+                "max_features": runner.max_features,
+                "output_selector": runner.output_selector,
+            }
+            if runner.layers is None:  # the default layers: the blocks the first probe pass found
+                blocks = runner.known_blocks(self.pl_module)
+                if not blocks:
+                    self._fail()
+                    return
+                self._recorder, self._selected, modules = block_recording(self.module, blocks, **settings)
+            else:
+                self._recorder, self._selected, modules = _recording(self.module, runner.layers, **settings)
             self._handles = _install(
                 self._recorder, self._selected, modules, gate=self._recording, on_error=self._error
             )
@@ -102,7 +109,7 @@ class ValidationRecording:
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("error")  # a layer left out: the probe pass decides and warns
-                features = self._recorder.features(self._selected)
+                features = self._recorder.block_features(self._selected)
         except Exception:
             return None
         # validation runs under inference mode: its tensors become ordinary ones here, outside it

@@ -32,25 +32,28 @@ from lightning_repsim.callbacks.freeze_schedules import (
     bounded,
     isolated_rng,
 )
-from lightning_repsim.capture import Probe, top_level_blocks
+from lightning_repsim.capture import Block, Probe, default_blocks
+from lightning_repsim.capture.blocks import no_block_error
 from lightning_repsim.errors import RepSimError, RepSimValueError, RepSimWarning
 
 __all__ = ["FreezeTraining"]
 
-_STATE_VERSION = 1
+_STATE_VERSION = 2  # 2: the modules and output of each unit ("blocks"); 1: each unit one module
 
 
 class FreezeTraining(Callback):
     r"""Freeze the network's units one by one, input side first, until only the top trains.
 
-    A *unit* is a module path of the LightningModule (``"features.0"``, ``"encoder.layer1"``).
-    Units are ordered by depth; by default they are the model's top-level blocks that hold
-    parameters, in the order they first execute
-    (:func:`lightning_repsim.capture.execution_order` with ``top_level=True``, run once on the
-    inputs of the first training batch, in eval mode, without gradients and with the RNG
-    untouched). A LightningModule whose only such block is one wrapped network
-    (``self.net = Net()``) is looked through: the units are then ``Net``'s top-level blocks.
-    The last unit never freezes unless ``freeze_last=True``.
+    A *unit* is what freezes at once. Units are ordered by depth; by default they are the model's
+    blocks with parameters, in the order they first execute
+    (:func:`lightning_repsim.capture.default_blocks`, run once on the inputs of the first training
+    batch, in eval mode, without gradients and with the RNG untouched): each transformer or ResNet
+    block of a stack, a conv or linear together with the normalisation and activation that follow
+    it (unit ``"features.0"`` freezes ``features.0``, its BatchNorm ``features.1`` and
+    ``features.2``; :attr:`unit_modules` lists them), the embeddings, the head. These are also the
+    default layers of :class:`~lightning_repsim.callbacks.RepresentationSimilarity`, so its layer
+    names are the units. ``units=[...]`` names module paths instead (``"encoder.layer1"``), each
+    one unit. The last unit never freezes unless ``freeze_last=True``.
 
     Schedules (:mod:`lightning_repsim.callbacks.freeze_schedules`): a schedule object, or a shorthand:
 
@@ -86,7 +89,7 @@ class FreezeTraining(Callback):
     * Frozen units never unfreeze. When nothing in the LightningModule is left to train (only
       possible with ``freeze_last=True``), the callback sets ``trainer.should_stop``.
 
-    Resume: :meth:`state_dict` holds the units, the frozen set, the freeze events and the
+    Resume: :meth:`state_dict` holds the units (with the modules of each), the frozen set, the freeze events and the
     similarity schedule's state (probe, reference Grams, history, patience counters); the frozen
     set is re-applied in ``on_fit_start`` / ``on_train_start``, before the first step. Fractions
     are resolved against the current Trainer's ``estimated_stepping_batches`` at every fit.
@@ -112,7 +115,7 @@ class FreezeTraining(Callback):
             ``"linear"``, ``"cubic"``, ``"similarity"`` (each with its defaults) or a dict
             ``{unit or glob: time}`` (see above). In LightningCLI YAML a schedule object is a
             ``class_path`` / ``init_args`` entry.
-        units: depth-ordered module paths; ``None`` discovers them (see above).
+        units: depth-ordered module paths, each one unit; ``None`` discovers the blocks (see above).
         train_bn: keep the BatchNorm layers of frozen units in training mode (their affine
             parameters are still frozen, their running statistics keep updating).
         freeze_last: allow the last unit to freeze too, i.e. the whole network.
@@ -121,8 +124,8 @@ class FreezeTraining(Callback):
     Raises:
         RepSimValueError: a bad argument here; in ``setup``: a fraction-based schedule with
             unbounded training, a DDP strategy without ``find_unused_parameters=True``, a sharded
-            strategy; at the first batch: a schedule naming unknown units, or one that would
-            freeze every unit without ``freeze_last=True``.
+            strategy; at the first batch: a model in which no block holds parameters, a schedule
+            naming unknown units, or one that would freeze every unit without ``freeze_last=True``.
 
     Example:
         >>> import torch
@@ -146,8 +149,10 @@ class FreezeTraining(Callback):
         >>> trainer = pl.Trainer(max_steps=24, callbacks=[freeze], logger=False, enable_checkpointing=False,
         ...                      enable_progress_bar=False, enable_model_summary=False)
         >>> trainer.fit(Net(), data)
-        >>> freeze.units
+        >>> freeze.units  # body.0 with its ReLU, body.2, head
         ['body.0', 'body.2', 'head']
+        >>> freeze.unit_modules["body.0"]
+        ['body.0', 'body.1']
         >>> freeze.frozen_units  # body.0 froze at step 8, body.2 at step 16
         ['body.0', 'body.2']
         >>> [(event["unit"], event["step"]) for event in freeze.events]
@@ -179,6 +184,7 @@ class FreezeTraining(Callback):
 
         # state that travels in checkpoints (with the schedule's own)
         self._units: list[str] | None = units
+        self._blocks: dict[str, Block] = {} if units is None else _single(units)
         self._frozen: list[str] = []
         self._events: list[dict[str, Any]] = []
 
@@ -194,6 +200,18 @@ class FreezeTraining(Callback):
     def units(self) -> list[str] | None:
         """The depth-ordered units (``None`` until discovered at the first training batch)."""
         return None if self._units is None else list(self._units)
+
+    @property
+    def unit_modules(self) -> dict[str, list[str]]:
+        """``{unit: the module paths that freeze with it}`` (empty until the units are known)."""
+        return {unit: list(self._block(unit).modules) for unit in self._units or []}
+
+    def unit_output(self, unit: str) -> str:
+        """The module whose output stands for ``unit`` (the last module of its block)."""
+        return self._block(unit).output
+
+    def _block(self, unit: str) -> Block:
+        return self._blocks.get(unit) or Block(unit, (unit,), unit)
 
     @property
     def frozen_units(self) -> list[str]:
@@ -218,7 +236,8 @@ class FreezeTraining(Callback):
         Each call counts as one check of the similarity schedule: ``values[name]`` is the
         similarity of a layer's representation with its representation at the previous check
         (1 = unchanged). A unit's value is the smallest of the values given for the unit itself
-        or any layer inside it (keys ``"unit"`` or ``"unit.*"``); names outside every unit are
+        or any layer inside it (keys ``"unit"`` or ``"unit.*"``, or one of :attr:`unit_modules` or a layer
+        inside one; RepresentationSimilarity's default layers are the units themselves); names outside every unit are
         ignored, NaN counts as "changed". Values are queued and taken into account before the
         next training batch.
 
@@ -331,6 +350,7 @@ class FreezeTraining(Callback):
         return {
             "version": _STATE_VERSION,
             "units": self._units,
+            "blocks": {u: {"modules": list(b.modules), "output": b.output} for u, b in self._blocks.items()},
             "frozen": list(self._frozen),
             "events": [dict(e) for e in self._events],
             **self.schedule.state_dict(),
@@ -345,6 +365,11 @@ class FreezeTraining(Callback):
                 f"{self._requested_units}; keeping this callback's units."
             )
             units = self._requested_units
+        blocks = {} if units is None else _single(units)
+        if units is not None and self._requested_units is None:  # version 1 has no "blocks": one module each
+            for unit, block in dict(state_dict.get("blocks") or {}).items():
+                if unit in blocks:
+                    blocks[unit] = Block(unit, tuple(block["modules"]), str(block["output"]))
         frozen = list(state_dict.get("frozen", []))
         if units is not None:
             unknown = [u for u in frozen if u not in units]
@@ -353,6 +378,7 @@ class FreezeTraining(Callback):
                     f"FreezeTraining: the checkpoint's frozen units {unknown} are not among the units {units}."
                 )
         self._units = None if units is None else list(units)
+        self._blocks = blocks
         self._frozen = frozen
         self._events = [dict(e) for e in state_dict.get("events", [])]
         self.schedule.load_state_dict(state_dict)
@@ -388,7 +414,8 @@ class FreezeTraining(Callback):
 
     def _validate_units(self, pl_module: pl.LightningModule, units: list[str]) -> None:
         modules = dict(pl_module.named_modules())
-        missing = [u for u in units if u not in modules or u == ""]
+        members = {unit: self._block(unit).modules for unit in units}
+        missing = [m for unit in units for m in members[unit] if m not in modules or m == ""]
         if missing:
             raise RepSimValueError(
                 f"FreezeTraining: units {missing} are not submodules of {type(pl_module).__name__}; "
@@ -396,9 +423,9 @@ class FreezeTraining(Callback):
             )
         for a in units:
             for b in units:
-                if a != b and b.startswith(a + "."):
+                if a != b and any(y.startswith(x + ".") or x == y for x in members[a] for y in members[b]):
                     raise RepSimValueError(f"FreezeTraining: unit {b!r} lies inside unit {a!r}; units must not nest.")
-        empty = [u for u in units if next(modules[u].parameters(), None) is None]
+        empty = [u for u in units if not any(next(modules[m].parameters(), None) is not None for m in members[u])]
         if empty:
             rank_zero_warn(f"FreezeTraining: units {empty} hold no parameters; freezing them changes nothing.")
 
@@ -412,7 +439,7 @@ class FreezeTraining(Callback):
 
         try:
             with isolated_rng(inputs.device):
-                units = top_level_blocks(pl_module, forward)
+                blocks = default_blocks(pl_module, forward)
         except RepSimError:
             raise
         except Exception as err:
@@ -421,10 +448,10 @@ class FreezeTraining(Callback):
                 f"to find its units ({type(err).__name__}: {err}). Pass units=[...] explicitly, or override "
                 "FreezeTraining.batch_inputs / probe_forward."
             ) from err
-        if not units:
-            raise RepSimValueError(
-                f"FreezeTraining found no block with parameters in {type(pl_module).__name__}; pass units=[...]."
-            )
+        if not blocks:
+            raise no_block_error(pl_module, "units")
+        units = [block.name for block in blocks]
+        self._blocks = {block.name: block for block in blocks}
         self._validate_units(pl_module, units)
         self.schedule.check(units, self.freeze_last)
         self._units = units
@@ -459,11 +486,12 @@ class FreezeTraining(Callback):
         params: dict[int, nn.Parameter] = {}
         bns: list[_BatchNorm] = []
         for unit in self._frozen:
-            module = pl_module.get_submodule(unit)
-            for param in module.parameters():
-                params[id(param)] = param
-            if not self.train_bn:
-                bns.extend(m for m in module.modules() if isinstance(m, _BatchNorm))
+            for path in self._block(unit).modules:
+                module = pl_module.get_submodule(path)
+                for param in module.parameters():
+                    params[id(param)] = param
+                if not self.train_bn:
+                    bns.extend(m for m in module.modules() if isinstance(m, _BatchNorm))
         for param in params.values():
             param.requires_grad_(False)
         self._frozen_params = list(params.values())
@@ -518,6 +546,11 @@ class FreezeTraining(Callback):
                     "freezing goes on.",
                     category=RepSimWarning,
                 )
+
+
+def _single(units: list[str]) -> dict[str, Block]:
+    """Units named explicitly: each module its own unit and output."""
+    return {unit: Block(unit, (unit,), unit) for unit in units}
 
 
 def _count(params: Any) -> int:

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from lightning_repsim.capture import capture, name_matches
+from lightning_repsim.capture import Block, capture_blocks, name_matches
 from lightning_repsim.errors import RepSimValueError, RepSimWarning
 from lightning_repsim.functional import cka, gram_linear
 from lightning_repsim.functional._validation import MIN_MEANINGFUL_EXAMPLES
@@ -478,10 +478,12 @@ class SimilaritySchedule(FreezeSchedule):
             for step, raw in feeds:
                 done = frozen + list(new)
                 values = {}
+                members = callback.unit_modules
                 for unit in eligible + [u for u in callback.units or [] if u not in eligible]:
                     if unit in done:
                         continue
-                    hits = [v for k, v in raw.items() if k == unit or k.startswith(unit + ".")]
+                    paths = {unit, *members.get(unit, ())}
+                    hits = [v for k, v in raw.items() if any(k == p or k.startswith(p + ".") for p in paths)]
                     if hits:
                         values[unit] = float("nan") if any(math.isnan(v) for v in hits) else min(hits)
                 new.update(self._record(step, values, done, eligible))
@@ -506,10 +508,10 @@ class SimilaritySchedule(FreezeSchedule):
             return {}
         device = next((p.device for p in pl_module.parameters()), torch.device("cpu"))
         with isolated_rng(device):
-            feats = capture(
+            feats = capture_blocks(
                 pl_module,
                 self._probe,
-                layers=candidates,
+                [Block(unit, (unit,), callback.unit_output(unit)) for unit in candidates],
                 batch_size=_PROBE_CHUNK,
                 max_features=self.max_features,
                 forward=lambda model, inputs: callback.probe_forward(pl_module, inputs),

@@ -111,9 +111,12 @@ class RepresentationSimilarity(Callback):
         reference: ``"final"``, ``"init"``, ``"previous"``, an ``nn.Module``, a checkpoint path,
             or a list of these (in YAML, a module is given by ``class_path`` and ``init_args``).
         measures: measure names, or one name (see :data:`lightning_repsim.functional.MEASURES`).
-        layers: ``None`` for every leaf module with parameters, in execution order; or names,
-            glob patterns or module types: classes, or import paths such as ``"torch.nn.Linear"``
-            (how YAML names them; see :func:`lightning_repsim.capture.select_layers`).
+        layers: ``None`` for the model's blocks, in execution order (each transformer / ResNet block of
+            a stack, a conv or linear with the norm and activation after it, the embeddings, the head:
+            the rule of :mod:`lightning_repsim.capture.blocks`; found once per fit from the probe's
+            first two examples); or names, glob patterns or module types: classes, or import paths such
+            as ``"torch.nn.Linear"`` (how YAML names them; see :func:`lightning_repsim.capture.select_layers`),
+            each the named module's own output.
         reference_layers: the same selector for module / checkpoint references (default: theirs).
         every_n_epochs: log at the end of every n-th training epoch.
         every_n_train_steps: log every n optimizer steps instead (then ``every_n_epochs`` is ignored), as
@@ -138,8 +141,9 @@ class RepresentationSimilarity(Callback):
             keeps every core busy and a worker would only compete with it.
         layout: how 3-D and wider outputs are read: ``"conv"`` (``(N, C, *S)``, pooled to
             ``max_features``), ``"tokens"`` (``(N, T, *D)``, reduced by ``token_reduction``), or
-            ``"auto"`` (tokens for sequence modules and modules acting on the last axis, conv maps
-            otherwise; see :mod:`lightning_repsim.capture`), or a mapping from layer name or glob
+            ``"auto"`` (tokens for sequence modules, modules acting on the last axis and default blocks
+            holding them without a conv or batch norm, i.e. transformer blocks; conv maps otherwise; see
+            :mod:`lightning_repsim.capture`), or a mapping from layer name or glob
             to one of these, e.g. ``{"encoder.*": "tokens"}``.
         token_reduction: ``(N, T, D)`` → ``(N, D)`` by the ``"mean"`` over tokens, the
             ``"first"`` or ``"last"`` token, or ``"flatten"`` to ``(N, T * D)``.
@@ -568,6 +572,7 @@ class RepresentationSimilarity(Callback):
             "forward": describe(self.forward),
             "layers": self._layer_names,
             "layer_selector": repr(self.layers),
+            "block_outputs": self._runner.block_outputs(trainer.lightning_module),
         }
         self._outputs = self._guard.output(
             f"the snapshot store and figures under {run_dir}",

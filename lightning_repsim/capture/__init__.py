@@ -9,6 +9,9 @@ The pipeline, one function each, one module per step:
 * :mod:`~lightning_repsim.capture.layers` — :func:`execution_order` (module paths in the order
   they first run in a forward pass) and :func:`select_layers` (names, glob patterns or module
   types: classes or import paths such as ``"torch.nn.Linear"``, kept in execution order).
+* :mod:`~lightning_repsim.capture.blocks` — :func:`default_blocks`, the blocks people reason about
+  (repeated transformer / ResNet blocks, a conv or linear with the norm and activation after it,
+  embeddings, heads): the default layers of the monitor and the default units of freezing.
 * :mod:`~lightning_repsim.capture.outputs` — :func:`select_output` (which tensor of a module's
   output: tuple, dict, dataclass, RNN) and :func:`reduce_output` (one rule for every layer that
   maps ``(N, *)`` to ``(N, p)``).
@@ -46,6 +49,7 @@ The reduction rule (:func:`reduce_output`):
   warning when chosen by default, and is an error when selected explicitly.
 """
 
+from lightning_repsim.capture.blocks import Block, default_blocks
 from lightning_repsim.capture.layers import (
     LayerSelector,
     eval_mode,
@@ -57,13 +61,16 @@ from lightning_repsim.capture.layers import (
 )
 from lightning_repsim.capture.outputs import OutputSelector, reduce_output, select_output
 from lightning_repsim.capture.probe import Probe
-from lightning_repsim.capture.recorder import capture
+from lightning_repsim.capture.recorder import capture, capture_blocks
 
 __all__ = [
+    "Block",
     "LayerSelector",
     "OutputSelector",
     "Probe",
     "capture",
+    "capture_blocks",
+    "default_blocks",
     "eval_mode",
     "execution_order",
     "name_matches",

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
 from torch import nn
 
+from lightning_repsim.capture.blocks import Block, reads_tokens
 from lightning_repsim.capture.layers import (
     LayerSelector,
     _has_parameters,
@@ -28,7 +29,7 @@ from lightning_repsim.capture.outputs import (
 from lightning_repsim.capture.probe import Probe
 from lightning_repsim.errors import RepSimValueError, RepSimWarning
 
-__all__ = ["capture"]
+__all__ = ["capture", "capture_blocks"]
 
 
 def _model_device(model: nn.Module) -> torch.device:
@@ -112,9 +113,6 @@ def capture(
     layouts = check_reduction(max_features, layout, token_reduction)
     model = _unwrap(model)
     probe = probe_or_tensor if isinstance(probe_or_tensor, Probe) else Probe(probe_or_tensor)
-    device = _model_device(model)
-    # validates batch_size before any hook is placed; a Probe copies itself to the device once
-    batches = probe.batches(batch_size, device=device)
     recorder, selected, modules = _recording(
         model,
         layers,
@@ -123,19 +121,7 @@ def capture(
         max_features=max_features,
         output_selector=output_selector,
     )
-    handles = _install(recorder, selected, modules)
-    try:
-        with eval_mode(model), torch.no_grad():
-            for batch in batches:
-                batch = batch.clone()  # a forward that changes its input in place must not change the probe
-                recorder.start_batch(batch.shape[0])
-                if forward is None:
-                    model(batch)
-                else:
-                    forward(model, batch)
-    finally:
-        for handle in handles:
-            handle.remove()
+    _run(model, probe, selected, recorder, batch_size, forward)
     return recorder.features(selected)
 
 
@@ -172,6 +158,107 @@ def _recording(
         output_selector=output_selector,
     )
     return recorder, selected, modules
+
+
+def capture_blocks(
+    model: nn.Module,
+    probe_or_tensor: Probe | Any,
+    blocks: Sequence[Block],
+    *,
+    batch_size: int | None = None,
+    max_features: int = 4096,
+    layout: str | Mapping[str, str] = "auto",
+    token_reduction: str = "mean",
+    output_selector: OutputSelector = None,
+    forward: Callable[[nn.Module, torch.Tensor], Any] | None = None,
+) -> dict[str, torch.Tensor]:
+    """:func:`capture` of :func:`~lightning_repsim.capture.blocks.default_blocks`: each block's
+    ``(n, p)`` features under the block's name, read from its output module (``layout`` patterns
+    match block names). As for default layers, a block whose output has no row per example, or
+    that never runs, is left out with a warning.
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> from lightning_repsim.capture.blocks import default_blocks
+        >>> net = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2))
+        >>> x = torch.randn(5, 3)
+        >>> feats = capture_blocks(net, x, default_blocks(net, lambda: net(x)))
+        >>> {name: tuple(f.shape) for name, f in feats.items()}
+        {'0': (5, 4), '2': (5, 2)}
+        >>> bool((feats["0"] >= 0).all())  # the ReLU's output, not the Linear's
+        True
+    """
+    layouts = check_reduction(max_features, layout, token_reduction)
+    model = _unwrap(model)
+    probe = probe_or_tensor if isinstance(probe_or_tensor, Probe) else Probe(probe_or_tensor)
+    recorder, selected, _ = block_recording(
+        model,
+        blocks,
+        layouts=layouts,
+        token_reduction=token_reduction,
+        max_features=max_features,
+        output_selector=output_selector,
+    )
+    _run(model, probe, selected, recorder, batch_size, forward)
+    return recorder.block_features(selected)
+
+
+def block_recording(
+    model: nn.Module,
+    blocks: Sequence[Block],
+    *,
+    layouts: dict[str, str],
+    token_reduction: str,
+    max_features: int,
+    output_selector: OutputSelector,
+) -> tuple[_Recorder, list[str], dict[str, nn.Module]]:
+    """As :func:`_recording`, for ``blocks``: the hooks go on each block's output module, whose features
+    :meth:`_Recorder.block_features` returns under the block's name."""
+    modules = dict(model.named_modules())
+    named = {block.output: block.name for block in blocks}
+    missing = [output for output in named if output not in modules]
+    if missing:
+        raise RepSimValueError(f"blocks name modules that {type(model).__name__} does not have: {missing}.")
+    recorder = _Recorder(
+        modules,
+        {},
+        explicit=False,
+        layouts=layouts,
+        token_reduction=token_reduction,
+        max_features=max_features,
+        output_selector=output_selector,
+        names=named,
+        token_blocks=[block.output for block in blocks if reads_tokens(model, block)],
+    )
+    return recorder, list(named), modules
+
+
+def _run(
+    model: nn.Module,
+    probe: Probe,
+    selected: list[str],
+    recorder: _Recorder,
+    batch_size: int | None,
+    forward: Callable[[nn.Module, torch.Tensor], Any] | None,
+) -> None:
+    """The probe pass: hooks on ``selected``, eval mode, no grad; everything restored afterwards."""
+    device = _model_device(model)
+    # validates batch_size before any hook is placed; a Probe copies itself to the device once
+    batches = probe.batches(batch_size, device=device)
+    handles = _install(recorder, selected, recorder.modules)
+    try:
+        with eval_mode(model), torch.no_grad():
+            for batch in batches:
+                batch = batch.clone()  # a forward that changes its input in place must not change the probe
+                recorder.start_batch(batch.shape[0])
+                if forward is None:
+                    model(batch)
+                else:
+                    forward(model, batch)
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 def _install(
@@ -237,8 +324,12 @@ class _Recorder:
         token_reduction: str,
         max_features: int,
         output_selector: OutputSelector,
+        names: Mapping[str, str] | None = None,
+        token_blocks: Sequence[str] = (),
     ) -> None:
         self.modules, self.deeper, self.explicit = modules, deeper, explicit
+        self.names = dict(names or {})  # module path -> the name its features go by (a block's)
+        self.token_blocks = set(token_blocks)  # block outputs whose 3-D outputs are tokens under "auto"
         self.layouts, self.token_reduction, self.max_features = layouts, token_reduction, max_features
         self.output_selector = output_selector
         self.first_call: dict[str, int] = {}  # order of first *start* (pre-hook), containers first
@@ -270,8 +361,11 @@ class _Recorder:
 
         return pre_hook
 
+    def label(self, name: str) -> str:
+        return self.names.get(name, name)
+
     def hook(self, name: str) -> Callable[..., None]:
-        layout = self.layout_of(name)
+        layout = self.layout_of(self.label(name))
 
         def hook(module: nn.Module, args: Any, output: Any) -> None:
             self.record(name, module, layout, output)
@@ -282,7 +376,7 @@ class _Recorder:
         features = reduce_output(
             x.transpose(0, 1) if axis == 1 else x,
             module=module,
-            name=name,
+            name=self.label(name),
             layout=layout,
             token_reduction=self.token_reduction,
             max_features=self.max_features,
@@ -298,6 +392,8 @@ class _Recorder:
             self.superseded.add(name)
             return
         tensor = select_output(output, self.output_selector, name=name)
+        if layout == "auto" and tensor.ndim == 3 and name in self.token_blocks:
+            layout = "tokens"  # a transformer block's (N, T, D)
         rows = self.rows
         axis = _examples_axis(tensor, rows, module)
         if axis == -1:
@@ -329,6 +425,10 @@ class _Recorder:
                 chunks[index] = both[decided]
         chunks.append(self.reduced(name, module, layout, tensor, decided))
 
+    def block_features(self, selected: list[str]) -> dict[str, torch.Tensor]:
+        """:meth:`features` under the blocks' names (see :func:`block_recording`)."""
+        return {self.label(output): x for output, x in self.features(selected).items()}
+
     def features(self, selected: list[str]) -> dict[str, torch.Tensor]:
         """The recorded ``{layer: (n, p)}``, in order of first execution, after warning about the
         layers left out."""
@@ -346,7 +446,7 @@ class _Recorder:
         if self.misshapen:
             warnings.warn(
                 "Layers left out because their outputs have no leading axis of one row per example: "
-                + ", ".join(f"{n!r} {shape}" for n, shape in self.misshapen.items())
+                + ", ".join(f"{self.label(n)!r} {shape}" for n, shape in self.misshapen.items())
                 + ". Select layers explicitly, or pass an output_selector / forward that yields (N, ...) outputs.",
                 RepSimWarning,
                 stacklevel=3,
@@ -358,7 +458,7 @@ class _Recorder:
             parts = self.chunks[name]
             if any(p.shape[1:] != parts[0].shape[1:] for p in parts):
                 raise RepSimValueError(
-                    f"Layer {name!r} gave features of different widths across probe batches "
+                    f"Layer {self.label(name)!r} gave features of different widths across probe batches "
                     f"({[tuple(p.shape) for p in parts]}); use equal-length inputs or a token "
                     "reduction other than 'flatten'."
                 )

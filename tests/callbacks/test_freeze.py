@@ -325,6 +325,46 @@ def test_discovery_expands_containers_and_looks_through_a_wrapped_network():
     assert freeze.units == ["model.stem", "model.mid", "model.top"]
 
 
+def test_default_units_are_blocks_with_their_activation():
+    freeze = FreezeTraining(verbose=False)
+    make_trainer([freeze], max_steps=6).fit(Wrapper(), loader())
+    assert freeze.unit_modules == {"net.0": ["net.0", "net.1"], "net.2": ["net.2", "net.3"], "net.4": ["net.4"]}
+    assert freeze.unit_output("net.0") == "net.1"
+
+
+def test_external_similarity_of_a_blocks_member_module_counts_for_its_unit():
+    class Feed(Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            if trainer.global_step == 1:  # the ReLU net.1 belongs to unit net.0; net.3 to net.2
+                freeze.update_similarity(1, {"net.1": 0.999, "net.3": 0.5})
+
+    freeze = FreezeTraining(schedule=SimilaritySchedule(source="external", patience=1), verbose=False)
+    make_trainer([freeze, Feed()], max_steps=3).fit(Wrapper(), loader())
+    assert freeze.history == [{"step": 1, "values": {"net.0": 0.999, "net.2": 0.5}}]
+    assert freeze.frozen_units == ["net.0"]
+
+
+def test_state_keeps_each_units_modules_and_loads_version_1():
+    freeze = FreezeTraining(verbose=False)
+    make_trainer([freeze], max_steps=6).fit(Wrapper(), loader())
+    state = freeze.state_dict()
+    assert state["version"] == 2
+    assert state["blocks"]["net.0"] == {"modules": ["net.0", "net.1"], "output": "net.1"}
+    restored = FreezeTraining(verbose=False)
+    restored.load_state_dict(state)
+    assert restored.unit_modules == freeze.unit_modules and restored.frozen_units == ["net.0", "net.2"]
+
+    # a checkpoint written before units were blocks: each unit is its one module, and it still freezes
+    legacy_state = {k: v for k, v in state.items() if k != "blocks"} | {"version": 1}
+    legacy = FreezeTraining(verbose=False)
+    legacy.load_state_dict(legacy_state)
+    assert legacy.unit_modules == {"net.0": ["net.0"], "net.2": ["net.2"], "net.4": ["net.4"]}
+    model = Wrapper()
+    make_trainer([legacy], max_steps=2).fit(model, loader())
+    frozen = {name for name, p in model.named_parameters() if not p.requires_grad}
+    assert frozen == {"net.0.weight", "net.0.bias", "net.2.weight", "net.2.bias"}
+
+
 def test_dict_schedule_steps_epochs_fractions_and_globs():
     freeze = FreezeTraining(schedule={"block1": "epoch:1", "block*": 0.5}, verbose=False)
     make_trainer([freeze]).fit(Net(), loader())
