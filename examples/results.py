@@ -41,6 +41,8 @@ FULL: dict[str, tuple[str, list[str]]] = {
     "sanity_check_10": ("sanity_check", ["--seeds", "10"]),
     # how much the quick mode's accuracy depends on the seeds drawn: four disjoint sets of 3 seeds
     **{f"sanity_check_quick_{k}": ("sanity_check", ["--quick", "--first-seed", str(k)]) for k in (0, 3, 6, 9)},
+    # why the CCA family gets a lower feature cap: NaN rows with the CKA family's cap
+    "sanity_check_cca512": ("sanity_check", ["--quick", "--cca-max-features", "512"]),
     "freeze_and_random_nets": ("freeze_and_random_nets", []),
 }
 #: run -> the small settings checked by the tests (about 40 s on two idle cores in all).
@@ -290,6 +292,9 @@ def fmt_freeze(r: dict) -> dict[str, str]:
     diag = r["diagonal"]["rv2"]
     rows = [[key.replace("_vs_", " vs "), *(f"{v:.3f}" for v in values)] for key, values in diag.items()]
     text = f"{r['epochs']} epochs.\n\n{acc}\n\nRV2, layer i against layer i:\n\n" + _table(["pair", *labels], rows)
+    if "linear_cka" in r["diagonal"]:
+        gap = max(abs(a - b) for key, values in diag.items() for a, b in zip(values, r["diagonal"]["linear_cka"][key]))
+        text += f"\n\nLargest |linear CKA − RV2| over these cells: {gap:.3f}."
     std = diag["freeze_vs_standard"]
     readme = (
         f"freeze-trained val acc {r['accuracy']['freeze']:.3f} (standard {r['accuracy']['standard']:.3f}); "
@@ -377,12 +382,34 @@ def format_runs(numbers: dict[str, dict], quick: bool) -> dict[str, str]:
             for block, body in FORMATS[run](result).items():
                 blocks[block if run == example else f"{run}-{block}"] = body
     if "sanity_check_10" in numbers:
-        blocks["sanity_check_10"] = fmt_sanity_10(numbers["sanity_check_10"])
+        r = numbers["sanity_check_10"]
+        blocks["sanity_check_10"] = fmt_sanity_10(r)
+        linear = r["measures"]["CKA (linear)"]
+        blocks["readme-sanity_check_10"] = (
+            f"with {r['seeds']} seeds ({r['cases']} cases): linear CKA {linear['accuracy']:.1f} %, "
+            f"{linear['ties']} of {linear['misses']} misses tied; RBF CKA σ = 0.4 "
+            f"{r['measures']['CKA (RBF 0.4)']['accuracy']:.1f} %; "
+            f"SVCCA {r['measures']['SVCCA (ρ̄, keep 0.99)']['accuracy']:.1f} %; "
+            f"PWCCA {r['measures']['PWCCA']['accuracy']:.1f} %."
+        )
+    if "sanity_check_cca512" in numbers:
+        r = numbers["sanity_check_cca512"]
+        blocks["sanity_check_cca512"] = (
+            f"quick mode ({r['seeds']} seeds × {r['epochs']} epochs, {r['cases']} rows) with the CCA cap at 512: "
+            + ", ".join(
+                f"{label} {r['measures'][label]['nan_rows']} NaN rows" for label in ("SVCCA (ρ̄, keep 0.99)", "PWCCA")
+            )
+            + "."
+        )
     seed_sets = {run: r for run, r in numbers.items() if run.startswith("sanity_check_quick_")}
     if seed_sets:
         blocks["sanity_check-seed-sets"] = fmt_seed_sets(list(seed_sets.values()))
-    if quick:
-        blocks = {f"quick-{block}": body for block, body in blocks.items() if not block.startswith("readme-")}
+    if quick:  # no README blocks, and no timings: they differ from run to run
+        blocks = {
+            f"quick-{block}": body
+            for block, body in blocks.items()
+            if not block.startswith("readme-") and not block.endswith("-timing")
+        }
     return blocks
 
 
