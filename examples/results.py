@@ -45,12 +45,16 @@ FULL: dict[str, tuple[str, list[str]]] = {
     "sanity_check_cca512": ("sanity_check", ["--quick", "--cca-max-features", "512"]),
     "freeze_and_random_nets": ("freeze_and_random_nets", []),
 }
-#: run -> the small settings checked by the tests (about 40 s on two idle cores in all).
+#: run -> the small settings checked by the tests (about 35 s of CPU in all).
 QUICK: dict[str, tuple[str, list[str]]] = {
     "measures_on_digits": ("measures_on_digits", ["--quick"]),
     "rv_vs_rv2": ("rv_vs_rv2", ["--quick", "--points", "4", "--reps", "3", "--pmax", "200"]),
     "convergence": ("convergence", ["--quick", "--epochs", "1", "--every", "4", "--no-svcca"]),
     "sanity_check": ("sanity_check", ["--quick", "--seeds", "2", "--epochs", "1"]),
+    "freeze_and_random_nets": (
+        "freeze_and_random_nets",
+        ["--epochs", "1", "--random-n", "1", "--timing-repeats", "1"],
+    ),
 }
 #: examples whose output directory argument is not ``--out``.
 OUT_ARG = {"measures_on_digits": None}

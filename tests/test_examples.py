@@ -106,7 +106,7 @@ def test_script_runs(script):
 
 def test_committed_quick_mode_numbers_still_come_out_of_the_code():
     """`examples/results.py --quick --check`: the quick-mode blocks of examples/RESULTS.md are what the code prints
-    now (issue 14: a number in the docs that the code no longer produces is a defect). About 25 s of CPU."""
+    now (issue 14: a number in the docs that the code no longer produces is a defect). About 35 s of CPU."""
     done = subprocess.run(
         [sys.executable, ROOT / "examples" / "results.py", "--quick", "--check"],
         cwd=ROOT,
@@ -115,7 +115,10 @@ def test_committed_quick_mode_numbers_still_come_out_of_the_code():
         timeout=600,
     )
     assert done.returncode == 0, f"{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
-    assert "checked quick-measures_on_digits, quick-rv_vs_rv2, quick-convergence, quick-sanity_check" in done.stdout
+    assert (
+        "checked quick-measures_on_digits, quick-rv_vs_rv2, quick-convergence, quick-sanity_check, "
+        "quick-sanity_check-confusion, quick-freeze_and_random_nets"
+    ) in done.stdout, done.stdout
 
 
 def test_results_check_names_a_block_that_differs(tmp_path, monkeypatch):
