@@ -426,9 +426,25 @@ def runtimes_block(walls: dict[str, float], settings: dict[str, tuple[str, list[
         f"`make results` on {machine['date']}: {machine['cpu']}, {machine['cores']} usable cores, torch "
         f"{machine['torch']}, one torch thread (the examples' default); load average "
         f"{machine['load_start']} at the start, {machine['load_end']} at the end (other jobs shared the machine). "
-        f"Wall time per run, in this process (imports not counted), {sum(walls.values()):.0f} s in all:\n\n"
-        + _table(["run", "wall time"], rows)
+        f"Wall time per run, all in one process (the first run includes importing torch), "
+        f"{sum(walls.values()):.0f} s in all:\n\n" + _table(["run", "wall time"], rows)
     )
+
+
+def copy_figure(source: Path, target: Path) -> bool:
+    """Copy a run's figure over the README's copy, unless the two show the same pixels.
+
+    PNG bytes also depend on the encoder (matplotlib's or the library's own, their metadata), so a
+    figure that looks the same is left alone: no binary churn in git. Returns whether it copied.
+    """
+    from PIL import Image
+
+    if target.is_file():
+        with Image.open(source) as new, Image.open(target) as old:
+            if new.size == old.size and new.convert("RGBA").tobytes() == old.convert("RGBA").tobytes():
+                return False
+    shutil.copyfile(source, target)
+    return True
 
 
 def machine_now() -> dict:
@@ -488,7 +504,7 @@ def main(argv: list[str] | None = None) -> int:
         if not args.quick and not args.check and not args.from_logs:
             for figure, run in FIGURES.items():
                 if run in numbers:
-                    shutil.copyfile(EXAMPLES / "output" / run / figure, ROOT / "docs" / "figures" / figure)
+                    copy_figure(EXAMPLES / "output" / run / figure, ROOT / "docs" / "figures" / figure)
         problems = apply_blocks(blocks, args.check)
     if args.check and problems:
         print("\n".join(problems), file=sys.stderr)
