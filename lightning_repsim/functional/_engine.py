@@ -34,7 +34,6 @@ from lightning_repsim.functional._prepared import (
     host_route,
     prepare_layers,
     quiet,
-    squared_cross_norms,
 )
 from lightning_repsim.functional._validation import (
     Layers,
@@ -168,7 +167,7 @@ def hsic_matrices(
     if method == "features":
         if spec.kernel == "rbf":
             raise RepSimValueError("rbf_cka has no feature-space form; use method='gram' or 'auto'.")
-        cross = squared_cross_norms(x.features, y.features, symmetric)
+        cross = x.cross_norms(None if symmetric else y)
         cross = _apply_transform(cross, x.row_norms, y.row_norms, n, spec.transform, outer=True)
         if symmetric:
             self_x = self_y = cross.diagonal().clone()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import math
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -114,6 +115,8 @@ class PreparedLayers:
         self._scales: list[float | None] = [None] * len(names)  # float32 products: see float32_scale
         self._grams: dict[tuple[str, int], torch.Tensor] = {}
         self._self_cross: torch.Tensor | None = None
+        # ||X_iᵀ Y_j||² against each other side while it lives: linear CKA, RV and RV2 share it
+        self._cross: weakref.WeakKeyDictionary[PreparedLayers, dict[bool, torch.Tensor]] = weakref.WeakKeyDictionary()
 
     def feature(self, i: int) -> torch.Tensor:
         """Layer i's prepared features (kept once computed)."""
@@ -336,6 +339,21 @@ class PreparedLayers:
             if self._decide_scale(i, exact_peak) == 1.0:
                 break
         return extra
+
+    def cross_norms(self, other: PreparedLayers | None) -> torch.Tensor:
+        """``||X_iᵀ Y_j||_F²`` for every pair of layers (feature space; ``other=None``: against itself, one
+        triangle). Kept per other side while it lives: every measure on centred features (linear CKA,
+        RV and RV2) starts from the same products, so the second measure of a logging point or of the
+        end-of-training comparison reads them instead of multiplying again. Never kept while the
+        features carry gradients (a differentiable measure builds its graph on every call)."""
+        key = self if other is None else other
+        kept = self._cross.setdefault(key, {})
+        found = kept.get(other is None)
+        if found is None:
+            found = squared_cross_norms(self.features, key.features, other is None)
+            if not found.requires_grad:
+                kept[other is None] = found
+        return found
 
     def self_cross(self) -> torch.Tensor:
         """``||X_iᵀ X_i||_F²`` for every layer (feature space), computed once."""

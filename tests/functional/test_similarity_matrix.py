@@ -190,6 +190,26 @@ def test_representations_compute_each_gram_once(monkeypatch):
     assert len(calls) == 2 * (4 + 3)  # uncentred features are another variant
 
 
+def test_representations_multiply_feature_space_products_once(monkeypatch):
+    """Linear CKA, debiased CKA, RV and RV2 on centred features share ||X_iᵀ Y_j||² per pair of sides."""
+    import sys
+
+    prepared = sys.modules["lightning_repsim.functional._prepared"]
+    calls = []
+    original = prepared.squared_cross_norms
+    monkeypatch.setattr(prepared, "squared_cross_norms", lambda *a: calls.append(len(a[0])) or original(*a))
+    xs = F.Representations([to_torch(a) for a in _layers(0)])
+    ys = F.Representations([to_torch(b) for b in _layers(1, widths=(6, 2, 9))])
+    for measure in ("linear_cka", "debiased_cka", "rv2", "rv"):
+        F.similarity_matrix(xs, ys, measure, method="features")
+    assert calls.count(4) == 1  # the cross products, once; the rest are each side's self terms
+    for measure in ("linear_cka", "rv2"):
+        F.similarity_matrix(xs, None, measure, method="features")
+    assert calls.count(4) == 2  # one triangle of xs against itself, once for both measures
+    fresh = F.similarity_matrix([to_torch(a) for a in _layers(0)], None, "rv2", method="features")
+    np.testing.assert_array_equal(F.similarity_matrix(xs, None, "rv2", method="features").numpy(), fresh.numpy())
+
+
 def test_representations_cache_budget_is_respected():
     layers = [to_torch(a) for a in _layers(0)]
     gram_bytes = N * N * 8
