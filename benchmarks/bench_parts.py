@@ -61,7 +61,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=9)
     parser.add_argument("--torch-threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
+    parser.add_argument("--quick", action="store_true", help="one call of each part (smoke test)")
     args = parser.parse_args()
+    if args.quick:
+        args.repeats = 1
     if args.torch_threads:
         torch.set_num_threads(args.torch_threads)
     warnings.filterwarnings("ignore")
