@@ -15,6 +15,7 @@ from typing import Any
 
 from lightning_repsim.callbacks._freezing import bounded
 from lightning_repsim.callbacks._probing import KEYWORDS, Reference
+from lightning_repsim.callbacks._strategy import refuse_sharded
 from lightning_repsim.errors import RepSimValueError
 
 
@@ -43,9 +44,12 @@ def check_monitor_arguments(
         raise RepSimValueError(f"threshold is a fraction of the final similarity in (0, 1]; got {threshold}.")
 
 
-def check_monitor_setup(references: Sequence[Reference], name: str | None, names: Sequence[str | None]) -> None:
-    """RepresentationSimilarity in ``setup``: its checkpoint references exist, and ``name`` tells it apart
-    from the Trainer's other monitors (``names``: every monitor's, this one's included)."""
+def check_monitor_setup(
+    references: Sequence[Reference], name: str | None, names: Sequence[str | None], strategy: Any
+) -> None:
+    """RepresentationSimilarity in ``setup``: its checkpoint references exist, the strategy does not shard the
+    parameters, and ``name`` tells it apart from the Trainer's other monitors (``names``: every monitor's,
+    this one's included)."""
     for ref in references:
         if ref.kind == "module" and isinstance(ref.source, Path) and not ref.source.is_file():
             raise RepSimValueError(
@@ -53,6 +57,7 @@ def check_monitor_setup(references: Sequence[Reference], name: str | None, names
                 f"of {', '.join(map(repr, KEYWORDS))} (lower case), an nn.Module or the path "
                 "of a Lightning checkpoint."
             )
+    refuse_sharded(strategy, "RepresentationSimilarity captures whole-layer outputs")
     alike = [other for other in names if other == name]
     if len(alike) > 1:
         raise RepSimValueError(

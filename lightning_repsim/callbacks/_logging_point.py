@@ -128,8 +128,10 @@ def store_snapshot(
 
 
 def deliver(trainer: pl.Trainer, scalars: Scalars, sink: report.LoggerSink | None, guard: Guard) -> None:
-    """Hand the queued scalars to every logger (global rank 0) and to ``trainer.callback_metrics`` (every rank).
+    """Hand the scalars computed so far to every logger (global rank 0) and to ``trainer.callback_metrics``
+    (every rank, so that EarlyStopping and ModelCheckpoint can monitor them), in the training loop.
 
+    Work done on the worker thread is delivered at the next logging point or at the end of training.
     Under DDP every rank calls this at the same points and receives rank 0's values.
     """
     batch = []

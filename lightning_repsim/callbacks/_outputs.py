@@ -49,6 +49,12 @@ class Checkpointed:
     run_id: str | None = None
     probe_hash: str | None = None
 
+    @classmethod
+    def from_state(cls, state: Mapping[str, Any]) -> Checkpointed:
+        """From RepresentationSimilarity's checkpoint state (any version)."""
+        keys = ("last_logged_step", "output_dir", "run_id", "probe_hash")
+        return cls(**{key: state.get(key) for key in keys})
+
 
 @dataclass
 class RunOutputs:

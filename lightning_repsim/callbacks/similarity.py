@@ -6,11 +6,13 @@ first optimisation step), ``"previous"`` (the previous logging point), another `
 Lightning checkpoint (its weights in a copy of the trained module), and ``"final"``: at the end of
 training, every stored snapshot against the last one, from the snapshot store on disk.
 
-The callback decides *when* and *against what*; beside it, :mod:`._probing` runs the probe and the
-references, :mod:`._outputs` places the store and figures (resume included), :mod:`._reporting`
-draws and writes each logging point, :mod:`._guard` keeps failures from stopping the fit,
-:mod:`._background` runs the comparing and writing on a worker thread, and :mod:`._validation_pass`
-records the probe during Lightning's own validation when that runs on a logging point's weights.
+The callback decides *when* and *against what*; beside it, :mod:`._config` checks its arguments,
+:mod:`._probing` runs the probe and the references, :mod:`._outputs` places the store and figures
+(resume included), :mod:`._logging_point` opens a fit's outputs, stores each snapshot, delivers the
+scalars and writes the final report, :mod:`._reporting` compares, draws and writes each logging
+point, :mod:`._guard` keeps failures from stopping the fit, :mod:`._background` runs the comparing
+and writing on a worker thread, and :mod:`._validation_pass` records the probe during Lightning's own
+validation when that runs on a logging point's weights.
 """
 
 from __future__ import annotations
@@ -43,7 +45,6 @@ from lightning_repsim.callbacks._probing import (
     parse_references,
 )
 from lightning_repsim.callbacks._reporting import PointReporter
-from lightning_repsim.callbacks._strategy import refuse_sharded
 from lightning_repsim.callbacks._validation_pass import ValidationRecording, rides_validation
 from lightning_repsim.capture import LayerSelector, OutputSelector, Probe
 from lightning_repsim.functional._measures import resolve_measures
@@ -277,9 +278,8 @@ class RepresentationSimilarity(Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage == "fit":
             self._forget_previous_fit()
-        refuse_sharded(trainer.strategy, "RepresentationSimilarity captures whole-layer outputs")
         monitors = [cb for cb in getattr(trainer, "callbacks", []) if isinstance(cb, RepresentationSimilarity)]
-        check_monitor_setup(self._references, self.name, [cb.name for cb in monitors])
+        check_monitor_setup(self._references, self.name, [cb.name for cb in monitors], trainer.strategy)
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         background = self.background if self.background is not None else pl_module.device.type != "cpu"
@@ -290,24 +290,15 @@ class RepresentationSimilarity(Callback):
             run_path = run_directory(trainer, run_dir)
             probe = resumed_probe(self._checkpointed, probe, run_path, self.probe_source, self.name)
         check_probe_size(probe)
-        self._runner = ProbeRunner(
-            probe,
-            self.layers,
-            self.reference_layers,
-            self.batch_size,
-            self.max_features,
-            self.layout,
-            self.token_reduction,
-            self.output_selector,
-            self.forward,
-        )
+        self._runner = ProbeRunner.for_monitor(probe, self)
         features = self._runner.trained(trainer, pl_module)
         self._layer_names = list(features)
         for ref in self._references:
             if ref.kind == "module":
                 ref.features = self._runner.reference(ref, trainer, pl_module)
         if trainer.is_global_zero:
-            self._open_outputs(trainer, run_dir)
+            opened = open_outputs(self, trainer, run_dir, self._runner, self._guard, self._checkpointed)
+            self._sink, self._outputs, self._reporter = opened
         if self._checkpointed is None:
             self._unlogged_start = features  # the step-0 snapshot: weights cannot change before on_train_start
             init = self._reference("init")
@@ -383,7 +374,7 @@ class RepresentationSimilarity(Callback):
             and "the snapshot store" not in self._guard.off
         ):
             self._guard.run(lambda: self._log_final(trainer), "the final-snapshot comparison", trainer.global_step)
-        self._deliver(trainer)
+        deliver(trainer, self._scalars, self._sink, self._guard)
         if self._sink is not None:
             self._sink.flush()
 
@@ -397,15 +388,6 @@ class RepresentationSimilarity(Callback):
     def _log_point_guarded(self, trainer: pl.Trainer, pl_module: pl.LightningModule, what: str) -> None:
         self._guard.run(lambda: self._log_point(trainer, pl_module), what, trainer.global_step)
         self._report_background_failures()
-        self._deliver(trainer)
-
-    def _deliver(self, trainer: pl.Trainer) -> None:
-        """Hand the scalars computed so far to every logger (global rank 0) and to ``trainer.callback_metrics``
-        (every rank, so that EarlyStopping and ModelCheckpoint can monitor them), in the training loop.
-
-        Work done on the worker thread is delivered at the next logging point or at the end of training.
-        Under DDP every rank calls this at the same points and receives rank 0's values.
-        """
         deliver(trainer, self._scalars, self._sink, self._guard)
 
     def _finish_background(self) -> None:
@@ -453,12 +435,7 @@ class RepresentationSimilarity(Callback):
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self._checkpointed = Checkpointed(
-            last_logged_step=state_dict.get("last_logged_step"),
-            output_dir=state_dict.get("output_dir"),
-            run_id=state_dict.get("run_id"),
-            probe_hash=state_dict.get("probe_hash"),
-        )
+        self._checkpointed = Checkpointed.from_state(state_dict)
         self._last_logged_step = state_dict.get("last_logged_step")
         self._previous_step = state_dict.get("previous_step")
         self._previous = state_dict.get("previous")
@@ -471,11 +448,6 @@ class RepresentationSimilarity(Callback):
 
     def _reference(self, kind: str) -> Reference | None:
         return next((r for r in self._references if r.kind == kind), None)
-
-    def _open_outputs(self, trainer: pl.Trainer, log_dir: str | None) -> None:
-        assert self._runner is not None
-        opened = open_outputs(self, trainer, log_dir, self._runner, self._guard, self._checkpointed)
-        self._sink, self._outputs, self._reporter = opened
 
     def _log_point(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         assert self._runner is not None
