@@ -123,7 +123,7 @@ def store_snapshot(
 ) -> None:
     """Add one logging point's features to the store (compacted), overwriting a step a resumed fit repeats."""
     if store is not None:
-        tensors, kinds = compact_features(dict(features))
+        tensors, kinds = compact_features(features)
         guard.output("the snapshot store", step, lambda: store.add(step, tensors, kinds, overwrite=overwrite))
 
 
