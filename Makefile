@@ -45,8 +45,11 @@ bench: env
 	$(BIN)/python -m pip install --quiet -e ".[bench]"
 	$(BIN)/python benchmarks/run_all.py
 
-# rerun every example at its documented settings and rewrite the generated blocks
-# (<!-- results:NAME -->) of README.md and examples/RESULTS*.md from what they printed
+# rerun every example at its documented settings (examples/results.py FULL; about 20 minutes on
+# 2 busy cores, most of it the 10-seed sanity check), rewrite the generated blocks
+# (<!-- results:NAME -->) of README.md and examples/RESULTS*.md from the numbers the runs return,
+# and copy the README's figures to docs/figures/. Each run's log and numbers stay in
+# examples/output/results-logs/ (`examples/results.py --logs DIR --from-logs` formats them again).
 results: env
 	$(BIN)/python examples/results.py --logs examples/output/results-logs
 

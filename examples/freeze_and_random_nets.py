@@ -464,6 +464,18 @@ def main(argv: list[str] | None = None) -> dict:
             for m in MEASURES
         },
         "labels": list(LABELS),
+        # timings: they vary with the machine and its load (examples/results.py says which machine)
+        "fit_wall_s": {k: round(r["wall_s"], 2) for k, r in runs.items()},
+        "fit_cpu_s": {k: round(r["cpu_s"], 2) for k, r in runs.items()},
+        "median_step_ms": {k: round(v, 2) for k, v in summary["median_step_ms"].items()},
+        "step_time_phases": [
+            {"frozen": ph["frozen"], "standard_ms": round(ph["standard_ms"], 2), "freeze_ms": round(ph["freeze_ms"], 2)}
+            for ph in phases
+        ],
+        "plain_torch_step_ms": [round(1e3 * t, 2) for t in micro],
+        "freeze_events": [{"unit": LABELS[UNITS.index(e["unit"])], "step": e["step"]} for e in events],
+        "steps": runs["freeze"]["steps"],
+        "total_s": round(summary["total_s"], 1),
     }
 
 

@@ -159,6 +159,7 @@ def main(argv: list[str] | None = None) -> dict:
         "reps": args.reps,
         "p": [int(p) for p in ps],
         "mean": {m: [round(float(v.mean()), 3) for v in values[m]] for m in MEASURES},
+        "sd": {m: [round(float(v.std(ddof=1)), 3) for v in values[m]] for m in MEASURES},
         "theory_rv": [round(t, 3) for t in theory_rv],
         "theory_rv2c": [round(t, 3) for t in theory_rv2c],
     }

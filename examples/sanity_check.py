@@ -325,7 +325,15 @@ def main(argv: list[str] | None = None) -> dict:
     results: dict = {
         "seeds": args.seeds,
         "epochs": args.epochs,
+        "first_seed": args.first_seed,
         "val_acc_mean": round(float(np.mean(accuracies)), 4),
+        "val_acc_min": round(float(min(accuracies)), 4),
+        "val_acc_max": round(float(max(accuracies)), 4),
+        "pairs": pairs,
+        "n": n,
+        "layers": layer_names,
+        "train_s": round(train_seconds, 1),
+        "compare_s": round(compare_seconds, 1),
         "cases": total,
         "interval": args.interval,
         "measures": {},
@@ -348,6 +356,8 @@ def main(argv: list[str] | None = None) -> dict:
             "ties": None if tie is None else tie["overlap"],
             "ties_inside": None if tie is None else tie["inside"],
             "median_gap": round(float(np.median(gaps[label])), 4) if gaps[label] else None,
+            "largest_gap": round(float(max(gaps[label])), 4) if gaps[label] else None,
+            "confusion": confusion[label].tolist() if confusion[label] is not None else None,
             "paper": paper,
         }
         rows.append(

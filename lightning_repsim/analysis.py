@@ -41,9 +41,9 @@ from lightning_repsim.convergence import (
 )
 from lightning_repsim.errors import RepSimError, RepSimValueError
 from lightning_repsim.functional import Representations, similarity_matrix
-from lightning_repsim.functional._measures import MEASURES, resolve_measures, resolve_options
 from lightning_repsim.functional._validation import MIN_MEANINGFUL_EXAMPLES, too_small_probe
 from lightning_repsim.functional.intervals import INTERVAL_MEASURES, interval_matrix
+from lightning_repsim.measures import MEASURES, resolve_measures, resolve_options
 from lightning_repsim.store import SnapshotStore, StepLike, open_store
 
 __all__ = [

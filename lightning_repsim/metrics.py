@@ -17,10 +17,10 @@ from torchmetrics.utilities.data import dim_zero_cat
 
 from lightning_repsim.errors import RepSimValueError, RepSimWarning
 from lightning_repsim.functional._engine import cosine, degenerate_layers, hsic_matrices
-from lightning_repsim.functional._measures import MEASURES, gram_spec, resolve_measures
 from lightning_repsim.functional._prepared import prepare_layers
 from lightning_repsim.functional._validation import as_matrix, warn_degenerate
 from lightning_repsim.functional.matrix import similarity_matrix
+from lightning_repsim.measures import MEASURES, gram_spec, resolve_measures
 
 Batch = Mapping[str, torch.Tensor] | Sequence[torch.Tensor]
 

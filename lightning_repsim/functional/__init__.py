@@ -16,7 +16,6 @@ the permutation test (:func:`permutation_test`).
 """
 
 from lightning_repsim.functional._engine import Representations
-from lightning_repsim.functional._measures import MEASURES
 from lightning_repsim.functional.cca import canonical_correlations, pwcca, svcca
 from lightning_repsim.functional.cka import cka, linear_cka, minibatch_cka, rbf_cka
 from lightning_repsim.functional.gram import center_gram, gram_linear, gram_rbf, hsic
@@ -29,6 +28,7 @@ from lightning_repsim.functional.intervals import (
 from lightning_repsim.functional.matrix import similarity_matrix
 from lightning_repsim.functional.permutation import PermutationTest, permutation_test
 from lightning_repsim.functional.rv import rv, rv2
+from lightning_repsim.measures import MEASURES
 
 __all__ = [
     "IntervalMatrix",

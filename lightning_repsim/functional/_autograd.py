@@ -13,9 +13,9 @@ from __future__ import annotations
 import torch
 
 from lightning_repsim.functional._engine import cosine, degenerate_layers
-from lightning_repsim.functional._measures import GramSpec
 from lightning_repsim.functional._validation import no_autocast
 from lightning_repsim.functional.gram import center_gram, numpy_median, rbf_from_distances, squared_distances
+from lightning_repsim.measures import GramSpec
 
 
 def _transformed_gram(x: torch.Tensor, spec: GramSpec, problems: dict[str, str], name: str) -> torch.Tensor:

@@ -27,7 +27,6 @@ import numpy as np
 import torch
 
 from lightning_repsim.errors import RepSimValueError
-from lightning_repsim.functional._measures import GramSpec
 from lightning_repsim.functional._prepared import (
     GramBudget,
     GramScratch,
@@ -47,6 +46,7 @@ from lightning_repsim.functional._validation import (
     self_product,
 )
 from lightning_repsim.functional.gram import center_gram, numpy_median, rbf_from_distances
+from lightning_repsim.measures import GramSpec
 
 #: Default budget of :class:`Representations` for cached n x n Grams (256 MiB: 128 layers at n = 512).
 DEFAULT_CACHE_BYTES = 256 << 20

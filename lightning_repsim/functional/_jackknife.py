@@ -16,9 +16,9 @@ from typing import Any
 import torch
 
 from lightning_repsim.functional._engine import Representations
-from lightning_repsim.functional._measures import GramSpec
 from lightning_repsim.functional._prepared import GramScratch, PreparedLayers, host_route
 from lightning_repsim.functional.gram import numpy_median
+from lightning_repsim.measures import GramSpec
 
 #: Leave-one-out similarities are kept this far inside (-1, 1) before atanh.
 _Z_EDGE = 1e-15

@@ -16,7 +16,6 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from lightning_repsim.functional._measures import GramSpec
 from lightning_repsim.functional._validation import (
     finite_or_zero,
     gemm_dtype,
@@ -24,6 +23,7 @@ from lightning_repsim.functional._validation import (
     self_product,
 )
 from lightning_repsim.functional.gram import squared_distances
+from lightning_repsim.measures import GramSpec
 
 
 @dataclass

@@ -9,7 +9,6 @@ import torch
 from lightning_repsim.errors import RepSimValueError, RepSimWarning
 from lightning_repsim.functional._autograd import gram_terms
 from lightning_repsim.functional._engine import cosine, degenerate_layers, hsic_matrices
-from lightning_repsim.functional._measures import gram_spec
 from lightning_repsim.functional._prepared import prepare_layers
 from lightning_repsim.functional._validation import (
     MIN_MEANINGFUL_EXAMPLES,
@@ -22,6 +21,7 @@ from lightning_repsim.functional._validation import (
 )
 from lightning_repsim.functional.gram import hsic
 from lightning_repsim.functional.matrix import similarity_matrix
+from lightning_repsim.measures import gram_spec
 
 
 def cka(gram_x: torch.Tensor, gram_y: torch.Tensor, debiased: bool = False) -> torch.Tensor:

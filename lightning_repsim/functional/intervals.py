@@ -89,8 +89,8 @@ from lightning_repsim.functional._jackknife import (
     pair_sums,
     u_statistic_base,
 )
-from lightning_repsim.functional._measures import CCA_MEASURES, GRAM_MEASURES, GramSpec, gram_spec, resolve_options
 from lightning_repsim.functional._validation import Layers, TensorLike, check_examples, warn_degenerate
+from lightning_repsim.measures import CCA_MEASURES, GRAM_MEASURES, GramSpec, gram_spec, resolve_options
 
 __all__ = [
     "IntervalMatrix",

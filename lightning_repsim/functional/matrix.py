@@ -13,7 +13,6 @@ import torch
 from lightning_repsim.errors import RepSimValueError, RepSimWarning
 from lightning_repsim.functional._autograd import differentiable_matrix
 from lightning_repsim.functional._engine import Representations, gram_similarity
-from lightning_repsim.functional._measures import CCA_MEASURES, gram_spec, resolve_options
 from lightning_repsim.functional._validation import (
     MIN_MEANINGFUL_EXAMPLES,
     Layers,
@@ -26,6 +25,7 @@ from lightning_repsim.functional._validation import (
     warn_degenerate,
 )
 from lightning_repsim.functional.cca import cca_matrix
+from lightning_repsim.measures import CCA_MEASURES, gram_spec, resolve_options
 
 __all__ = ["similarity_matrix"]
 

@@ -20,10 +20,10 @@ import torch
 from lightning_repsim.errors import RepSimValueError
 from lightning_repsim.functional._engine import Representations, degenerate_layers, transformed_gram
 from lightning_repsim.functional._jackknife import BLOCK_ENTRIES
-from lightning_repsim.functional._measures import CCA_MEASURES, GramSpec, gram_spec, resolve_options
 from lightning_repsim.functional._prepared import PreparedLayers
 from lightning_repsim.functional._validation import TensorLike, as_matrix, check_examples, warn_degenerate
 from lightning_repsim.functional.intervals import _check_seed
+from lightning_repsim.measures import CCA_MEASURES, GramSpec, gram_spec, resolve_options
 
 __all__ = ["PermutationTest", "permutation_test"]
 

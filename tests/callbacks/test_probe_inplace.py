@@ -38,7 +38,12 @@ def test_probe_features_of_inplace_models_equal_the_true_outputs(tmp_path):
     initial.load_state_dict(model.net.state_dict())
     expected = {f"net.{k}": v for k, v in initial.eval().true_features(PROBE).items()}
     callback = RepresentationSimilarity(
-        probe=PROBE, reference="init", measures=("linear_cka",), write_files=False, max_features=C * S * S
+        probe=PROBE,
+        reference="init",
+        measures=("linear_cka",),
+        write_files=False,
+        max_features=C * S * S,
+        layers=sorted(expected),  # each module's own output (the default blocks read the activations after them)
     )
     data = DataLoader(TensorDataset(torch.randn(32, C, S, S), torch.randint(0, 2, (32,))), batch_size=8)
     trainer = pl.Trainer(

@@ -49,6 +49,23 @@ def test_cuda_float64_products_match_cpu_to_the_last_digits(measure):
     torch.testing.assert_close(gpu.cpu(), cpu, atol=1e-12, rtol=0)
 
 
+@pytest.mark.parametrize("measure", ["linear_cka", "debiased_cka", "rv2", "rbf_cka"])
+def test_cuda_intervals_and_permutation_tests_match_cpu(measure):
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(256, 40, generator=g, dtype=torch.float64)
+    layers = {"a": x, "b": torch.tanh(x @ torch.randn(40, 30, generator=g, dtype=torch.float64)), "c": x[:, :10] ** 2}
+    cpu = F.interval_matrix(layers, measure=measure)
+    gpu = F.interval_matrix({k: v.cuda() for k, v in layers.items()}, measure=measure)
+    for a, b in ((gpu.value, cpu.value), (gpu.low, cpu.low), (gpu.high, cpu.high)):
+        torch.testing.assert_close(a.cpu(), b, atol=1e-7, rtol=0, equal_nan=True)  # float64 sums in another order
+    one_cpu = F.similarity_interval(layers["a"], layers["b"], measure)
+    one_gpu = F.similarity_interval(layers["a"].cuda(), layers["b"].cuda(), measure)
+    assert abs(one_gpu.low - one_cpu.low) < 1e-7 and abs(one_gpu.high - one_cpu.high) < 1e-7
+    test_cpu = F.permutation_test(layers["a"], layers["c"], measure, n_permutations=99, seed=0)
+    test_gpu = F.permutation_test(layers["a"].cuda(), layers["c"].cuda(), measure, n_permutations=99, seed=0)
+    assert test_gpu.p_value == test_cpu.p_value and abs(test_gpu.null_mean - test_cpu.null_mean) < 1e-7
+
+
 def test_callback_end_to_end_bf16_mixed_worker_thread_on_cuda(tmp_path):
     from tests.callbacks.test_similarity_precision import fit_and_check_precision_state
 

@@ -35,7 +35,7 @@ import torch
 from lightning_repsim import functional as F
 from lightning_repsim.errors import RepSimValueError
 from lightning_repsim.functional import _jackknife as J
-from lightning_repsim.functional._measures import gram_spec
+from lightning_repsim.measures import gram_spec
 from tests import reference as R
 from tests.helpers import call_recording, to_torch
 

@@ -12,7 +12,7 @@ import torch
 
 from lightning_repsim import functional as F
 from lightning_repsim.functional import permutation as P
-from lightning_repsim.functional._measures import gram_spec
+from lightning_repsim.measures import gram_spec
 from tests.functional.test_intervals import CASES, _pair, one_thread  # noqa: F401  (the fixture applies here too)
 from tests.helpers import call_recording, to_torch
 
