@@ -5,9 +5,9 @@ from lightning_repsim.callbacks.freeze_schedules import (
     CubicSchedule,
     FreezeSchedule,
     LinearSchedule,
-    SimilaritySchedule,
     TimesSchedule,
 )
+from lightning_repsim.callbacks.freeze_similarity import SimilaritySchedule
 from lightning_repsim.callbacks.similarity import RepresentationSimilarity
 
 __all__ = [

@@ -11,7 +11,7 @@ to the checkpoint, and the recorded ones stay as they are.
 
 The store keeps the probe inputs themselves (:meth:`~lightning_repsim.store.SnapshotStore.save_probe`):
 a resumed fit whose default probe now yields other examples takes the saved ones
-(:func:`stored_probe`).
+(:func:`stored_probe`, :func:`resumed_probe`).
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from pytorch_lightning.utilities import rank_zero_info
 
 from lightning_repsim.capture import Probe
 from lightning_repsim.errors import RepSimError, RepSimWarning
@@ -47,6 +48,12 @@ class Checkpointed:
     output_dir: str | None = None  # absent from checkpoints of state version 1
     run_id: str | None = None
     probe_hash: str | None = None
+
+    @classmethod
+    def from_state(cls, state: Mapping[str, Any]) -> Checkpointed:
+        """From RepresentationSimilarity's checkpoint state (any version)."""
+        keys = ("last_logged_step", "output_dir", "run_id", "probe_hash")
+        return cls(**{key: state.get(key) for key in keys})
 
 
 @dataclass
@@ -114,6 +121,35 @@ def stored_probe(resumed: Checkpointed, run_dir: Path, name: str | None = None) 
         if isinstance(inputs, torch.Tensor) and Probe(inputs).hash == resumed.probe_hash:
             return inputs, directory
     return None
+
+
+def resumed_probe(resumed: Checkpointed, probe: Probe, run_dir: Path, source: Any, name: str | None) -> Probe:
+    """The probe of a resumed fit whose probe yields other examples than the checkpointed fit's: with a
+    probe the user did not give as data (``source`` ``"val:N"``, ``"train:N"`` or None), the one saved with
+    the store; else an error."""
+    given = source if isinstance(source, str) else None
+    spec = given or "the default probe 'val:512'"
+    if source is None or given is not None:
+        found = stored_probe(resumed, run_dir, name)
+        if found is not None:
+            rank_zero_info(
+                f"RepresentationSimilarity: {spec} now yields other examples than when the checkpoint was saved "
+                f"(probe hash {probe.hash}, then {resumed.probe_hash}: random transforms, or changed data?); "
+                f"the resumed fit uses the probe saved with its snapshot store {found[1]}, so that every "
+                "snapshot stays comparable."
+            )
+            return Probe(found[0])
+        raise RepSimError(
+            f"the probe set changed since the checkpoint: {spec} now yields other examples (probe hash "
+            f"{probe.hash}, then {resumed.probe_hash}) and no probe saved with the checkpointed fit's snapshot "
+            "store was found. Pass the interrupted fit's probe examples as probe= (a tensor), or start a new run "
+            "(without ckpt_path, or with a new logger version) to monitor with the new probe."
+        )
+    raise RepSimError(
+        f"the probe set changed since the checkpoint (probe hash {resumed.probe_hash} then, {probe.hash} now): "
+        "the snapshots would not be comparable. Resume with the same probe= data as the interrupted fit, or "
+        "start a new run (without ckpt_path, or with a new logger version) to monitor with the new probe."
+    )
 
 
 def _run_id(store: SnapshotStore) -> str | None:

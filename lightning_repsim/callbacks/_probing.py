@@ -16,7 +16,7 @@ import weakref
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytorch_lightning as pl
 import torch
@@ -36,6 +36,9 @@ from lightning_repsim.capture.outputs import check_reduction
 from lightning_repsim.capture.recorder import _model_device
 from lightning_repsim.errors import RepSimValueError
 from lightning_repsim.functional._validation import MIN_MEANINGFUL_EXAMPLES, too_small_probe
+
+if TYPE_CHECKING:
+    from lightning_repsim.callbacks.similarity import RepresentationSimilarity
 
 KEYWORDS = ("init", "previous", "final")
 PROBE_SPEC = re.compile(r"^(val|train):(\d+)$")
@@ -159,6 +162,21 @@ class ProbeRunner:
     _blocks: weakref.WeakKeyDictionary[nn.Module, list[Block]] = field(
         default_factory=weakref.WeakKeyDictionary, init=False, repr=False
     )
+
+    @classmethod
+    def for_monitor(cls, probe: Probe, monitor: RepresentationSimilarity) -> ProbeRunner:
+        """A runner of ``probe`` with the monitor's layer selection, batch size and output reduction."""
+        return cls(
+            probe,
+            monitor.layers,
+            monitor.reference_layers,
+            monitor.batch_size,
+            monitor.max_features,
+            monitor.layout,
+            monitor.token_reduction,
+            monitor.output_selector,
+            monitor.forward,
+        )
 
     def features(
         self, module: nn.Module, layers: LayerSelector = None, trainer: pl.Trainer | None = None

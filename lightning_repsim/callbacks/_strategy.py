@@ -56,3 +56,20 @@ def ddp_finds_unused_parameters(strategy: Any) -> tuple[bool, bool]:
     if not isinstance(options, dict):
         return True, True  # decided once the model is wrapped
     return True, bool(options.get("find_unused_parameters", False)) and not options.get("static_graph", False)
+
+
+def require_unused_parameter_search(strategy: Any) -> None:
+    """FreezeTraining's requirements: no sharded strategy, and DDP only with ``find_unused_parameters=True``."""
+    refuse_sharded(
+        strategy,
+        "FreezeTraining freezes units one by one, and sharded parameters are flattened and spread across ranks",
+    )
+    is_ddp, finds_unused = ddp_finds_unused_parameters(strategy)
+    if is_ddp and not finds_unused:
+        raise RepSimValueError(
+            "FreezeTraining freezes units after DDP has wrapped the model; DDP then waits for gradients of "
+            "the frozen parameters that never come and Lightning stops with 'parameters that were not used "
+            "in producing the loss'. Create the Trainer with strategy='ddp_find_unused_parameters_true' (or "
+            "'ddp_spawn_find_unused_parameters_true'), or strategy=DDPStrategy(find_unused_parameters=True), "
+            "without static_graph=True."
+        )

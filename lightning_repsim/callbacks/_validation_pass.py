@@ -153,3 +153,20 @@ class ValidationRecording:
             self.armed = False
             if not self.failed:
                 self.offset += self._keep
+
+
+def rides_validation(
+    trainer: pl.Trainer, every_n_epochs: int | None, every_n_train_steps: int | None, custom_forward: bool
+) -> bool:
+    """Whether the validation starting now runs on the weights of the next logging point (the end of a
+    logging epoch of ``fit``) and can record the probe: not in the sanity check, not with a custom
+    ``forward`` (the validation step cannot tell it ran it), not under DDP (each rank validates its share)."""
+    return not (
+        trainer.sanity_checking
+        or trainer.state.fn != "fit"  # not validate()
+        or every_n_train_steps is not None
+        or every_n_epochs is None
+        or (trainer.current_epoch + 1) % every_n_epochs
+        or custom_forward
+        or trainer.world_size > 1
+    )

@@ -6,7 +6,9 @@ Progressive freezing by depth (Raghu et al. 2017; FreezeOut, Brock et al. 2017; 
 Thompson et al. 2019): during training the network's units are frozen one by one from the input
 side until only the top trains. A frozen unit really stops changing, its backward compute is
 saved, and the frozen set survives resume and DDP. When each unit freezes is the schedule's
-business (:mod:`lightning_repsim.callbacks.freeze_schedules`).
+business (:mod:`lightning_repsim.callbacks.freeze_schedules`,
+:mod:`lightning_repsim.callbacks.freeze_similarity`); finding and freezing the units that of
+:mod:`._freezing`.
 """
 
 from __future__ import annotations
@@ -17,24 +19,26 @@ from typing import Any
 import pytorch_lightning as pl
 import torch
 from pytorch_lightning.callbacks.callback import Callback
-from pytorch_lightning.loggers import TensorBoardLogger
-from pytorch_lightning.utilities.rank_zero import rank_zero_info, rank_zero_warn
+from pytorch_lightning.utilities.rank_zero import rank_zero_info
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from typing_extensions import override
 
-from lightning_repsim.callbacks._strategy import ddp_finds_unused_parameters, refuse_sharded
-from lightning_repsim.callbacks.freeze_schedules import (
-    FreezeSchedule,
-    ScheduleValue,
-    SimilaritySchedule,
-    as_schedule,
-    bounded,
-    isolated_rng,
+from lightning_repsim.callbacks._config import check_bounded_training, check_units_argument
+from lightning_repsim.callbacks._freezing import (
+    check_units,
+    count_parameters,
+    discover_blocks,
+    freeze_modules,
+    log_freeze_state,
+    restored_units,
+    single_blocks,
 )
-from lightning_repsim.capture import Block, Probe, default_blocks
-from lightning_repsim.capture.blocks import no_block_error
-from lightning_repsim.errors import RepSimError, RepSimValueError, RepSimWarning
+from lightning_repsim.callbacks._strategy import require_unused_parameter_search
+from lightning_repsim.callbacks.freeze_schedules import FreezeSchedule, ScheduleValue, as_schedule
+from lightning_repsim.callbacks.freeze_similarity import SimilaritySchedule
+from lightning_repsim.capture import Block, Probe
+from lightning_repsim.errors import RepSimError, RepSimValueError
 
 __all__ = ["FreezeTraining"]
 
@@ -169,14 +173,7 @@ class FreezeTraining(Callback):
     ) -> None:
         super().__init__()
         self.schedule = as_schedule(schedule)
-        if units is not None:
-            if isinstance(units, str) or not all(isinstance(u, str) for u in units):
-                raise RepSimValueError(f"units must be a list of module paths; got {units!r}.")
-            if len(set(units)) != len(units):
-                raise RepSimValueError(f"units contains duplicates: {units!r}.")
-            if not units:
-                raise RepSimValueError("units is empty; pass None to discover the top-level blocks.")
-            units = list(units)
+        units = check_units_argument(units)
         self.train_bn = train_bn
         self.freeze_last = freeze_last
         self.verbose = verbose
@@ -184,7 +181,7 @@ class FreezeTraining(Callback):
 
         # state that travels in checkpoints (with the schedule's own)
         self._units: list[str] | None = units
-        self._blocks: dict[str, Block] = {} if units is None else _single(units)
+        self._blocks: dict[str, Block] = {} if units is None else single_blocks(units)
         self._frozen: list[str] = []
         self._events: list[dict[str, Any]] = []
 
@@ -271,16 +268,9 @@ class FreezeTraining(Callback):
             return
         self._module = pl_module
         self._logged = None
-        self._check_strategy(trainer.strategy)
+        require_unused_parameter_search(trainer.strategy)
         if self.schedule.uses_fractions:
-            total = trainer.estimated_stepping_batches
-            if not bounded(total):
-                raise RepSimValueError(
-                    f"FreezeTraining(schedule={self.schedule!r}) places freezes at fractions of training, but the "
-                    f"training length is unbounded (trainer.estimated_stepping_batches = {total}, max_epochs="
-                    f"{trainer.max_epochs}, max_steps={trainer.max_steps}). Set max_steps (or max_epochs with a "
-                    "sized dataloader), or give the schedule in steps: a dict {unit: step} or {unit: 'epoch:N'}."
-                )
+            check_bounded_training(trainer, self.schedule)
         if self._units is not None:
             self._validate_units(pl_module, self._units)
             self.schedule.check(self._units, self.freeze_last)
@@ -288,7 +278,7 @@ class FreezeTraining(Callback):
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._module = pl_module
-        self._check_strategy(trainer.strategy)  # the wrapped model now says what DDP was given
+        require_unused_parameter_search(trainer.strategy)  # the wrapped model now says what DDP was given
         if self._units is not None:
             # BatchNorm eval mode waits for on_train_start: Lightning warns about modules in eval mode
             # between the two hooks (a resume re-freezing units is intentional, not a user mistake)
@@ -358,28 +348,7 @@ class FreezeTraining(Callback):
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        units = state_dict.get("units")
-        if self._requested_units is not None and units is not None and list(units) != self._requested_units:
-            rank_zero_warn(
-                f"FreezeTraining: the checkpoint was written with units {units}, this callback has "
-                f"{self._requested_units}; keeping this callback's units."
-            )
-            units = self._requested_units
-        blocks = {} if units is None else _single(units)
-        if units is not None and self._requested_units is None:  # version 1 has no "blocks": one module each
-            for unit, block in dict(state_dict.get("blocks") or {}).items():
-                if unit in blocks:
-                    blocks[unit] = Block(unit, tuple(block["modules"]), str(block["output"]))
-        frozen = list(state_dict.get("frozen", []))
-        if units is not None:
-            unknown = [u for u in frozen if u not in units]
-            if unknown:
-                raise RepSimValueError(
-                    f"FreezeTraining: the checkpoint's frozen units {unknown} are not among the units {units}."
-                )
-        self._units = None if units is None else list(units)
-        self._blocks = blocks
-        self._frozen = frozen
+        self._units, self._blocks, self._frozen = restored_units(state_dict, self._requested_units)
         self._events = [dict(e) for e in state_dict.get("events", [])]
         self.schedule.load_state_dict(state_dict)
 
@@ -395,61 +364,14 @@ class FreezeTraining(Callback):
         """Run the model on ``inputs`` (unit discovery and similarity probe); default ``pl_module(inputs)``."""
         return pl_module(inputs)
 
-    # ------------------------------------------------------------------ configuration checks
-
-    def _check_strategy(self, strategy: Any) -> None:
-        refuse_sharded(
-            strategy,
-            "FreezeTraining freezes units one by one, and sharded parameters are flattened and spread across ranks",
-        )
-        is_ddp, finds_unused = ddp_finds_unused_parameters(strategy)
-        if is_ddp and not finds_unused:
-            raise RepSimValueError(
-                "FreezeTraining freezes units after DDP has wrapped the model; DDP then waits for gradients of "
-                "the frozen parameters that never come and Lightning stops with 'parameters that were not used "
-                "in producing the loss'. Create the Trainer with strategy='ddp_find_unused_parameters_true' (or "
-                "'ddp_spawn_find_unused_parameters_true'), or strategy=DDPStrategy(find_unused_parameters=True), "
-                "without static_graph=True."
-            )
+    # ------------------------------------------------------------------ discovery and freezing
 
     def _validate_units(self, pl_module: pl.LightningModule, units: list[str]) -> None:
-        modules = dict(pl_module.named_modules())
-        members = {unit: self._block(unit).modules for unit in units}
-        missing = [m for unit in units for m in members[unit] if m not in modules or m == ""]
-        if missing:
-            raise RepSimValueError(
-                f"FreezeTraining: units {missing} are not submodules of {type(pl_module).__name__}; "
-                f"available top-level modules: {[n for n, _ in pl_module.named_children()]}."
-            )
-        for a in units:
-            for b in units:
-                if a != b and any(y.startswith(x + ".") or x == y for x in members[a] for y in members[b]):
-                    raise RepSimValueError(f"FreezeTraining: unit {b!r} lies inside unit {a!r}; units must not nest.")
-        empty = [u for u in units if not any(next(modules[m].parameters(), None) is not None for m in members[u])]
-        if empty:
-            rank_zero_warn(f"FreezeTraining: units {empty} hold no parameters; freezing them changes nothing.")
-
-    # ------------------------------------------------------------------ discovery and freezing
+        check_units(pl_module, {unit: self._block(unit).modules for unit in units})
 
     def _discover(self, pl_module: pl.LightningModule, batch: Any) -> None:
         inputs = self.batch_inputs(batch)[:2]
-
-        def forward() -> Any:
-            return self.probe_forward(pl_module, inputs)
-
-        try:
-            with isolated_rng(inputs.device):
-                blocks = default_blocks(pl_module, forward)
-        except RepSimError:
-            raise
-        except Exception as err:
-            raise RepSimValueError(
-                f"FreezeTraining could not run {type(pl_module).__name__} on the inputs of the first training batch "
-                f"to find its units ({type(err).__name__}: {err}). Pass units=[...] explicitly, or override "
-                "FreezeTraining.batch_inputs / probe_forward."
-            ) from err
-        if not blocks:
-            raise no_block_error(pl_module, "units")
+        blocks = discover_blocks(pl_module, lambda: self.probe_forward(pl_module, inputs), inputs.device)
         units = [block.name for block in blocks]
         self._blocks = {block.name: block for block in blocks}
         self._validate_units(pl_module, units)
@@ -483,19 +405,8 @@ class FreezeTraining(Callback):
 
     def _apply(self, pl_module: pl.LightningModule, *, modes: bool = True) -> None:
         """(Re-)apply the frozen set: requires_grad=False, and BatchNorm eval mode unless ``modes=False``."""
-        params: dict[int, nn.Parameter] = {}
-        bns: list[_BatchNorm] = []
-        for unit in self._frozen:
-            for path in self._block(unit).modules:
-                module = pl_module.get_submodule(path)
-                for param in module.parameters():
-                    params[id(param)] = param
-                if not self.train_bn:
-                    bns.extend(m for m in module.modules() if isinstance(m, _BatchNorm))
-        for param in params.values():
-            param.requires_grad_(False)
-        self._frozen_params = list(params.values())
-        self._frozen_bn = bns
+        paths = (path for unit in self._frozen for path in self._block(unit).modules)
+        self._frozen_params, self._frozen_bn = freeze_modules(pl_module, paths, self.train_bn)
         if modes:
             self._apply_modes()
 
@@ -504,8 +415,8 @@ class FreezeTraining(Callback):
             bn.eval()
 
     def _frozen_fraction(self, pl_module: pl.LightningModule) -> float:
-        total = _count(pl_module.parameters())
-        return _count(self._frozen_params) / total if total else 0.0
+        total = count_parameters(pl_module.parameters())
+        return count_parameters(self._frozen_params) / total if total else 0.0
 
     @override
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -534,27 +445,4 @@ class FreezeTraining(Callback):
         text = "\n".join(
             f"step {step} (epoch {trainer.current_epoch}): froze `{unit}` ({why})" for unit, why in events or []
         )
-        for logger in trainer.loggers:
-            try:
-                for at, values in points:
-                    logger.log_metrics(values, step=at)
-                if text and isinstance(logger, TensorBoardLogger):
-                    logger.experiment.add_text("freeze/events", text, global_step=step)
-            except Exception as err:  # logging must never stop training
-                rank_zero_warn(
-                    f"FreezeTraining could not log to {type(logger).__name__} ({type(err).__name__}: {err}); "
-                    "freezing goes on.",
-                    category=RepSimWarning,
-                )
-
-
-def _single(units: list[str]) -> dict[str, Block]:
-    """Units named explicitly: each module its own unit and output."""
-    return {unit: Block(unit, (unit,), unit) for unit in units}
-
-
-def _count(params: Any) -> int:
-    seen: dict[int, int] = {}
-    for p in params:
-        seen[id(p)] = p.numel()
-    return sum(seen.values())
+        log_freeze_state(trainer.loggers, points, text, step)

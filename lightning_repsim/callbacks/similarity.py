@@ -6,20 +6,20 @@ first optimisation step), ``"previous"`` (the previous logging point), another `
 Lightning checkpoint (its weights in a copy of the trained module), and ``"final"``: at the end of
 training, every stored snapshot against the last one, from the snapshot store on disk.
 
-The callback decides *when* and *against what*; beside it, :mod:`._probing` runs the probe and the
-references, :mod:`._outputs` places the store and figures (resume included), :mod:`._reporting`
-draws and writes each logging point, :mod:`._guard` keeps failures from stopping the fit,
-:mod:`._background` runs the comparing and writing on a worker thread, and :mod:`._validation_pass`
-records the probe during Lightning's own validation when that runs on a logging point's weights.
+The callback decides *when* and *against what*; beside it, :mod:`._config` checks its arguments,
+:mod:`._probing` runs the probe and the references, :mod:`._outputs` places the store and figures
+(resume included), :mod:`._logging_point` opens a fit's outputs, stores each snapshot, delivers the
+scalars and writes the final report, :mod:`._reporting` compares, draws and writes each logging
+point, :mod:`._guard` keeps failures from stopping the fit, :mod:`._background` runs the comparing
+and writing on a worker thread, and :mod:`._validation_pass` records the probe during Lightning's own
+validation when that runs on a logging point's weights.
 """
 
 from __future__ import annotations
 
 import collections
 import functools
-import logging
 import os
-import re
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -27,46 +27,34 @@ from typing import Any
 import pytorch_lightning as pl
 import torch
 from pytorch_lightning.callbacks import Callback
-from pytorch_lightning.utilities import rank_zero_info
 from torch import nn
-from tqdm.auto import tqdm
 
 from lightning_repsim import report
 from lightning_repsim.callbacks._background import Background, one_cpu_thread
+from lightning_repsim.callbacks._config import check_monitor_arguments, check_monitor_setup
 from lightning_repsim.callbacks._guard import Guard
-from lightning_repsim.callbacks._outputs import (
-    Checkpointed,
-    RunOutputs,
-    open_run_outputs,
-    run_directory,
-    stored_probe,
-)
+from lightning_repsim.callbacks._logging_point import deliver, log_final, open_outputs, store_snapshot
+from lightning_repsim.callbacks._outputs import Checkpointed, RunOutputs, resumed_probe, run_directory
 from lightning_repsim.callbacks._probing import (
-    KEYWORDS,
     ProbeRunner,
     Reference,
     check_features,
     check_probe_arguments,
     check_probe_size,
-    describe,
     materialise_probe,
     parse_references,
 )
-from lightning_repsim.callbacks._reporting import IMAGE_LOGGERS, PointReporter, settings_table
-from lightning_repsim.callbacks._strategy import refuse_sharded
-from lightning_repsim.callbacks._validation_pass import ValidationRecording
+from lightning_repsim.callbacks._reporting import PointReporter
+from lightning_repsim.callbacks._validation_pass import ValidationRecording, rides_validation
 from lightning_repsim.capture import LayerSelector, OutputSelector, Probe
-from lightning_repsim.errors import RepSimError, RepSimValueError
 from lightning_repsim.functional._measures import resolve_measures
-from lightning_repsim.store import DEFAULT_MAX_BYTES, SnapshotStore, compact_features
-from lightning_repsim.store.format import probe_tensors
+from lightning_repsim.store import DEFAULT_MAX_BYTES, SnapshotStore
 
 # jsonargparse (LightningCLI) tries a Union's members in order and str takes anything, so lists
 # and modules (YAML: class_path / init_args) come before str.
 ReferenceLike = nn.Module | str | os.PathLike[str]
 References = Sequence[ReferenceLike] | ReferenceLike
 _STATE_VERSION = 2
-_log = logging.getLogger(__name__)
 
 
 class RepresentationSimilarity(Callback):
@@ -197,22 +185,7 @@ class RepresentationSimilarity(Callback):
         self.options = resolve_measures(measures, measure_options)
         self.measures = tuple(self.options)
         self._references = parse_references(reference)
-        if any(r.kind == "final" for r in self._references) and not store:
-            raise RepSimValueError("reference='final' is computed from the snapshot store; keep store=True.")
-        for option, value in (("every_n_epochs", every_n_epochs), ("every_n_train_steps", every_n_train_steps)):
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-                raise RepSimValueError(f"{option} must be a positive int or None; got {value!r}.")
-        if every_n_epochs is None and every_n_train_steps is None:
-            raise RepSimValueError(
-                "set every_n_epochs or every_n_train_steps (both are None, so nothing would be logged)."
-            )
-        if name is not None and (not isinstance(name, str) or not re.fullmatch(r"[A-Za-z_][\w.]*", name)):
-            raise RepSimValueError(
-                f"name must be a short identifier (letters, digits, '_' or '.', not starting with a digit), "
-                f"e.g. name='val'; got {name!r}."
-            )
-        if not 0.0 < threshold <= 1.0:
-            raise RepSimValueError(f"threshold is a fraction of the final similarity in (0, 1]; got {threshold}.")
+        check_monitor_arguments(self._references, store, every_n_epochs, every_n_train_steps, name, threshold)
         check_probe_arguments(probe, max_features, layout, token_reduction, output_selector, forward)
         self.probe_source = probe
         self.layers = layers
@@ -305,22 +278,8 @@ class RepresentationSimilarity(Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage == "fit":
             self._forget_previous_fit()
-        for ref in self._references:
-            if ref.kind == "module" and isinstance(ref.source, Path) and not ref.source.is_file():
-                raise RepSimValueError(
-                    f"reference checkpoint {str(ref.source)!r} does not exist. A reference is one "
-                    f"of {', '.join(map(repr, KEYWORDS))} (lower case), an nn.Module or the path "
-                    "of a Lightning checkpoint."
-                )
-        refuse_sharded(trainer.strategy, "RepresentationSimilarity captures whole-layer outputs")
         monitors = [cb for cb in getattr(trainer, "callbacks", []) if isinstance(cb, RepresentationSimilarity)]
-        alike = [cb for cb in monitors if cb.name == self.name]
-        if len(alike) > 1:
-            raise RepSimValueError(
-                f"the Trainer has {len(alike)} RepresentationSimilarity callbacks named {self.name!r}: their tags and "
-                "snapshot stores would mix. Give each a distinct name, e.g. RepresentationSimilarity(..., name='val') "
-                "and RepresentationSimilarity(..., name='train'); tags then start with repsim-val/, repsim-train/."
-            )
+        check_monitor_setup(self._references, self.name, [cb.name for cb in monitors], trainer.strategy)
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         background = self.background if self.background is not None else pl_module.device.type != "cpu"
@@ -328,26 +287,18 @@ class RepresentationSimilarity(Callback):
         run_dir = trainer.log_dir  # a broadcast from rank 0 under DDP: every rank must call it
         probe = materialise_probe(self.probe_source, trainer)
         if self._checkpointed is not None and self._checkpointed.probe_hash not in (None, probe.hash):
-            probe = self._resumed_probe(self._checkpointed, probe, run_directory(trainer, run_dir))
+            run_path = run_directory(trainer, run_dir)
+            probe = resumed_probe(self._checkpointed, probe, run_path, self.probe_source, self.name)
         check_probe_size(probe)
-        self._runner = ProbeRunner(
-            probe,
-            self.layers,
-            self.reference_layers,
-            self.batch_size,
-            self.max_features,
-            self.layout,
-            self.token_reduction,
-            self.output_selector,
-            self.forward,
-        )
+        self._runner = ProbeRunner.for_monitor(probe, self)
         features = self._runner.trained(trainer, pl_module)
         self._layer_names = list(features)
         for ref in self._references:
             if ref.kind == "module":
                 ref.features = self._runner.reference(ref, trainer, pl_module)
         if trainer.is_global_zero:
-            self._open_outputs(trainer, run_dir)
+            opened = open_outputs(self, trainer, run_dir, self._runner, self._guard, self._checkpointed)
+            self._sink, self._outputs, self._reporter = opened
         if self._checkpointed is None:
             self._unlogged_start = features  # the step-0 snapshot: weights cannot change before on_train_start
             init = self._reference("init")
@@ -379,18 +330,11 @@ class RepresentationSimilarity(Callback):
         """Record the probe during this validation when it runs on the weights of the next logging point
         (at the end of a logging epoch): that point then needs no probe pass of its own."""
         self._drop_recording()
-        if (
-            self._runner is None
-            or trainer.sanity_checking
-            or trainer.state.fn != "fit"  # not validate()
-            or self.every_n_train_steps is not None
-            or self.every_n_epochs is None
-            or (trainer.current_epoch + 1) % self.every_n_epochs
-            or self.forward is not None  # a custom forward: the validation step cannot tell it ran it
-            or trainer.world_size > 1  # each rank validates its own share of the examples
+        custom_forward = self.forward is not None
+        if self._runner is not None and rides_validation(
+            trainer, self.every_n_epochs, self.every_n_train_steps, custom_forward
         ):
-            return
-        self._riding = ValidationRecording(self._runner, trainer, pl_module, trainer.global_step)
+            self._riding = ValidationRecording(self._runner, trainer, pl_module, trainer.global_step)
 
     def on_validation_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int, dataloader_idx: int = 0
@@ -430,7 +374,7 @@ class RepresentationSimilarity(Callback):
             and "the snapshot store" not in self._guard.off
         ):
             self._guard.run(lambda: self._log_final(trainer), "the final-snapshot comparison", trainer.global_step)
-        self._deliver(trainer)
+        deliver(trainer, self._scalars, self._sink, self._guard)
         if self._sink is not None:
             self._sink.flush()
 
@@ -444,25 +388,7 @@ class RepresentationSimilarity(Callback):
     def _log_point_guarded(self, trainer: pl.Trainer, pl_module: pl.LightningModule, what: str) -> None:
         self._guard.run(lambda: self._log_point(trainer, pl_module), what, trainer.global_step)
         self._report_background_failures()
-        self._deliver(trainer)
-
-    def _deliver(self, trainer: pl.Trainer) -> None:
-        """Hand the scalars computed so far to every logger (global rank 0) and to ``trainer.callback_metrics``
-        (every rank, so that EarlyStopping and ModelCheckpoint can monitor them), in the training loop.
-
-        Work done on the worker thread is delivered at the next logging point or at the end of training.
-        Under DDP every rank calls this at the same points and receives rank 0's values.
-        """
-        batch = []
-        while self._scalars:
-            batch.append(self._scalars.popleft())
-        if trainer.world_size > 1:
-            batch = trainer.strategy.broadcast(batch, src=0)
-        sink = self._sink if trainer.is_global_zero else None
-        for step, scalars in batch:
-            if sink is not None:
-                self._guard.run(functools.partial(sink.log_scalars, scalars, step), "logging scalars", step)
-            trainer.callback_metrics.update({tag: torch.tensor(value) for tag, value in scalars.items()})
+        deliver(trainer, self._scalars, self._sink, self._guard)
 
     def _finish_background(self) -> None:
         if self._worker is not None:
@@ -509,12 +435,7 @@ class RepresentationSimilarity(Callback):
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self._checkpointed = Checkpointed(
-            last_logged_step=state_dict.get("last_logged_step"),
-            output_dir=state_dict.get("output_dir"),
-            run_id=state_dict.get("run_id"),
-            probe_hash=state_dict.get("probe_hash"),
-        )
+        self._checkpointed = Checkpointed.from_state(state_dict)
         self._last_logged_step = state_dict.get("last_logged_step")
         self._previous_step = state_dict.get("previous_step")
         self._previous = state_dict.get("previous")
@@ -523,114 +444,10 @@ class RepresentationSimilarity(Callback):
         if init is not None:
             init.features = state_dict.get("init")
 
-    def _resumed_probe(self, resumed: Checkpointed, probe: Probe, run_dir: Path) -> Probe:
-        """The probe of a resumed fit whose probe yields other examples than the checkpointed fit's: with a
-        probe the user did not give as data ("val:N", "train:N"), the one saved with the store; else an error."""
-        given = self.probe_source if isinstance(self.probe_source, str) else None
-        spec = given or "the default probe 'val:512'"
-        if self.probe_source is None or given is not None:
-            found = stored_probe(resumed, run_dir, self.name)
-            if found is not None:
-                rank_zero_info(
-                    f"RepresentationSimilarity: {spec} now yields other examples than when the checkpoint was saved "
-                    f"(probe hash {probe.hash}, then {resumed.probe_hash}: random transforms, or changed data?); "
-                    f"the resumed fit uses the probe saved with its snapshot store {found[1]}, so that every "
-                    "snapshot stays comparable."
-                )
-                return Probe(found[0])
-            raise RepSimError(
-                f"the probe set changed since the checkpoint: {spec} now yields other examples (probe hash "
-                f"{probe.hash}, then {resumed.probe_hash}) and no probe saved with the checkpointed fit's snapshot "
-                "store was found. Pass the interrupted fit's probe examples as probe= (a tensor), or start a new run "
-                "(without ckpt_path, or with a new logger version) to monitor with the new probe."
-            )
-        raise RepSimError(
-            f"the probe set changed since the checkpoint (probe hash {resumed.probe_hash} then, {probe.hash} now): "
-            "the snapshots would not be comparable. Resume with the same probe= data as the interrupted fit, or "
-            "start a new run (without ckpt_path, or with a new logger version) to monitor with the new probe."
-        )
-
     # ------------------------------------------------------------------ the work
 
     def _reference(self, kind: str) -> Reference | None:
         return next((r for r in self._references if r.kind == kind), None)
-
-    def _open_outputs(self, trainer: pl.Trainer, log_dir: str | None) -> None:
-        assert self._runner is not None
-        probe = self._runner.probe
-        run_dir = run_directory(trainer, log_dir)
-        sink = self._sink = report.LoggerSink(trainer.loggers, on_failure=self._guard.switch_off)
-        self._guard.log_text = lambda text, step: sink.log_text(f"{self.tag_prefix}/errors", text, step)
-        settings = {
-            "measures": list(self.measures),
-            "options": self.options,
-            "references": self.references,
-            "max_features": self.max_features,
-            "layout": self.layout,
-            "token_reduction": self.token_reduction,
-            "output_selector": describe(self.output_selector),
-            "forward": describe(self.forward),
-            "layers": self._layer_names,
-            "layer_selector": repr(self.layers),
-            "block_outputs": self._runner.block_outputs(trainer.lightning_module),
-        }
-        self._outputs = self._guard.output(
-            f"the snapshot store and figures under {run_dir}",
-            trainer.global_step,
-            lambda: open_run_outputs(
-                run_dir,
-                probe_hash=probe.hash,
-                n=len(probe),
-                keep_store=self.keep_store,
-                write_files=self.write_files,
-                max_store_bytes=self.max_store_bytes,
-                settings=settings,
-                resumed=self._checkpointed,
-                warn=self._guard.warn_once,
-                name=self.name,
-            ),
-        )
-        self._save_probe(probe, trainer.global_step)
-        if not IMAGE_LOGGERS & set(sink.kinds):
-            self._guard.warn_once(
-                "no-image-logger",
-                "RepresentationSimilarity found no logger that stores images (TensorBoardLogger, MLFlowLogger, "
-                "WandbLogger): the "
-                f"per-layer scalars go to the Trainer's loggers, heatmaps and curves to PNG/CSV files under "
-                f"{self._output_dir} only.",
-            )
-        figures = self._outputs.directory / "figures" if self.write_files and self._outputs is not None else None
-        self._reporter = PointReporter(
-            self._layer_names,
-            self.options,
-            self._references,
-            sink,
-            figures,
-            prefix=self.tag_prefix,
-            guard=self._guard,
-        )
-        series = self._reporter.scalar_series()  # one chart per measure and reference, every layer in depth order
-        if any(ref.kind == "final" for ref in self._references):
-            series = {k: [*v, f"{k}/final"] for k, v in series.items()}
-        sink.custom_scalars(report.custom_scalars_layout(series))
-        sink.log_text(
-            f"{self.tag_prefix}/probe",
-            settings_table({"examples": len(probe), "hash": probe.hash, **settings}),
-            0,
-        )
-
-    def _save_probe(self, probe: Probe, step: int) -> None:
-        """Save the probe inputs with a store that has none yet (a new one, or one of an older lightning_repsim),
-        so that a resume or a later comparison can use the very same examples. A failed write is one warning."""
-        store = self._store
-        if store is None or store.has_probe or store.probe_hash != probe.hash:
-            return
-        try:
-            probe_tensors(probe.inputs)
-        except RepSimValueError as err:
-            _log.debug("RepresentationSimilarity does not save the probe with the store: %s", err)
-            return
-        self._guard.output("the probe saved with the snapshot store", step, lambda: store.save_probe(probe.inputs))
 
     def _log_point(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         assert self._runner is not None
@@ -672,37 +489,15 @@ class RepresentationSimilarity(Callback):
         Runs on the worker thread when ``background``: it reads nothing that the training loop changes.
         """
         assert self._reporter is not None
-        store = self._store
-        if store is not None:
-            tensors, kinds = compact_features(features)
-            overwrite = self._checkpointed is not None
-            self._guard.output("the snapshot store", step, lambda: store.add(step, tensors, kinds, overwrite=overwrite))
+        store_snapshot(self._store, features, step, self._checkpointed is not None, self._guard)
         stored()
         self._scalars.append((step, self._reporter.point(features, previous, step)))
 
     def _log_final(self, trainer: pl.Trainer) -> None:
         """Every stored snapshot against the last one, and the convergence report (Raghu et al. 2017)."""
         assert self._store is not None and self._output_dir is not None and self._reporter is not None
-        work = len(self._store.steps) * len(self._layer_names)
-        tables, series = self._reporter.final(
-            self._store,
-            self._output_dir / "figures" / "final",
-            self.threshold,
-            progress=lambda layers: tqdm(
-                layers,
-                desc="repsim: similarity to the final snapshot",
-                leave=False,
-                disable=trainer.progress_bar_callback is None or work < 200,
-            ),
-            warn=self._guard.warn_once,
-        )
-        self._scalars.extend(series)
-        if self.verbose:
-            for measure, table in tables.items():
-                rank_zero_info(
-                    f"{measure}: step at which each layer reaches {self.threshold:.0%} of its similarity to "
-                    f"the final snapshot\n{table}"
-                )
+        store, output_dir, warn = self._store, self._output_dir, self._guard.warn_once
+        log_final(trainer, self._reporter, store, output_dir, self.threshold, warn, self.verbose, self._scalars)
 
 
 def _to_cpu(features: Mapping[str, torch.Tensor] | None) -> dict[str, torch.Tensor] | None:
