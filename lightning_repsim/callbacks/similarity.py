@@ -47,7 +47,7 @@ from lightning_repsim.callbacks._probing import (
 from lightning_repsim.callbacks._reporting import PointReporter
 from lightning_repsim.callbacks._validation_pass import ValidationRecording, rides_validation
 from lightning_repsim.capture import LayerSelector, OutputSelector, Probe
-from lightning_repsim.functional._measures import resolve_measures
+from lightning_repsim.measures import resolve_measures
 from lightning_repsim.store import DEFAULT_MAX_BYTES, SnapshotStore
 
 # jsonargparse (LightningCLI) tries a Union's members in order and str takes anything, so lists
