@@ -455,7 +455,13 @@ def targets_table(rows: list[dict]) -> list[str]:
         )
     if not torch.cuda.is_available():
         lines.append(
-            row("GPU: whole-run overhead", "ResNet-18-like on an H100/H200", "pending (no device lent)", "≤ 2%", None)
+            row(
+                "GPU: whole-run overhead",
+                "ResNet-18-like on an H100/H200",
+                "no GPU on this machine: see the section measured on a lent GPU machine, if any, below",
+                "≤ 2%",
+                None,
+            )
         )
     return lines
 
