@@ -322,13 +322,14 @@ TARGETS = {"whole run": 0.15, "per point": 0.05, "once (digits)": 0.3, "probe pa
 WHAT_IS_LEFT = [
     "### What is left, and why",
     "",
-    "- *Per point on CPU* is not the arithmetic: `benchmarks/bench_parts.py` times the digits demo's "
-    "similarity work (5 blocks, n = 256, linear CKA then RV2 sharing one set of Grams) several times "
-    "faster on one thread (`--torch-threads 1` with `OPENBLAS_NUM_THREADS=1`) than inside a fit, where "
-    "torch's and OpenBLAS's intra-op thread pools wait on each other and on training for the same cores. "
-    "Pinning these products to one thread would need a process-wide setting "
-    "(`torch.set_num_threads`, threadpoolctl for NumPy's BLAS), which the library does not change behind "
-    "the user's back; the rest of a point is the store snapshot, the heatmaps and the PNG/CSV files.",
+    "- *Per point on CPU* is a fixed cost per logging point, split (cProfile of the digits demo; "
+    "`benchmarks/bench_parts.py` times the engine alone) between the similarity engine (about a third), "
+    "the heatmaps (raster frames with printed cell values, PNG encoding), the per-point PNG and CSV files "
+    "(each an atomic write) and the store snapshot. On the digits demo's 0.2 s epochs that alone is above "
+    "5 % of an epoch; `write_files=False` drops the files. On a busy machine the engine's share grows: "
+    "torch's and OpenBLAS's intra-op thread pools wait on each other for the same cores (compare "
+    "bench_parts with `--torch-threads 1` and `OPENBLAS_NUM_THREADS=1`), and pinning them would need a "
+    "process-wide setting, which the library does not change behind the user's back.",
     "- *Once per run* is Matplotlib: two heatmap templates (labels and colour bar, one per measure, since "
     "their colour ranges differ) and the end-of-fit convergence map, curves and tables. Lower DPI barely "
     "helps; reaching 0.3 s needs those figures on the raster path the per-point heatmaps already use.",
