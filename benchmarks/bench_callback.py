@@ -23,6 +23,7 @@ import contextlib
 import math
 import statistics
 import sys
+import tempfile
 import time
 import warnings
 from collections.abc import Iterator
@@ -493,8 +494,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="2 epochs, 1 repeat (smoke test)")
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "callback.md"))
+    parser.add_argument(
+        "--out", default=None, help="default: benchmarks/results/callback.md, or a temporary file with --quick"
+    )
     args = parser.parse_args()
+    if args.out is None:  # a smoke test must not replace the recorded results
+        quick_out = Path(tempfile.gettempdir()) / "callback-quick.md"
+        args.out = str(quick_out if args.quick else ROOT / "benchmarks" / "results" / "callback.md")
     warnings.filterwarnings("ignore")
     scratch = Path("/tmp") / "repsim-bench-callback"
     report.HeatmapFrames = TimedHeatmapFrames  # the callback draws its templates through report.HeatmapFrames
