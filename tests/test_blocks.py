@@ -17,6 +17,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_repsim.callbacks import FreezeTraining, RepresentationSimilarity
 from lightning_repsim.capture import Block, capture_blocks, default_blocks
+from tests.test_capture_inplace import BasicBlock  # torchvision's: in-place ReLUs, out += identity
 
 
 def blocks_of(model: nn.Module, x: torch.Tensor) -> list[Block]:
@@ -67,22 +68,6 @@ def test_one_freeze_unit_per_encoder_layer():
 
 
 # ----------------------------------------------------------------------------- a ResNet-like CNN
-
-
-class BasicBlock(nn.Module):
-    def __init__(self, channels: int) -> None:
-        super().__init__()
-        self.conv1 = nn.Conv2d(channels, channels, 3, padding=1, bias=False)
-        self.bn1 = nn.BatchNorm2d(channels)
-        self.relu = nn.ReLU(inplace=True)
-        self.conv2 = nn.Conv2d(channels, channels, 3, padding=1, bias=False)
-        self.bn2 = nn.BatchNorm2d(channels)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.relu(self.bn1(self.conv1(x)))
-        out = self.bn2(self.conv2(out))
-        out += x
-        return self.relu(out)
 
 
 class ResNetLike(nn.Module):

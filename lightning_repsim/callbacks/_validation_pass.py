@@ -77,12 +77,10 @@ class ValidationRecording:
                 if not blocks:
                     self._fail()
                     return
-                self._recorder, self._selected, modules = block_recording(self.module, blocks, **settings)
+                self._recorder, self._selected = block_recording(self.module, blocks, **settings)
             else:
-                self._recorder, self._selected, modules = _recording(self.module, runner.layers, **settings)
-            self._handles = _install(
-                self._recorder, self._selected, modules, gate=self._recording, on_error=self._error
-            )
+                self._recorder, self._selected = _recording(self.module, runner.layers, **settings)
+            self._handles = _install(self._recorder, self._selected, gate=self._recording, on_error=self._error)
             self._handles.append(
                 self.module.register_forward_pre_hook(self._module_pre_hook, with_kwargs=True, prepend=True)
             )

@@ -113,7 +113,7 @@ def capture(
     layouts = check_reduction(max_features, layout, token_reduction)
     model = _unwrap(model)
     probe = probe_or_tensor if isinstance(probe_or_tensor, Probe) else Probe(probe_or_tensor)
-    recorder, selected, modules = _recording(
+    recorder, selected = _recording(
         model,
         layers,
         layouts=layouts,
@@ -133,8 +133,8 @@ def _recording(
     token_reduction: str,
     max_features: int,
     output_selector: OutputSelector,
-) -> tuple[_Recorder, list[str], dict[str, nn.Module]]:
-    """The recorder of one pass over ``model`` (already unwrapped), the selected layer names and the modules."""
+) -> tuple[_Recorder, list[str]]:
+    """The recorder of one pass over ``model`` (already unwrapped) and the selected layer names."""
     modules = dict(model.named_modules())
     if layers is None:
         # the deepest executed modules holding parameters, decided during the first batch
@@ -157,7 +157,7 @@ def _recording(
         max_features=max_features,
         output_selector=output_selector,
     )
-    return recorder, selected, modules
+    return recorder, selected
 
 
 def capture_blocks(
@@ -192,7 +192,7 @@ def capture_blocks(
     layouts = check_reduction(max_features, layout, token_reduction)
     model = _unwrap(model)
     probe = probe_or_tensor if isinstance(probe_or_tensor, Probe) else Probe(probe_or_tensor)
-    recorder, selected, _ = block_recording(
+    recorder, selected = block_recording(
         model,
         blocks,
         layouts=layouts,
@@ -212,7 +212,7 @@ def block_recording(
     token_reduction: str,
     max_features: int,
     output_selector: OutputSelector,
-) -> tuple[_Recorder, list[str], dict[str, nn.Module]]:
+) -> tuple[_Recorder, list[str]]:
     """As :func:`_recording`, for ``blocks``: the hooks go on each block's output module, whose features
     :meth:`_Recorder.block_features` returns under the block's name."""
     modules = dict(model.named_modules())
@@ -231,7 +231,7 @@ def block_recording(
         names=named,
         token_blocks=[block.output for block in blocks if reads_tokens(model, block)],
     )
-    return recorder, list(named), modules
+    return recorder, list(named)
 
 
 def _run(
@@ -246,7 +246,7 @@ def _run(
     device = _model_device(model)
     # validates batch_size before any hook is placed; a Probe copies itself to the device once
     batches = probe.batches(batch_size, device=device)
-    handles = _install(recorder, selected, recorder.modules)
+    handles = _install(recorder, selected)
     try:
         with eval_mode(model), torch.no_grad():
             for batch in batches:
@@ -264,7 +264,6 @@ def _run(
 def _install(
     recorder: _Recorder,
     selected: list[str],
-    modules: dict[str, nn.Module],
     gate: Callable[[], bool] | None = None,
     on_error: Callable[[Exception], None] | None = None,
 ) -> list[Any]:
@@ -277,8 +276,8 @@ def _install(
             pre_hook, hook = recorder.pre_hook(name), recorder.hook(name)
             if gate is not None:
                 pre_hook, hook = _gated(pre_hook, gate, on_error), _gated(hook, gate, on_error)
-            handles.append(modules[name].register_forward_pre_hook(pre_hook))
-            handles.append(modules[name].register_forward_hook(hook))
+            handles.append(recorder.modules[name].register_forward_pre_hook(pre_hook))
+            handles.append(recorder.modules[name].register_forward_hook(hook))
     except BaseException:
         for handle in handles:
             handle.remove()
