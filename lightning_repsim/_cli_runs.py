@@ -9,9 +9,9 @@ import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
-from lightning_repsim.errors import RepSimIntegrityError, RepSimWarning
+from lightning_repsim.errors import RepSimIntegrityError, RepSimWarning, one_line
 
 if TYPE_CHECKING:
     from lightning_repsim.store import SnapshotStore
@@ -24,10 +24,6 @@ DAMAGED_HINT = "pass --allow-damaged to use the intact snapshots; 'lightning-rep
 
 class CliError(Exception):
     """A user error: printed as one line ``lightning-repsim: error: ...``, exit status 2."""
-
-
-def _one_line(text: Any) -> str:
-    return " ".join(str(text).split())
 
 
 # --------------------------------------------------------------------------- runs and stores
@@ -105,8 +101,8 @@ def open_run(path: str, *, allow_damaged: bool = False) -> Run:
         try:
             store = open_store(store_dir, skip_damaged=allow_damaged)
         except RepSimIntegrityError as err:
-            raise CliError(f"damaged snapshot store: {_one_line(err)} ({DAMAGED_HINT})") from None
-    damage = [_one_line(w.message) for w in caught if issubclass(w.category, RepSimWarning)]
+            raise CliError(f"damaged snapshot store: {one_line(err)} ({DAMAGED_HINT})") from None
+    damage = [one_line(w.message) for w in caught if issubclass(w.category, RepSimWarning)]
     if damage and not allow_damaged:
         raise CliError(f"damaged snapshot store: {damage[0]} ({DAMAGED_HINT})")
     if not store.steps:

@@ -73,8 +73,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import lightning_repsim
-from lightning_repsim._cli_runs import DAMAGED_HINT, CliError, Run, _one_line, find_store_dir, open_run
-from lightning_repsim.errors import RepSimError, RepSimIntegrityError, RepSimWarning
+from lightning_repsim._cli_runs import DAMAGED_HINT, CliError, Run, find_store_dir, open_run
+from lightning_repsim.errors import RepSimError, RepSimIntegrityError, RepSimWarning, one_line
 from lightning_repsim.measures import MEASURES, resolve_measures
 
 if TYPE_CHECKING:
@@ -444,10 +444,10 @@ def cmd_verify(args: argparse.Namespace) -> int:
             try:
                 store = open_store(store_dir, skip_damaged=True)
             except RepSimError as err:  # the manifest itself: nothing of the store can be trusted
-                print(f"DAMAGED {store_dir}\n  {_one_line(err)}")
+                print(f"DAMAGED {store_dir}\n  {one_line(err)}")
                 damaged += 1
                 continue
-            problems = [_one_line(w.message) for w in caught if issubclass(w.category, RepSimWarning)]
+            problems = [one_line(w.message) for w in caught if issubclass(w.category, RepSimWarning)]
         problems += store.verify()  # the saved probe (the steps were read whole on opening)
         probe = "probe saved" if store.has_probe else "no probe saved"
         checks = "checksums verified" if store.run_id is not None else "format 1: no checksums, headers checked"
@@ -468,7 +468,7 @@ class _Parser(argparse.ArgumentParser):
     """argparse, but errors are a CliError (one line, exit 2) instead of usage + exit."""
 
     def error(self, message: str) -> None:  # type: ignore[override]
-        raise CliError(f"{_one_line(message)} (see '{self.prog} --help')")
+        raise CliError(f"{one_line(message)} (see '{self.prog} --help')")
 
 
 def _step_arg(text: str) -> str:
@@ -662,10 +662,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SystemExit as exit_:  # --help / --version
         return exit_.code if isinstance(exit_.code, int) else 0
     except CliError as err:
-        print(f"{PROG}: error: {_one_line(err)}", file=sys.stderr)
+        print(f"{PROG}: error: {one_line(err)}", file=sys.stderr)
         return 2
     except (RepSimError, OSError) as err:  # RepSimValueError included; e.g. a corrupt store
-        what = _one_line(err) if isinstance(err, RepSimError) else f"{type(err).__name__}: {_one_line(err)}"
+        what = one_line(err) if isinstance(err, RepSimError) else f"{type(err).__name__}: {one_line(err)}"
         if isinstance(err, RepSimIntegrityError):  # a step file damaged after it was opened (a checksum on read)
             what += f" ({DAMAGED_HINT})"
         print(f"{PROG}: error: {what}", file=sys.stderr)
@@ -676,7 +676,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     finally:
         shown = set()
         for w in caught or []:
-            text = _one_line(w.message)
+            text = one_line(w.message)
             if issubclass(w.category, RepSimWarning) and text not in shown:
                 shown.add(text)
                 print(f"{PROG}: warning: {text}", file=sys.stderr)

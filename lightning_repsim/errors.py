@@ -21,3 +21,8 @@ class RepSimWarning(UserWarning):
 class RepSimIntegrityError(RepSimError):
     """A stored file that is damaged (its bytes fail their checksum, its header disagrees with the
     manifest) or foreign (written by another run, or on another probe set); the message names the file."""
+
+
+def one_line(message: object) -> str:
+    """``message`` (an exception or a warning's text) on one line, runs of whitespace as one space."""
+    return " ".join(str(message).split())

@@ -59,7 +59,7 @@ from safetensors.torch import save as _safetensors_bytes
 
 import lightning_repsim
 from lightning_repsim._io import PathLike, atomic_write
-from lightning_repsim.errors import RepSimError, RepSimIntegrityError, RepSimValueError
+from lightning_repsim.errors import RepSimError, RepSimIntegrityError, RepSimValueError, one_line
 
 __all__ = [
     "DEFAULT_MAX_BYTES",
@@ -147,10 +147,6 @@ def run_store_dirs(log_dir: PathLike) -> list[Path]:
 def step_file_name(step: int) -> str:
     """The file of one step: ``step-<10 digits>.safetensors``."""
     return f"step-{step:010d}.safetensors"
-
-
-def one_line(err: BaseException) -> str:
-    return " ".join(str(err).split())
 
 
 def as_step(step: Any, what: str = "step", expected: str = "an int") -> int:

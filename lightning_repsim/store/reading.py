@@ -17,8 +17,8 @@ from typing import Any
 
 import torch
 
-from lightning_repsim.errors import RepSimError, RepSimIntegrityError, RepSimValueError, RepSimWarning
-from lightning_repsim.store.format import MANIFEST_NAME, as_step, one_line, read_probe_file, read_step_file
+from lightning_repsim.errors import RepSimError, RepSimIntegrityError, RepSimValueError, RepSimWarning, one_line
+from lightning_repsim.store.format import MANIFEST_NAME, as_step, read_probe_file, read_step_file
 
 __all__ = ["StepLike", "StoreReader"]
 

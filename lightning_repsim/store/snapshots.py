@@ -47,7 +47,7 @@ import torch
 
 import lightning_repsim
 from lightning_repsim._io import TMP_SUFFIX, PathLike, atomic_write
-from lightning_repsim.errors import RepSimError, RepSimValueError, RepSimWarning
+from lightning_repsim.errors import RepSimError, RepSimValueError, RepSimWarning, one_line
 from lightning_repsim.store.format import (
     DEFAULT_MAX_BYTES,
     FORMAT_NAME,
@@ -59,7 +59,6 @@ from lightning_repsim.store.format import (
     encode_probe,
     encode_snapshot,
     occupied,
-    one_line,
     read_manifest,
     step_file_name,
     write_manifest,
